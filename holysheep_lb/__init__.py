@@ -1,0 +1,69 @@
+"""holysheep_lb: a blocking, thread-safe client that spreads OpenAI-compatible API calls
+over several regional gateway nodes and keeps answering when nodes fail.
+
+    from holysheep_lb import Client
+    with Client(nodes=[...]) as client:
+        resp = client.chat_completion([{"role": "user", "content": "Hi"}], model="gpt-4.1")
+        print(resp["choices"][0]["message"]["content"], resp.node_id)
+"""
+
+import logging
+
+__version__ = "0.1.0"
+
+from .client import Client  # noqa: E402
+from .config import ClientConfig, Node  # noqa: E402
+from .errors import (  # noqa: E402
+    AllAttemptsFailedError,
+    APIConnectionError,
+    APIError,
+    APIResponseValidationError,
+    APIStatusError,
+    APITimeoutError,
+    Attempt,
+    AuthenticationError,
+    BadRequestError,
+    ConfigError,
+    HolySheepError,
+    InternalServerError,
+    InvalidRequestError,
+    NoHealthyNodeError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    ResponseTooLargeError,
+    UnprocessableEntityError,
+)
+from .response import Response  # noqa: E402
+from .selection import RoutingStrategy, Strategy  # noqa: E402
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "__version__",
+    "Client",
+    "ClientConfig",
+    "Node",
+    "Response",
+    "RoutingStrategy",
+    "Strategy",
+    "HolySheepError",
+    "APIError",
+    "APIStatusError",
+    "BadRequestError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "NotFoundError",
+    "UnprocessableEntityError",
+    "RateLimitError",
+    "InternalServerError",
+    "APIConnectionError",
+    "APITimeoutError",
+    "APIResponseValidationError",
+    "ResponseTooLargeError",
+    "NoHealthyNodeError",
+    "AllAttemptsFailedError",
+    "ConfigError",
+    "InvalidRequestError",
+    "Attempt",
+]

@@ -1,0 +1,266 @@
+"""Frozen, validated settings: nodes and client options, from code, env or a mapping.
+
+Every invalid setting raises :class:`ConfigError` (also a ``ValueError``) naming the
+field, the bad value and what is allowed. Validation happens once, at construction,
+so nothing on the request path re-checks settings.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+__all__ = ["Node", "ClientConfig", "DEFAULT_BASE_URL", "is_loopback_url", "parse_nodes"]
+
+DEFAULT_BASE_URL = "https://api.holysheep.ai/v1"
+API_KEY_ENV = "HOLYSHEEP_API_KEY"
+NODES_ENV = "HOLYSHEEP_NODES"
+BASE_URL_ENV = "HOLYSHEEP_BASE_URL"
+
+
+def _check_header_text(field_name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise ConfigError(field_name, value, "must be a string")
+    if any(c in value for c in "\r\n\x00"):
+        # A CR/LF would let a value inject a second header into the request.
+        raise ConfigError(field_name, value, "must not contain CR, LF or NUL characters")
+
+
+def _check_number(name: str, value: Any, *, minimum: float = 0.0, strict: bool = False,
+                  allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(name, value, "must be a finite number" + (" or None" if allow_none else ""))
+    if strict and value <= minimum:
+        raise ConfigError(name, value, f"must be > {minimum:g}")
+    if not strict and value < minimum:
+        raise ConfigError(name, value, f"must be >= {minimum:g}")
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, value, "must be an integer")
+    if value < minimum:
+        raise ConfigError(name, value, f"must be >= {minimum}")
+
+
+def is_loopback_url(url: str) -> bool:
+    """True when ``url`` points at this machine (127.0.0.0/8, ::1 or localhost)."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Node:
+    """One regional endpoint of an OpenAI-compatible gateway.
+
+    ``base_url`` is the API root (``https://host/v1``); paths like ``/chat/completions``
+    are appended to it. ``api_key`` overrides the client's key for this node only and is
+    never shown in ``repr``. ``headers`` are extra headers sent on every request.
+    """
+
+    id: str
+    base_url: str
+    region: str = "default"
+    weight: float = 1.0
+    api_key: Optional[str] = field(default=None, repr=False, compare=False)
+    headers: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id.strip():
+            raise ConfigError("node.id", self.id, "must be a non-empty string")
+        where = f"node[{self.id}]"
+        if not isinstance(self.region, str) or not self.region.strip():
+            raise ConfigError(f"{where}.region", self.region, "must be a non-empty string")
+        object.__setattr__(self, "base_url", _validate_base_url(f"{where}.base_url", self.base_url))
+        _check_number(f"{where}.weight", self.weight, strict=True)
+        if self.api_key is not None:
+            _check_header_text(f"{where}.api_key", self.api_key)
+            if not self.api_key:
+                raise ConfigError(f"{where}.api_key", "", "must be non-empty or None")
+        if not isinstance(self.headers, Mapping):
+            raise ConfigError(f"{where}.headers", self.headers, "must be a mapping of str to str")
+        for k, v in self.headers.items():
+            _check_header_text(f"{where}.headers key", k)
+            _check_header_text(f"{where}.headers[{k}]", v)
+        object.__setattr__(self, "headers", MappingProxyType(dict(self.headers)))
+
+    def __hash__(self) -> int:
+        return hash((self.id, self.base_url))
+
+    @classmethod
+    def from_value(cls, value: Union["Node", Mapping[str, Any]], index: int = 0) -> "Node":
+        """A Node from a Node or a dict (``{"id", "base_url", "region", "weight", ...}``)."""
+        if isinstance(value, Node):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"nodes[{index}]", value, "must be a Node or a dict")
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - allowed)
+        if unknown:
+            raise ConfigError(f"nodes[{index}]", unknown[0], f"unknown key; allowed keys: {sorted(allowed)}")
+        data = dict(value)
+        if "id" not in data or "base_url" not in data:
+            missing = "id" if "id" not in data else "base_url"
+            raise ConfigError(f"nodes[{index}].{missing}", None, "is required")
+        return cls(**data)
+
+
+def _validate_base_url(name: str, url: Any) -> str:
+    if not isinstance(url, str):
+        raise ConfigError(name, url, "must be an http:// or https:// URL string")
+    if url != url.strip() or any(c.isspace() for c in url):
+        raise ConfigError(name, url, "must not contain whitespace")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(name, url, "must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment:
+        raise ConfigError(name, url, "must not have a query or fragment")
+    try:
+        parts.port  # raises on a non-numeric port
+    except ValueError:
+        raise ConfigError(name, url, "has an invalid port") from None
+    return url.rstrip("/")
+
+
+def parse_nodes(nodes: Any) -> Tuple[Node, ...]:
+    """Validate a sequence of Node/dict into a tuple of unique Nodes."""
+    if nodes is None:
+        return (Node(id="holysheep", base_url=DEFAULT_BASE_URL, region="global"),)
+    if isinstance(nodes, (str, bytes, Mapping)) or not isinstance(nodes, Sequence):
+        raise ConfigError("nodes", nodes, "must be a list of Node objects or dicts")
+    if not nodes:
+        raise ConfigError("nodes", nodes, "must contain at least one node")
+    parsed = tuple(Node.from_value(v, i) for i, v in enumerate(nodes))
+    seen = set()
+    for n in parsed:
+        if n.id in seen:
+            raise ConfigError("nodes", n.id, "node ids must be unique; this id appears twice")
+        seen.add(n.id)
+    return parsed
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Every option of :class:`~holysheep_lb.Client`, validated.
+
+    Times are seconds. ``deadline_s`` bounds a whole call, all attempts and waits
+    included; ``connect_timeout_s``/``read_timeout_s`` bound each attempt (the read
+    timeout is also cut to what remains of the deadline).
+    """
+
+    nodes: Tuple[Node, ...]
+    api_key: Optional[str] = field(default=None, repr=False)
+    strategy: Any = "adaptive"
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
+    deadline_s: float = 120.0
+    max_retries: int = 3
+    backoff_base_s: float = 0.05
+    backoff_cap_s: float = 2.0
+    retry_after_cap_s: float = 60.0
+    pool_maxsize: int = 32
+    max_response_bytes: int = 16 * 1024 * 1024
+    default_model: Optional[str] = None
+    default_region: Optional[str] = None
+    verify: Union[bool, str] = True
+    allow_insecure_http: bool = False
+    panic_threshold: float = 0.5
+    # passive ejection (see nodes.py)
+    eject_after_failures: int = 5
+    ejection_base_s: float = 30.0
+    ejection_max_s: float = 300.0
+    slow_start_s: float = 0.0
+    # active health checks (see health.py)
+    health_check_interval_s: Optional[float] = 10.0
+    health_check_timeout_s: float = 2.0
+    unhealthy_threshold: int = 3
+    healthy_threshold: int = 2
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None:
+            _check_header_text("api_key", self.api_key)
+        for name in ("connect_timeout_s", "read_timeout_s", "deadline_s"):
+            _check_number(name, getattr(self, name), strict=True)
+        for name in ("backoff_base_s", "backoff_cap_s", "retry_after_cap_s", "ejection_base_s",
+                     "ejection_max_s", "slow_start_s"):
+            _check_number(name, getattr(self, name))
+        _check_number("health_check_interval_s", self.health_check_interval_s, strict=True,
+                      allow_none=True)
+        _check_number("health_check_timeout_s", self.health_check_timeout_s, strict=True)
+        _check_int("max_retries", self.max_retries, minimum=0)
+        _check_int("pool_maxsize", self.pool_maxsize, minimum=1)
+        _check_int("max_response_bytes", self.max_response_bytes, minimum=1024)
+        _check_int("eject_after_failures", self.eject_after_failures, minimum=1)
+        _check_int("unhealthy_threshold", self.unhealthy_threshold, minimum=1)
+        _check_int("healthy_threshold", self.healthy_threshold, minimum=1)
+        _check_number("panic_threshold", self.panic_threshold)
+        if self.panic_threshold > 1:
+            raise ConfigError("panic_threshold", self.panic_threshold, "must be between 0 and 1")
+        for name in ("default_model", "default_region"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(name, value, "must be a non-empty string or None")
+        if not isinstance(self.verify, (bool, str)):
+            raise ConfigError("verify", self.verify, "must be True, False or a CA bundle path")
+        for node in self.nodes:
+            key = node.api_key or self.api_key
+            loopback = is_loopback_url(node.base_url)
+            if key is None and not loopback:
+                raise ConfigError(
+                    "api_key", None,
+                    f"node {node.id} ({node.base_url}) needs an API key: pass api_key=... "
+                    f"or set the {API_KEY_ENV} environment variable",
+                )
+            if (key is not None and node.base_url.startswith("http://") and not loopback
+                    and not self.allow_insecure_http):
+                raise ConfigError(
+                    f"node[{node.id}].base_url", node.base_url,
+                    "would send the API key over plain http:// to a non-loopback host; "
+                    "use https:// or pass allow_insecure_http=True",
+                )
+
+
+CLIENT_OPTIONS = frozenset(f.name for f in fields(ClientConfig))
+
+
+def config_from_env(environ: Optional[Mapping[str, str]] = None, **overrides: Any) -> Dict[str, Any]:
+    """Client keyword arguments from ``HOLYSHEEP_API_KEY`` and ``HOLYSHEEP_NODES``/``HOLYSHEEP_BASE_URL``."""
+    env = os.environ if environ is None else environ
+    kwargs: Dict[str, Any] = {}
+    if env.get(API_KEY_ENV):
+        kwargs["api_key"] = env[API_KEY_ENV]
+    raw_nodes = env.get(NODES_ENV)
+    if raw_nodes:
+        try:
+            kwargs["nodes"] = json.loads(raw_nodes)
+        except ValueError as exc:
+            raise ConfigError(NODES_ENV, raw_nodes, f"must be a JSON list of node objects ({exc})") from None
+    elif env.get(BASE_URL_ENV):
+        kwargs["nodes"] = [{"id": "default", "base_url": env[BASE_URL_ENV]}]
+    kwargs.update(overrides)
+    return kwargs
+
+
+def config_from_mapping(mapping: Mapping[str, Any]) -> Dict[str, Any]:
+    """Client keyword arguments from a dict such as Django's ``settings.HOLYSHEEP``.
+
+    Keys are the Client's keyword arguments; unknown keys are an error, not ignored.
+    """
+    if not isinstance(mapping, Mapping):
+        raise ConfigError("mapping", mapping, "must be a dict of Client options")
+    return dict(mapping)

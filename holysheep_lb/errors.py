@@ -1,0 +1,302 @@
+"""The exception tree of holysheep_lb.
+
+Every failure a caller can see is one of these; nothing from requests, urllib3,
+pybreaker or redis escapes the client::
+
+    HolySheepError
+    ├── APIError                         something went wrong talking to a node
+    │   ├── APIStatusError               the node answered with an error status
+    │   │   ├── BadRequestError          400
+    │   │   ├── AuthenticationError      401
+    │   │   ├── PermissionDeniedError    403
+    │   │   ├── NotFoundError            404
+    │   │   ├── UnprocessableEntityError 422
+    │   │   ├── RateLimitError           429
+    │   │   └── InternalServerError      5xx
+    │   ├── APIConnectionError           no usable answer: refused, reset, TLS, proxy
+    │   │   └── APITimeoutError          connect or read timeout
+    │   └── APIResponseValidationError   an answer that is not what the API promises
+    │       └── ResponseTooLargeError    (invalid JSON, not an object, over the size cap)
+    ├── NoHealthyNodeError               no node can be used for this call
+    ├── AllAttemptsFailedError           every attempt failed; lists each attempt
+    ├── ConfigError (also ValueError)    a bad setting, named with its value
+    └── InvalidRequestError (also ValueError)  a bad call argument, caught before sending
+
+Status errors carry ``status_code``, ``body``, ``request_id`` and ``node_id``.
+Messages never contain the API key: nothing here is given one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence, Tuple
+
+__all__ = [
+    "HolySheepError",
+    "APIError",
+    "APIStatusError",
+    "BadRequestError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "NotFoundError",
+    "UnprocessableEntityError",
+    "RateLimitError",
+    "InternalServerError",
+    "APIConnectionError",
+    "APITimeoutError",
+    "APIResponseValidationError",
+    "ResponseTooLargeError",
+    "NoHealthyNodeError",
+    "AllAttemptsFailedError",
+    "ConfigError",
+    "InvalidRequestError",
+    "Attempt",
+    "status_error",
+]
+
+
+class HolySheepError(Exception):
+    """Base of every error raised by holysheep_lb."""
+
+
+class APIError(HolySheepError):
+    """A failure while talking to one node.
+
+    ``retryable`` says whether another attempt (on another node) may succeed.
+    """
+
+    retryable: bool = True
+
+    def __init__(self, message: str, *, node_id: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.node_id = node_id
+
+    def __str__(self) -> str:
+        if self.node_id:
+            return f"{self.message} (node {self.node_id})"
+        return self.message
+
+
+class APIStatusError(APIError):
+    """The node answered with an HTTP error status."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        body: Any = None,
+        request_id: Optional[str] = None,
+        node_id: Optional[str] = None,
+        headers: Optional[Mapping[str, str]] = None,
+        retryable: Optional[bool] = None,
+    ) -> None:
+        super().__init__(message, node_id=node_id)
+        self.status_code = status_code
+        self.body = body
+        self.request_id = request_id
+        self.headers = dict(headers or {})
+        if retryable is not None:
+            self.retryable = retryable
+
+    def __str__(self) -> str:
+        parts = [f"HTTP {self.status_code}: {self.message}"]
+        if self.node_id:
+            parts.append(f"node {self.node_id}")
+        if self.request_id:
+            parts.append(f"request id {self.request_id}")
+        return parts[0] + (f" ({', '.join(parts[1:])})" if len(parts) > 1 else "")
+
+
+class BadRequestError(APIStatusError):
+    retryable = False
+
+
+class AuthenticationError(APIStatusError):
+    retryable = False
+
+
+class PermissionDeniedError(APIStatusError):
+    retryable = False
+
+
+class NotFoundError(APIStatusError):
+    retryable = False
+
+
+class UnprocessableEntityError(APIStatusError):
+    retryable = False
+
+
+class RateLimitError(APIStatusError):
+    """429 from a node. ``retry_after_s`` is the node's Retry-After, if it sent one."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after_s: Optional[float] = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.retry_after_s = retry_after_s
+
+
+class InternalServerError(APIStatusError):
+    retryable = True
+
+
+class APIConnectionError(APIError):
+    """No usable answer: connection refused or reset, TLS or proxy failure, truncated body."""
+
+    retryable = True
+
+
+class APITimeoutError(APIConnectionError):
+    """The node did not connect or answer within the attempt's timeout."""
+
+
+class APIResponseValidationError(APIError):
+    """The node answered 2xx with something that is not a JSON object."""
+
+    retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        node_id: Optional[str] = None,
+        status_code: Optional[int] = None,
+        request_id: Optional[str] = None,
+    ) -> None:
+        super().__init__(message, node_id=node_id)
+        self.status_code = status_code
+        self.request_id = request_id
+
+
+class ResponseTooLargeError(APIResponseValidationError):
+    """The response body exceeded ``max_response_bytes``."""
+
+
+class NoHealthyNodeError(HolySheepError):
+    """No node could be used for this call (for example: all throttled past the deadline)."""
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt of a call: where it went and how it ended."""
+
+    node_id: str
+    latency_ms: float
+    status_code: Optional[int] = None
+    error: Optional[str] = None  # exception class and message, or None on success
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def __str__(self) -> str:
+        what = self.error if self.error else f"HTTP {self.status_code}"
+        return f"{self.node_id}: {what} after {self.latency_ms:.0f} ms"
+
+
+class AllAttemptsFailedError(HolySheepError):
+    """Every attempt of a call failed. ``attempts`` lists each one; ``last_error`` is the last."""
+
+    def __init__(
+        self,
+        reason: str,
+        attempts: Sequence[Attempt],
+        last_error: Optional[BaseException] = None,
+    ) -> None:
+        self.reason = reason
+        self.attempts: Tuple[Attempt, ...] = tuple(attempts)
+        self.last_error = last_error
+        listing = "; ".join(str(a) for a in self.attempts) or "no attempt was made"
+        super().__init__(f"{reason}: {len(self.attempts)} attempt(s): {listing}")
+
+    @property
+    def status_code(self) -> Optional[int]:
+        return getattr(self.last_error, "status_code", None)
+
+
+class ConfigError(HolySheepError, ValueError):
+    """A setting is invalid. The message names the field, the bad value and what is allowed."""
+
+    def __init__(self, field: str, value: Any, allowed: str) -> None:
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{field}: invalid value {_short(value)}; {allowed}")
+
+
+class InvalidRequestError(HolySheepError, ValueError):
+    """A call argument is invalid; raised before anything is sent."""
+
+    def __init__(self, field: str, value: Any, allowed: str) -> None:
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{field}: invalid value {_short(value)}; {allowed}")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_STATUS_CLASSES = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    422: UnprocessableEntityError,
+    429: RateLimitError,
+}
+
+# 408 and 409 are worth another attempt (openai-python does the same); every other
+# 4xx is the caller's mistake and is final.
+RETRYABLE_STATUSES = frozenset({408, 409, 429})
+
+
+def status_error(
+    status_code: int,
+    body: Any,
+    *,
+    node_id: Optional[str],
+    request_id: Optional[str],
+    headers: Mapping[str, str],
+    retry_after_s: Optional[float] = None,
+    should_retry: Optional[bool] = None,
+) -> APIStatusError:
+    """Build the typed error for an HTTP error status (the one place that maps statuses)."""
+    message = _error_message(body, status_code)
+    if status_code >= 500:
+        cls: type = InternalServerError
+    else:
+        cls = _STATUS_CLASSES.get(status_code, APIStatusError)
+    retryable = status_code >= 500 or status_code in RETRYABLE_STATUSES
+    if should_retry is not None:  # the server's x-should-retry wins
+        retryable = should_retry
+    kw: dict = dict(
+        status_code=status_code,
+        body=body,
+        request_id=request_id,
+        node_id=node_id,
+        headers=headers,
+        retryable=retryable,
+    )
+    if cls is RateLimitError:
+        kw["retry_after_s"] = retry_after_s
+    return cls(message, **kw)
+
+
+def _error_message(body: Any, status_code: int) -> str:
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return err["message"][:500]
+        if isinstance(err, str):
+            return err[:500]
+        if isinstance(body.get("message"), str):
+            return body["message"][:500]
+    if isinstance(body, str) and body.strip():
+        return body.strip()[:200]
+    return f"status {status_code}"

@@ -1,0 +1,116 @@
+"""Active health checks: a daemon thread probing ``GET {base_url}/models`` on every node.
+
+``/models`` costs no tokens, unlike health checks that send real completions. A node is
+marked down after ``unhealthy_threshold`` failed probes in a row and up after
+``healthy_threshold`` good ones (both required, as in Envoy). Probe latency feeds the
+geographic and adaptive strategies. Probes run one node after another, so there is
+never more than one probe per node in flight; each has its own short timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from typing import Callable, Optional
+
+from .errors import HolySheepError
+from .selection import Selector
+
+__all__ = ["HealthChecker"]
+
+log = logging.getLogger(__name__)
+
+
+class HealthChecker:
+    """Probes every node every ``interval_s`` (±20% jitter) until ``stop()``."""
+
+    def __init__(
+        self,
+        selector: Selector,
+        *,
+        interval_s: float,
+        timeout_s: float,
+        unhealthy_threshold: int,
+        healthy_threshold: int,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Optional[Callable[[], float]] = None,
+    ) -> None:
+        self.selector = selector
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.unhealthy_threshold = unhealthy_threshold
+        self.healthy_threshold = healthy_threshold
+        self.clock = clock
+        self.rand = rand or random.Random().random
+        self.rounds = 0
+        self.loop_errors = 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    # -- one round, callable directly (tests drive it without a thread) -------------
+
+    def probe_all(self) -> None:
+        """Probe each node once. Never raises: errors are logged and counted."""
+        for node in self.selector.nodes:
+            if self._stop.is_set():
+                return
+            try:
+                self.probe(node)
+            except Exception:  # noqa: BLE001 - the health thread must survive anything
+                self.loop_errors += 1
+                log.exception("health probe of node %s raised; the checker keeps running", node.id)
+        self.rounds += 1
+
+    def probe(self, node) -> bool:
+        """Probe one node and record the result; True when it answered 2xx JSON."""
+        started = self.clock()
+        try:
+            node.transport.send("GET", "/models", timeout_s=(self.timeout_s, self.timeout_s))
+        except HolySheepError as exc:
+            self.selector.record_probe(node, False, None, self.unhealthy_threshold,
+                                       self.healthy_threshold, error=_short(exc))
+            return False
+        latency_ms = (self.clock() - started) * 1000.0
+        self.selector.record_probe(node, True, latency_ms, self.unhealthy_threshold,
+                                   self.healthy_threshold)
+        return True
+
+    # -- the thread -----------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self.running or self._stop.is_set():
+            return
+        self._thread = threading.Thread(target=self._run, name="holysheep-lb-health", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        log.debug("health checker started: every %.1f s", self.interval_s)
+        while not self._stop.is_set():
+            self.probe_all()
+            delay = self.interval_s * (0.8 + 0.4 * self.rand())
+            if self._stop.wait(delay):
+                break
+        log.debug("health checker stopped")
+
+    def stop(self, timeout_s: float = 1.0) -> None:
+        """Stop the thread; waits up to ``timeout_s`` (a probe in flight ends by its timeout)."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_s)
+
+    def reset_after_fork(self) -> None:
+        """The parent's thread does not exist in a child: forget it (restarted lazily)."""
+        self._thread = None
+        self._stop = threading.Event()
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 200 else text[:197] + "..."

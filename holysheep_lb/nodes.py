@@ -1,0 +1,268 @@
+"""Runtime state of one node: load, latency, counters, ejection, throttling, health.
+
+A ``NodeState`` is not locked by itself: every read and write happens under the
+selector's lock (``Selector._state_lock``), which guards all routing state at once so
+that a pick sees one consistent picture. Methods here are O(1) bookkeeping.
+
+Availability rules (each with its reason, shown by ``Client.nodes()``):
+
+* **throttled**: a 429 arrived with Retry-After; the node is skipped until then. A 429
+  never counts as a failure and never ejects.
+* **ejected**: ``eject_after_failures`` consecutive failures (connect error, timeout,
+  5xx, invalid response) eject the node for ``base × times_ejected`` seconds, capped and
+  jittered. When that expires the node is *half-open*: one trial request is let
+  through; success re-admits it, failure ejects it again for longer.
+* **down**: the health checker saw ``unhealthy_threshold`` failed probes in a row; it
+  comes back after ``healthy_threshold`` good ones.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional
+
+from .config import Node
+from .stats import FAILURE_KINDS, LatencyHistogram
+from .transport import Transport
+
+__all__ = ["NodeState", "EjectionPolicy"]
+
+# Failure kinds that count towards ejection. A 429 is throttling and a 4xx is the
+# caller's fault: neither says the node is broken.
+_EJECTING_KINDS = frozenset({"connect", "timeout", "status_5xx", "invalid_response"})
+
+
+class EjectionPolicy:
+    """Passive ejection settings (Envoy outlier detection defaults: 5 failures, 30 s, 300 s)."""
+
+    __slots__ = ("after_failures", "base_s", "max_s", "jitter", "slow_start_s")
+
+    def __init__(self, after_failures: int = 5, base_s: float = 30.0, max_s: float = 300.0,
+                 jitter: float = 0.1, slow_start_s: float = 0.0) -> None:
+        self.after_failures = after_failures
+        self.base_s = base_s
+        self.max_s = max_s
+        self.jitter = jitter
+        self.slow_start_s = slow_start_s
+
+    def duration_s(self, times_ejected: int, rand: float) -> float:
+        """base × times ejected, capped, then ±jitter so ejected nodes do not return in step."""
+        span = min(self.max_s, self.base_s * times_ejected)
+        return span * (1.0 + self.jitter * (2.0 * rand - 1.0))
+
+
+class NodeState:
+    """Everything the client knows about one node right now. Guarded by the selector lock."""
+
+    def __init__(self, node: Node, transport: Transport, *, tau_s: float = 10.0,
+                 cold_latency_ms: float = 1000.0) -> None:
+        self.node = node
+        self.id = node.id
+        self.region = node.region
+        self.weight = float(node.weight)
+        self.transport = transport
+        # load and latency
+        self.in_flight = 0
+        self.tau_s = tau_s
+        self.cold_latency_ms = cold_latency_ms
+        self.ewma_ms: Optional[float] = None      # peak-EWMA of real request latency
+        self.ewma_at = 0.0
+        self.probe_ewma_ms: Optional[float] = None  # EWMA of health-probe latency
+        self.last_sample_at: Optional[float] = None
+        # counters
+        self.attempts = 0
+        self.successes = 0
+        self.failures: Dict[str, int] = dict.fromkeys(FAILURE_KINDS, 0)
+        self.retries = 0
+        self.latency = LatencyHistogram()
+        # ejection and throttling
+        self.consecutive_failures = 0
+        self.times_ejected = 0
+        self.ejected_until: Optional[float] = None  # None: not ejected
+        self.trial_in_flight = False                # half-open trial request running
+        self.readmitted_at: Optional[float] = None
+        self.throttled_until = 0.0
+        # active health
+        self.down = False
+        self.probe_failures_in_row = 0
+        self.probe_successes_in_row = 0
+        self.probes = 0
+        self.probe_errors = 0
+        self.last_probe_at: Optional[float] = None
+        self.last_probe_ok: Optional[bool] = None
+        self.last_probe_error: Optional[str] = None
+
+    def __repr__(self) -> str:
+        return f"<NodeState {self.id} region={self.region} in_flight={self.in_flight}>"
+
+    # -- availability --------------------------------------------------------------
+
+    def unusable_reason(self, now: float) -> Optional[str]:
+        """Why this node must not get a normal request now, or None if it may."""
+        if self.down:
+            return "down"
+        if self.ejected_until is not None:
+            if now < self.ejected_until:
+                return "ejected"
+            if self.trial_in_flight:
+                return "half-open trial in flight"
+        if now < self.throttled_until:
+            return "throttled"
+        return None
+
+    def is_half_open(self, now: float) -> bool:
+        return self.ejected_until is not None and now >= self.ejected_until
+
+    def effective_weight(self, now: float, slow_start_s: float) -> float:
+        """Weight ramped from 10% to 100% over slow_start_s after re-admission (Envoy)."""
+        if slow_start_s <= 0 or self.readmitted_at is None:
+            return self.weight
+        elapsed = now - self.readmitted_at
+        if elapsed >= slow_start_s:
+            self.readmitted_at = None
+            return self.weight
+        return self.weight * (0.1 + 0.9 * max(0.0, elapsed) / slow_start_s)
+
+    # -- latency -----------------------------------------------------------------------
+
+    def latency_estimate_ms(self, now: float) -> float:
+        """Peak-EWMA of real latency, decayed towards 0 with time since the last sample.
+
+        The decay lets a node that was slow win a request again after a while (the
+        exploration that notices recovery). A node with no request sample yet starts
+        from its probe latency if any, else from a pessimistic cold guess.
+        """
+        if self.ewma_ms is None:
+            if self.probe_ewma_ms is not None:
+                return max(self.probe_ewma_ms, 1.0)
+            return self.cold_latency_ms
+        idle = now - self.ewma_at
+        if idle <= 0:
+            return self.ewma_ms
+        return self.ewma_ms * math.exp(-idle / self.tau_s)
+
+    def observe_latency(self, latency_ms: float, now: float) -> None:
+        """Peak-EWMA update: a slower sample replaces the estimate at once; faster ones decay in."""
+        self.last_sample_at = now
+        if self.ewma_ms is None:
+            self.ewma_ms = latency_ms
+        else:
+            current = self.latency_estimate_ms(now)
+            if latency_ms > current:
+                self.ewma_ms = latency_ms
+            else:
+                w = math.exp(-max(0.0, now - self.ewma_at) / self.tau_s)
+                self.ewma_ms = current * w + latency_ms * (1.0 - w)
+        self.ewma_at = now
+
+    def observe_probe(self, latency_ms: float) -> None:
+        if self.probe_ewma_ms is None:
+            self.probe_ewma_ms = latency_ms
+        else:
+            self.probe_ewma_ms = 0.7 * self.probe_ewma_ms + 0.3 * latency_ms
+
+    # -- outcomes ----------------------------------------------------------------------
+
+    def record_success(self, latency_ms: float, now: float) -> bool:
+        """Count a success; returns True if it re-admitted an ejected node."""
+        self.successes += 1
+        self.latency.record(latency_ms)
+        self.observe_latency(latency_ms, now)
+        self.consecutive_failures = 0
+        if self.ejected_until is not None:
+            self.ejected_until = None
+            self.trial_in_flight = False
+            self.readmitted_at = now
+            return True
+        return False
+
+    def record_failure(self, kind: str, latency_ms: float, now: float,
+                       policy: EjectionPolicy, rand: float,
+                       retry_after_s: Optional[float] = None) -> Optional[float]:
+        """Count a failure; returns the ejection duration if this failure ejected the node."""
+        self.failures[kind] = self.failures.get(kind, 0) + 1
+        if kind == "status_429":
+            # Throttled, not broken: the node answered. Skip it until Retry-After
+            # (1 s when it did not say), and leave its failure streak alone.
+            self.throttled_until = max(self.throttled_until, now + (retry_after_s if retry_after_s is not None else 1.0))
+            if self.ejected_until is not None and self.trial_in_flight:
+                self.trial_in_flight = False
+            return None
+        if kind not in _EJECTING_KINDS:
+            if self.trial_in_flight:
+                self.trial_in_flight = False
+            return None
+        # A failure is a latency sample too: at least twice the estimate, so a node
+        # that fails fast does not look attractive to the adaptive strategy.
+        self.observe_latency(max(latency_ms, 2.0 * self.latency_estimate_ms(now), 250.0), now)
+        self.consecutive_failures += 1
+        half_open_trial = self.ejected_until is not None and self.trial_in_flight
+        if half_open_trial or self.consecutive_failures >= policy.after_failures:
+            self.times_ejected += 1
+            span = policy.duration_s(self.times_ejected, rand)
+            self.ejected_until = now + span
+            self.trial_in_flight = False
+            self.consecutive_failures = 0
+            return span
+        return None
+
+    def record_probe(self, ok: bool, latency_ms: Optional[float], now: float,
+                     unhealthy_threshold: int, healthy_threshold: int,
+                     error: Optional[str] = None) -> Optional[str]:
+        """Count a probe; returns "down" or "up" when it changed the node's health."""
+        self.probes += 1
+        self.last_probe_at = now
+        self.last_probe_ok = ok
+        self.last_probe_error = error
+        if ok:
+            if latency_ms is not None:
+                self.observe_probe(latency_ms)
+            self.probe_failures_in_row = 0
+            self.probe_successes_in_row += 1
+            if self.down and self.probe_successes_in_row >= healthy_threshold:
+                self.down = False
+                return "up"
+        else:
+            self.probe_errors += 1
+            self.probe_successes_in_row = 0
+            self.probe_failures_in_row += 1
+            if not self.down and self.probe_failures_in_row >= unhealthy_threshold:
+                self.down = True
+                return "down"
+        return None
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def snapshot(self, now: float) -> Dict[str, Any]:
+        reason = self.unusable_reason(now)
+        return {
+            "id": self.id,
+            "region": self.region,
+            "base_url": self.node.base_url,
+            "weight": self.weight,
+            "usable": reason is None,
+            "reason": reason,
+            "in_flight": self.in_flight,
+            "latency_estimate_ms": round(self.latency_estimate_ms(now), 3),
+            "probe_latency_ms": None if self.probe_ewma_ms is None else round(self.probe_ewma_ms, 3),
+            "consecutive_failures": self.consecutive_failures,
+            "times_ejected": self.times_ejected,
+            "ejected_for_s": None if self.ejected_until is None else max(0.0, self.ejected_until - now),
+            "throttled_for_s": max(0.0, self.throttled_until - now),
+            "down": self.down,
+            "last_probe_ago_s": None if self.last_probe_at is None else max(0.0, now - self.last_probe_at),
+            "last_probe_ok": self.last_probe_ok,
+            "last_probe_error": self.last_probe_error,
+        }
+
+    def stats(self) -> Dict[str, Any]:
+        done = self.successes + sum(self.failures.values())
+        return {
+            "requests": self.attempts,
+            "successes": self.successes,
+            "failures": dict(self.failures),
+            "retries": self.retries,
+            "in_flight": self.in_flight,
+            "success_rate": (self.successes / done) if done else None,
+            "latency": self.latency.summary(),
+        }

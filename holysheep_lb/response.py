@@ -1,0 +1,68 @@
+"""The value a call returns: the decoded JSON as a dict, with routing metadata attached."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+from .errors import Attempt
+
+__all__ = ["Response"]
+
+
+class Response(dict):
+    """The decoded JSON answer (``resp["choices"][0]["message"]["content"]`` works).
+
+    Routing metadata rides along as attributes, never as keys, so the dict is exactly
+    what the API returned:
+
+    ``node_id``/``region``  the node that answered
+    ``attempts``            every attempt of the call, in order (:class:`Attempt`)
+    ``latency_ms``          wall time of the whole call, retries and waits included
+    ``request_id``          the server's ``x-request-id``, if it sent one
+    ``model``               the model that answered
+    ``fallback``            True when the answer is not from the model asked for
+    ``cached``              True when it came from the response cache
+    ``extra``               a dict for metadata added by optional features
+    """
+
+    __slots__ = ("node_id", "region", "attempts", "latency_ms", "request_id", "model",
+                 "fallback", "cached", "extra")
+
+    def __init__(self, data: Dict[str, Any], *, node_id: Optional[str] = None,
+                 region: Optional[str] = None, attempts: Tuple[Attempt, ...] = (),
+                 latency_ms: float = 0.0, request_id: Optional[str] = None,
+                 model: Optional[str] = None, fallback: bool = False, cached: bool = False) -> None:
+        super().__init__(data)
+        self.node_id = node_id
+        self.region = region
+        self.attempts = attempts
+        self.latency_ms = latency_ms
+        self.request_id = request_id
+        self.model = model
+        self.fallback = fallback
+        self.cached = cached
+        self.extra: Dict[str, Any] = {}
+
+    @property
+    def text(self) -> Optional[str]:
+        """The first choice's message content, or None when there is none."""
+        try:
+            return self["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            return None
+
+    def __repr__(self) -> str:
+        return (f"Response(node_id={self.node_id!r}, model={self.model!r}, "
+                f"attempts={len(self.attempts)}, latency_ms={self.latency_ms:.1f}, "
+                f"data={dict.__repr__(self)[:200]})")
+
+    def __reduce__(self):  # pickling keeps the metadata (batch results cross processes)
+        state = {k: getattr(self, k) for k in self.__slots__}
+        return (_rebuild, (dict(self), state))
+
+
+def _rebuild(data: Dict[str, Any], state: Dict[str, Any]) -> Response:
+    resp = Response(data)
+    for k, v in state.items():
+        setattr(resp, k, v)
+    return resp

@@ -1,0 +1,69 @@
+"""Counters and bounded latency histograms, with percentile snapshots.
+
+Memory is fixed: a histogram is an array of log-spaced buckets (about 4% wide, from
+0.1 ms to about 17 minutes), so any number of samples costs the same few KiB. The
+classes here are not locked themselves; their owner (a node, the client) holds its
+own lock around ``record``/``snapshot``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+__all__ = ["LatencyHistogram", "FAILURE_KINDS"]
+
+# The kinds an attempt can fail by; ``stats()`` reports a count for each.
+FAILURE_KINDS = ("connect", "timeout", "status_5xx", "status_429", "status_4xx", "invalid_response")
+
+_MIN_MS = 0.1
+_GROWTH = 1.04
+_LOG_GROWTH = math.log(_GROWTH)
+_BUCKETS = 420  # 0.1 ms * 1.04**420 ≈ 14 min; slower samples land in the last bucket
+
+
+class LatencyHistogram:
+    """Log-bucketed latency histogram: O(1) record, fixed memory, ~2% percentile error."""
+
+    __slots__ = ("_counts", "count", "total_ms", "max_ms")
+
+    def __init__(self) -> None:
+        self._counts: List[int] = [0] * _BUCKETS
+        self.count = 0
+        self.total_ms = 0.0
+        self.max_ms = 0.0
+
+    def record(self, latency_ms: float) -> None:
+        if latency_ms <= _MIN_MS:
+            index = 0
+        else:
+            index = min(_BUCKETS - 1, int(math.log(latency_ms / _MIN_MS) / _LOG_GROWTH) + 1)
+        self._counts[index] += 1
+        self.count += 1
+        self.total_ms += latency_ms
+        if latency_ms > self.max_ms:
+            self.max_ms = latency_ms
+
+    def percentile(self, q: float) -> Optional[float]:
+        """The q-th percentile (0..100) in ms, as the bucket's upper bound; None when empty."""
+        if self.count == 0:
+            return None
+        rank = max(1, math.ceil(self.count * q / 100.0))
+        seen = 0
+        for index, n in enumerate(self._counts):
+            seen += n
+            if seen >= rank:
+                if index == _BUCKETS - 1:  # the overflow bucket has no upper bound
+                    return self.max_ms
+                return min(_MIN_MS * (_GROWTH ** index), self.max_ms)
+        return self.max_ms
+
+    def summary(self) -> Dict[str, Optional[float]]:
+        return {
+            "count": self.count,
+            "mean_ms": (self.total_ms / self.count) if self.count else None,
+            "p50_ms": self.percentile(50),
+            "p95_ms": self.percentile(95),
+            "p99_ms": self.percentile(99),
+            "max_ms": self.max_ms if self.count else None,
+        }

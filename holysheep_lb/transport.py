@@ -1,0 +1,257 @@
+"""HTTP to one node: a ``requests.Session`` per node, size-capped reads, typed errors.
+
+This is the only module that touches requests/urllib3 exceptions: ``translate_error``
+turns every one of them into our tree (most specific class first), so callers above
+it see :mod:`holysheep_lb.errors` only.
+
+Per-node sessions are built for thread pools: the connection pool holds
+``pool_maxsize`` keep-alive connections, urllib3's own retries are off (the client
+retries on *another* node instead), redirects are never followed (an Authorization
+header must not travel to another host), and ``trust_env`` is off: proxies and the CA
+bundle are read from the environment once per node here instead of on every request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from typing import Any, Dict, Iterator, Mapping, NamedTuple, Optional, Tuple, Union
+
+import requests
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from . import __version__
+from .config import Node
+from .errors import (
+    APIConnectionError,
+    APIError,
+    APIResponseValidationError,
+    APITimeoutError,
+    ResponseTooLargeError,
+    status_error,
+)
+from .retry import parse_retry_after, parse_should_retry
+
+__all__ = ["Transport", "HTTPResult", "translate_error", "USER_AGENT"]
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"holysheep-lb/{__version__}"
+_READ_CHUNK = 64 * 1024
+
+
+class HTTPResult(NamedTuple):
+    """A decoded 2xx answer."""
+
+    status_code: int
+    data: Dict[str, Any]
+    request_id: Optional[str]
+
+
+def translate_error(exc: BaseException, node_id: str) -> APIError:
+    """Map a requests/urllib3/socket exception to our tree. The only such mapping."""
+    if isinstance(exc, APIError):
+        return exc
+    text = _describe(exc)
+    if isinstance(exc, (requests.exceptions.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)):
+        return APITimeoutError(f"connect timeout: {text}", node_id=node_id)
+    if isinstance(exc, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError, socket.timeout)):
+        return APITimeoutError(f"read timeout: {text}", node_id=node_id)
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        # requests wraps a urllib3 read timeout met while streaming in a ConnectionError
+        inner = exc.args[0] if exc.args else None
+        if isinstance(inner, urllib3.exceptions.ReadTimeoutError):
+            return APITimeoutError(f"read timeout: {text}", node_id=node_id)
+        return APIConnectionError(f"connection error: {text}", node_id=node_id)
+    if isinstance(exc, (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError)):
+        return APIConnectionError(f"connection broken: {text}", node_id=node_id)
+    if isinstance(exc, (requests.exceptions.ContentDecodingError, urllib3.exceptions.DecodeError)):
+        return APIResponseValidationError(f"undecodable body: {text}", node_id=node_id)
+    if isinstance(exc, (urllib3.exceptions.HTTPError, requests.exceptions.RequestException, OSError)):
+        return APIConnectionError(f"{type(exc).__name__}: {text}", node_id=node_id)
+    return APIConnectionError(f"unexpected {type(exc).__name__}: {text}", node_id=node_id)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+class Transport:
+    """Sends requests to one node over its own pooled session. Thread-safe."""
+
+    def __init__(
+        self,
+        node: Node,
+        *,
+        api_key: Optional[str],
+        pool_maxsize: int,
+        max_response_bytes: int,
+        verify: Union[bool, str] = True,
+    ) -> None:
+        self.node = node
+        self._api_key = node.api_key or api_key
+        self._pool_maxsize = pool_maxsize
+        self._verify = verify
+        self.max_response_bytes = max_response_bytes
+        self.session = self._new_session()
+
+    def __repr__(self) -> str:
+        return f"<Transport node={self.node.id} base_url={self.node.base_url}>"
+
+    def _new_session(self) -> requests.Session:
+        session = requests.Session()
+        session.trust_env = False
+        session.headers.clear()
+        session.headers.update({
+            "User-Agent": USER_AGENT,
+            "Accept": "application/json",
+            "Accept-Encoding": "gzip, deflate",
+            "Connection": "keep-alive",
+        })
+        session.headers.update(self.node.headers)
+        if self._api_key:
+            session.headers["Authorization"] = f"Bearer {self._api_key}"
+        # Resolve the environment once (HTTPS_PROXY/NO_PROXY, REQUESTS_CA_BUNDLE):
+        # with trust_env off requests would otherwise re-read it on every request.
+        env = requests.Session().merge_environment_settings(
+            self.node.base_url, {}, None, self._verify, None
+        )
+        session.proxies = env.get("proxies") or {}
+        session.verify = env.get("verify", self._verify)
+        adapter = HTTPAdapter(
+            pool_connections=1,
+            pool_maxsize=self._pool_maxsize,
+            max_retries=Retry(total=0, connect=0, read=0, redirect=0, status=0, raise_on_redirect=False),
+        )
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        return session
+
+    def reset_after_fork(self) -> None:
+        """Forget the parent's connections: sockets must not be shared across processes."""
+        self.session = self._new_session()
+
+    def close(self) -> None:
+        self.session.close()
+
+    def open(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Optional[bytes],
+        headers: Optional[Mapping[str, str]],
+        timeout_s: Tuple[float, float],
+    ) -> requests.Response:
+        """Send a request and return the response with its body unread (streaming)."""
+        url = self.node.base_url + path
+        try:
+            return self.session.request(
+                method,
+                url,
+                data=body,
+                headers=headers,
+                timeout=timeout_s,
+                allow_redirects=False,
+                stream=True,
+            )
+        except Exception as exc:  # noqa: BLE001 - every error is translated, none swallowed
+            raise translate_error(exc, self.node.id) from exc
+
+    def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Optional[bytes] = None,
+        headers: Optional[Mapping[str, str]] = None,
+        timeout_s: Tuple[float, float],
+    ) -> HTTPResult:
+        """Send a request and decode the answer; raise a typed error for anything but 2xx JSON."""
+        response = self.open(method, path, body=body, headers=headers, timeout_s=timeout_s)
+        try:
+            raw = self._read_capped(response)
+        finally:
+            response.close()
+        return self.decode(response, raw)
+
+    def decode(self, response: requests.Response, raw: bytes) -> HTTPResult:
+        """Turn a fully read response into an HTTPResult or a typed error."""
+        node_id = self.node.id
+        headers = response.headers
+        request_id = headers.get("x-request-id") or headers.get("request-id")
+        status = response.status_code
+        if status >= 300:
+            body: Any = _try_json(raw)
+            if body is None:
+                body = raw[:2000].decode("utf-8", "replace")
+            raise status_error(
+                status,
+                body,
+                node_id=node_id,
+                request_id=request_id,
+                headers=_small_headers(headers),
+                retry_after_s=parse_retry_after(headers),
+                should_retry=parse_should_retry(headers),
+            )
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise APIResponseValidationError(
+                f"invalid JSON in a {status} response: {_describe(exc)}",
+                node_id=node_id, status_code=status, request_id=request_id,
+            ) from None
+        if not isinstance(data, dict):
+            raise APIResponseValidationError(
+                f"expected a JSON object, got {type(data).__name__}",
+                node_id=node_id, status_code=status, request_id=request_id,
+            )
+        return HTTPResult(status, data, request_id)
+
+    def _read_capped(self, response: requests.Response) -> bytes:
+        cap = self.max_response_bytes
+        declared = response.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > cap:
+            raise ResponseTooLargeError(
+                f"response of {declared} bytes exceeds max_response_bytes={cap}", node_id=self.node.id
+            )
+        parts = []
+        size = 0
+        try:
+            for chunk in response.raw.stream(_READ_CHUNK, decode_content=True):
+                size += len(chunk)
+                if size > cap:
+                    raise ResponseTooLargeError(
+                        f"response exceeds max_response_bytes={cap}", node_id=self.node.id
+                    )
+                parts.append(chunk)
+        except APIError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - translated, never swallowed
+            raise translate_error(exc, self.node.id) from exc
+        return b"".join(parts)
+
+    def iter_lines(self, response: requests.Response) -> Iterator[bytes]:
+        """Yield raw lines of a streaming body, translating errors; the caller closes it."""
+        try:
+            yield from response.iter_lines(chunk_size=1024)
+        except Exception as exc:  # noqa: BLE001 - translated, never swallowed
+            raise translate_error(exc, self.node.id) from exc
+
+
+def _try_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+
+
+_KEPT_HEADERS = ("retry-after", "retry-after-ms", "x-request-id", "x-should-retry", "content-type")
+
+
+def _small_headers(headers: Mapping[str, str]) -> Dict[str, str]:
+    return {k: headers[k][:200] for k in _KEPT_HEADERS if k in headers}

@@ -1,0 +1,57 @@
+"""Shared fixtures: a fake clock, a recording sleep, and a helper for building clients."""
+
+from __future__ import annotations
+
+import logging
+from typing import List
+
+import pytest
+
+from holysheep_lb import Client
+
+API_KEY = "sk-test-SECRET-never-log-me-1234567890"
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told to (or when fake-slept)."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+        self.sleeps: List[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += max(0.0, seconds)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def make_client():
+    made: List[Client] = []
+
+    def factory(nodes=None, **kw) -> Client:
+        kw.setdefault("health_check_interval_s", None)
+        kw.setdefault("api_key", API_KEY)
+        client = Client(nodes=nodes, **kw)
+        made.append(client)
+        return client
+
+    yield factory
+    for c in made:
+        c.close()
+
+
+@pytest.fixture
+def debug_logs(caplog):
+    caplog.set_level(logging.DEBUG, logger="holysheep_lb")
+    return caplog
