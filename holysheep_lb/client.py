@@ -304,23 +304,43 @@ class Client:
                 raise InvalidRequestError("idempotency_key", key, "must be a string without CR/LF")
             headers = {"Content-Type": "application/json", "Idempotency-Key": key}
         self._ensure_running()
-        return self._execute(method.upper(), path, body, headers, region=region,
-                             deadline_s=deadline_s or self.config.deadline_s,
-                             model=(json or {}).get("model") if json else None)
+        deadline = self._clock() + (deadline_s or self.config.deadline_s)
+        return self._execute(method.upper(), path, body, headers, region=region, deadline=deadline,
+                             model=json.get("model") if json else None)
 
     # -- the attempt loop -----------------------------------------------------------------
 
-    def _execute(self, method: str, path: str, body: Optional[bytes],
-                 headers: Optional[Dict[str, str]], *, region: Optional[str],
-                 deadline_s: float, model: Optional[str]) -> Response:
+    def _execute(
+        self,
+        method: str,
+        path: str,
+        body: Optional[bytes],
+        headers: Optional[Dict[str, str]],
+        *,
+        region: Optional[str],
+        deadline: float,
+        model: Optional[str],
+        send: Optional[Callable[[NodeState, Tuple[float, float]], Any]] = None,
+        finish: Optional[Callable[[NodeState, Any, List[Attempt], float], Any]] = None,
+    ) -> Any:
+        """The attempt loop: pick, send, classify, back off, fail over, until ``deadline``.
+
+        ``send(node, (connect_s, read_s))`` performs one attempt and returns its result or
+        raises an :class:`APIError`; the default sends ``body`` and decodes JSON.
+        ``finish(node, result, attempts, started)`` turns a successful result into the
+        return value and takes over the node's in-flight slot (a stream releases it when
+        it ends); by default the slot is released and a :class:`Response` is returned.
+        """
         clock = self._clock
         started = clock()
-        deadline = started + deadline_s
         attempts: List[Attempt] = []
         tried: List[str] = []
         last_error: Optional[APIError] = None
         reason = "all attempts failed"
         selector = self._selector
+        if send is None:
+            def send(node: NodeState, timeout: Tuple[float, float]) -> Any:
+                return node.transport.send(method, path, body=body, headers=headers, timeout_s=timeout)
         for attempt_no in range(self._retry.max_retries + 1):
             if attempt_no:
                 wait_s = self._retry.backoff_s(attempt_no, self._rand)
@@ -348,7 +368,7 @@ class Client:
             tried.append(node.id)
             t0 = clock()
             try:
-                result = node.transport.send(method, path, body=body, headers=headers, timeout_s=timeout)
+                result = send(node, timeout)
             except APIError as exc:
                 latency_ms = (clock() - t0) * 1000.0
                 kind = failure_kind(exc)
@@ -370,8 +390,10 @@ class Client:
                 selector.release_cancelled(node)
                 raise
             latency_ms = (clock() - t0) * 1000.0
+            attempts.append(Attempt(node.id, latency_ms, getattr(result, "status_code", None)))
+            if finish is not None:
+                return finish(node, result, attempts, started)
             selector.release_success(node, latency_ms)
-            attempts.append(Attempt(node.id, latency_ms, result.status_code))
             total_ms = self._count_call(True, None, started)
             data = result.data
             return Response(data, node_id=node.id, region=node.region, attempts=tuple(attempts),
