@@ -6,8 +6,9 @@ regions   the article's 4 regional nodes (ap-northeast: heavy tail, 2.3% 5xx), 3
           Targets: adaptive p99 <= 1.5 x fastest-node-only p99 and <= 0.5 x round_robin
           p99; caller error rate 0.
 capacity  capacities 4, 4, 8, 16 at equal latency (50 ms), 32 threads (= total
-          capacity). Ideal throughput = 32 / 0.05 s. Target: adaptive and
-          least_connections >= 0.85 of ideal.
+          capacity), each node's weight set to its capacity as an operator would.
+          Ideal throughput = 32 / 0.05 s. Target: adaptive and least_connections
+          >= 0.85 of ideal. Two extra rows show what is reached with no weights at all.
 failover  4 equal nodes for 10 s; one refuses connections from 3 s, another hangs
           from 6 s. Target: 0 caller errors; no second below 60% of normal throughput.
 
@@ -30,6 +31,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _simproc import GatewayProcess  # noqa: E402
 from holysheep_lb import Client  # noqa: E402
 from holysheep_lb.loadgen import LoadResult, run_load, seed_regions  # noqa: E402
+from holysheep_lb.selection import Adaptive  # noqa: E402
+
+ADAPTIVE_OPTIONS: Dict[str, float] = {}
+
+
+def strategy_for(name: str) -> Any:
+    return Adaptive(**ADAPTIVE_OPTIONS) if name == "adaptive" and ADAPTIVE_OPTIONS else name
 
 MSGS = [{"role": "user", "content": "benchmark"}]
 STRATEGIES = ["round_robin", "weighted", "least_connections", "geographic", "adaptive"]
@@ -41,6 +49,8 @@ def drive(gw: GatewayProcess, nodes: List[Dict[str, Any]], label: str, requests:
     given the run stops at its last entry instead (a time-based run)."""
     client_kw.setdefault("health_check_interval_s", 1.0)
     client_kw.setdefault("read_timeout_s", 2.0)
+    if "strategy" in client_kw:
+        client_kw["strategy"] = strategy_for(client_kw["strategy"])
     client = Client(nodes=nodes, **client_kw)
     try:
         # warm-up: connections and first latency samples, not measured
@@ -107,8 +117,12 @@ def scenario_capacity(n: int) -> Dict[str, Any]:
     ideal = sum(caps) / 0.050
     rows = []
     with GatewayProcess(spec) as gw:
-        for s in STRATEGIES:
-            r = drive(gw, gw.client_nodes, s, n, sum(caps), strategy=s).summary()
+        # Operators declare a node's capacity as its weight (as with nginx upstreams).
+        weighted_nodes = [dict(nd, weight=c) for nd, c in zip(gw.client_nodes, caps)]
+        runs = [(s, s, weighted_nodes) for s in STRATEGIES]
+        runs += [(f"{s} (no weights)", s, gw.client_nodes) for s in ("least_connections", "adaptive")]
+        for label, s, nodes in runs:
+            r = drive(gw, nodes, label, n, sum(caps), strategy=s).summary()
             r["of_ideal"] = f"{r['throughput_rps'] / ideal:.2f} of ideal"
             r["ratio"] = r["throughput_rps"] / ideal
             rows.append(r)
@@ -117,7 +131,8 @@ def scenario_capacity(n: int) -> Dict[str, Any]:
         "adaptive >= 0.85 of ideal throughput": by["adaptive"]["ratio"] >= 0.85,
         "least_connections >= 0.85 of ideal throughput": by["least_connections"]["ratio"] >= 0.85,
     }
-    table(f"capacity: capacities {caps}, 50 ms, {sum(caps)} threads, ideal {ideal:.0f} req/s", rows,
+    table(f"capacity: capacities {caps} (= weights), 50 ms, {sum(caps)} threads, ideal {ideal:.0f} req/s",
+          rows,
           extra="of_ideal")
     return {"rows": rows, "checks": checks}
 
@@ -162,7 +177,12 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=2000, help="measured calls per configuration")
     ap.add_argument("--scenario", default="regions,capacity,failover")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--adaptive", metavar="K=V,...", default="",
+                    help="Adaptive() options to try, e.g. load_bias=0.5,latency_band=2")
     args = ap.parse_args()
+    for item in filter(None, args.adaptive.split(",")):
+        key, value = item.split("=")
+        ADAPTIVE_OPTIONS[key] = float(value)
     results = {}
     all_ok = True
     for name in args.scenario.split(","):
@@ -173,7 +193,8 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2, default=str)
-    print(f"\nreproduce: python benchmarks/strategies.py --requests {args.requests} --scenario {args.scenario}")
+    extra = f" --adaptive {args.adaptive}" if args.adaptive else ""
+    print(f"\nreproduce: python benchmarks/strategies.py --requests {args.requests} --scenario {args.scenario}{extra}")
     return 0 if all_ok else 1
 
 

@@ -321,14 +321,15 @@ class Client:
         deadline: float,
         model: Optional[str],
         send: Optional[Callable[[NodeState, Tuple[float, float]], Any]] = None,
-        finish: Optional[Callable[[NodeState, Any, List[Attempt], float], Any]] = None,
+        finish: Optional[Callable[[NodeState, Any, List[Attempt], float, float], Any]] = None,
     ) -> Any:
         """The attempt loop: pick, send, classify, back off, fail over, until ``deadline``.
 
         ``send(node, (connect_s, read_s))`` performs one attempt and returns its result or
         raises an :class:`APIError`; the default sends ``body`` and decodes JSON.
-        ``finish(node, result, attempts, started)`` turns a successful result into the
-        return value and takes over the node's in-flight slot (a stream releases it when
+        ``finish(node, result, attempts, started, picked_at)`` turns a successful result
+        into the return value and takes over the node's in-flight slot (a stream calls
+        ``selector.answered(node, picked_at)`` at its first chunk and a ``release_*`` when
         it ends); by default the slot is released and a :class:`Response` is returned.
         """
         clock = self._clock
@@ -349,19 +350,20 @@ class Client:
                     break
                 if wait_s > 0:
                     self._sleep(wait_s)
-            node = selector.pick(exclude=tried, region=region)
+            picked_at = clock()
+            node = selector.pick(exclude=tried, region=region, started=picked_at)
             wait_s = node.throttled_until - clock()
             if wait_s > 0:
                 # every node is throttled: wait for the soonest Retry-After if it fits
                 if wait_s > self._retry.retry_after_cap_s or clock() + wait_s >= deadline:
-                    selector.release_cancelled(node)
+                    selector.release_cancelled(node, started=picked_at)
                     reason = f"every node is throttled for at least {wait_s:.1f} s"
                     break
                 log.debug("all nodes throttled; waiting %.2f s for node %s", wait_s, node.id)
                 self._sleep(wait_s)
             remaining = deadline - clock()
             if remaining <= 0:
-                selector.release_cancelled(node)
+                selector.release_cancelled(node, started=picked_at)
                 reason = "deadline exceeded"
                 break
             timeout = (min(self._timeouts[0], remaining), min(self._timeouts[1], remaining))
@@ -372,8 +374,8 @@ class Client:
             except APIError as exc:
                 latency_ms = (clock() - t0) * 1000.0
                 kind = failure_kind(exc)
-                selector.release_failure(node, kind, latency_ms,
-                                         getattr(exc, "retry_after_s", None))
+                selector.release_failure(node, kind, latency_ms, started=picked_at,
+                                         retry_after_s=getattr(exc, "retry_after_s", None))
                 attempts.append(Attempt(node.id, latency_ms, getattr(exc, "status_code", None),
                                         f"{type(exc).__name__}: {exc.message}"))
                 last_error = exc
@@ -387,13 +389,13 @@ class Client:
                               else "no retries left")
                 continue
             except BaseException:
-                selector.release_cancelled(node)
+                selector.release_cancelled(node, started=picked_at)
                 raise
             latency_ms = (clock() - t0) * 1000.0
             attempts.append(Attempt(node.id, latency_ms, getattr(result, "status_code", None)))
             if finish is not None:
-                return finish(node, result, attempts, started)
-            selector.release_success(node, latency_ms)
+                return finish(node, result, attempts, started, picked_at)
+            selector.release_success(node, latency_ms, started=picked_at)
             total_ms = self._count_call(True, None, started)
             data = result.data
             return Response(data, node_id=node.id, region=node.region, attempts=tuple(attempts),

@@ -63,6 +63,8 @@ class NodeState:
         self.transport = transport
         # load and latency
         self.in_flight = 0
+        self.awaiting = 0                 # attempts sent and not yet answered
+        self.awaiting_started_sum = 0.0   # sum of their start times (for their mean age)
         self.tau_s = tau_s
         self.cold_latency_ms = cold_latency_ms
         self.ewma_ms: Optional[float] = None      # peak-EWMA of real request latency
@@ -133,13 +135,30 @@ class NodeState:
         from its probe latency if any, else from a pessimistic cold guess.
         """
         if self.ewma_ms is None:
-            if self.probe_ewma_ms is not None:
-                return max(self.probe_ewma_ms, 1.0)
-            return self.cold_latency_ms
-        idle = now - self.ewma_at
-        if idle <= 0:
-            return self.ewma_ms
-        return self.ewma_ms * math.exp(-idle / self.tau_s)
+            estimate = max(self.probe_ewma_ms, 1.0) if self.probe_ewma_ms is not None else self.cold_latency_ms
+        else:
+            idle = now - self.ewma_at
+            estimate = self.ewma_ms if idle <= 0 else self.ewma_ms * math.exp(-idle / self.tau_s)
+        if self.awaiting:
+            # Requests still unanswered are evidence too: a node that hangs has no new
+            # samples until its first timeout, but the mean age of its waiting requests
+            # grows at once, and they will take at least that long.
+            waited_ms = (now - self.awaiting_started_sum / self.awaiting) * 1000.0
+            if waited_ms > estimate:
+                return waited_ms
+        return estimate
+
+    def start_waiting(self, started: float) -> None:
+        self.awaiting += 1
+        self.awaiting_started_sum += started
+
+    def stop_waiting(self, started: float) -> None:
+        self.awaiting -= 1
+        if self.awaiting <= 0:
+            self.awaiting = 0
+            self.awaiting_started_sum = 0.0  # exact reset: no float drift accumulates
+        else:
+            self.awaiting_started_sum -= started
 
     def observe_latency(self, latency_ms: float, now: float) -> None:
         """Peak-EWMA update: a slower sample replaces the estimate at once; faster ones decay in."""
@@ -243,6 +262,7 @@ class NodeState:
             "usable": reason is None,
             "reason": reason,
             "in_flight": self.in_flight,
+            "awaiting": self.awaiting,
             "latency_estimate_ms": round(self.latency_estimate_ms(now), 3),
             "probe_latency_ms": None if self.probe_ewma_ms is None else round(self.probe_ewma_ms, 3),
             "consecutive_failures": self.consecutive_failures,

@@ -13,7 +13,7 @@ with the lock held and a non-empty list of candidates the selector already filte
 ``weighted``       smooth weighted round robin (nginx): exact shares in every window
 ``least_connections``  fewest in-flight per unit of weight; all nodes scored when ≤ 5
 ``geographic``     caller's region first, then the nearest region by measured latency
-``adaptive``       peak-EWMA latency × (in-flight + 1)^0.5 / weight (Finagle, Linkerd, Envoy)
+``adaptive``       near-fastest nodes by peak-EWMA latency, then least (in-flight+1)/weight
 =================  =================================================================
 """
 
@@ -159,35 +159,42 @@ class LeastConnections(Strategy):
 
 
 class Adaptive(Strategy):
-    """Lowest cost = peak-EWMA latency × (in-flight + 1) ** load_bias / weight.
+    """Fastest expected answer: peak-EWMA latency, then load, among the near-fastest nodes.
 
-    Latency comes from real requests (streams: time to first chunk); failures enter as
-    pessimistic samples, and estimates decay with time so that a node that was slow
-    gets tried again. ``explore_rate`` of picks go to the candidate whose last sample is
-    oldest (if older than ``explore_after_s``), so a recovered node wins traffic back
-    without waiting for the decay alone.
+    Each node's latency estimate is a peak-EWMA of real request latency (streams: time
+    to first chunk), raised at once by slow samples, failures and requests that have
+    waited long without an answer, and decayed with time so that a node that was slow
+    gets tried again. ``explore_rate`` of picks go to the candidate whose last sample
+    is oldest (if older than ``explore_after_s``) so a recovered node wins traffic back.
 
-    ``load_bias`` is Envoy's ``active_request_bias``. Finagle and Linkerd use 1; we use
-    0.5. The measured latency already includes queueing at a saturated node, so the
-    full in-flight factor counts load twice: with the regional nodes in
-    ``benchmarks/strategies.py`` a bias of 1 sent a third of the traffic to slower
-    regions (p99 2.1× the fastest node's), while 0.5 keeps p99 within 1.5× and still
-    fills nodes of unequal capacity to ≥ 0.85 of the ideal throughput.
+    A pick is made in two steps:
+
+    1. the *band*: candidates whose estimate is within ``latency_band`` × the best one;
+    2. within it, the lowest cost = estimate × ((in-flight + 1) / weight) ** load_bias
+       (Finagle's and Linkerd's peak-EWMA × load, with Envoy's ``active_request_bias``).
+
+    Why the band: multiplying by load alone (bias 1) spreads traffic onto slower regions
+    whenever the fast node has many requests in flight, even when it is nowhere near
+    saturated; in ``benchmarks/strategies.py`` that sent a third of the traffic to
+    slower regions and doubled p99. With the band, slower nodes only get traffic once
+    the fast one's measured latency (queueing included) has risen to theirs, while nodes
+    of equal latency still share load by in-flight per unit of weight (capacity).
     """
 
     name = "adaptive"
 
     def __init__(self, explore_rate: float = 0.02, explore_after_s: float = 2.0,
-                 load_bias: float = 0.5) -> None:
+                 load_bias: float = 1.0, latency_band: float = 1.5) -> None:
         self.explore_rate = explore_rate
         self.explore_after_s = explore_after_s
         self.load_bias = load_bias
+        self.latency_band = latency_band
 
-    def cost(self, node: NodeState, ctx: PickContext) -> float:
-        load = node.in_flight + 1
-        if self.load_bias != 1.0:
-            load = load ** self.load_bias
-        return node.latency_estimate_ms(ctx.now) * load / ctx.weight(node)
+    def cost(self, node: NodeState, ctx: PickContext, estimate_ms: Optional[float] = None) -> float:
+        if estimate_ms is None:
+            estimate_ms = node.latency_estimate_ms(ctx.now)
+        load = (node.in_flight + 1) / ctx.weight(node)
+        return estimate_ms * (load if self.load_bias == 1.0 else load ** self.load_bias)
 
     def choose(self, candidates: Sequence[NodeState], ctx: PickContext) -> NodeState:
         if self.explore_rate > 0 and len(candidates) > 1 and ctx.rand() < self.explore_rate:
@@ -195,7 +202,17 @@ class Adaptive(Strategy):
                      if n.last_sample_at is None or ctx.now - n.last_sample_at >= self.explore_after_s]
             if stale:
                 return min(stale, key=lambda n: n.last_sample_at or float("-inf"))
-        return min(_rotate(candidates, ctx), key=lambda n: self.cost(n, ctx))
+        estimates = [(n, n.latency_estimate_ms(ctx.now)) for n in _rotate(candidates, ctx)]
+        limit = min(e for _, e in estimates) * self.latency_band
+        best: Optional[NodeState] = None
+        best_cost = 0.0
+        for node, estimate in estimates:
+            if estimate <= limit:
+                c = self.cost(node, ctx, estimate)
+                if best is None or c < best_cost:
+                    best, best_cost = node, c
+        assert best is not None
+        return best
 
 
 class Geographic(Strategy):
@@ -272,7 +289,8 @@ class Selector:
     """Picks a node per attempt and records what happened. Thread-safe.
 
     ``pick`` increments the chosen node's in-flight count; every pick must be paired
-    with exactly one ``release``.
+    with exactly one ``release_*``, given the same ``started`` as the pick (or None
+    after ``answered``).
     """
 
     def __init__(
@@ -301,10 +319,17 @@ class Selector:
         """A lock held by another thread at fork time would stay held forever in the child."""
         self._state_lock = threading.Lock()
 
-    def pick(self, *, exclude: Iterable[str] = (), region: Optional[str] = None) -> NodeState:
-        """Choose a node for one attempt (never one in ``exclude`` while another is usable)."""
+    def pick(self, *, exclude: Iterable[str] = (), region: Optional[str] = None,
+             started: Optional[float] = None) -> NodeState:
+        """Choose a node for one attempt (never one in ``exclude`` while another is usable).
+
+        ``started`` (default: now, on the selector's clock) marks the attempt as awaiting
+        an answer; pass the same value to the matching ``release_*`` or ``answered``.
+        """
         with self._state_lock:
             now = self.clock()
+            if started is None:
+                started = now
             nodes = self.nodes
             usable = [n for n in nodes if n.unusable_reason(now) is None]
             pool: List[NodeState] = usable
@@ -330,6 +355,7 @@ class Selector:
             if node is None:
                 raise NoHealthyNodeError("the routing strategy returned no node")
             node.in_flight += 1
+            node.start_waiting(started)
             node.attempts += 1
             if excluded:
                 node.retries += 1
@@ -337,17 +363,30 @@ class Selector:
                 node.trial_in_flight = True
             return node
 
-    def release_success(self, node: NodeState, latency_ms: float) -> None:
+    def answered(self, node: NodeState, started: float) -> None:
+        """The attempt got its first byte (a stream): it stays in flight but no longer waits.
+
+        Pass ``started=None`` to the later ``release_*`` of that attempt.
+        """
+        with self._state_lock:
+            node.stop_waiting(started)
+
+    def release_success(self, node: NodeState, latency_ms: float, *,
+                        started: Optional[float]) -> None:
         with self._state_lock:
             node.in_flight -= 1
+            if started is not None:
+                node.stop_waiting(started)
             readmitted = node.record_success(latency_ms, self.clock())
         if readmitted:
             log.info("node %s re-admitted after a successful trial request", node.id)
 
-    def release_failure(self, node: NodeState, kind: str, latency_ms: float,
-                        retry_after_s: Optional[float] = None) -> None:
+    def release_failure(self, node: NodeState, kind: str, latency_ms: float, *,
+                        started: Optional[float], retry_after_s: Optional[float] = None) -> None:
         with self._state_lock:
             node.in_flight -= 1
+            if started is not None:
+                node.stop_waiting(started)
             ejected_for = node.record_failure(kind, latency_ms, self.clock(), self.ejection,
                                               self.rand(), retry_after_s)
             streak = node.times_ejected
@@ -355,10 +394,12 @@ class Selector:
             log.warning("node %s ejected for %.1f s (ejection #%d) after %s", node.id, ejected_for,
                         streak, kind)
 
-    def release_cancelled(self, node: NodeState) -> None:
+    def release_cancelled(self, node: NodeState, *, started: Optional[float]) -> None:
         """The attempt ended without an outcome about the node (caller stopped reading)."""
         with self._state_lock:
             node.in_flight -= 1
+            if started is not None:
+                node.stop_waiting(started)
             if node.trial_in_flight:
                 node.trial_in_flight = False
 

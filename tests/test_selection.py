@@ -33,8 +33,9 @@ def _selector(spec, strategy, clock, *, rand=None, **kw):
 
 
 def _pick_and_succeed(sel, latency_ms=10.0, **kw):
-    node = sel.pick(**kw)
-    sel.release_success(node, latency_ms)
+    started = sel.clock()
+    node = sel.pick(started=started, **kw)
+    sel.release_success(node, latency_ms, started=started)
     return node.id
 
 
@@ -68,7 +69,7 @@ def test_least_connections_prefers_fewest_in_flight_and_spreads_ties(clock):
     sel = _selector([("a", "x", 1), ("b", "x", 1), ("c", "x", 1)], "least_connections", clock)
     held = [sel.pick() for _ in range(3)]
     assert sorted(n.id for n in held) == ["a", "b", "c"]  # one each, never two on one node
-    sel.release_success(held[1], 1.0)
+    sel.release_success(held[1], 1.0, started=clock())
     assert sel.pick().id == held[1].id
     # ties are not always broken in favour of the first node
     sel2 = _selector([("a", "x", 1), ("b", "x", 1), ("c", "x", 1)], "least_connections", clock)
@@ -107,10 +108,11 @@ def test_adaptive_moves_traffic_off_a_slowed_node_and_back(clock):
         """``concurrency`` calls in flight at a time; each takes its node's latency."""
         picks = []
         for _ in range(calls // concurrency):
-            batch = [sel.pick() for _ in range(concurrency)]
+            started = clock()
+            batch = [sel.pick(started=started) for _ in range(concurrency)]
             clock.advance(max(latency[n.id] for n in batch) / 1000.0)
             for n in batch:
-                sel.release_success(n, latency[n.id])
+                sel.release_success(n, latency[n.id], started=started)
                 picks.append(n.id)
         return picks
 
@@ -137,7 +139,7 @@ def test_adaptive_cold_node_starts_pessimistic_and_failures_are_penalised(clock)
     assert a.latency_estimate_ms(clock()) < b.latency_estimate_ms(clock())  # cold b: pessimistic
     assert _pick_and_succeed(sel) == "a"
     node = sel.pick()
-    sel.release_failure(node, "status_5xx", 5.0)  # a fast failure is not a fast node
+    sel.release_failure(node, "status_5xx", 5.0, started=clock())  # a fast failure is not a fast node
     assert a.latency_estimate_ms(clock()) >= 250.0
 
 
@@ -161,10 +163,10 @@ def test_ejection_trial_readmission_and_longer_second_ejection(clock):
     a = sel.by_id["a"]
     for _ in range(4):
         n = sel.pick(exclude=["b"])
-        sel.release_failure(n, "connect", 1.0)
+        sel.release_failure(n, "connect", 1.0, started=clock())
     assert a.unusable_reason(clock()) is None  # 4 < 5
     n = sel.pick(exclude=["b"])
-    sel.release_failure(n, "status_5xx", 1.0)
+    sel.release_failure(n, "status_5xx", 1.0, started=clock())
     assert a.unusable_reason(clock()) == "ejected" and a.times_ejected == 1
     assert {_pick_and_succeed(sel) for _ in range(5)} == {"b"}
     clock.advance(30.0)  # base 30 s x 1
@@ -172,12 +174,12 @@ def test_ejection_trial_readmission_and_longer_second_ejection(clock):
     assert trial.id == "a" and a.trial_in_flight
     assert a.unusable_reason(clock()) == "half-open trial in flight"  # only one trial at a time
     assert sel.pick().id == "b"
-    sel.release_success(sel.by_id["b"], 1.0)
-    sel.release_failure(trial, "timeout", 1.0)  # the trial failed: ejected again, longer
+    sel.release_success(sel.by_id["b"], 1.0, started=clock())
+    sel.release_failure(trial, "timeout", 1.0, started=clock())  # the trial failed: ejected again, longer
     assert a.times_ejected == 2 and a.ejected_until == pytest.approx(clock() + 60.0)
     clock.advance(60.0)
     trial = sel.pick(exclude=["b"])
-    sel.release_success(trial, 12.0)
+    sel.release_success(trial, 12.0, started=clock())
     assert a.unusable_reason(clock()) is None and a.ejected_until is None
 
 
@@ -194,7 +196,7 @@ def test_429_throttles_without_ejecting(clock):
     a = sel.by_id["a"]
     for _ in range(20):
         n = sel.pick(exclude=["b"])
-        sel.release_failure(n, "status_429", 1.0, retry_after_s=2.0)
+        sel.release_failure(n, "status_429", 1.0, started=clock(), retry_after_s=2.0)
     assert a.times_ejected == 0 and a.ejected_until is None
     assert a.unusable_reason(clock()) == "throttled"
     clock.advance(2.0)
@@ -204,16 +206,16 @@ def test_429_throttles_without_ejecting(clock):
 def test_4xx_does_not_count_towards_ejection(clock):
     sel = _selector([("a", "x", 1), ("b", "x", 1)], "round_robin", clock)
     for _ in range(10):
-        sel.release_failure(sel.pick(exclude=["b"]), "status_4xx", 1.0)
+        sel.release_failure(sel.pick(exclude=["b"]), "status_4xx", 1.0, started=clock())
     assert sel.by_id["a"].times_ejected == 0
 
 
 def test_slow_start_ramps_a_readmitted_node(clock):
     sel = _selector([("a", "x", 1), ("b", "x", 1)], "weighted", clock,
                     ejection=EjectionPolicy(after_failures=1, base_s=10, jitter=0.0, slow_start_s=100))
-    sel.release_failure(sel.pick(exclude=["b"]), "connect", 1.0)
+    sel.release_failure(sel.pick(exclude=["b"]), "connect", 1.0, started=clock())
     clock.advance(10.0)
-    sel.release_success(sel.pick(exclude=["b"]), 1.0)  # re-admitted through the trial
+    sel.release_success(sel.pick(exclude=["b"]), 1.0, started=clock())  # re-admitted through the trial
     a = sel.by_id["a"]
     assert a.effective_weight(clock(), 100) == pytest.approx(0.1)
     clock.advance(50)
@@ -247,6 +249,45 @@ def test_in_flight_pairs_exactly(clock):
     held = [sel.pick() for _ in range(10)]
     assert sel.total_in_flight() == 10
     for i, n in enumerate(held):
-        [lambda: sel.release_success(n, 1.0), lambda: sel.release_failure(n, "connect", 1.0),
-         lambda: sel.release_cancelled(n)][i % 3]()
+        if i % 3 == 0:
+            sel.release_success(n, 1.0, started=clock())
+        elif i % 3 == 1:
+            sel.release_failure(n, "connect", 1.0, started=clock())
+        else:
+            sel.release_cancelled(n, started=clock())
     assert sel.total_in_flight() == 0
+    assert all(n.awaiting == 0 and n.awaiting_started_sum == 0.0 for n in sel.nodes)
+
+
+def test_adaptive_sees_a_hang_before_any_timeout_fires(clock):
+    """Unanswered requests age: a node that stopped answering loses traffic at once."""
+    sel = _selector([("a", "x", 1), ("b", "x", 1)], Adaptive(explore_rate=0.0), clock)
+    for node_id in "ab":
+        sel.by_id[node_id].observe_latency(40.0, clock())
+    stuck = [sel.pick(exclude=["b"], started=clock()) for _ in range(3)]
+    assert {n.id for n in stuck} == {"a"}
+    clock.advance(0.5)  # a has answered nothing for 500 ms; b answers in 40 ms
+    picks = []
+    for _ in range(20):
+        n = sel.pick(started=clock())
+        picks.append(n.id)
+        clock.advance(0.01)
+        sel.release_success(n, 40.0, started=clock() - 0.01)
+    assert picks.count("a") == 0
+    assert sel.by_id["a"].latency_estimate_ms(clock()) >= 500.0  # its requests have waited 700 ms
+    for n in stuck:
+        sel.release_failure(n, "timeout", 700.0, started=1000.0)
+    assert sel.by_id["a"].awaiting == 0 and sel.by_id["a"].awaiting_started_sum == 0.0
+
+
+def test_answered_stream_stops_waiting_but_stays_in_flight(clock):
+    sel = _selector([("a", "x", 1)], "adaptive", clock)
+    sel.by_id["a"].observe_latency(25.0, clock())
+    t0 = clock()
+    n = sel.pick(started=t0)
+    sel.answered(n, t0)
+    clock.advance(30.0)  # a long stream: in flight, but not a sign of a slow node
+    assert n.in_flight == 1 and n.awaiting == 0
+    assert n.latency_estimate_ms(clock()) < 1000.0
+    sel.release_success(n, 25.0, started=None)
+    assert n.in_flight == 0
