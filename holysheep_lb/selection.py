@@ -289,8 +289,13 @@ class Selector:
         """A lock held by another thread at fork time would stay held forever in the child."""
         self._state_lock = threading.Lock()
 
-    def pick(self, *, exclude: Iterable[str] = (), region: Optional[str] = None) -> NodeState:
-        """Choose a node for one attempt (never one in ``exclude`` while another is usable)."""
+    def pick(self, *, exclude: Iterable[str] = (), region: Optional[str] = None,
+             fresh_only: bool = False) -> NodeState:
+        """Choose a node for one attempt (never one in ``exclude`` while another is usable).
+
+        With ``fresh_only`` (a hedge) raise NoHealthyNodeError rather than reuse an
+        excluded node.
+        """
         with self._state_lock:
             now = self.clock()
             nodes = self.nodes
@@ -312,6 +317,8 @@ class Selector:
             excluded = set(exclude)
             candidates = [n for n in pool if n.id not in excluded] if excluded else pool
             if not candidates:
+                if fresh_only:
+                    raise NoHealthyNodeError("no usable node outside those excluded")
                 candidates = pool
             ctx = PickContext(now, region, nodes, self.rand, self.ejection.slow_start_s)
             node = self.strategy.choose(candidates, ctx)
@@ -367,6 +374,13 @@ class Selector:
         with self._state_lock:
             now = self.clock()
             return [n.snapshot(now) for n in self.nodes]
+
+    def latency_percentile_ms(self, node: NodeState, q: float, *, min_samples: int = 1) -> Optional[float]:
+        """A node's q-th percentile of successful request latency; None below ``min_samples``."""
+        with self._state_lock:
+            if node.latency.count < min_samples:
+                return None
+            return node.latency.percentile(q)
 
     def node_stats(self) -> Dict[str, Dict[str, Any]]:
         with self._state_lock:
