@@ -197,6 +197,15 @@ class ClientConfig:
     Times are seconds. ``deadline_s`` bounds a whole call, all attempts and waits
     included; ``connect_timeout_s``/``read_timeout_s`` bound each attempt (the read
     timeout is also cut to what remains of the deadline).
+
+    Resilience: ``breaker`` (every model; None: off), ``model_breakers`` (per model),
+    ``node_breakers`` (None: off) and ``breaker_storage(name) -> CircuitBreakerStorage``;
+    ``fallbacks={"model": ["next", ...]}`` and ``fallback_reply(model, payload, error)``;
+    ``requests_per_minute``/``tokens_per_minute``, ``model_rate_limits={"model":
+    {"requests_per_minute": ..., "tokens_per_minute": ...}}`` and
+    ``rate_limiter_factory(name, rate_per_s, capacity)``; ``retry_budget_ratio`` (None:
+    off), ``retry_budget_min_per_s``, ``retry_budget_ttl_s``; ``hedge_delay_s`` (seconds
+    or ``"p95"``; None: off), ``hedge_max_ratio``, ``hedge_max_threads``.
     """
 
     nodes: Tuple[Node, ...]
@@ -246,7 +255,7 @@ class ClientConfig:
     # hedged requests (see hedging.py); off unless hedge_delay_s is set
     hedge_delay_s: Union[None, float, str] = None
     hedge_max_ratio: float = 0.05
-    hedge_max_threads: int = 16
+    hedge_max_threads: int = 64
 
     def __post_init__(self) -> None:
         if self.api_key is not None:

@@ -6,11 +6,12 @@ tokens: hedges are capped at ``hedge_max_ratio`` of calls (default 5%) and each 
 also spends a retry from the retry budget. The delay is a fixed number of seconds, or
 ``"p95"``: the node's observed p95 latency (no hedge until it has 20 samples).
 
-Both copies run on daemon threads, at most ``max_threads`` at a time; a call never
-queues for one (without a free thread the attempt runs on the caller's thread,
-unhedged). The caller waits on a condition. The losing copy runs to its end on its
-own thread, bounded by its own timeout; its answer is dropped, while its node's
-bookkeeping (latency, success or failure) is still recorded.
+Both copies run on daemon threads, at most ``max_threads`` at a time, and the caller
+waits on a condition. A call never queues for a thread: without a free one, or while
+the cap and budget leave no room for a hedge, the attempt runs on the caller's thread,
+unhedged. The losing copy runs to its end on its own thread, bounded by its own
+timeout; its answer is dropped, while its node's bookkeeping (latency, success or
+failure) is still recorded.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class Hedger:
     """Runs attempts with an optional hedge. Thread-safe; one per client."""
 
     def __init__(self, *, delay_s: Union[float, str], selector: Selector, max_ratio: float = 0.05,
-                 max_threads: int = 16, retry_budget: Optional[RetryBudget] = None,
+                 max_threads: int = 64, retry_budget: Optional[RetryBudget] = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._delay_s = delay_s
         self._selector = selector
@@ -112,7 +113,9 @@ class Hedger:
         copy's node is already released).
         """
         delay_s = self.delay_for(node)
-        if delay_s is None or not self._threads.acquire(blocking=False):
+        if (delay_s is None or not self._cap.can_withdraw()
+                or (self._budget is not None and not self._budget.can_withdraw())
+                or not self._threads.acquire(blocking=False)):
             result, latency_ms = attempt(node, timeout)
             return node, result, latency_ms
         race = _Race()

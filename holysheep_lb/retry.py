@@ -158,6 +158,11 @@ class RetryBudget:
             self._balance[self._slot(self._clock())] += self._earn
             self.calls += 1
 
+    def can_withdraw(self) -> bool:
+        """Whether a withdrawal would succeed now (a hint; it takes nothing)."""
+        with self._budget_lock:
+            return self._available(self._clock()) >= self._cost
+
     def try_withdraw(self) -> bool:
         """Take one retry; False (counted as denied) when the budget is spent."""
         with self._budget_lock:

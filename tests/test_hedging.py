@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from holysheep_lb import InternalServerError
+from holysheep_lb import ConfigError, InternalServerError
 from holysheep_lb.hedging import Hedger
 from holysheep_lb.retry import RetryBudget
 
@@ -127,42 +127,41 @@ def test_when_both_copies_fail_the_last_error_is_raised_and_both_nodes_are_free(
 
 def test_the_hedge_cap_counts_calls(selector):
     hedger = Hedger(selector=selector, delay_s=0.001, max_ratio=0.25)
-
-    def decisions():  # hedges sent or refused so far
-        stats = hedger.stats()
-        return stats["sent"] + stats["denied"]
-
+    caller = threading.current_thread()
+    hedged = []
     for _ in range(8):
         hedger.deposit()
-        before = decisions()
+        sent_before = hedger.stats()["sent"]
 
         def slow_primary(node, timeout):
-            if node.id == "a":  # slow until the hedger has decided about a hedge
-                _wait_for(lambda: decisions() > before)
+            if threading.current_thread() is not caller and node.id == "a":
+                _wait_for(lambda: hedger.stats()["sent"] > sent_before)  # slow until hedged
             return "x", 1.0
 
         node, _, _ = hedger.run(selector.pick(exclude=["b"]), TIMEOUT, attempt=slow_primary,
                                 pick_other=_pick_other(selector, ["a"]), deadline=time.monotonic() + 10)
+        hedged.append(hedger.stats()["sent"] > sent_before)
         selector.release_success(node, 1.0)
         _wait_for(lambda: _in_flight(selector) == {"a": 0, "b": 0})
-    # one hedge per 4 calls: the 4th and the 8th call
-    assert (hedger.stats()["sent"], hedger.stats()["denied"]) == (2, 6)
+    # one hedge per 4 calls; the other calls ran unhedged on the caller's thread
+    assert hedged == [False, False, False, True] * 2
 
 
-def test_hedges_spend_the_retry_budget(selector, clock):
+def test_no_hedge_without_retry_budget(selector, clock):
     budget = RetryBudget(0.0, min_per_s=0.0, clock=clock)  # nothing to spend
     hedger = _hedger(selector, retry_budget=budget)
     started = []
 
     def slow_primary(node, timeout):
-        started.append(node.id)
-        _wait_for(lambda: hedger.stats()["denied"] == 1)  # slow until the hedge is refused
+        started.append(threading.current_thread())
         return "x", 1.0
 
     node, _, _ = hedger.run(selector.pick(exclude=["b"]), TIMEOUT, attempt=slow_primary,
                             pick_other=_pick_other(selector, ["a"]), deadline=time.monotonic() + 10)
-    assert node.id == "a" and started == ["a"]
-    assert budget.snapshot()["denied"] == 1 and hedger.stats()["sent"] == 0
+    assert node.id == "a" and started == [threading.current_thread()], "no room for a hedge: inline"
+    assert hedger.stats()["sent"] == 0
+    budget.deposit()  # a floor of 0 and a ratio of 0 still leave nothing
+    assert not budget.can_withdraw()
 
 
 def test_without_a_free_thread_the_attempt_runs_inline(selector):
@@ -188,3 +187,18 @@ def test_p95_delay_waits_for_enough_samples(selector):
     selector.release_success(selector.pick(exclude=["b"]), 100.0)
     assert hedger.delay_for(node) == pytest.approx(0.1, rel=0.05)
     assert Hedger(selector=selector, delay_s=0.25).delay_for(node) == 0.25
+
+
+@pytest.mark.parametrize("options, field", [
+    ({"hedge_delay_s": 0}, "hedge_delay_s"),
+    ({"hedge_delay_s": "p99"}, "hedge_delay_s"),
+    ({"hedge_max_ratio": 0}, "hedge_max_ratio"),
+    ({"hedge_max_ratio": 1.5}, "hedge_max_ratio"),
+    ({"hedge_max_threads": 0}, "hedge_max_threads"),
+    ({"retry_budget_ratio": -0.1}, "retry_budget_ratio"),
+    ({"retry_budget_ttl_s": 0}, "retry_budget_ttl_s"),
+])
+def test_hedging_and_budget_settings_are_validated(make_client, options, field):
+    with pytest.raises(ConfigError) as info:
+        make_client(NODES, **options)
+    assert info.value.field == field

@@ -6,7 +6,7 @@ import time
 import pytest
 import responses
 
-from holysheep_lb import AllAttemptsFailedError, RateLimitExceeded, TokenBucket
+from holysheep_lb import AllAttemptsFailedError, ConfigError, RateLimitExceeded, TokenBucket
 from holysheep_lb.ratelimit import estimate_tokens, usage_tokens
 
 A = "https://a.example/v1"
@@ -214,3 +214,17 @@ def test_rpm_blocks_within_the_deadline_then_raises_without_sending(rsps, make_c
     assert info.value.limiter == "requests"
     assert len(rsps.calls) == 3
     assert client.stats()["rate_limits"]["requests"]["waiting"] == 0
+
+
+@pytest.mark.parametrize("options, field", [
+    ({"requests_per_minute": 0}, "requests_per_minute"),
+    ({"tokens_per_minute": float("inf")}, "tokens_per_minute"),
+    ({"model_rate_limits": {"m": {"rpm": 5}}}, "model_rate_limits[m]"),
+    ({"model_rate_limits": {"m": {"tokens_per_minute": -1}}}, "model_rate_limits[m].tokens_per_minute"),
+    ({"model_rate_limits": [("m", 1)]}, "model_rate_limits"),
+    ({"rate_limiter_factory": "redis"}, "rate_limiter_factory"),
+])
+def test_rate_limit_settings_are_validated(make_client, options, field):
+    with pytest.raises(ConfigError) as info:
+        make_client([{"id": "a", "base_url": A}], **options)
+    assert info.value.field == field

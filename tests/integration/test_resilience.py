@@ -107,4 +107,4 @@ def test_hedges_stay_within_their_default_cap(client_for):
             client.chat_completion(MSGS, model="gpt-4.1")
         hedges = client.stats()["hedges"]
         assert hedges["max_ratio"] == 0.05
-        assert hedges["sent"] == 1 and hedges["denied"] == 19, "5% of 20 calls"
+        assert hedges["sent"] == 1, "5% of 20 calls"
