@@ -65,7 +65,7 @@ class TokenBucket:
         self._tokens = self.capacity
         self._stamp = clock()
         self._queue: "collections.deque[object]" = collections.deque()  # blocked callers, in order
-        self.granted = 0.0
+        self.consumed = 0.0
 
     def __repr__(self) -> str:
         return f"<TokenBucket {self.name} rate_per_s={self.rate_per_s:g} capacity={self.capacity:g}>"
@@ -96,7 +96,7 @@ class TokenBucket:
             if self._queue or self._tokens + _EPSILON < n:
                 return False
             self._tokens -= n
-            self.granted += n
+            self.consumed += n
             return True
 
     def acquire(self, n: float = 1, timeout: Optional[float] = None) -> None:
@@ -121,7 +121,7 @@ class TokenBucket:
                     if self._queue[0] is me:
                         if self._tokens + _EPSILON >= n:
                             self._tokens -= n
-                            self.granted += n
+                            self.consumed += n
                             return
                         wait_s = (n - self._tokens) / self.rate_per_s
                     if deadline is not None:
@@ -144,7 +144,7 @@ class TokenBucket:
         with self._tokens_cond:
             self._refill(self._clock())
             self._tokens = min(self.capacity, self._tokens - delta)
-            self.granted += delta
+            self.consumed += delta
             if delta < 0:
                 self._tokens_cond.notify_all()
 
@@ -164,7 +164,7 @@ class TokenBucket:
             self._refill(self._clock())
             return {"rate_per_s": self.rate_per_s, "capacity": self.capacity,
                     "available": round(self._tokens, 3), "waiting": len(self._queue),
-                    "granted": round(self.granted, 3)}
+                    "consumed": round(self.consumed, 3)}
 
 
 # -- token estimates ---------------------------------------------------------------------
