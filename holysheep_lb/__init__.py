@@ -12,7 +12,7 @@ import logging
 __version__ = "0.1.0"
 
 from .client import Client  # noqa: E402
-from .config import ClientConfig, Node  # noqa: E402
+from .config import BreakerSettings, ClientConfig, Node  # noqa: E402
 from .errors import (  # noqa: E402
     AllAttemptsFailedError,
     APIConnectionError,
@@ -23,6 +23,7 @@ from .errors import (  # noqa: E402
     Attempt,
     AuthenticationError,
     BadRequestError,
+    CircuitOpenError,
     ConfigError,
     HolySheepError,
     InternalServerError,
@@ -31,9 +32,11 @@ from .errors import (  # noqa: E402
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
+    RateLimitExceeded,
     ResponseTooLargeError,
     UnprocessableEntityError,
 )
+from .ratelimit import TokenBucket  # noqa: E402
 from .response import Response  # noqa: E402
 from .selection import RoutingStrategy, Strategy  # noqa: E402
 
@@ -43,7 +46,9 @@ __all__ = [
     "__version__",
     "Client",
     "ClientConfig",
+    "BreakerSettings",
     "Node",
+    "TokenBucket",
     "Response",
     "RoutingStrategy",
     "Strategy",
@@ -63,6 +68,8 @@ __all__ = [
     "ResponseTooLargeError",
     "NoHealthyNodeError",
     "AllAttemptsFailedError",
+    "CircuitOpenError",
+    "RateLimitExceeded",
     "ConfigError",
     "InvalidRequestError",
     "Attempt",

@@ -3,12 +3,14 @@
 One call::
 
     validate arguments (nothing bad reaches the network)
+    model chain (fallbacks.py): the model's breaker, rate limits, then its fallbacks
     attempt loop, one deadline for all attempts:
         node = selector.pick(exclude=tried)      lock held for microseconds
         result = node.transport.send(...)        no lock held
         success -> selector.release_success, return Response
         final error (400/401/403/404/422) -> raise it at once
         retryable -> selector.release_failure, back off (full jitter), next node
+        a retry spends the retry budget; a slow attempt may be hedged (hedging.py)
     every attempt failed -> AllAttemptsFailedError listing each attempt
 
 Share one Client between all threads of a process. It survives ``os.fork()``: the
@@ -17,6 +19,7 @@ child gets fresh sessions and locks, and starts its own health thread on first u
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -27,6 +30,7 @@ import weakref
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from . import __version__
+from .breakers import BreakerBoard, wall_clock
 from .config import (
     CLIENT_OPTIONS,
     ClientConfig,
@@ -38,22 +42,24 @@ from .config import (
 from .errors import (
     APIConnectionError,
     APIError,
-    APIResponseValidationError,
-    APIStatusError,
-    APITimeoutError,
     AllAttemptsFailedError,
     Attempt,
+    CircuitOpenError,
     ConfigError,
     HolySheepError,
     InvalidRequestError,
+    NoHealthyNodeError,
     RateLimitError,
 )
+from .fallbacks import ModelChain
 from .health import HealthChecker
+from .hedging import Hedger
 from .nodes import EjectionPolicy, NodeState
+from .ratelimit import RateLimits
 from .response import Response
-from .retry import RetryPolicy
+from .retry import RetryBudget, RetryPolicy
 from .selection import Selector, make_strategy
-from .stats import LatencyHistogram
+from .stats import LatencyHistogram, failure_kind
 from .transport import Transport
 
 __all__ = ["Client"]
@@ -70,19 +76,6 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def failure_kind(exc: APIError) -> str:
-    """The stats/ejection bucket of a failed attempt."""
-    if isinstance(exc, APIStatusError):
-        if exc.status_code == 429:
-            return "status_429"
-        return "status_5xx" if exc.status_code >= 500 else "status_4xx"
-    if isinstance(exc, APITimeoutError):
-        return "timeout"
-    if isinstance(exc, APIResponseValidationError):
-        return "invalid_response"
-    return "connect"
 
 
 class _Completions:
@@ -153,6 +146,22 @@ class Client:
                                     cfg.ejection_max_s, slow_start_s=cfg.slow_start_s),
             panic_threshold=cfg.panic_threshold, clock=clock, rand=self._rand,
         )
+        self._breakers = BreakerBoard(model_settings=cfg.breaker, per_model=cfg.model_breakers,
+                                      node_settings=cfg.node_breakers, storage_factory=cfg.breaker_storage,
+                                      clock=wall_clock(clock))
+        limits = RateLimits(requests_per_minute=cfg.requests_per_minute, tokens_per_minute=cfg.tokens_per_minute,
+                            per_model=cfg.model_rate_limits, factory=cfg.rate_limiter_factory, clock=clock)
+        self._chain = ModelChain(breakers=self._breakers, limits=limits, fallbacks=cfg.fallbacks,
+                                 fallback_reply=cfg.fallback_reply, clock=clock)
+        self._retry_budget: Optional[RetryBudget] = None
+        if cfg.retry_budget_ratio is not None:
+            self._retry_budget = RetryBudget(cfg.retry_budget_ratio, min_per_s=cfg.retry_budget_min_per_s,
+                                             ttl_s=cfg.retry_budget_ttl_s, clock=clock)
+        self._hedger: Optional[Hedger] = None
+        if cfg.hedge_delay_s is not None:
+            self._hedger = Hedger(delay_s=cfg.hedge_delay_s, selector=self._selector,
+                                  max_ratio=cfg.hedge_max_ratio, max_threads=cfg.hedge_max_threads,
+                                  retry_budget=self._retry_budget, clock=clock)
         self._stats_lock = threading.Lock()
         self._calls = 0
         self._call_successes = 0
@@ -223,6 +232,10 @@ class Client:
             node.in_flight = 0  # the parent's calls do not exist in this process
             node.trial_in_flight = False
             node.transport.reset_after_fork()
+        self._chain.reset_after_fork()
+        for part in (self._retry_budget, self._hedger):
+            if part is not None:
+                part.reset_after_fork()
         if self._health is not None:
             self._health.reset_after_fork()
 
@@ -305,8 +318,23 @@ class Client:
             headers = {"Content-Type": "application/json", "Idempotency-Key": key}
         self._ensure_running()
         deadline = self._clock() + (deadline_s or self.config.deadline_s)
-        return self._execute(method.upper(), path, body, headers, region=region, deadline=deadline,
-                             model=json.get("model") if json else None)
+        method = method.upper()
+        requested = json.get("model") if json else None
+        requested = requested if isinstance(requested, str) else None
+
+        def execute(model: Optional[str]) -> Any:
+            if model == requested:
+                return self._execute(method, path, body, headers, region=region, deadline=deadline, model=model)
+            # A fallback model: its own body, and its own Idempotency-Key so that a node
+            # never replays the first model's answer for it.
+            fb_headers = headers
+            if headers is not None:
+                tag = hashlib.sha256(str(model).encode("utf-8")).hexdigest()[:12]
+                fb_headers = {**headers, "Idempotency-Key": f"{headers['Idempotency-Key']}-{tag}"}
+            return self._execute(method, path, _encode_json({**json, "model": model}), fb_headers,  # type: ignore[dict-item]
+                                 region=region, deadline=deadline, model=model)
+
+        return self._chain.run(requested, json, execute, deadline=deadline)
 
     # -- the attempt loop -----------------------------------------------------------------
 
@@ -336,14 +364,85 @@ class Client:
         started = clock()
         attempts: List[Attempt] = []
         tried: List[str] = []
+        picked: Dict[str, float] = {}  # node id -> when this call's attempt on it was picked
         last_error: Optional[APIError] = None
         reason = "all attempts failed"
         selector = self._selector
+        breakers = self._breakers
+        budget = self._retry_budget
+        hedger = self._hedger if finish is None else None  # streams are never hedged
         if send is None:
             def send(node: NodeState, timeout: Tuple[float, float]) -> Any:
                 return node.transport.send(method, path, body=body, headers=headers, timeout_s=timeout)
+
+        def attempt(node: NodeState, timeout: Tuple[float, float]) -> Tuple[Any, float]:
+            # One attempt. On failure the node is released and the error raised; on
+            # success the caller owns the node's in-flight slot.
+            try:
+                permit = breakers.admit("node", node.id) if breakers.nodes_enabled else None
+            except CircuitOpenError:
+                selector.release_cancelled(node, started=picked[node.id])
+                raise
+            t0 = clock()
+            try:
+                result = send(node, timeout)
+            except APIError as exc:
+                latency_ms = (clock() - t0) * 1000.0
+                kind = failure_kind(exc)
+                selector.release_failure(node, kind, latency_ms, started=picked[node.id],
+                                         retry_after_s=getattr(exc, "retry_after_s", None))
+                attempts.append(Attempt(node.id, latency_ms, getattr(exc, "status_code", None),
+                                        f"{type(exc).__name__}: {exc.message}", kind))
+                if permit is not None:
+                    permit.record(exc)
+                raise
+            except BaseException:
+                selector.release_cancelled(node, started=picked[node.id])
+                if permit is not None:
+                    permit.release()
+                raise
+            latency_ms = (clock() - t0) * 1000.0
+            attempts.append(Attempt(node.id, latency_ms, getattr(result, "status_code", None)))
+            if permit is not None:
+                permit.record(None)
+            return result, latency_ms
+
+        def avoid() -> List[str]:
+            if not breakers.nodes_enabled:
+                return tried
+            return tried + [n.id for n in selector.nodes if not breakers.allows("node", n.id)]
+
+        def pick_hedge() -> Optional[NodeState]:
+            hedge_at = clock()
+            try:
+                other = selector.pick(exclude=avoid(), region=region, started=hedge_at, fresh_only=True)
+            except NoHealthyNodeError:
+                return None
+            picked[other.id] = hedge_at
+            if other.throttled_until > clock():
+                selector.release_cancelled(other, started=hedge_at)
+                return None
+            tried.append(other.id)
+            return other
+
+        def release_unused(node: NodeState, latency_ms: Optional[float]) -> None:
+            # a hedged copy that lost the race (latency given) or was never sent (None)
+            if latency_ms is None:
+                selector.release_cancelled(node, started=picked[node.id])
+            else:
+                selector.release_success(node, latency_ms, started=picked[node.id])
+
+        if budget is not None:
+            budget.deposit()
+        if hedger is not None:
+            hedger.deposit()
+        circuit_error: Optional[CircuitOpenError] = None
         for attempt_no in range(self._retry.max_retries + 1):
             if attempt_no:
+                if budget is not None and not budget.try_withdraw():
+                    reason = "retry budget exhausted"
+                    log.debug("retry budget exhausted; returning the failure instead of retrying")
+                    break
                 wait_s = self._retry.backoff_s(attempt_no, self._rand)
                 if clock() + wait_s >= deadline:
                     reason = "deadline exceeded"
@@ -351,7 +450,8 @@ class Client:
                 if wait_s > 0:
                     self._sleep(wait_s)
             picked_at = clock()
-            node = selector.pick(exclude=tried, region=region, started=picked_at)
+            node = selector.pick(exclude=avoid(), region=region, started=picked_at)
+            picked[node.id] = picked_at
             wait_s = node.throttled_until - clock()
             if wait_s > 0:
                 # every node is throttled: wait for the soonest Retry-After if it fits
@@ -368,34 +468,31 @@ class Client:
                 break
             timeout = (min(self._timeouts[0], remaining), min(self._timeouts[1], remaining))
             tried.append(node.id)
-            t0 = clock()
             try:
-                result = send(node, timeout)
+                if hedger is not None:
+                    node, result, latency_ms = hedger.run(node, timeout, attempt=attempt,
+                                                          pick_other=pick_hedge, release=release_unused,
+                                                          deadline=deadline)
+                else:
+                    result, latency_ms = attempt(node, timeout)
+            except CircuitOpenError as exc:  # every node left has an open breaker
+                circuit_error = exc
+                reason = str(exc)
+                break
             except APIError as exc:
-                latency_ms = (clock() - t0) * 1000.0
-                kind = failure_kind(exc)
-                selector.release_failure(node, kind, latency_ms, started=picked_at,
-                                         retry_after_s=getattr(exc, "retry_after_s", None))
-                attempts.append(Attempt(node.id, latency_ms, getattr(exc, "status_code", None),
-                                        f"{type(exc).__name__}: {exc.message}"))
                 last_error = exc
                 if not exc.retryable:
                     exc.attempts = tuple(attempts)  # type: ignore[attr-defined]
                     self._count_call(False, type(exc).__name__, started)
                     raise
                 if log.isEnabledFor(logging.DEBUG):
-                    log.debug("attempt %d on node %s failed (%s); %s", attempt_no + 1, node.id, kind,
-                              "retrying on another node" if attempt_no < self._retry.max_retries
-                              else "no retries left")
+                    log.debug("attempt %d on node %s failed (%s); %s", attempt_no + 1, exc.node_id,
+                              failure_kind(exc), "retrying on another node"
+                              if attempt_no < self._retry.max_retries else "no retries left")
                 continue
-            except BaseException:
-                selector.release_cancelled(node, started=picked_at)
-                raise
-            latency_ms = (clock() - t0) * 1000.0
-            attempts.append(Attempt(node.id, latency_ms, getattr(result, "status_code", None)))
             if finish is not None:
-                return finish(node, result, attempts, started, picked_at)
-            selector.release_success(node, latency_ms, started=picked_at)
+                return finish(node, result, attempts, started, picked[node.id])
+            selector.release_success(node, latency_ms, started=picked[node.id])
             total_ms = self._count_call(True, None, started)
             data = result.data
             return Response(data, node_id=node.id, region=node.region, attempts=tuple(attempts),
@@ -403,6 +500,9 @@ class Client:
                             model=data.get("model", model))
         else:
             reason = f"all {len(attempts)} attempts failed"
+        if circuit_error is not None and not attempts:
+            self._count_call(False, "CircuitOpenError", started)
+            raise circuit_error
         self._count_call(False, "AllAttemptsFailedError", started)
         error = AllAttemptsFailedError(reason, attempts, last_error)
         if isinstance(last_error, RateLimitError):
@@ -448,7 +548,21 @@ class Client:
             "latency": latency,
             "in_flight": sum(n["in_flight"] for n in nodes.values()),
             "nodes": nodes,
+            "breakers": self._breakers.stats(),
+            "fallbacks": self._chain.stats(),
+            "retry_budget": None if self._retry_budget is None else self._retry_budget.snapshot(),
+            "hedges": None if self._hedger is None else self._hedger.stats(),
+            "rate_limits": self._chain.limits.snapshot() if self._chain.limits is not None else {},
         }
+
+    def breakers(self) -> List[Dict[str, Any]]:
+        """Each circuit breaker: state, counters, and ``retry_after_s`` until an open one
+        lets a trial call through (after which it may close)."""
+        return self._breakers.snapshot()
+
+    def breaker_allows(self, model: str) -> bool:
+        """Whether ``model``'s breaker would let a call through now (for model routers)."""
+        return self._breakers.allows("model", model)
 
     def nodes(self) -> List[Dict[str, Any]]:
         """Each node's routing state: usable or not and why, in-flight, latency, ejections, probes."""

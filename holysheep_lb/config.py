@@ -13,12 +13,12 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
-__all__ = ["Node", "ClientConfig", "DEFAULT_BASE_URL", "is_loopback_url", "parse_nodes"]
+__all__ = ["Node", "ClientConfig", "BreakerSettings", "DEFAULT_BASE_URL", "is_loopback_url", "parse_nodes"]
 
 DEFAULT_BASE_URL = "https://api.holysheep.ai/v1"
 API_KEY_ENV = "HOLYSHEEP_API_KEY"
@@ -137,6 +137,42 @@ def _validate_base_url(name: str, url: Any) -> str:
     return url.rstrip("/")
 
 
+@dataclass(frozen=True)
+class BreakerSettings:
+    """One circuit breaker's settings (pybreaker's ``fail_max``, ``reset_timeout``,
+    ``success_threshold``): open after ``fail_max`` system failures in a row, stay open
+    ``reset_timeout_s``, close after ``success_threshold`` successful trial calls."""
+
+    fail_max: int = 5
+    reset_timeout_s: float = 30.0
+    success_threshold: int = 1
+
+    def __post_init__(self) -> None:
+        _check_int("fail_max", self.fail_max, minimum=1)
+        _check_number("reset_timeout_s", self.reset_timeout_s, strict=True)
+        _check_int("success_threshold", self.success_threshold, minimum=1)
+
+    @classmethod
+    def from_value(cls, name: str, value: Any) -> Optional["BreakerSettings"]:
+        """Settings from an instance, a dict of its fields, True (defaults) or None/False (off)."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(name, value, "must be BreakerSettings, a dict of its fields, True, False or None")
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - allowed)
+        if unknown:
+            raise ConfigError(name, unknown[0], f"unknown key; allowed keys: {sorted(allowed)}")
+        try:
+            return cls(**value)
+        except ConfigError as exc:
+            raise ConfigError(f"{name}.{exc.field}", exc.value, exc.allowed) from None
+
+
 def parse_nodes(nodes: Any) -> Tuple[Node, ...]:
     """Validate a sequence of Node/dict into a tuple of unique Nodes."""
     if nodes is None:
@@ -161,6 +197,15 @@ class ClientConfig:
     Times are seconds. ``deadline_s`` bounds a whole call, all attempts and waits
     included; ``connect_timeout_s``/``read_timeout_s`` bound each attempt (the read
     timeout is also cut to what remains of the deadline).
+
+    Resilience: ``breaker`` (every model; None: off), ``model_breakers`` (per model),
+    ``node_breakers`` (None: off) and ``breaker_storage(name) -> CircuitBreakerStorage``;
+    ``fallbacks={"model": ["next", ...]}`` and ``fallback_reply(model, payload, error)``;
+    ``requests_per_minute``/``tokens_per_minute``, ``model_rate_limits={"model":
+    {"requests_per_minute": ..., "tokens_per_minute": ...}}`` and
+    ``rate_limiter_factory(name, rate_per_s, capacity)``; ``retry_budget_ratio`` (None:
+    off), ``retry_budget_min_per_s``, ``retry_budget_ttl_s``; ``hedge_delay_s`` (seconds
+    or ``"p95"``; None: off), ``hedge_max_ratio``, ``hedge_max_threads``.
     """
 
     nodes: Tuple[Node, ...]
@@ -190,6 +235,27 @@ class ClientConfig:
     health_check_timeout_s: float = 2.0
     unhealthy_threshold: int = 3
     healthy_threshold: int = 2
+    # circuit breakers (see breakers.py): one per model, optionally one per node
+    breaker: Optional[BreakerSettings] = BreakerSettings()
+    model_breakers: Mapping[str, BreakerSettings] = field(default_factory=dict)
+    node_breakers: Optional[BreakerSettings] = None
+    breaker_storage: Optional[Callable[[str], Any]] = None
+    # model fallbacks (see fallbacks.py)
+    fallbacks: Mapping[str, Tuple[str, ...]] = field(default_factory=dict)
+    fallback_reply: Optional[Callable[..., Mapping[str, Any]]] = None
+    # client-side rate limits (see ratelimit.py)
+    requests_per_minute: Optional[float] = None
+    tokens_per_minute: Optional[float] = None
+    model_rate_limits: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    rate_limiter_factory: Optional[Callable[[str, float, float], Any]] = None
+    # retry budget (see retry.py); ratio None turns it off
+    retry_budget_ratio: Optional[float] = 0.2
+    retry_budget_min_per_s: float = 1.0
+    retry_budget_ttl_s: float = 10.0
+    # hedged requests (see hedging.py); off unless hedge_delay_s is set
+    hedge_delay_s: Union[None, float, str] = None
+    hedge_max_ratio: float = 0.05
+    hedge_max_threads: int = 64
 
     def __post_init__(self) -> None:
         if self.api_key is not None:
@@ -215,6 +281,7 @@ class ClientConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ConfigError(name, value, "must be a non-empty string or None")
+        _check_resilience(self)
         if not isinstance(self.verify, (bool, str)):
             raise ConfigError("verify", self.verify, "must be True, False or a CA bundle path")
         for node in self.nodes:
@@ -233,6 +300,58 @@ class ClientConfig:
                     "would send the API key over plain http:// to a non-loopback host; "
                     "use https:// or pass allow_insecure_http=True",
                 )
+
+
+def _check_resilience(cfg: ClientConfig) -> None:
+    """Validate and normalise the breaker, fallback, rate-limit, budget and hedging options."""
+    def put(name: str, value: Any) -> None:
+        object.__setattr__(cfg, name, value)
+
+    def model_map(name: str, value: Any) -> Mapping[str, Any]:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) and k for k in value):
+            raise ConfigError(name, value, "must be a dict keyed by model name")
+        return value
+
+    put("breaker", BreakerSettings.from_value("breaker", cfg.breaker))
+    put("node_breakers", BreakerSettings.from_value("node_breakers", cfg.node_breakers))
+    per_model = model_map("model_breakers", cfg.model_breakers)
+    put("model_breakers", MappingProxyType({
+        m: BreakerSettings.from_value(f"model_breakers[{m}]", v) or BreakerSettings() for m, v in per_model.items()
+    }))
+    for name in ("breaker_storage", "fallback_reply", "rate_limiter_factory"):
+        if getattr(cfg, name) is not None and not callable(getattr(cfg, name)):
+            raise ConfigError(name, getattr(cfg, name), "must be a callable or None")
+    chains: Dict[str, Tuple[str, ...]] = {}
+    for model, chain in model_map("fallbacks", cfg.fallbacks).items():
+        if isinstance(chain, str) or not isinstance(chain, (list, tuple)) or \
+                not all(isinstance(m, str) and m for m in chain):
+            raise ConfigError(f"fallbacks[{model}]", chain, "must be a list of model names")
+        if model in chain:
+            raise ConfigError(f"fallbacks[{model}]", chain, "a model cannot fall back to itself")
+        chains[model] = tuple(chain)
+    put("fallbacks", MappingProxyType(chains))
+    for name in ("requests_per_minute", "tokens_per_minute"):
+        _check_number(name, getattr(cfg, name), strict=True, allow_none=True)
+    limits: Dict[str, Mapping[str, float]] = {}
+    for model, spec in model_map("model_rate_limits", cfg.model_rate_limits).items():
+        allowed = ("requests_per_minute", "tokens_per_minute")
+        if not isinstance(spec, Mapping) or not spec or set(spec) - set(allowed):
+            raise ConfigError(f"model_rate_limits[{model}]", spec, f"must be a dict with keys from {allowed}")
+        for key, value in spec.items():
+            _check_number(f"model_rate_limits[{model}].{key}", value, strict=True)
+        limits[model] = MappingProxyType(dict(spec))
+    put("model_rate_limits", MappingProxyType(limits))
+    _check_number("retry_budget_ratio", cfg.retry_budget_ratio, allow_none=True)
+    _check_number("retry_budget_min_per_s", cfg.retry_budget_min_per_s)
+    _check_number("retry_budget_ttl_s", cfg.retry_budget_ttl_s, strict=True)
+    delay = cfg.hedge_delay_s
+    if delay != "p95" and delay is not None and (isinstance(delay, bool) or not isinstance(delay, (int, float))
+                                                 or not math.isfinite(delay) or delay <= 0):
+        raise ConfigError("hedge_delay_s", delay, "must be None (off), a number of seconds > 0 or 'p95'")
+    _check_number("hedge_max_ratio", cfg.hedge_max_ratio, strict=True)
+    if cfg.hedge_max_ratio > 1:
+        raise ConfigError("hedge_max_ratio", cfg.hedge_max_ratio, "must be > 0 and <= 1")
+    _check_int("hedge_max_threads", cfg.hedge_max_threads, minimum=1)
 
 
 CLIENT_OPTIONS = frozenset(f.name for f in fields(ClientConfig))

@@ -19,6 +19,8 @@ pybreaker or redis escapes the client::
     │       └── ResponseTooLargeError    (invalid JSON, not an object, over the size cap)
     ├── NoHealthyNodeError               no node can be used for this call
     ├── AllAttemptsFailedError           every attempt failed; lists each attempt
+    ├── CircuitOpenError                 a circuit breaker is open; says when to retry
+    ├── RateLimitExceeded                the client's own rate limit (not a 429) ran out of time
     ├── ConfigError (also ValueError)    a bad setting, named with its value
     └── InvalidRequestError (also ValueError)  a bad call argument, caught before sending
 
@@ -48,6 +50,8 @@ __all__ = [
     "ResponseTooLargeError",
     "NoHealthyNodeError",
     "AllAttemptsFailedError",
+    "CircuitOpenError",
+    "RateLimitExceeded",
     "ConfigError",
     "InvalidRequestError",
     "Attempt",
@@ -187,6 +191,7 @@ class Attempt:
     latency_ms: float
     status_code: Optional[int] = None
     error: Optional[str] = None  # exception class and message, or None on success
+    kind: Optional[str] = None   # the failure kind (stats.FAILURE_KINDS), None on success
 
     @property
     def ok(self) -> bool:
@@ -215,6 +220,37 @@ class AllAttemptsFailedError(HolySheepError):
     @property
     def status_code(self) -> Optional[int]:
         return getattr(self.last_error, "status_code", None)
+
+
+class CircuitOpenError(HolySheepError):
+    """A circuit breaker refused the call without sending anything.
+
+    ``breaker`` names it (``"model:gpt-4.1"`` or ``"node:us-east-1"``); ``retry_after_s``
+    is how long until it lets a trial call through (0 when trial calls are running now).
+    """
+
+    def __init__(self, breaker: str, retry_after_s: float, detail: str = "") -> None:
+        self.breaker = breaker
+        self.retry_after_s = max(0.0, retry_after_s)
+        msg = f"circuit breaker {breaker} is open; retry in {self.retry_after_s:.1f} s"
+        super().__init__(f"{msg} ({detail})" if detail else msg)
+
+
+class RateLimitExceeded(HolySheepError):
+    """The client's own rate limit could not admit the call in time; nothing was sent.
+
+    ``limiter`` names the limit (``"requests"``, ``"tokens:gpt-4.1"``...), ``requested``
+    is what the call needed, ``retry_after_s`` an estimate of when it would fit (None
+    when it never can: more than the limit's capacity).
+    """
+
+    def __init__(self, limiter: str, requested: float, retry_after_s: Optional[float],
+                 detail: str = "") -> None:
+        self.limiter = limiter
+        self.requested = requested
+        self.retry_after_s = retry_after_s
+        msg = f"client-side rate limit {limiter!r} cannot admit {requested:g} now"
+        super().__init__(f"{msg}: {detail}" if detail else msg)
 
 
 class ConfigError(HolySheepError, ValueError):

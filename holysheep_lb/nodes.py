@@ -22,14 +22,13 @@ import math
 from typing import Any, Dict, Optional
 
 from .config import Node
-from .stats import FAILURE_KINDS, LatencyHistogram
+from .stats import FAILURE_KINDS, SYSTEM_FAILURE_KINDS, LatencyHistogram
 from .transport import Transport
 
 __all__ = ["NodeState", "EjectionPolicy"]
 
-# Failure kinds that count towards ejection. A 429 is throttling and a 4xx is the
-# caller's fault: neither says the node is broken.
-_EJECTING_KINDS = frozenset({"connect", "timeout", "status_5xx", "invalid_response"})
+# Failure kinds that count towards ejection (429 and other 4xx do not).
+_EJECTING_KINDS = SYSTEM_FAILURE_KINDS
 
 
 class EjectionPolicy:

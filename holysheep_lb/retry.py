@@ -1,7 +1,10 @@
-"""Retry policy: which outcomes are retried, backoff with full jitter, Retry-After.
+"""Retry policy: which outcomes are retried, backoff with full jitter, Retry-After,
+and the retry budget.
 
 The policy is an immutable value shared by every thread; each call walks it with
 :meth:`RetryPolicy.backoff_s` and its own attempt number, so no state is shared.
+The :class:`RetryBudget` is the one shared, locked piece: it caps retries at a ratio
+of calls so that a sick cluster does not receive triple load.
 """
 
 from __future__ import annotations
@@ -9,11 +12,12 @@ from __future__ import annotations
 import email.utils
 import math
 import random
+import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
-__all__ = ["RetryPolicy", "parse_retry_after", "parse_should_retry"]
+__all__ = ["RetryPolicy", "RetryBudget", "parse_retry_after", "parse_should_retry"]
 
 
 @dataclass(frozen=True)
@@ -98,3 +102,88 @@ def parse_should_retry(headers: Mapping[str, str]) -> Optional[bool]:
     if raw == "false":
         return False
     return None
+
+
+class RetryBudget:
+    """Caps retries at ``ratio`` of calls plus ``min_per_s`` per second (Finagle's budget).
+
+    Every call deposits once; every retry (or hedge) withdraws once. Both expire after
+    ``ttl_s``, so the budget follows recent traffic: with the defaults at most 20% of
+    the calls of the last 10 s are retried, plus 1 retry per second so that a quiet
+    client still retries. Thread-safe; fixed memory (ten time slices). Amounts are
+    integers (a retry costs ``1000 / ratio``, a call deposits 1000), so counts are exact.
+    """
+
+    _SLICES = 10
+    _UNIT = 1000
+
+    def __init__(self, ratio: float = 0.2, *, min_per_s: float = 1.0, ttl_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not ratio >= 0 or not min_per_s >= 0 or not ttl_s > 0:
+            raise ValueError("ratio and min_per_s must be >= 0 and ttl_s > 0")
+        self.ratio = ratio
+        self.min_per_s = min_per_s
+        self.ttl_s = ttl_s
+        self._clock = clock
+        # with ratio 0 calls earn nothing and only the floor pays for retries
+        self._earn = self._UNIT if ratio > 0 else 0
+        self._cost = int(round(self._UNIT / ratio)) if ratio > 0 else self._UNIT
+        self._reserve = int(round(min_per_s * ttl_s * self._cost))
+        self._slice_s = ttl_s / self._SLICES
+        self._budget_lock = threading.Lock()
+        self._epochs: List[int] = [-1] * self._SLICES
+        self._balance: List[int] = [0] * self._SLICES  # earned minus spent, per slice
+        self.calls = 0
+        self.retries = 0
+        self.denied = 0
+
+    def reset_after_fork(self) -> None:
+        self._budget_lock = threading.Lock()
+
+    def _slot(self, now: float) -> int:
+        epoch = int(now // self._slice_s)
+        index = epoch % self._SLICES
+        if self._epochs[index] != epoch:  # an expired slice starts afresh
+            self._epochs[index] = epoch
+            self._balance[index] = 0
+        return index
+
+    def _available(self, now: float) -> int:
+        oldest = int(now // self._slice_s) - self._SLICES + 1
+        return self._reserve + sum(b for e, b in zip(self._epochs, self._balance) if e >= oldest)
+
+    def deposit(self) -> None:
+        """Count one call."""
+        with self._budget_lock:
+            self._balance[self._slot(self._clock())] += self._earn
+            self.calls += 1
+
+    def can_withdraw(self) -> bool:
+        """Whether a withdrawal would succeed now (a hint; it takes nothing)."""
+        with self._budget_lock:
+            return self._available(self._clock()) >= self._cost
+
+    def try_withdraw(self) -> bool:
+        """Take one retry; False (counted as denied) when the budget is spent."""
+        with self._budget_lock:
+            now = self._clock()
+            index = self._slot(now)
+            if self._available(now) < self._cost:
+                self.denied += 1
+                return False
+            self._balance[index] -= self._cost
+            self.retries += 1
+            return True
+
+    def refund(self) -> None:
+        """Give back one withdrawal that was not used."""
+        with self._budget_lock:
+            self._balance[self._slot(self._clock())] += self._cost
+            self.retries -= 1
+
+    def snapshot(self) -> Dict[str, Any]:
+        with self._budget_lock:
+            left = self._available(self._clock()) // self._cost
+            return {"ratio": self.ratio, "min_per_s": self.min_per_s, "ttl_s": self.ttl_s,
+                    "calls": self.calls, "retries": self.retries, "denied": self.denied,
+                    "available": max(0, left)}

@@ -320,11 +320,13 @@ class Selector:
         self._state_lock = threading.Lock()
 
     def pick(self, *, exclude: Iterable[str] = (), region: Optional[str] = None,
-             started: Optional[float] = None) -> NodeState:
+             started: Optional[float] = None, fresh_only: bool = False) -> NodeState:
         """Choose a node for one attempt (never one in ``exclude`` while another is usable).
 
         ``started`` (default: now, on the selector's clock) marks the attempt as awaiting
         an answer; pass the same value to the matching ``release_*`` or ``answered``.
+        With ``fresh_only`` (a hedge) raise NoHealthyNodeError rather than reuse an
+        excluded node.
         """
         with self._state_lock:
             now = self.clock()
@@ -349,6 +351,8 @@ class Selector:
             excluded = set(exclude)
             candidates = [n for n in pool if n.id not in excluded] if excluded else pool
             if not candidates:
+                if fresh_only:
+                    raise NoHealthyNodeError("no usable node outside those excluded")
                 candidates = pool
             ctx = PickContext(now, region, nodes, self.rand, self.ejection.slow_start_s)
             node = self.strategy.choose(candidates, ctx)
@@ -420,6 +424,13 @@ class Selector:
         with self._state_lock:
             now = self.clock()
             return [n.snapshot(now) for n in self.nodes]
+
+    def latency_percentile_ms(self, node: NodeState, q: float, *, min_samples: int = 1) -> Optional[float]:
+        """A node's q-th percentile of successful request latency; None below ``min_samples``."""
+        with self._state_lock:
+            if node.latency.count < min_samples:
+                return None
+            return node.latency.percentile(q)
 
     def node_stats(self) -> Dict[str, Dict[str, Any]]:
         with self._state_lock:

@@ -1,0 +1,351 @@
+"""Circuit breakers per model (and optionally per node), on pybreaker's state machine.
+
+pybreaker's ``CircuitBreaker.call()`` holds the breaker's lock for the whole wrapped
+call, so routing HTTP requests through it would let one thread at a time use a model.
+Here a call takes a :class:`Permit` first (microseconds under the breaker's own lock),
+sends with no lock held, and records its outcome on the permit afterwards. State,
+counters and the time it opened live in a pybreaker ``CircuitBreakerStorage`` (memory
+by default; ``Client(breaker_storage=...)`` may supply a process-shared one), and every
+transition goes through pybreaker's ``open``/``half_open``/``close``, so its listeners
+(ours feed logging and stats) see them.
+
+* **closed**: calls go through; ``fail_max`` system failures in a row open it.
+* **open**: calls fail fast with :class:`~holysheep_lb.errors.CircuitOpenError`, which
+  says when to retry, until ``reset_timeout_s`` has passed since it opened.
+* **half-open**: up to ``success_threshold`` trial calls at a time (per process);
+  ``success_threshold`` successful trials close it, one failed trial opens it again.
+
+Only system failures count: a call whose attempts failed with 5xx, timeouts, connection
+errors or invalid answers. A 4xx means the model answered, so it counts as a success
+(pybreaker's ``exclude`` rule); 429s and calls that got no answer count as nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
+
+import pybreaker
+
+from .config import BreakerSettings
+from .errors import AllAttemptsFailedError, APIError, CircuitOpenError, NoHealthyNodeError
+from .stats import SYSTEM_FAILURE_KINDS, failure_kind
+
+__all__ = ["Breaker", "BreakerBoard", "Permit", "StorageFactory", "verdict", "wall_clock"]
+
+log = logging.getLogger(__name__)
+
+StorageFactory = Callable[[str], pybreaker.CircuitBreakerStorage]
+
+# Model names come from callers; idle closed breakers beyond this many are forgotten.
+_MAX_BREAKERS = 1024
+# Open times round-trip through datetime (microseconds) at epoch magnitudes.
+_CLOCK_SLACK_S = 1e-3
+
+
+def wall_clock(clock: Callable[[], float]) -> Callable[[], float]:
+    """``clock`` (monotonic, maybe fake) shifted to read like ``time.time()``.
+
+    Breakers stamp their open time in seconds since the epoch, so that a shared storage
+    means the same to every process, yet tests move them with the client's fake clock.
+    """
+    offset = time.time() - clock()
+    return lambda: offset + clock()
+
+
+def verdict(error: Optional[BaseException]) -> str:
+    """How a call's outcome counts for a breaker: "success", "failure" or "none"."""
+    if error is None:
+        return "success"
+    if isinstance(error, NoHealthyNodeError):
+        return "failure"
+    if isinstance(error, AllAttemptsFailedError):
+        return "failure" if any(a.kind in SYSTEM_FAILURE_KINDS for a in error.attempts) else "none"
+    if isinstance(error, APIError):
+        kind = failure_kind(error)
+        if kind in SYSTEM_FAILURE_KINDS:
+            return "failure"
+        return "success" if kind == "status_4xx" else "none"
+    return "none"
+
+
+class Permit:
+    """Leave to make one call through a breaker; record its outcome exactly once."""
+
+    __slots__ = ("_breaker", "_trial", "_done")
+
+    def __init__(self, breaker: Optional["Breaker"], trial: bool) -> None:
+        self._breaker = breaker
+        self._trial = trial
+        self._done = breaker is None
+
+    def record(self, error: Optional[BaseException] = None) -> None:
+        """The call ended: ``error`` is None on success, else the exception it raised."""
+        if not self._done:
+            self._done = True
+            self._breaker._record(verdict(error), self._trial)  # type: ignore[union-attr]
+
+    def release(self) -> None:
+        """The call ended without telling anything about the model (nothing was sent)."""
+        if not self._done:
+            self._done = True
+            self._breaker._record("none", self._trial)  # type: ignore[union-attr]
+
+
+NO_PERMIT = Permit(None, False)
+
+
+class Breaker:
+    """One circuit breaker. Thread-safe; ``_state_lock`` guards its bookkeeping only.
+
+    With a shared storage the bookkeeping reads and writes that storage under the lock
+    (pybreaker's own ``call()`` does the same); the request itself never runs under it.
+    """
+
+    def __init__(self, name: str, settings: BreakerSettings, storage: pybreaker.CircuitBreakerStorage,
+                 *, clock: Callable[[], float], listeners: Iterable[pybreaker.CircuitBreakerListener]) -> None:
+        self.name = name
+        self.settings = settings
+        self._storage = storage
+        self._clock = clock
+        self._listeners = list(listeners)
+        self._state_lock = threading.Lock()
+        self._trials = 0  # half-open trial calls in flight in this process
+        self._cb = self._new_breaker()
+
+    def _new_breaker(self) -> pybreaker.CircuitBreaker:
+        s = self.settings
+        return pybreaker.CircuitBreaker(
+            fail_max=s.fail_max, reset_timeout=s.reset_timeout_s, success_threshold=s.success_threshold,
+            state_storage=self._storage, listeners=self._listeners, name=self.name,
+            throw_new_error_on_trip=False,
+        )
+
+    def __repr__(self) -> str:
+        return f"<Breaker {self.name} {self._storage.state}>"
+
+    def reset_after_fork(self) -> None:
+        """Fresh locks; the parent's trial calls do not exist here."""
+        self._state_lock = threading.Lock()
+        self._trials = 0
+        self._cb = self._new_breaker()
+
+    # -- state ------------------------------------------------------------------------
+
+    def _state(self) -> str:
+        # pybreaker's ``state`` re-reads the storage and notifies listeners of a change
+        # made elsewhere (another process sharing the storage).
+        return self._cb.state.name
+
+    def _open_for_s(self, now: float) -> float:
+        """Seconds until an open breaker lets a trial through (<= 0: now)."""
+        opened_at = self._storage.opened_at
+        if opened_at is None:
+            return 0.0
+        if opened_at.tzinfo is None:
+            opened_at = opened_at.replace(tzinfo=timezone.utc)
+        wait_s = opened_at.timestamp() + self.settings.reset_timeout_s - now
+        return wait_s if wait_s > _CLOCK_SLACK_S else 0.0
+
+    def _trip(self) -> None:
+        self._cb.open()
+        # pybreaker stamps datetime.now(); use our (injectable) clock instead
+        self._storage.opened_at = datetime.fromtimestamp(self._clock(), timezone.utc)
+
+    def admit(self) -> Permit:
+        """A permit for one call, or :class:`CircuitOpenError` saying when to retry."""
+        with self._state_lock:
+            state = self._state()
+            if state == pybreaker.STATE_OPEN:
+                wait_s = self._open_for_s(self._clock())
+                if wait_s > 0:
+                    raise CircuitOpenError(self.name, wait_s)
+                self._cb.half_open()
+                state = pybreaker.STATE_HALF_OPEN
+            if state == pybreaker.STATE_HALF_OPEN:
+                if self._trials >= self.settings.success_threshold:
+                    raise CircuitOpenError(self.name, 0.0, f"half-open, {self._trials} trial call(s) in flight")
+                self._trials += 1
+                return Permit(self, trial=True)
+            return Permit(self, trial=False)
+
+    def allows(self) -> bool:
+        """Whether :meth:`admit` would let a call through now (changes nothing)."""
+        with self._state_lock:
+            state = self._state()
+            if state == pybreaker.STATE_OPEN:
+                return self._open_for_s(self._clock()) <= 0
+            if state == pybreaker.STATE_HALF_OPEN:
+                return self._trials < self.settings.success_threshold
+            return True
+
+    def _record(self, outcome: str, trial: bool) -> None:
+        with self._state_lock:
+            if trial:
+                self._trials -= 1
+            if outcome == "none":
+                return
+            state = self._state()
+            storage = self._storage
+            if outcome == "failure":
+                storage.increment_counter()
+                if state == pybreaker.STATE_HALF_OPEN and trial:
+                    self._trip()
+                elif state == pybreaker.STATE_CLOSED and storage.counter >= self.settings.fail_max:
+                    self._trip()
+                return
+            storage.reset_counter()
+            # Only trial calls decide a half-open breaker: a slow call admitted before it
+            # opened says nothing about the model now.
+            if state == pybreaker.STATE_HALF_OPEN and trial:
+                storage.increment_success_counter()
+                if storage.success_counter >= self.settings.success_threshold:
+                    self._cb.close()
+
+    def idle(self) -> bool:
+        """Closed with no failure counted and no call in flight: safe to forget."""
+        with self._state_lock:
+            return (self._trials == 0 and self._storage.state == pybreaker.STATE_CLOSED
+                    and self._storage.counter == 0)
+
+    def snapshot(self) -> Dict[str, Any]:
+        """State and counters; ``retry_after_s`` is when an open breaker lets a trial through."""
+        with self._state_lock:
+            state = self._state()
+            wait_s = max(0.0, self._open_for_s(self._clock())) if state == pybreaker.STATE_OPEN else None
+            return {
+                "name": self.name,
+                "state": state,
+                "failures": self._storage.counter,
+                "successes": self._storage.success_counter,
+                "trials_in_flight": self._trials,
+                "retry_after_s": None if wait_s is None else round(wait_s, 3),
+                "fail_max": self.settings.fail_max,
+                "reset_timeout_s": self.settings.reset_timeout_s,
+                "success_threshold": self.settings.success_threshold,
+            }
+
+
+class _TransitionListener(pybreaker.CircuitBreakerListener):
+    """Logs each transition and counts it for ``Client.stats()``."""
+
+    def __init__(self, board: "BreakerBoard") -> None:
+        self._board = board
+
+    def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
+        old = getattr(old_state, "name", None)
+        new = new_state.name
+        self._board._count_transition(new)
+        if new == pybreaker.STATE_OPEN:
+            log.warning("circuit breaker %s opened (was %s) for %.1f s", cb.name, old, cb.reset_timeout)
+        else:
+            log.info("circuit breaker %s: %s -> %s", cb.name, old, new)
+
+
+class BreakerBoard:
+    """The client's breakers: one per model, and one per node when enabled. Thread-safe.
+
+    ``model_settings`` applies to every model not in ``per_model`` (None: only the
+    models in ``per_model`` get a breaker); ``node_settings`` None means no node
+    breakers. ``storage_factory(name)`` builds each breaker's storage; ``clock`` is a
+    wall clock in seconds (shared storages compare open times across processes).
+    """
+
+    def __init__(self, *, model_settings: Optional[BreakerSettings] = BreakerSettings(),
+                 per_model: Optional[Mapping[str, BreakerSettings]] = None,
+                 node_settings: Optional[BreakerSettings] = None,
+                 storage_factory: Optional[StorageFactory] = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._model_settings = model_settings
+        self._per_model = dict(per_model or {})
+        self._node_settings = node_settings
+        self._storage_factory = storage_factory
+        self._clock = clock
+        self._listener = _TransitionListener(self)
+        self._breakers_lock = threading.Lock()
+        self._breakers: Dict[str, Breaker] = {}
+        self._counts_lock = threading.Lock()
+        self._transitions: Counter = Counter()
+
+    def reset_after_fork(self) -> None:
+        self._breakers_lock = threading.Lock()
+        self._counts_lock = threading.Lock()
+        for breaker in list(self._breakers.values()):
+            breaker.reset_after_fork()
+
+    def _settings(self, kind: str, key: str) -> Optional[BreakerSettings]:
+        if kind == "model":
+            return self._per_model.get(key, self._model_settings)
+        return self._node_settings
+
+    def get(self, kind: str, key: str) -> Optional[Breaker]:
+        """The breaker of a model (``kind="model"``) or node (``"node"``); None when off."""
+        name = f"{kind}:{key}"
+        with self._breakers_lock:
+            breaker = self._breakers.get(name)
+        if breaker is not None:
+            return breaker
+        settings = self._settings(kind, key)
+        if settings is None:
+            return None
+        # built outside the lock: a shared storage may talk to its server here
+        storage = (self._storage_factory(name) if self._storage_factory is not None
+                   else pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED))
+        new = Breaker(name, settings, storage, clock=self._clock, listeners=[self._listener])
+        with self._breakers_lock:
+            if name not in self._breakers and len(self._breakers) >= _MAX_BREAKERS:
+                self._forget_one_idle()
+            return self._breakers.setdefault(name, new)
+
+    def _forget_one_idle(self) -> None:
+        for name, breaker in self._breakers.items():
+            if breaker.idle():
+                del self._breakers[name]
+                return
+
+    def admit(self, kind: str, key: Optional[str]) -> Permit:
+        """A permit for one call, or :class:`CircuitOpenError`; a no-op permit when off."""
+        breaker = self.get(kind, key) if key is not None else None
+        return NO_PERMIT if breaker is None else breaker.admit()
+
+    def allows(self, kind: str, key: Optional[str]) -> bool:
+        """Whether a call would be let through now. Creates no breaker unless its state
+        may live in a shared storage."""
+        if key is None:
+            return True
+        if self._storage_factory is None:
+            with self._breakers_lock:
+                breaker = self._breakers.get(f"{kind}:{key}")
+        else:
+            breaker = self.get(kind, key)
+        return True if breaker is None else breaker.allows()
+
+    @property
+    def nodes_enabled(self) -> bool:
+        return self._node_settings is not None
+
+    def _count_transition(self, new_state: str) -> None:
+        with self._counts_lock:
+            self._transitions[new_state] += 1
+
+    def snapshot(self) -> List[Dict[str, Any]]:
+        with self._breakers_lock:
+            breakers = list(self._breakers.values())
+        return [b.snapshot() for b in breakers]
+
+    def stats(self) -> Dict[str, int]:
+        """How often breakers opened, went half-open and closed; how many are open now."""
+        snaps = self.snapshot()
+        with self._counts_lock:
+            counts = dict(self._transitions)
+        return {
+            "opened": counts.get(pybreaker.STATE_OPEN, 0),
+            "half_opened": counts.get(pybreaker.STATE_HALF_OPEN, 0),
+            "closed": counts.get(pybreaker.STATE_CLOSED, 0),
+            "open_now": sum(1 for s in snaps if s["state"] == pybreaker.STATE_OPEN),
+            "half_open_now": sum(1 for s in snaps if s["state"] == pybreaker.STATE_HALF_OPEN),
+        }

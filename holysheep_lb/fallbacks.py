@@ -1,0 +1,161 @@
+"""Model fallback chains: each model's breaker and rate limits around its attempt loop.
+
+One call::
+
+    for each model of the chain (the one asked for, then its fallbacks; each at most once):
+        model breaker open       -> next model (its CircuitOpenError is kept)
+        rate limits              -> block within the call's deadline, or RateLimitExceeded
+        execute(model)           -> the client's attempt loop for this model, same deadline
+        system failure           -> recorded on the breaker; next model
+        answer, or a caller's error (4xx), 429s only, deadline -> recorded; returned / raised
+    no model answered -> the user's ``fallback_reply`` (flagged), else the error
+
+Chains are expanded breadth first through the fallbacks' own fallbacks, skipping any
+model already in the chain: a chain never loops and never restarts the retry cycle of
+a model it already tried.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from .breakers import NO_PERMIT, BreakerBoard, Permit, verdict
+from .errors import CircuitOpenError, ConfigError, HolySheepError
+from .ratelimit import RateLimits, estimate_tokens, usage_tokens
+from .response import Response
+
+__all__ = ["ModelChain", "FallbackReply"]
+
+log = logging.getLogger(__name__)
+
+#: ``fallback_reply(model, payload, error) -> dict``: a canned answer when every model failed.
+FallbackReply = Callable[[str, Optional[Mapping[str, Any]], HolySheepError], Mapping[str, Any]]
+
+
+class ModelChain:
+    """Runs one call over its model chain. Thread-safe; holds no lock while a model runs."""
+
+    def __init__(self, *, breakers: Optional[BreakerBoard] = None, limits: Optional[RateLimits] = None,
+                 fallbacks: Optional[Mapping[str, Sequence[str]]] = None,
+                 fallback_reply: Optional[FallbackReply] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.breakers = breakers
+        self.limits = limits if limits is not None and limits.enabled else None
+        self._fallbacks = {m: tuple(c) for m, c in (fallbacks or {}).items()}
+        self._fallback_reply = fallback_reply
+        self._clock = clock
+        self._counts_lock = threading.Lock()
+        self._counts = {"fallback_answers": 0, "canned_replies": 0, "circuit_open_skips": 0}
+
+    def reset_after_fork(self) -> None:
+        self._counts_lock = threading.Lock()
+        if self.breakers is not None:
+            self.breakers.reset_after_fork()
+        if self.limits is not None:
+            self.limits.reset_after_fork()
+
+    def chain(self, model: str) -> List[str]:
+        """``model`` and its fallbacks, breadth first, each model once."""
+        order = [model]
+        seen = {model}
+        i = 0
+        while i < len(order):
+            for nxt in self._fallbacks.get(order[i], ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    order.append(nxt)
+            i += 1
+        return order
+
+    def run(self, model: Optional[str], payload: Optional[Mapping[str, Any]],
+            execute: Callable[[Optional[str]], Any], *, deadline: float) -> Any:
+        """``execute(model)`` for each model of the chain until one answers (see module doc)."""
+        if model is None:  # not a model call (GET /models): rate limits only
+            return self._send(None, payload, execute, deadline, NO_PERMIT)
+        started = self._clock()
+        errors: List[Tuple[str, HolySheepError]] = []
+        chain = self.chain(model)
+        for candidate in chain:
+            if errors and self._clock() >= deadline:
+                break
+            try:
+                permit = (self.breakers.admit("model", candidate) if self.breakers is not None
+                          else NO_PERMIT)
+            except CircuitOpenError as exc:
+                self._count("circuit_open_skips")
+                log.debug("model %s skipped: %s", candidate, exc)
+                errors.append((candidate, exc))
+                continue
+            try:
+                result = self._send(candidate, payload, execute, deadline, permit)
+            except HolySheepError as exc:
+                if verdict(exc) != "failure":
+                    raise  # the caller's error, throttling or the deadline: no fallback helps
+                log.debug("model %s failed (%s); %s", candidate, type(exc).__name__,
+                          "trying its fallback" if candidate != chain[-1] else "no fallback left")
+                errors.append((candidate, exc))
+                continue
+            if candidate != model:
+                self._count("fallback_answers")
+                if isinstance(result, Response):
+                    result.fallback = True
+                    result.extra["requested_model"] = model
+            return result
+        return self._give_up(model, payload, errors, started)
+
+    def _send(self, model: Optional[str], payload: Optional[Mapping[str, Any]],
+              execute: Callable[[Optional[str]], Any], deadline: float, permit: Permit) -> Any:
+        reservation = None
+        if self.limits is not None:
+            try:
+                reservation = self.limits.reserve(model, estimate_tokens(payload),
+                                                  timeout_s=deadline - self._clock())
+            except BaseException:
+                permit.release()
+                raise
+        try:
+            result = execute(model)
+        except BaseException as exc:
+            if isinstance(exc, HolySheepError):
+                permit.record(exc)
+            else:
+                permit.release()
+            if reservation is not None:
+                reservation.cancel()
+            raise
+        permit.record(None)
+        if reservation is not None:
+            reservation.settle(usage_tokens(result))
+        return result
+
+    def _give_up(self, model: str, payload: Optional[Mapping[str, Any]],
+                 errors: List[Tuple[str, HolySheepError]], started: float) -> Any:
+        """Every model failed or was skipped: a flagged canned reply, or the most useful error."""
+        failures = [e for _, e in errors if not isinstance(e, CircuitOpenError)]
+        if failures:
+            error = failures[-1]
+        else:  # every model's breaker is open: say when the soonest one may let a call through
+            error = min((e for _, e in errors), key=lambda e: e.retry_after_s)  # type: ignore[attr-defined]
+        if self._fallback_reply is not None:
+            data = self._fallback_reply(model, payload, error)
+            if not isinstance(data, Mapping):
+                raise ConfigError("fallback_reply", type(data).__name__, "must return a dict")
+            self._count("canned_replies")
+            log.info("every model of %s's chain failed; returning the fallback_reply answer", model)
+            resp = Response(dict(data), model=None, fallback=True,
+                            latency_ms=(self._clock() - started) * 1000.0)
+            resp.extra.update(canned=True, requested_model=model, model_errors=dict(errors))
+            return resp
+        error.model_errors = dict(errors)  # type: ignore[attr-defined]
+        raise error
+
+    def _count(self, name: str) -> None:
+        with self._counts_lock:
+            self._counts[name] += 1
+
+    def stats(self) -> Dict[str, int]:
+        with self._counts_lock:
+            return dict(self._counts)

@@ -1,0 +1,338 @@
+"""Client-side rate limits: a fair, blocking token bucket, and per-client/per-model RPM and TPM.
+
+These limits are the caller's own quota (a provider's requests or tokens per minute),
+enforced before anything is sent; a 429 from a node is a different thing
+(:class:`~holysheep_lb.errors.RateLimitError`).
+
+A limiter is any object with three methods, so a process-shared implementation
+(Redis) can replace :class:`TokenBucket` through ``Client(rate_limiter_factory=...)``:
+
+``acquire(n=1, timeout=None)``  block until ``n`` tokens are taken, or raise
+                                 :class:`~holysheep_lb.errors.RateLimitExceeded`
+``try_acquire(n=1) -> bool``     take ``n`` tokens now or return False; never blocks
+``adjust(delta)``                take ``delta`` more tokens (may go into debt), or give
+                                 ``-delta`` back; used to correct an estimate
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple
+
+from .errors import RateLimitExceeded
+
+__all__ = ["Limiter", "TokenBucket", "RateLimits", "Reservation", "estimate_tokens", "usage_tokens"]
+
+log = logging.getLogger(__name__)
+
+_EPSILON = 1e-9  # float slack, so that 0.1 * 10 tokens count as 1
+
+
+class Limiter(Protocol):
+    """What the client needs from a rate limiter (see the module docstring)."""
+
+    def acquire(self, n: float = 1, timeout: Optional[float] = None) -> None: ...
+
+    def try_acquire(self, n: float = 1) -> bool: ...
+
+    def adjust(self, delta: float) -> None: ...
+
+
+class TokenBucket:
+    """A thread-safe token bucket: ``rate_per_s`` tokens a second, at most ``capacity``.
+
+    ``acquire`` blocks on a ``threading.Condition`` (no busy-waiting) and serves
+    callers first come, first served: a large request is not starved by small ones,
+    and ``try_acquire`` never overtakes a blocked caller. It starts full. ``clock``
+    is injectable (tests pass a fake one with ``try_acquire``/``acquire(timeout=0)``).
+    """
+
+    def __init__(self, rate_per_s: float, capacity: float, *,
+                 clock: Callable[[], float] = time.monotonic, name: str = "bucket") -> None:
+        for label, value in (("rate_per_s", rate_per_s), ("capacity", capacity)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                raise ValueError(f"TokenBucket {label} must be a finite number > 0, got {value!r}")
+        self.rate_per_s = float(rate_per_s)
+        self.capacity = float(capacity)
+        self.name = name
+        self._clock = clock
+        self._tokens_cond = threading.Condition(threading.Lock())
+        self._tokens = self.capacity
+        self._stamp = clock()
+        self._queue: "collections.deque[object]" = collections.deque()  # blocked callers, in order
+        self.consumed = 0.0
+
+    def __repr__(self) -> str:
+        return f"<TokenBucket {self.name} rate_per_s={self.rate_per_s:g} capacity={self.capacity:g}>"
+
+    def reset_after_fork(self) -> None:
+        """The parent's blocked callers do not exist in a child; neither does their lock."""
+        self._tokens_cond = threading.Condition(threading.Lock())
+        self._queue.clear()
+
+    def _refill(self, now: float) -> None:
+        if now > self._stamp:
+            self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate_per_s)
+            self._stamp = now
+
+    def _check(self, n: float) -> float:
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
+            raise ValueError(f"token count must be a finite number > 0, got {n!r}")
+        if n > self.capacity:
+            raise RateLimitExceeded(self.name, n, None,
+                                    f"more than the limit's capacity of {self.capacity:g}")
+        return float(n)
+
+    def try_acquire(self, n: float = 1) -> bool:
+        """Take ``n`` tokens if they are there and nobody is waiting; never blocks."""
+        n = self._check(n)
+        with self._tokens_cond:
+            self._refill(self._clock())
+            if self._queue or self._tokens + _EPSILON < n:
+                return False
+            self._tokens -= n
+            self.consumed += n
+            return True
+
+    def acquire(self, n: float = 1, timeout: Optional[float] = None) -> None:
+        """Block until ``n`` tokens are taken (in arrival order).
+
+        Raises :class:`RateLimitExceeded` once ``timeout`` seconds have passed without
+        them (``timeout=0`` never blocks), or at once if ``n`` exceeds the capacity.
+        """
+        n = self._check(n)
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout >= 0):
+            raise ValueError(f"timeout must be None or a number >= 0, got {timeout!r}")
+        me = object()
+        with self._tokens_cond:
+            now = self._clock()
+            deadline = None if timeout is None else now + timeout
+            self._queue.append(me)
+            try:
+                while True:
+                    self._refill(now)
+                    wait_s: Optional[float] = None  # not first in line: wait to be woken
+                    if self._queue[0] is me:
+                        if self._tokens + _EPSILON >= n:
+                            self._tokens -= n
+                            self.consumed += n
+                            return
+                        wait_s = (n - self._tokens) / self.rate_per_s
+                    if deadline is not None:
+                        left = deadline - now
+                        if left <= 0:
+                            short = max(0.0, n - self._tokens)
+                            raise RateLimitExceeded(self.name, n, short / self.rate_per_s,
+                                                    f"timed out after {timeout:g} s")
+                        wait_s = left if wait_s is None else min(wait_s, left)
+                    self._tokens_cond.wait(wait_s)
+                    now = self._clock()
+            finally:
+                self._queue.remove(me)
+                self._tokens_cond.notify_all()  # the next in line may go now
+
+    def adjust(self, delta: float) -> None:
+        """Take ``delta`` more tokens (the bucket may go into debt) or give ``-delta`` back."""
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta):
+            raise ValueError(f"delta must be a finite number, got {delta!r}")
+        with self._tokens_cond:
+            self._refill(self._clock())
+            self._tokens = min(self.capacity, self._tokens - delta)
+            self.consumed += delta
+            if delta < 0:
+                self._tokens_cond.notify_all()
+
+    def available(self) -> float:
+        """Tokens in the bucket now (negative while in debt)."""
+        with self._tokens_cond:
+            self._refill(self._clock())
+            return self._tokens
+
+    def waiting(self) -> int:
+        """How many callers are blocked in :meth:`acquire`."""
+        with self._tokens_cond:
+            return len(self._queue)
+
+    def snapshot(self) -> Dict[str, Any]:
+        with self._tokens_cond:
+            self._refill(self._clock())
+            return {"rate_per_s": self.rate_per_s, "capacity": self.capacity,
+                    "available": round(self._tokens, 3), "waiting": len(self._queue),
+                    "consumed": round(self.consumed, 3)}
+
+
+# -- token estimates ---------------------------------------------------------------------
+
+
+def _text_chars(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(_text_chars(p.get("text") if isinstance(p, Mapping) else p) for p in content)
+    return 0
+
+
+def estimate_tokens(payload: Optional[Mapping[str, Any]]) -> int:
+    """Tokens a call may use, before sending: about 4 characters a token, 4 per message
+    (role and framing), plus ``max_tokens`` (or ``max_completion_tokens``) × ``n``.
+
+    Only an estimate: the answer's ``usage`` corrects it afterwards.
+    """
+    if not payload:
+        return 0
+    chars = 0
+    overhead = 0
+    messages = payload.get("messages")
+    if isinstance(messages, (list, tuple)):
+        for m in messages:
+            if isinstance(m, Mapping):
+                chars += _text_chars(m.get("content"))
+            overhead += 4
+    inputs = payload.get("input")
+    if isinstance(inputs, str):
+        chars += len(inputs)
+    elif isinstance(inputs, (list, tuple)):
+        chars += sum(len(i) for i in inputs if isinstance(i, str))
+    completion = payload.get("max_tokens") or payload.get("max_completion_tokens") or 0
+    choices = payload.get("n") or 1
+    if not isinstance(completion, int) or not isinstance(choices, int):
+        completion, choices = 0, 1
+    return int(math.ceil(chars / 4.0)) + overhead + completion * choices
+
+
+def usage_tokens(result: Any) -> Optional[int]:
+    """Tokens an answer says it used (``usage.total_tokens``), or None when it does not say."""
+    usage = result.get("usage") if isinstance(result, Mapping) else None
+    if not isinstance(usage, Mapping):
+        return None
+    total = usage.get("total_tokens")
+    if isinstance(total, int) and not isinstance(total, bool) and total >= 0:
+        return total
+    parts = [usage.get("prompt_tokens"), usage.get("completion_tokens")]
+    if all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in parts):
+        return parts[0] + parts[1]
+    return None
+
+
+# -- the client's limits --------------------------------------------------------------------
+
+
+LimiterFactory = Callable[[str, float, float], Limiter]
+
+
+class Reservation:
+    """What one call took from the limits; settle it with the real usage, or cancel it."""
+
+    __slots__ = ("_taken", "estimate", "_open")
+
+    def __init__(self, taken: List[Tuple[Limiter, float, bool]], estimate: int) -> None:
+        self._taken = taken  # (limiter, amount, is_token_limit)
+        self.estimate = estimate
+        self._open = True
+
+    def settle(self, actual_tokens: Optional[int]) -> None:
+        """Correct the token limits from the answer's usage (no change when unknown)."""
+        if not self._open:
+            return
+        self._open = False
+        if actual_tokens is None or actual_tokens == self.estimate:
+            return
+        for limiter, amount, is_tokens in self._taken:
+            if is_tokens:
+                limiter.adjust(actual_tokens - amount)
+
+    def cancel(self, *, requests_too: bool = False) -> None:
+        """Give back the token estimate (the call produced no answer); requests too if
+        nothing was sent."""
+        if not self._open:
+            return
+        self._open = False
+        for limiter, amount, is_tokens in self._taken:
+            if is_tokens or requests_too:
+                limiter.adjust(-amount)
+
+
+class RateLimits:
+    """Requests and tokens per minute, for the whole client and per model.
+
+    Each model a call tries takes one request and its estimated tokens from the client's
+    limits and from that model's limits (in that order, each blocking within the call's
+    deadline). A limit's burst capacity is one minute's worth.
+    """
+
+    def __init__(self, *, requests_per_minute: Optional[float] = None,
+                 tokens_per_minute: Optional[float] = None,
+                 per_model: Optional[Mapping[str, Mapping[str, float]]] = None,
+                 factory: Optional[LimiterFactory] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        def make(name: str, per_minute: Optional[float]) -> Optional[Limiter]:
+            if per_minute is None:
+                return None
+            if factory is not None:
+                return factory(name, per_minute / 60.0, float(per_minute))
+            return TokenBucket(per_minute / 60.0, per_minute, clock=clock, name=name)
+
+        self._client = (make("requests", requests_per_minute), make("tokens", tokens_per_minute))
+        self._models: Dict[str, Tuple[Optional[Limiter], Optional[Limiter]]] = {
+            model: (make(f"requests:{model}", spec.get("requests_per_minute")),
+                    make(f"tokens:{model}", spec.get("tokens_per_minute")))
+            for model, spec in (per_model or {}).items()
+        }
+        self._clock = clock
+
+    @property
+    def enabled(self) -> bool:
+        return any(self._client) or bool(self._models)
+
+    def limiters(self, model: Optional[str]) -> List[Tuple[Limiter, bool]]:
+        """The limits a call to ``model`` goes through, as (limiter, is_token_limit)."""
+        pairs = [self._client]
+        if model is not None and model in self._models:
+            pairs.append(self._models[model])
+        out: List[Tuple[Limiter, bool]] = []
+        for requests, tokens in pairs:
+            if requests is not None:
+                out.append((requests, False))
+            if tokens is not None:
+                out.append((tokens, True))
+        return out
+
+    def reserve(self, model: Optional[str], tokens: int, *, timeout_s: float) -> Reservation:
+        """Take one request and ``tokens`` from every limit that applies, blocking up to
+        ``timeout_s`` in all; on failure give back what was taken and raise
+        :class:`RateLimitExceeded`."""
+        taken: List[Tuple[Limiter, float, bool]] = []
+        deadline = self._clock() + max(0.0, timeout_s)
+        try:
+            for limiter, is_tokens in self.limiters(model):
+                amount = float(tokens) if is_tokens else 1.0
+                if amount <= 0:
+                    continue
+                limiter.acquire(amount, timeout=max(0.0, deadline - self._clock()))
+                taken.append((limiter, amount, is_tokens))
+        except BaseException:
+            Reservation(taken, tokens).cancel(requests_too=True)
+            raise
+        return Reservation(taken, tokens)
+
+    def reset_after_fork(self) -> None:
+        for pair in [self._client, *self._models.values()]:
+            for limiter in pair:
+                reset = getattr(limiter, "reset_after_fork", None)
+                if reset is not None:
+                    reset()
+
+    def snapshot(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for pair in [self._client, *self._models.values()]:
+            for limiter in pair:
+                snap = getattr(limiter, "snapshot", None)
+                if snap is not None:
+                    out[getattr(limiter, "name", repr(limiter))] = snap()
+        return out

@@ -1,0 +1,180 @@
+"""Model fallback chains: order, flags, no loops, breakers, canned replies, one deadline."""
+
+import json
+
+import pytest
+import responses
+
+from holysheep_lb import (
+    AllAttemptsFailedError,
+    BadRequestError,
+    CircuitOpenError,
+    ConfigError,
+)
+from holysheep_lb.fallbacks import ModelChain
+
+A = "https://a.example/v1"
+MSGS = [{"role": "user", "content": "hello"}]
+
+
+def _answer(model):
+    return {"id": "x", "model": model, "usage": {"total_tokens": 7},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": f"from {model}"}}]}
+
+
+class Gateway:
+    """A mocked node whose answer depends on the requested model."""
+
+    def __init__(self, rsps, statuses, clock=None, advance_s=0.0):
+        self.statuses = statuses  # model -> HTTP status (200 if absent)
+        self.sent = []            # (model, Idempotency-Key) per request
+        self.clock = clock
+        self.advance_s = advance_s
+        rsps.add_callback(responses.POST, A + "/chat/completions", callback=self)
+
+    def __call__(self, request):
+        model = json.loads(request.body)["model"]
+        self.sent.append((model, request.headers["Idempotency-Key"]))
+        if self.clock is not None:
+            self.clock.advance(self.advance_s)
+        status = self.statuses.get(model, 200)
+        body = _answer(model) if status == 200 else {"error": {"message": f"{model} is down"}}
+        return status, {"Content-Type": "application/json"}, json.dumps(body)
+
+    @property
+    def models(self):
+        return [m for m, _ in self.sent]
+
+
+@pytest.fixture
+def rsps():
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as r:
+        yield r
+
+
+def _client(make_client, clock, **kw):
+    kw.setdefault("retry_budget_ratio", None)
+    return make_client([{"id": "a", "base_url": A}], clock=clock, sleep=clock.sleep, rand=lambda: 0.0, **kw)
+
+
+def test_chain_tries_models_in_order_and_flags_the_fallback_answer(rsps, make_client, clock):
+    gw = Gateway(rsps, {"gpt-4.1": 503, "gemini-2.5-flash": 500})
+    client = _client(make_client, clock, max_retries=1, eject_after_failures=100,
+                     fallbacks={"gpt-4.1": ["gemini-2.5-flash", "deepseek-v3.2"]})
+    resp = client.chat_completion(MSGS, model="gpt-4.1")
+    assert gw.models == ["gpt-4.1", "gpt-4.1", "gemini-2.5-flash", "gemini-2.5-flash", "deepseek-v3.2"]
+    assert resp.text == "from deepseek-v3.2"
+    assert (resp.model, resp.fallback, resp.extra["requested_model"]) == ("deepseek-v3.2", True, "gpt-4.1")
+    keys = {}
+    for model, key in gw.sent:
+        keys.setdefault(model, set()).add(key)
+    assert all(len(k) == 1 for k in keys.values()), "one Idempotency-Key per model's retry cycle"
+    assert len(set.union(*keys.values())) == 3, "a fallback model never reuses another model's key"
+    stats = client.stats()
+    assert stats["fallbacks"]["fallback_answers"] == 1
+    assert (stats["calls"], stats["successes"], stats["failures"]) == (3, 1, 2)
+
+
+def test_an_answer_from_the_requested_model_is_not_flagged(rsps, make_client, clock):
+    Gateway(rsps, {})
+    client = _client(make_client, clock, fallbacks={"gpt-4.1": ["deepseek-v3.2"]})
+    resp = client.chat_completion(MSGS, model="gpt-4.1")
+    assert (resp.model, resp.fallback) == ("gpt-4.1", False)
+
+
+def test_cyclic_fallbacks_never_loop_or_retry_a_model_twice(rsps, make_client, clock):
+    gw = Gateway(rsps, {"a": 500, "b": 500, "c": 500})
+    client = _client(make_client, clock, max_retries=0,
+                     fallbacks={"a": ["b"], "b": ["a", "c"], "c": ["a", "b"]})
+    with pytest.raises(AllAttemptsFailedError) as info:
+        client.chat_completion(MSGS, model="a")
+    assert gw.models == ["a", "b", "c"]
+    assert sorted(info.value.model_errors) == ["a", "b", "c"]
+    assert "c is down" in str(info.value)
+
+
+def test_chain_expands_breadth_first_without_repeats():
+    chain = ModelChain(fallbacks={"a": ["b", "c"], "b": ["d", "a"], "c": ["b", "e"], "d": ["a"]})
+    assert chain.chain("a") == ["a", "b", "c", "d", "e"]
+    assert chain.chain("d") == ["d", "a", "b", "c", "e"]
+    assert chain.chain("z") == ["z"]
+
+
+def test_an_open_breaker_goes_straight_to_the_fallback(rsps, make_client, clock):
+    gw = Gateway(rsps, {"gpt-4.1": 500})
+    client = _client(make_client, clock, max_retries=0, model_breakers={"gpt-4.1": {"fail_max": 1}},
+                     fallbacks={"gpt-4.1": ["deepseek-v3.2"]})
+    assert client.chat_completion(MSGS, model="gpt-4.1").fallback
+    assert gw.models == ["gpt-4.1", "deepseek-v3.2"]
+    resp = client.chat_completion(MSGS, model="gpt-4.1")
+    assert gw.models[2:] == ["deepseek-v3.2"], "the open model was skipped without a request"
+    assert (resp.model, resp.fallback) == ("deepseek-v3.2", True)
+    assert client.stats()["fallbacks"]["circuit_open_skips"] == 1
+
+
+def test_every_breaker_open_raises_the_soonest_retry(rsps, make_client, clock):
+    Gateway(rsps, {"x": 500, "y": 500})
+    client = _client(make_client, clock, max_retries=0, fallbacks={"x": ["y"]},
+                     model_breakers={"x": {"fail_max": 1, "reset_timeout_s": 50},
+                                     "y": {"fail_max": 1, "reset_timeout_s": 20}})
+    with pytest.raises(AllAttemptsFailedError):
+        client.chat_completion(MSGS, model="x")
+    with pytest.raises(CircuitOpenError) as info:
+        client.chat_completion(MSGS, model="x")
+    assert info.value.breaker == "model:y" and info.value.retry_after_s == pytest.approx(20)
+    assert sorted(info.value.model_errors) == ["x", "y"]
+
+
+def test_a_callers_error_is_raised_without_fallback(rsps, make_client, clock):
+    gw = Gateway(rsps, {"gpt-4.1": 400})
+    client = _client(make_client, clock, fallbacks={"gpt-4.1": ["deepseek-v3.2"]})
+    with pytest.raises(BadRequestError):
+        client.chat_completion(MSGS, model="gpt-4.1")
+    assert gw.models == ["gpt-4.1"]
+
+
+def test_fallbacks_share_the_calls_deadline(rsps, make_client, clock):
+    gw = Gateway(rsps, {"slow": 500}, clock=clock, advance_s=11.0)
+    client = _client(make_client, clock, max_retries=0, fallbacks={"slow": ["other"]})
+    with pytest.raises(AllAttemptsFailedError):
+        client.chat_completion(MSGS, model="slow", deadline_s=10)
+    assert gw.models == ["slow"], "no time was left for the fallback"
+
+
+def test_a_canned_reply_comes_only_from_the_users_callable_and_is_flagged(rsps, make_client, clock):
+    Gateway(rsps, {"gpt-4.1": 500, "deepseek-v3.2": 500})
+    seen = []
+
+    def canned(model, payload, error):
+        seen.append((model, payload["messages"], type(error).__name__))
+        return {"choices": [{"index": 0, "message": {"role": "assistant", "content": "try again later"}}]}
+
+    client = _client(make_client, clock, max_retries=0, fallbacks={"gpt-4.1": ["deepseek-v3.2"]},
+                     fallback_reply=canned)
+    resp = client.chat_completion(MSGS, model="gpt-4.1")
+    assert resp.text == "try again later"
+    assert resp.fallback is True and resp.model is None and resp.node_id is None
+    assert resp.extra["canned"] is True and resp.extra["requested_model"] == "gpt-4.1"
+    assert sorted(resp.extra["model_errors"]) == ["deepseek-v3.2", "gpt-4.1"]
+    assert seen == [("gpt-4.1", MSGS, "AllAttemptsFailedError")]
+    assert client.stats()["fallbacks"]["canned_replies"] == 1
+
+
+def test_a_canned_reply_must_be_a_dict(rsps, make_client, clock):
+    Gateway(rsps, {"m": 500})
+    client = _client(make_client, clock, max_retries=0, fallback_reply=lambda *a: "sorry")
+    with pytest.raises(ConfigError) as info:
+        client.chat_completion(MSGS, model="m")
+    assert info.value.field == "fallback_reply"
+
+
+@pytest.mark.parametrize("fallbacks, field", [
+    ({"a": ["a"]}, "fallbacks[a]"),
+    ({"a": "b"}, "fallbacks[a]"),
+    ({"a": [""]}, "fallbacks[a]"),
+    (["a"], "fallbacks"),
+])
+def test_fallback_settings_are_validated(make_client, fallbacks, field):
+    with pytest.raises(ConfigError) as info:
+        make_client([{"id": "a", "base_url": A}], fallbacks=fallbacks)
+    assert info.value.field == field
