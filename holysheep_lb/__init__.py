@@ -32,10 +32,12 @@ from .errors import (  # noqa: E402
     PermissionDeniedError,
     RateLimitError,
     ResponseTooLargeError,
+    StreamInterruptedError,
     UnprocessableEntityError,
 )
 from .response import Response  # noqa: E402
 from .selection import RoutingStrategy, Strategy  # noqa: E402
+from .streaming import ChatStream  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -45,6 +47,7 @@ __all__ = [
     "ClientConfig",
     "Node",
     "Response",
+    "ChatStream",
     "RoutingStrategy",
     "Strategy",
     "HolySheepError",
@@ -61,6 +64,7 @@ __all__ = [
     "APITimeoutError",
     "APIResponseValidationError",
     "ResponseTooLargeError",
+    "StreamInterruptedError",
     "NoHealthyNodeError",
     "AllAttemptsFailedError",
     "ConfigError",
