@@ -553,7 +553,6 @@ class ChatStream:
         else:
             self._absorb(self._first)
             self._transport.set_read_timeout(opened.response, stall_timeout_s)
-            self._lease.reader.expect("chunk", stall_timeout_s)
 
     # -- iteration ---------------------------------------------------------------------
 
@@ -567,6 +566,7 @@ class ChatStream:
             chunk, self._first = self._first, None
             return chunk
         reader = self._lease.reader
+        reader.expect("chunk", self._stall_timeout_s)  # from now: time the caller spent is not a stall
         try:
             event = reader.next_event()
             chunk = None if event is None else decode_event(event, self.node_id)
@@ -578,7 +578,6 @@ class ChatStream:
         if chunk is None:
             self._finish_body()
             raise StopIteration
-        reader.expect("chunk", self._stall_timeout_s)
         self._absorb(chunk)
         return chunk
 

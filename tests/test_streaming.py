@@ -24,6 +24,7 @@ from holysheep_lb import (
     StreamInterruptedError,
 )
 from holysheep_lb.streaming import SSEEvent, SSEParser, StreamReaper, _EventReader, decode_event
+from holysheep_lb.transport import Transport
 
 A = "https://a.example/v1"
 B = "https://b.example/v1"
@@ -255,6 +256,27 @@ def test_a_broken_stream_after_the_first_chunk_is_interrupted_not_retried(rsps, 
     assert stats["in_flight"] == 0
     assert stats["streams"]["interrupted_by_reason"] == {reason: 1}
     assert stats["failures_by_error"] == {"StreamInterruptedError": 1}
+
+
+def test_stall_timeout_counts_only_time_spent_waiting_for_the_node(rsps, make_client, clock, monkeypatch):
+    _stream_post(rsps, A)
+    pieces = [sse(delta("Hel"), done=False), b": keepalive\n\n", sse(delta("lo"), done=False),
+              b": keepalive\n\n", b": keepalive\n\n"]
+
+    def iter_bytes(self, response):
+        for piece in pieces:
+            yield piece
+            clock.advance(2.0)  # the node takes 2 s per piece
+
+    monkeypatch.setattr(Transport, "iter_bytes", iter_bytes)
+    client = _client(make_client, clock, stream_stall_timeout_s=3.0)
+    stream = client.chat_completion(MSGS, model="m", stream=True)
+    clock.advance(100.0)  # a slow caller: not the node's fault
+    assert next(stream)["choices"][0]["delta"]["content"] == "Hel"
+    assert next(stream)["choices"][0]["delta"]["content"] == "lo"  # after a keepalive, 4 s after asking
+    with pytest.raises(StreamInterruptedError) as info:
+        next(stream)  # two keepalives and no chunk: 4 s > 3 s
+    assert info.value.reason == "stall" and info.value.partial_text == "Hello"
 
 
 def test_close_and_context_manager_release_the_node_once(rsps, make_client, clock):
