@@ -34,11 +34,13 @@ from .errors import (  # noqa: E402
     RateLimitError,
     RateLimitExceeded,
     ResponseTooLargeError,
+    StreamInterruptedError,
     UnprocessableEntityError,
 )
 from .ratelimit import TokenBucket  # noqa: E402
 from .response import Response  # noqa: E402
 from .selection import RoutingStrategy, Strategy  # noqa: E402
+from .streaming import ChatStream  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -50,6 +52,7 @@ __all__ = [
     "Node",
     "TokenBucket",
     "Response",
+    "ChatStream",
     "RoutingStrategy",
     "Strategy",
     "HolySheepError",
@@ -66,6 +69,7 @@ __all__ = [
     "APITimeoutError",
     "APIResponseValidationError",
     "ResponseTooLargeError",
+    "StreamInterruptedError",
     "NoHealthyNodeError",
     "AllAttemptsFailedError",
     "CircuitOpenError",

@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 import weakref
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import __version__
 from .breakers import BreakerBoard, wall_clock
@@ -60,6 +60,7 @@ from .response import Response
 from .retry import RetryBudget, RetryPolicy
 from .selection import Selector, make_strategy
 from .stats import LatencyHistogram, failure_kind
+from .streaming import STREAM_HEADERS, ChatStream, OpenedStream, StreamOutcome, StreamReaper, StreamStats, open_stream
 from .transport import Transport
 
 __all__ = ["Client"]
@@ -167,6 +168,8 @@ class Client:
         self._call_successes = 0
         self._call_failures: Dict[str, int] = {}
         self._call_latency = LatencyHistogram()
+        self._stream_stats = StreamStats()
+        self._stream_reaper = StreamReaper(clock)
         self._closed = False
         self._pid = os.getpid()
         self._health: Optional[HealthChecker] = None
@@ -214,6 +217,7 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        self._stream_reaper.reap()
         if self._health is not None:
             self._health.stop()
         for node in self._selector.nodes:
@@ -242,6 +246,7 @@ class Client:
     def _ensure_running(self) -> None:
         if self._closed:
             raise HolySheepError("this Client is closed")
+        self._stream_reaper.reap()  # streams dropped without close() since the last call
         health = self._health
         if health is not None and not health.running:
             health.start()  # lazily, e.g. in a child after fork
@@ -257,18 +262,29 @@ class Client:
         deadline_s: Optional[float] = None,
         idempotency_key: Optional[str] = None,
         **params: Any,
-    ) -> Response:
+    ) -> Union[Response, ChatStream]:
         """``POST /chat/completions``; returns the decoded JSON with routing metadata.
 
         Blocks until an answer or a typed error. ``params`` (temperature, max_tokens, ...)
-        are sent as they are. ``region`` steers the geographic strategy.
+        are sent as they are. ``region`` steers the geographic strategy. With
+        ``stream=True`` it returns a :class:`~holysheep_lb.streaming.ChatStream` once the
+        first chunk has arrived (failing over until then) and asks for
+        ``stream_options={"include_usage": True}`` unless told otherwise.
         """
         model = self._resolve_model(model)
         _validate_messages(messages)
         _validate_params(params)
-        if params.get("stream"):
-            raise InvalidRequestError("stream", params["stream"], "streaming is not available in this version")
+        stream = params.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            raise InvalidRequestError("stream", stream, "must be True or False")
         payload = {"model": model, "messages": list(messages), **params}
+        if stream:
+            options = params.get("stream_options")
+            if options is not None and not isinstance(options, Mapping):
+                raise InvalidRequestError("stream_options", options, "must be a dict or None")
+            payload["stream_options"] = {"include_usage": True, **(options or {})}
+            return self._stream_chat(payload, region=region, deadline_s=deadline_s,
+                                     idempotency_key=idempotency_key)
         return self.request("POST", "/chat/completions", json=payload, region=region,
                             deadline_s=deadline_s, idempotency_key=idempotency_key)
 
@@ -300,6 +316,21 @@ class Client:
         idempotency_key: Optional[str] = None,
     ) -> Response:
         """Any JSON API call, with failover; ``path`` is relative to each node's base_url."""
+        method, body, headers, deadline = self._prepare(method, path, json, region=region, deadline_s=deadline_s,
+                                                        idempotency_key=idempotency_key)
+        return self._run_chain(method, path, json, body, headers, region=region, deadline=deadline)
+
+    def _prepare(
+        self,
+        method: str,
+        path: str,
+        json: Optional[Mapping[str, Any]],
+        *,
+        region: Optional[str],
+        deadline_s: Optional[float],
+        idempotency_key: Optional[str],
+    ) -> Tuple[str, Optional[bytes], Dict[str, str], float]:
+        """Validate a call and build (method, body, headers, deadline); nothing is sent."""
         if not isinstance(method, str) or method.upper() not in ("GET", "POST", "PUT", "PATCH", "DELETE"):
             raise InvalidRequestError("method", method, "must be GET, POST, PUT, PATCH or DELETE")
         if not isinstance(path, str) or not path.startswith("/") or any(c in path for c in "\r\n \t"):
@@ -310,7 +341,7 @@ class Client:
         if region is not None and not isinstance(region, str):
             raise InvalidRequestError("region", region, "must be a string")
         body = None if json is None else _encode_json(json)
-        headers: Optional[Dict[str, str]] = None
+        headers: Dict[str, str] = {}
         if method.upper() != "GET":
             key = idempotency_key or uuid.uuid4().hex
             if not isinstance(key, str) or any(c in key for c in "\r\n\x00"):
@@ -318,23 +349,71 @@ class Client:
             headers = {"Content-Type": "application/json", "Idempotency-Key": key}
         self._ensure_running()
         deadline = self._clock() + (deadline_s or self.config.deadline_s)
-        method = method.upper()
+        return method.upper(), body, headers, deadline
+
+    def _run_chain(self, method: str, path: str, json: Optional[Mapping[str, Any]],
+                   body: Optional[bytes], headers: Dict[str, str], *, region: Optional[str],
+                   deadline: float, steps: Optional[Callable[..., Any]] = None) -> Any:
+        """Run the call through the model chain (breakers, rate limits, fallbacks).
+
+        ``steps(model, body, headers) -> (send, finish)`` customises the attempt loop
+        (streams); each model of the chain gets its own body and Idempotency-Key.
+        """
         requested = json.get("model") if json else None
         requested = requested if isinstance(requested, str) else None
 
         def execute(model: Optional[str]) -> Any:
-            if model == requested:
-                return self._execute(method, path, body, headers, region=region, deadline=deadline, model=model)
-            # A fallback model: its own body, and its own Idempotency-Key so that a node
-            # never replays the first model's answer for it.
-            fb_headers = headers
-            if headers is not None:
-                tag = hashlib.sha256(str(model).encode("utf-8")).hexdigest()[:12]
-                fb_headers = {**headers, "Idempotency-Key": f"{headers['Idempotency-Key']}-{tag}"}
-            return self._execute(method, path, _encode_json({**json, "model": model}), fb_headers,  # type: ignore[dict-item]
-                                 region=region, deadline=deadline, model=model)
+            model_body, model_headers = body, headers
+            if model != requested:
+                # A fallback model: its own body, and its own Idempotency-Key so that a
+                # node never replays the first model's answer for it.
+                if headers:
+                    tag = hashlib.sha256(str(model).encode("utf-8")).hexdigest()[:12]
+                    model_headers = {**headers, "Idempotency-Key": f"{headers['Idempotency-Key']}-{tag}"}
+                model_body = _encode_json({**json, "model": model})  # type: ignore[dict-item]
+            send, finish = steps(model, model_body, model_headers) if steps else (None, None)
+            return self._execute(method, path, model_body, model_headers, region=region,
+                                 deadline=deadline, model=model, send=send, finish=finish)
 
         return self._chain.run(requested, json, execute, deadline=deadline)
+
+    def _stream_chat(self, payload: Dict[str, Any], *, region: Optional[str], deadline_s: Optional[float],
+                     idempotency_key: Optional[str]) -> ChatStream:
+        """Open a chat stream: the attempt loop runs until a first chunk, then a ChatStream owns the node."""
+        path = "/chat/completions"
+        method, body, headers, deadline = self._prepare("POST", path, payload, region=region,
+                                                        deadline_s=deadline_s, idempotency_key=idempotency_key)
+        headers.update(STREAM_HEADERS)
+        cfg = self.config
+        clock = self._clock
+
+        def steps(model: str, model_body: bytes, model_headers: Dict[str, str]) -> Tuple[Any, Any]:
+            def send(node: NodeState, timeout: Tuple[float, float]) -> OpenedStream:
+                first_chunk_s = max(0.001, min(cfg.stream_first_chunk_timeout_s, deadline - clock()))
+                return open_stream(node.transport, method, path, body=model_body, headers=model_headers,
+                                   connect_timeout_s=timeout[0], first_chunk_timeout_s=first_chunk_s,
+                                   clock=clock, max_bytes=cfg.max_response_bytes)
+
+            def finish(node: NodeState, opened: OpenedStream, attempts: List[Attempt], started: float,
+                       picked_at: float) -> ChatStream:
+                return ChatStream(opened, selector=self._selector, node=node, attempts=attempts,
+                                  model=model, started=started, picked_at=picked_at,
+                                  stall_timeout_s=cfg.stream_stall_timeout_s, clock=clock,
+                                  classify=failure_kind, on_end=self._stream_ended, reaper=self._stream_reaper)
+            return send, finish
+
+        return self._run_chain(method, path, payload, body, headers, region=region, deadline=deadline,
+                               steps=steps)
+
+    def _stream_ended(self, outcome: StreamOutcome) -> None:
+        """Called once per stream when it completes, breaks or is cancelled.
+
+        The per-stream bookkeeping hook: stream stats and call counts here; cost
+        accounting (``outcome.model``, ``outcome.usage``) and breaker outcomes
+        (``outcome.status``, ``outcome.error``, ``outcome.node_id``) plug in here too.
+        """
+        self._stream_stats.record(outcome)
+        self._count_call(outcome.ok, None if outcome.ok else "StreamInterruptedError", outcome.started)
 
     # -- the attempt loop -----------------------------------------------------------------
 
@@ -532,6 +611,7 @@ class Client:
 
     def stats(self) -> Dict[str, Any]:
         """A consistent, thread-safe snapshot of counters and latency percentiles."""
+        self._stream_reaper.reap()
         nodes = self._selector.node_stats()
         with self._stats_lock:
             failures = dict(self._call_failures)
@@ -553,6 +633,7 @@ class Client:
             "retry_budget": None if self._retry_budget is None else self._retry_budget.snapshot(),
             "hedges": None if self._hedger is None else self._hedger.stats(),
             "rate_limits": self._chain.limits.snapshot() if self._chain.limits is not None else {},
+            "streams": self._stream_stats.snapshot(),
         }
 
     def breakers(self) -> List[Dict[str, Any]]:
@@ -566,6 +647,7 @@ class Client:
 
     def nodes(self) -> List[Dict[str, Any]]:
         """Each node's routing state: usable or not and why, in-flight, latency, ejections, probes."""
+        self._stream_reaper.reap()
         return self._selector.snapshot()
 
     @property

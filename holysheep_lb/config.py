@@ -206,6 +206,9 @@ class ClientConfig:
     ``rate_limiter_factory(name, rate_per_s, capacity)``; ``retry_budget_ratio`` (None:
     off), ``retry_budget_min_per_s``, ``retry_budget_ttl_s``; ``hedge_delay_s`` (seconds
     or ``"p95"``; None: off), ``hedge_max_ratio``, ``hedge_max_threads``.
+    timeout is also cut to what remains of the deadline). A stream (``stream=True``)
+    uses ``stream_first_chunk_timeout_s`` instead of the read timeout until its first
+    chunk (the deadline still applies), then ``stream_stall_timeout_s`` between chunks.
     """
 
     nodes: Tuple[Node, ...]
@@ -220,6 +223,8 @@ class ClientConfig:
     retry_after_cap_s: float = 60.0
     pool_maxsize: int = 32
     max_response_bytes: int = 16 * 1024 * 1024
+    stream_first_chunk_timeout_s: float = 30.0
+    stream_stall_timeout_s: float = 60.0
     default_model: Optional[str] = None
     default_region: Optional[str] = None
     verify: Union[bool, str] = True
@@ -260,7 +265,8 @@ class ClientConfig:
     def __post_init__(self) -> None:
         if self.api_key is not None:
             _check_header_text("api_key", self.api_key)
-        for name in ("connect_timeout_s", "read_timeout_s", "deadline_s"):
+        for name in ("connect_timeout_s", "read_timeout_s", "deadline_s",
+                     "stream_first_chunk_timeout_s", "stream_stall_timeout_s"):
             _check_number(name, getattr(self, name), strict=True)
         for name in ("backoff_base_s", "backoff_cap_s", "retry_after_cap_s", "ejection_base_s",
                      "ejection_max_s", "slow_start_s"):

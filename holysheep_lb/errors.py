@@ -15,8 +15,10 @@ pybreaker or redis escapes the client::
     │   │   └── InternalServerError      5xx
     │   ├── APIConnectionError           no usable answer: refused, reset, TLS, proxy
     │   │   └── APITimeoutError          connect or read timeout
-    │   └── APIResponseValidationError   an answer that is not what the API promises
-    │       └── ResponseTooLargeError    (invalid JSON, not an object, over the size cap)
+    │   ├── APIResponseValidationError   an answer that is not what the API promises
+    │   │   └── ResponseTooLargeError    (invalid JSON, not an object, over the size cap)
+    │   └── StreamInterruptedError       a stream broke after its first chunk (never retried);
+    │                                    carries the partial text and the node
     ├── NoHealthyNodeError               no node can be used for this call
     ├── AllAttemptsFailedError           every attempt failed; lists each attempt
     ├── CircuitOpenError                 a circuit breaker is open; says when to retry
@@ -48,6 +50,7 @@ __all__ = [
     "APITimeoutError",
     "APIResponseValidationError",
     "ResponseTooLargeError",
+    "StreamInterruptedError",
     "NoHealthyNodeError",
     "AllAttemptsFailedError",
     "CircuitOpenError",
@@ -177,6 +180,26 @@ class APIResponseValidationError(APIError):
 
 class ResponseTooLargeError(APIResponseValidationError):
     """The response body exceeded ``max_response_bytes``."""
+
+
+class StreamInterruptedError(APIError):
+    """A stream broke after its first chunk reached the caller; it is never retried.
+
+    ``reason`` is ``"reset"``, ``"stall"`` (no chunk within the stall timeout),
+    ``"truncated"`` (ended without ``[DONE]``), ``"malformed"`` (bad SSE or JSON),
+    ``"too_large"`` or ``"server_error"`` (an error event inside the stream).
+    ``partial_text`` is the text received so far, ``chunks`` how many chunks the caller
+    got; the underlying error is ``__cause__``.
+    """
+
+    retryable = False
+
+    def __init__(self, message: str, *, reason: str, partial_text: str, chunks: int,
+                 node_id: Optional[str] = None) -> None:
+        super().__init__(message, node_id=node_id)
+        self.reason = reason
+        self.partial_text = partial_text
+        self.chunks = chunks
 
 
 class NoHealthyNodeError(HolySheepError):

@@ -100,7 +100,7 @@ class ModelChain:
                 continue
             if candidate != model:
                 self._count("fallback_answers")
-                if isinstance(result, Response):
+                if isinstance(result, Response) or hasattr(result, "fallback"):  # a stream too
                     result.fallback = True
                     result.extra["requested_model"] = model
             return result

@@ -268,6 +268,52 @@ class Transport:
             raise translate_error(exc, self.node.id) from exc
         return b"".join(parts)
 
+    def raise_for_error_status(self, response: requests.Response, *, body_cap_bytes: int = 64 * 1024) -> None:
+        """For a non-2xx streaming response: read at most ``body_cap_bytes``, close it, raise the typed error."""
+        if response.status_code < 300:
+            return
+        read_error: Optional[APIError] = None
+        try:
+            raw = response.raw.read(body_cap_bytes, decode_content=True) or b""
+        except Exception as exc:  # noqa: BLE001 - the status is the news; the read error is chained
+            raw = b""
+            read_error = translate_error(exc, self.node.id)
+        finally:
+            response.close()
+        try:
+            self.decode(response, raw)
+        except APIError as exc:
+            raise exc from read_error
+
+    def iter_bytes(self, response: requests.Response) -> Iterator[bytes]:
+        """Yield a streaming body's bytes as they arrive, translating errors; the caller closes it.
+
+        Chunked bodies go through ``iter_content`` (one HTTP chunk at a time, and the
+        connection returns to the pool when fully read); others use ``read1`` where
+        urllib3 has it, so a close-delimited event stream is not held back to fill a buffer.
+        """
+        raw = response.raw
+        try:
+            if getattr(raw, "chunked", True) or not hasattr(raw, "read1"):
+                yield from response.iter_content(chunk_size=_READ_CHUNK)
+                return
+            while True:
+                data = raw.read1(_READ_CHUNK, decode_content=True)
+                if not data:
+                    return
+                yield data
+        except Exception as exc:  # noqa: BLE001 - translated, never swallowed
+            raise translate_error(exc, self.node.id) from exc
+
+    def set_read_timeout(self, response: requests.Response, timeout_s: float) -> None:
+        """Change the socket read timeout of an open streaming response (first chunk -> stall)."""
+        sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+        if sock is not None:
+            try:
+                sock.settimeout(timeout_s)
+            except OSError:
+                pass  # the socket is already closed: the next read reports it
+
     def iter_lines(self, response: requests.Response) -> Iterator[bytes]:
         """Yield raw lines of a streaming body, translating errors; the caller closes it."""
         try:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
-from typing import List
+import threading
+import time
+from typing import Callable, List
 
 import pytest
 
@@ -28,6 +30,17 @@ class FakeClock:
     def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
         self.now += max(0.0, seconds)
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 3.0, interval_s: float = 0.01) -> bool:
+    """Bounded polling (no bare sleeps): True once predicate() holds."""
+    deadline = time.monotonic() + timeout_s
+    pause = threading.Event()
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        pause.wait(interval_s)
+    return predicate()
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ import requests
 
 from holysheep_lb.simulator import MODELS, SimNode, SimulatedGateway, reply_text, sample_latency_ms
 
+from ..conftest import wait_until
+
 TIMEOUT = (2.0, 5.0)
 CHAT_BODY = {
     "model": "deepseek-v3.2",
@@ -22,17 +24,6 @@ CHAT_BODY = {
         {"role": "user", "content": "one two three four five six seven eight"},
     ],
 }
-
-
-def wait_until(predicate, timeout_s=3.0, interval_s=0.01):
-    """Bounded polling (no bare sleeps): True once predicate() holds."""
-    deadline = time.monotonic() + timeout_s
-    pause = threading.Event()
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        pause.wait(interval_s)
-    return predicate()
 
 
 def pool_connections(session: requests.Session, url: str) -> int:
