@@ -11,6 +11,7 @@ import logging
 
 __version__ = "0.1.0"
 
+from .cache import ResponseCache  # noqa: E402
 from .client import Client  # noqa: E402
 from .config import ClientConfig, Node  # noqa: E402
 from .errors import (  # noqa: E402
@@ -23,6 +24,7 @@ from .errors import (  # noqa: E402
     Attempt,
     AuthenticationError,
     BadRequestError,
+    BudgetExceededError,
     ConfigError,
     HolySheepError,
     InternalServerError,
@@ -34,6 +36,8 @@ from .errors import (  # noqa: E402
     ResponseTooLargeError,
     UnprocessableEntityError,
 )
+from .models import AUTO, ModelRouter, RoutingDecision, RoutingRequest  # noqa: E402
+from .pricing import Budget, BudgetCap, InMemorySpendStore, ModelPrice, PriceTable, SpendStore  # noqa: E402
 from .response import Response  # noqa: E402
 from .selection import RoutingStrategy, Strategy  # noqa: E402
 
@@ -47,6 +51,17 @@ __all__ = [
     "Response",
     "RoutingStrategy",
     "Strategy",
+    "AUTO",
+    "ModelRouter",
+    "RoutingDecision",
+    "RoutingRequest",
+    "PriceTable",
+    "ModelPrice",
+    "Budget",
+    "BudgetCap",
+    "SpendStore",
+    "InMemorySpendStore",
+    "ResponseCache",
     "HolySheepError",
     "APIError",
     "APIStatusError",
@@ -63,6 +78,7 @@ __all__ = [
     "ResponseTooLargeError",
     "NoHealthyNodeError",
     "AllAttemptsFailedError",
+    "BudgetExceededError",
     "ConfigError",
     "InvalidRequestError",
     "Attempt",

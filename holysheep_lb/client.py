@@ -27,6 +27,7 @@ import weakref
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from . import __version__
+from .cache import cache_key, make_cache
 from .config import (
     CLIENT_OPTIONS,
     ClientConfig,
@@ -49,7 +50,9 @@ from .errors import (
     RateLimitError,
 )
 from .health import HealthChecker
+from .models import AUTO, ModelRouter
 from .nodes import EjectionPolicy, NodeState
+from .pricing import SpendLedger
 from .response import Response
 from .retry import RetryPolicy
 from .selection import Selector, make_strategy
@@ -110,8 +113,8 @@ class Client:
     defaults to the public endpoint ``https://api.holysheep.ai/v1``. Every other option
     is a keyword argument documented on :class:`~holysheep_lb.config.ClientConfig`
     (``strategy``, ``connect_timeout_s``, ``read_timeout_s``, ``deadline_s``,
-    ``max_retries``, ``pool_maxsize``, ...). ``clock``, ``sleep`` and ``rand`` exist for
-    tests.
+    ``max_retries``, ``pool_maxsize``, ...). ``clock``, ``sleep``, ``rand`` and
+    ``wall_clock`` (epoch seconds: which UTC day spend is counted on) exist for tests.
     """
 
     def __init__(
@@ -122,6 +125,7 @@ class Client:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         rand: Optional[Callable[[], float]] = None,
+        wall_clock: Callable[[], float] = time.time,
         **options: Any,
     ) -> None:
         unknown = sorted(set(options) - CLIENT_OPTIONS - {"nodes", "api_key"})
@@ -169,6 +173,9 @@ class Client:
                 healthy_threshold=cfg.healthy_threshold, clock=clock, rand=self._rand,
             )
             self._health.start()
+        self._router = cfg.router or ModelRouter()
+        self._ledger = SpendLedger(cfg.prices, store=cfg.spend_store, budget=cfg.budget, wall_clock=wall_clock)
+        self._cache = make_cache(cfg.cache, timer=clock)
         self.chat = _Chat(self)
         _LIVE_CLIENTS.add(self)
 
@@ -225,6 +232,9 @@ class Client:
             node.transport.reset_after_fork()
         if self._health is not None:
             self._health.reset_after_fork()
+        self._ledger.store.reset_after_fork()
+        if self._cache is not None:
+            self._cache.reset_after_fork()
 
     def _ensure_running(self) -> None:
         if self._closed:
@@ -243,21 +253,74 @@ class Client:
         region: Optional[str] = None,
         deadline_s: Optional[float] = None,
         idempotency_key: Optional[str] = None,
+        cache: Optional[bool] = None,
         **params: Any,
     ) -> Response:
         """``POST /chat/completions``; returns the decoded JSON with routing metadata.
 
         Blocks until an answer or a typed error. ``params`` (temperature, max_tokens, ...)
         are sent as they are. ``region`` steers the geographic strategy.
+        ``model="auto"`` lets the client's router choose (``resp.extra["routing"]``).
+        ``cache`` overrides whether the response cache is used (default: only when
+        ``temperature == 0``). Raises :class:`BudgetExceededError` before sending when
+        a spend cap refuses the call.
         """
+        if model is None and self.config.default_model is None and self.config.router is not None:
+            model = AUTO
         model = self._resolve_model(model)
         _validate_messages(messages)
         _validate_params(params)
+        if cache is not None and not isinstance(cache, bool):
+            raise InvalidRequestError("cache", cache, "must be True, False or None")
         if params.get("stream"):
             raise InvalidRequestError("stream", params["stream"], "streaming is not available in this version")
-        payload = {"model": model, "messages": list(messages), **params}
-        return self.request("POST", "/chat/completions", json=payload, region=region,
-                            deadline_s=deadline_s, idempotency_key=idempotency_key)
+        decision = self._router.route(messages, params) if model == AUTO else None
+
+        def send(chosen: str) -> Response:
+            payload = {"model": chosen, "messages": list(messages), **params}
+            return self.request("POST", "/chat/completions", json=payload, region=region,
+                                deadline_s=deadline_s, idempotency_key=idempotency_key)
+
+        resp = self._chat_with_costs(decision.model if decision else model, messages, params, send,
+                                     cache=cache, wait_s=deadline_s or self.config.deadline_s)
+        if decision is not None:
+            resp.extra["routing"] = decision
+            resp.fallback = resp.fallback or decision.fallback
+        return resp
+
+    def _chat_with_costs(self, model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any],
+                         send: Callable[[str], Response], *, cache: Optional[bool], wait_s: float) -> Response:
+        """The cost steps around ``send``: cache lookup, budget reservation, actual cost."""
+        ledger = self._ledger
+
+        def paid() -> Tuple[Response, bool]:
+            reservation = ledger.admit(model, messages, params, is_available=self._router.is_available)
+            try:
+                resp = send(reservation.model)
+            except BaseException:
+                ledger.cancel(reservation)
+                raise
+            settled = ledger.settle(reservation, resp.get("usage"))
+            resp.extra["cost"] = {"model": reservation.model, "estimated_usd": float(reservation.amount_usd),
+                                  "cost_usd": float(settled.cost_usd), "input_tokens": settled.input_tokens,
+                                  "output_tokens": settled.output_tokens, "from_usage": settled.from_usage}
+            if reservation.model != model:
+                resp.fallback = True
+                resp.extra["cost"]["downgraded_from"] = model
+            return resp, reservation.model == model  # a downgraded answer is not cached
+
+        if self._cache is None or not self._cache.wanted(params, cache):
+            return paid()[0]
+        started = self._clock()
+        resp, hit = self._cache.get_or_call(cache_key(model, messages, params), paid, wait_s=wait_s)
+        if hit:
+            ledger.record_cache_hit(model)
+            resp.cached = True
+            resp.attempts = ()
+            resp.latency_ms = (self._clock() - started) * 1000.0  # > 0 if it waited for an identical call
+            resp.extra["cost"] = {"model": model, "estimated_usd": 0.0, "cost_usd": 0.0, "input_tokens": 0,
+                                  "output_tokens": 0, "from_usage": False}
+        return resp
 
     def embeddings(self, input: Any, model: Optional[str] = None, *, region: Optional[str] = None,
                    deadline_s: Optional[float] = None, **params: Any) -> Response:
@@ -446,7 +509,17 @@ class Client:
             "latency": latency,
             "in_flight": sum(n["in_flight"] for n in nodes.values()),
             "nodes": nodes,
+            "cache": self._cache.stats() if self._cache is not None else None,
         }
+
+    def cost_report(self, baseline_model: Optional[str] = None, *, since: Optional[str] = None,
+                    until: Optional[str] = None) -> Dict[str, Any]:
+        """Spend totals, per model and per UTC day, and savings against ``baseline_model``.
+
+        See :meth:`holysheep_lb.pricing.SpendLedger.report`; ``since``/``until`` are
+        inclusive days like ``"2026-11-26"``.
+        """
+        return self._ledger.report(baseline_model, since=since, until=until)
 
     def nodes(self) -> List[Dict[str, Any]]:
         """Each node's routing state: usable or not and why, in-flight, latency, ejections, probes."""
@@ -455,6 +528,14 @@ class Client:
     @property
     def selector(self) -> Selector:
         return self._selector
+
+    @property
+    def router(self) -> ModelRouter:
+        return self._router
+
+    @property
+    def ledger(self) -> SpendLedger:
+        return self._ledger
 
     @property
     def health_checker(self) -> Optional[HealthChecker]:
