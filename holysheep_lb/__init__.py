@@ -11,6 +11,7 @@ import logging
 
 __version__ = "0.1.0"
 
+from .cache import ResponseCache  # noqa: E402
 from .client import Client  # noqa: E402
 from .config import BreakerSettings, ClientConfig, Node  # noqa: E402
 from .errors import (  # noqa: E402
@@ -24,6 +25,7 @@ from .errors import (  # noqa: E402
     AuthenticationError,
     BadRequestError,
     CircuitOpenError,
+    BudgetExceededError,
     ConfigError,
     HolySheepError,
     InternalServerError,
@@ -38,6 +40,8 @@ from .errors import (  # noqa: E402
     UnprocessableEntityError,
 )
 from .ratelimit import TokenBucket  # noqa: E402
+from .models import AUTO, ModelRouter, RoutingDecision, RoutingRequest  # noqa: E402
+from .pricing import Budget, BudgetCap, InMemorySpendStore, ModelPrice, PriceTable, SpendStore  # noqa: E402
 from .response import Response  # noqa: E402
 from .selection import RoutingStrategy, Strategy  # noqa: E402
 from .streaming import ChatStream  # noqa: E402
@@ -55,6 +59,17 @@ __all__ = [
     "ChatStream",
     "RoutingStrategy",
     "Strategy",
+    "AUTO",
+    "ModelRouter",
+    "RoutingDecision",
+    "RoutingRequest",
+    "PriceTable",
+    "ModelPrice",
+    "Budget",
+    "BudgetCap",
+    "SpendStore",
+    "InMemorySpendStore",
+    "ResponseCache",
     "HolySheepError",
     "APIError",
     "APIStatusError",
@@ -74,6 +89,7 @@ __all__ = [
     "AllAttemptsFailedError",
     "CircuitOpenError",
     "RateLimitExceeded",
+    "BudgetExceededError",
     "ConfigError",
     "InvalidRequestError",
     "Attempt",

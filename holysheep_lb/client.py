@@ -30,7 +30,9 @@ import weakref
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import __version__
-from .breakers import BreakerBoard, wall_clock
+from .breakers import BreakerBoard
+from .breakers import wall_clock as breaker_wall_clock
+from .cache import cache_key, make_cache
 from .config import (
     CLIENT_OPTIONS,
     ClientConfig,
@@ -54,7 +56,9 @@ from .errors import (
 from .fallbacks import ModelChain
 from .health import HealthChecker
 from .hedging import Hedger
+from .models import AUTO, ModelRouter
 from .nodes import EjectionPolicy, NodeState
+from .pricing import SpendLedger
 from .ratelimit import RateLimits
 from .response import Response
 from .retry import RetryBudget, RetryPolicy
@@ -104,8 +108,8 @@ class Client:
     defaults to the public endpoint ``https://api.holysheep.ai/v1``. Every other option
     is a keyword argument documented on :class:`~holysheep_lb.config.ClientConfig`
     (``strategy``, ``connect_timeout_s``, ``read_timeout_s``, ``deadline_s``,
-    ``max_retries``, ``pool_maxsize``, ...). ``clock``, ``sleep`` and ``rand`` exist for
-    tests.
+    ``max_retries``, ``pool_maxsize``, ...). ``clock``, ``sleep``, ``rand`` and
+    ``wall_clock`` (epoch seconds: which UTC day spend is counted on) exist for tests.
     """
 
     def __init__(
@@ -116,6 +120,7 @@ class Client:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         rand: Optional[Callable[[], float]] = None,
+        wall_clock: Callable[[], float] = time.time,
         **options: Any,
     ) -> None:
         unknown = sorted(set(options) - CLIENT_OPTIONS - {"nodes", "api_key"})
@@ -149,7 +154,7 @@ class Client:
         )
         self._breakers = BreakerBoard(model_settings=cfg.breaker, per_model=cfg.model_breakers,
                                       node_settings=cfg.node_breakers, storage_factory=cfg.breaker_storage,
-                                      clock=wall_clock(clock))
+                                      clock=breaker_wall_clock(clock))
         limits = RateLimits(requests_per_minute=cfg.requests_per_minute, tokens_per_minute=cfg.tokens_per_minute,
                             per_model=cfg.model_rate_limits, factory=cfg.rate_limiter_factory, clock=clock)
         self._chain = ModelChain(breakers=self._breakers, limits=limits, fallbacks=cfg.fallbacks,
@@ -181,6 +186,11 @@ class Client:
                 healthy_threshold=cfg.healthy_threshold, clock=clock, rand=self._rand,
             )
             self._health.start()
+        self._router = cfg.router or ModelRouter(fallbacks=cfg.fallbacks)
+        if self._router.uses_default_availability:
+            self._router.is_available = self.breaker_allows  # skip models whose breaker is open
+        self._ledger = SpendLedger(cfg.prices, store=cfg.spend_store, budget=cfg.budget, wall_clock=wall_clock)
+        self._cache = make_cache(cfg.cache, timer=clock)
         self.chat = _Chat(self)
         _LIVE_CLIENTS.add(self)
 
@@ -242,6 +252,9 @@ class Client:
                 part.reset_after_fork()
         if self._health is not None:
             self._health.reset_after_fork()
+        self._ledger.store.reset_after_fork()
+        if self._cache is not None:
+            self._cache.reset_after_fork()
 
     def _ensure_running(self) -> None:
         if self._closed:
@@ -261,32 +274,112 @@ class Client:
         region: Optional[str] = None,
         deadline_s: Optional[float] = None,
         idempotency_key: Optional[str] = None,
+        cache: Optional[bool] = None,
         **params: Any,
     ) -> Union[Response, ChatStream]:
         """``POST /chat/completions``; returns the decoded JSON with routing metadata.
 
         Blocks until an answer or a typed error. ``params`` (temperature, max_tokens, ...)
-        are sent as they are. ``region`` steers the geographic strategy. With
-        ``stream=True`` it returns a :class:`~holysheep_lb.streaming.ChatStream` once the
-        first chunk has arrived (failing over until then) and asks for
-        ``stream_options={"include_usage": True}`` unless told otherwise.
+        are sent as they are. ``region`` steers the geographic strategy.
+        ``model="auto"`` lets the client's router choose (``resp.extra["routing"]``).
+        ``cache`` overrides whether the response cache is used (default: only when
+        ``temperature == 0``). Raises :class:`BudgetExceededError` before sending when
+        a spend cap refuses the call. With ``stream=True`` it returns a
+        :class:`~holysheep_lb.streaming.ChatStream` once the first chunk has arrived
+        (failing over until then) and asks for ``stream_options={"include_usage": True}``
+        unless told otherwise; its cost is settled from that usage when it ends.
         """
+        if model is None and self.config.default_model is None and self.config.router is not None:
+            model = AUTO
         model = self._resolve_model(model)
         _validate_messages(messages)
         _validate_params(params)
         stream = params.get("stream")
         if stream is not None and not isinstance(stream, bool):
             raise InvalidRequestError("stream", stream, "must be True or False")
-        payload = {"model": model, "messages": list(messages), **params}
+        if cache is not None and not isinstance(cache, bool):
+            raise InvalidRequestError("cache", cache, "must be True, False or None")
+        decision = self._router.route(messages, params) if model == AUTO else None
         if stream:
             options = params.get("stream_options")
             if options is not None and not isinstance(options, Mapping):
                 raise InvalidRequestError("stream_options", options, "must be a dict or None")
-            payload["stream_options"] = {"include_usage": True, **(options or {})}
-            return self._stream_chat(payload, region=region, deadline_s=deadline_s,
-                                     idempotency_key=idempotency_key)
-        return self.request("POST", "/chat/completions", json=payload, region=region,
-                            deadline_s=deadline_s, idempotency_key=idempotency_key)
+            return self._stream_with_costs(decision.model if decision else model, messages, params,
+                                           decision=decision, region=region, deadline_s=deadline_s,
+                                           idempotency_key=idempotency_key)
+
+        def send(chosen: str) -> Response:
+            payload = {"model": chosen, "messages": list(messages), **params}
+            return self.request("POST", "/chat/completions", json=payload, region=region,
+                                deadline_s=deadline_s, idempotency_key=idempotency_key)
+
+        resp = self._chat_with_costs(decision.model if decision else model, messages, params, send,
+                                     cache=cache, wait_s=deadline_s or self.config.deadline_s)
+        if decision is not None:
+            resp.extra["routing"] = decision
+            resp.fallback = resp.fallback or decision.fallback
+        return resp
+
+    def _chat_with_costs(self, model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any],
+                         send: Callable[[str], Response], *, cache: Optional[bool], wait_s: float) -> Response:
+        """The cost steps around ``send``: cache lookup, budget reservation, actual cost."""
+        ledger = self._ledger
+
+        def paid() -> Tuple[Response, bool]:
+            reservation = ledger.admit(model, messages, params, is_available=self._router.is_available)
+            try:
+                resp = send(reservation.model)
+            except BaseException:
+                ledger.cancel(reservation)
+                raise
+            settled = ledger.settle(reservation, resp.get("usage"))
+            resp.extra["cost"] = {"model": reservation.model, "estimated_usd": float(reservation.amount_usd),
+                                  "cost_usd": float(settled.cost_usd), "input_tokens": settled.input_tokens,
+                                  "output_tokens": settled.output_tokens, "from_usage": settled.from_usage}
+            if reservation.model != model:
+                resp.fallback = True
+                resp.extra["cost"]["downgraded_from"] = model
+            return resp, reservation.model == model  # a downgraded answer is not cached
+
+        if self._cache is None or not self._cache.wanted(params, cache):
+            return paid()[0]
+        started = self._clock()
+        resp, hit = self._cache.get_or_call(cache_key(model, messages, params), paid, wait_s=wait_s)
+        if hit:
+            ledger.record_cache_hit(model)
+            resp.cached = True
+            resp.attempts = ()
+            resp.latency_ms = (self._clock() - started) * 1000.0  # > 0 if it waited for an identical call
+            resp.extra["cost"] = {"model": model, "estimated_usd": 0.0, "cost_usd": 0.0, "input_tokens": 0,
+                                  "output_tokens": 0, "from_usage": False}
+        return resp
+
+    def _stream_with_costs(self, model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any],
+                           *, decision: Any, region: Optional[str], deadline_s: Optional[float],
+                           idempotency_key: Optional[str]) -> ChatStream:
+        """A stream's cost steps: reserve the estimate now, settle from its usage when it ends."""
+        ledger = self._ledger
+        reservation = ledger.admit(model, messages, params, is_available=self._router.is_available)
+        payload = {"model": reservation.model, "messages": list(messages), **params}
+        payload["stream_options"] = {"include_usage": True, **(params.get("stream_options") or {})}
+
+        def settle(outcome: StreamOutcome) -> None:
+            # usage arrives at the end of a stream; a stream cut short keeps its estimate
+            ledger.settle(reservation, outcome.usage)
+
+        try:
+            stream = self._stream_chat(payload, region=region, deadline_s=deadline_s,
+                                       idempotency_key=idempotency_key, on_end=settle)
+        except BaseException:
+            ledger.cancel(reservation)
+            raise
+        if decision is not None:
+            stream.extra["routing"] = decision
+            stream.fallback = stream.fallback or decision.fallback
+        if reservation.model != model:
+            stream.fallback = True
+            stream.extra["downgraded_from"] = model
+        return stream
 
     def embeddings(self, input: Any, model: Optional[str] = None, *, region: Optional[str] = None,
                    deadline_s: Optional[float] = None, **params: Any) -> Response:
@@ -378,7 +471,8 @@ class Client:
         return self._chain.run(requested, json, execute, deadline=deadline)
 
     def _stream_chat(self, payload: Dict[str, Any], *, region: Optional[str], deadline_s: Optional[float],
-                     idempotency_key: Optional[str]) -> ChatStream:
+                     idempotency_key: Optional[str],
+                     on_end: Optional[Callable[[StreamOutcome], None]] = None) -> ChatStream:
         """Open a chat stream: the attempt loop runs until a first chunk, then a ChatStream owns the node."""
         path = "/chat/completions"
         method, body, headers, deadline = self._prepare("POST", path, payload, region=region,
@@ -386,6 +480,11 @@ class Client:
         headers.update(STREAM_HEADERS)
         cfg = self.config
         clock = self._clock
+
+        def ended(outcome: StreamOutcome) -> None:
+            self._stream_ended(outcome)
+            if on_end is not None:
+                on_end(outcome)
 
         def steps(model: str, model_body: bytes, model_headers: Dict[str, str]) -> Tuple[Any, Any]:
             def send(node: NodeState, timeout: Tuple[float, float]) -> OpenedStream:
@@ -399,7 +498,7 @@ class Client:
                 return ChatStream(opened, selector=self._selector, node=node, attempts=attempts,
                                   model=model, started=started, picked_at=picked_at,
                                   stall_timeout_s=cfg.stream_stall_timeout_s, clock=clock,
-                                  classify=failure_kind, on_end=self._stream_ended, reaper=self._stream_reaper)
+                                  classify=failure_kind, reaper=self._stream_reaper, on_end=ended)
             return send, finish
 
         return self._run_chain(method, path, payload, body, headers, region=region, deadline=deadline,
@@ -634,6 +733,7 @@ class Client:
             "hedges": None if self._hedger is None else self._hedger.stats(),
             "rate_limits": self._chain.limits.snapshot() if self._chain.limits is not None else {},
             "streams": self._stream_stats.snapshot(),
+            "cache": self._cache.stats() if self._cache is not None else None,
         }
 
     def breakers(self) -> List[Dict[str, Any]]:
@@ -645,6 +745,15 @@ class Client:
         """Whether ``model``'s breaker would let a call through now (for model routers)."""
         return self._breakers.allows("model", model)
 
+    def cost_report(self, baseline_model: Optional[str] = None, *, since: Optional[str] = None,
+                    until: Optional[str] = None) -> Dict[str, Any]:
+        """Spend totals, per model and per UTC day, and savings against ``baseline_model``.
+
+        See :meth:`holysheep_lb.pricing.SpendLedger.report`; ``since``/``until`` are
+        inclusive days like ``"2026-11-26"``.
+        """
+        return self._ledger.report(baseline_model, since=since, until=until)
+
     def nodes(self) -> List[Dict[str, Any]]:
         """Each node's routing state: usable or not and why, in-flight, latency, ejections, probes."""
         self._stream_reaper.reap()
@@ -653,6 +762,14 @@ class Client:
     @property
     def selector(self) -> Selector:
         return self._selector
+
+    @property
+    def router(self) -> ModelRouter:
+        return self._router
+
+    @property
+    def ledger(self) -> SpendLedger:
+        return self._ledger
 
     @property
     def health_checker(self) -> Optional[HealthChecker]:

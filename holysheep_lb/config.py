@@ -16,7 +16,10 @@ from types import MappingProxyType
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import urlsplit
 
+from .cache import check_cache_option
 from .errors import ConfigError
+from .models import ModelRouter
+from .pricing import Budget, PriceTable, SpendStore
 
 __all__ = ["Node", "ClientConfig", "BreakerSettings", "DEFAULT_BASE_URL", "is_loopback_url", "parse_nodes"]
 
@@ -261,8 +264,15 @@ class ClientConfig:
     hedge_delay_s: Union[None, float, str] = None
     hedge_max_ratio: float = 0.05
     hedge_max_threads: int = 64
+    # cost control (see pricing.py, models.py, cache.py)
+    prices: Any = None  # None (defaults), {model: {"input": x, "output": y}}, a JSON path, a PriceTable
+    router: Optional[ModelRouter] = None  # chooses the model of model="auto" calls (and of calls without one)
+    budget: Any = None  # None, a Budget or a dict of its fields
+    spend_store: Optional[SpendStore] = None  # None: in this process only
+    cache: Any = None  # None, True, {"maxsize": n, "ttl_s": s} or a ResponseCache
 
     def __post_init__(self) -> None:
+        _check_cost_options(self)
         if self.api_key is not None:
             _check_header_text("api_key", self.api_key)
         for name in ("connect_timeout_s", "read_timeout_s", "deadline_s",
@@ -358,6 +368,15 @@ def _check_resilience(cfg: ClientConfig) -> None:
     if cfg.hedge_max_ratio > 1:
         raise ConfigError("hedge_max_ratio", cfg.hedge_max_ratio, "must be > 0 and <= 1")
     _check_int("hedge_max_threads", cfg.hedge_max_threads, minimum=1)
+def _check_cost_options(cfg: "ClientConfig") -> None:
+    # normalised in place (the dataclass is frozen): prices -> PriceTable, budget -> Budget
+    object.__setattr__(cfg, "prices", PriceTable.coerce(cfg.prices))
+    object.__setattr__(cfg, "budget", Budget.coerce(cfg.budget))
+    object.__setattr__(cfg, "cache", check_cache_option(cfg.cache))
+    if cfg.router is not None and not isinstance(cfg.router, ModelRouter):
+        raise ConfigError("router", cfg.router, "must be None or a ModelRouter")
+    if cfg.spend_store is not None and not isinstance(cfg.spend_store, SpendStore):
+        raise ConfigError("spend_store", cfg.spend_store, "must be None or a SpendStore")
 
 
 CLIENT_OPTIONS = frozenset(f.name for f in fields(ClientConfig))

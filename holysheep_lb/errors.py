@@ -23,6 +23,7 @@ pybreaker or redis escapes the client::
     ├── AllAttemptsFailedError           every attempt failed; lists each attempt
     ├── CircuitOpenError                 a circuit breaker is open; says when to retry
     ├── RateLimitExceeded                the client's own rate limit (not a 429) ran out of time
+    ├── BudgetExceededError              a spend cap refused the call before sending
     ├── ConfigError (also ValueError)    a bad setting, named with its value
     └── InvalidRequestError (also ValueError)  a bad call argument, caught before sending
 
@@ -55,6 +56,7 @@ __all__ = [
     "AllAttemptsFailedError",
     "CircuitOpenError",
     "RateLimitExceeded",
+    "BudgetExceededError",
     "ConfigError",
     "InvalidRequestError",
     "Attempt",
@@ -274,6 +276,30 @@ class RateLimitExceeded(HolySheepError):
         self.retry_after_s = retry_after_s
         msg = f"client-side rate limit {limiter!r} cannot admit {requested:g} now"
         super().__init__(f"{msg}: {detail}" if detail else msg)
+class BudgetExceededError(HolySheepError):
+    """A call's estimated cost would pass a spend cap; nothing was sent.
+
+    ``scope`` is ``"client"`` or the capped model, ``period`` ``"day"`` or ``"month"``
+    (UTC); amounts are USD. ``downgrade_tried`` is True when no cheaper model fitted.
+    """
+
+    def __init__(self, *, model: str, scope: str, period: str, cap_usd: float, spent_usd: float,
+                 reserved_usd: float, estimate_usd: float, downgrade_tried: bool = False) -> None:
+        self.model = model
+        self.scope = scope
+        self.period = period
+        self.cap_usd = cap_usd
+        self.spent_usd = spent_usd
+        self.reserved_usd = reserved_usd
+        self.estimate_usd = estimate_usd
+        self.downgrade_tried = downgrade_tried
+        whose = "this client" if scope == "client" else f"model {scope}"
+        tail = "; no cheaper model fits" if downgrade_tried else ""
+        super().__init__(
+            f"the {'daily' if period == 'day' else 'monthly'} budget of ${cap_usd:.4f} for {whose} would be "
+            f"passed by a call to {model} (estimate ${estimate_usd:.6f}; spent ${spent_usd:.6f}, "
+            f"in flight ${reserved_usd:.6f}){tail}"
+        )
 
 
 class ConfigError(HolySheepError, ValueError):

@@ -8,6 +8,7 @@ import time
 from typing import Callable, List
 
 import pytest
+import responses
 
 from holysheep_lb import Client
 
@@ -68,3 +69,17 @@ def make_client():
 def debug_logs(caplog):
     caplog.set_level(logging.DEBUG, logger="holysheep_lb")
     return caplog
+
+
+@pytest.fixture
+def rsps():
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as r:
+        yield r
+
+
+def chat_body(model: str = "gpt-4.1", prompt_tokens: int = 5, completion_tokens: int = 1) -> dict:
+    """A chat.completion answer saying "hi" with the given usage."""
+    return {"id": "x", "object": "chat.completion", "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}

@@ -1,0 +1,159 @@
+"""Opt-in response cache for chat calls: a cachetools ``TTLCache`` behind one lock.
+
+Only deterministic calls are cached by default (``temperature == 0``); a call may ask
+with ``cache=True`` or refuse with ``cache=False``. The key is the SHA-256 of the
+canonical JSON (sorted keys) of the model, the messages and the parameters. Errors are
+never cached. Identical calls that arrive while the first one is in flight wait for
+it instead of paying again; if it fails, the next waiter makes its own call.
+
+The lock guards the cache's dictionaries only; it is never held while the API is
+called.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import threading
+import time
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, TypeVar
+
+from cachetools import TTLCache
+
+from .errors import AllAttemptsFailedError, ConfigError, InvalidRequestError
+
+__all__ = ["ResponseCache", "cache_key", "check_cache_option", "make_cache"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def cache_key(model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of the call (same call, same key; any change, new key)."""
+    try:
+        text = json.dumps({"model": model, "messages": list(messages), "params": dict(params)},
+                          sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError("params", type(params).__name__, f"must be JSON-serialisable ({exc})") from None
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class ResponseCache:
+    """At most ``maxsize`` answers, each kept ``ttl_s`` seconds by ``timer`` (monotonic).
+
+    Thread-safe. Values are deep-copied in and out, so a caller that edits its answer
+    does not edit the cache.
+    """
+
+    def __init__(self, maxsize: int = 1024, ttl_s: float = 300.0, *,
+                 timer: Callable[[], float] = time.monotonic) -> None:
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+            raise ConfigError("cache.maxsize", maxsize, "must be an integer >= 1")
+        if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not math.isfinite(ttl_s) or ttl_s <= 0:
+            raise ConfigError("cache.ttl_s", ttl_s, "must be a number of seconds > 0")
+        self.maxsize = maxsize
+        self.ttl_s = float(ttl_s)
+        self._timer = timer
+        self._entries_lock = threading.Lock()
+        self._entries: TTLCache = TTLCache(maxsize=maxsize, ttl=self.ttl_s, timer=timer)
+        self._pending: Dict[str, threading.Event] = {}
+        self._hits = 0
+        self._misses = 0
+        self._waits = 0
+        self._stores = 0
+
+    def __repr__(self) -> str:
+        return f"ResponseCache(maxsize={self.maxsize}, ttl_s={self.ttl_s:g})"
+
+    @staticmethod
+    def wanted(params: Mapping[str, Any], cache: Optional[bool]) -> bool:
+        """Whether a call is cached: ``cache`` if given, else only when ``temperature == 0``."""
+        if cache is not None:
+            return cache
+        return params.get("temperature") == 0
+
+    def get_or_call(self, key: str, call: Callable[[], Tuple[T, bool]], *, wait_s: float) -> Tuple[T, bool]:
+        """The cached value (``(value, True)``), or ``call()``'s (``(value, False)``).
+
+        ``call`` returns ``(value, store)``; the value is kept only when ``store`` is
+        True, and an exception is never kept. While one caller runs ``call`` for a key,
+        others with the same key wait up to ``wait_s`` for its result.
+        """
+        deadline = self._timer() + wait_s
+        while True:
+            with self._entries_lock:
+                value = self._entries.get(key)
+                if value is not None:
+                    self._hits += 1
+                    return copy.deepcopy(value), True
+                pending = self._pending.get(key)
+                leader = pending is None
+                if leader:
+                    pending = self._pending[key] = threading.Event()
+                    self._misses += 1
+                else:
+                    self._waits += 1
+            if leader:
+                break
+            remaining = deadline - self._timer()
+            if remaining <= 0 or not pending.wait(remaining):
+                raise AllAttemptsFailedError("deadline exceeded while waiting for an identical call in flight", ())
+        try:
+            value, store = call()
+        except BaseException:
+            self._finish(key, pending, None)
+            raise
+        self._finish(key, pending, copy.deepcopy(value) if store else None)
+        return value, False
+
+    def _finish(self, key: str, pending: threading.Event, value: Any) -> None:
+        with self._entries_lock:
+            if value is not None:
+                self._entries[key] = value
+                self._stores += 1
+            del self._pending[key]
+        pending.set()
+
+    def clear(self) -> None:
+        with self._entries_lock:
+            self._entries.clear()
+
+    def stats(self) -> Dict[str, Any]:
+        """Hits, misses, waits (calls that waited for an identical one), stores and size."""
+        with self._entries_lock:
+            self._entries.expire()
+            return {"hits": self._hits, "misses": self._misses, "waits": self._waits, "stores": self._stores,
+                    "size": len(self._entries), "maxsize": self.maxsize, "ttl_s": self.ttl_s}
+
+    def reset_after_fork(self) -> None:
+        """In a child after fork: fresh lock; the parent's in-flight calls are not ours."""
+        self._entries_lock = threading.Lock()
+        self._pending = {}
+
+
+def check_cache_option(value: Any) -> Any:
+    """Validate ``Client(cache=...)``: None/False, True, a dict of options, or a ResponseCache."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, ResponseCache):
+        return value
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - {"maxsize", "ttl_s"})
+        if unknown:
+            raise ConfigError("cache", unknown[0], "unknown cache option; allowed: maxsize, ttl_s")
+        ResponseCache(**value)  # validates
+        return dict(value)
+    raise ConfigError("cache", value, "must be None, True, {'maxsize': n, 'ttl_s': s} or a ResponseCache")
+
+
+def make_cache(option: Any, *, timer: Callable[[], float]) -> Optional[ResponseCache]:
+    """The cache a Client uses for a validated ``cache`` option (a dict gets the client's clock)."""
+    if option is None or isinstance(option, ResponseCache):
+        return option
+    return ResponseCache(**option, timer=timer)

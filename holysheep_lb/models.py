@@ -1,0 +1,268 @@
+"""Cost-aware model choice for ``model="auto"``: classify a request into a tier, map it to a model.
+
+The default rules add up a score; the first matching row of each group counts once:
+
+==========================  ===========================================  =====
+rule                        when                                         score
+==========================  ===========================================  =====
+prompt length               estimated prompt tokens >= 8000              +2
+                            >= 1500                                      +1
+code                        a fenced block, or >= 2 lines that look      +1
+                            like code (``def``, ``import``, ``{``, ...)
+keywords                    an expert word (prove, security audit,       +2
+                            legal, medical, ...)
+                            else a reasoning word (analyze, debug,       +1
+                            refactor, architecture, step by step, ...)
+                            a simple-task word (translate, classify,     -1
+                            extract, yes or no, one word, ...)
+requested ``max_tokens``    >= 8000                                      +2
+                            >= 2000                                      +1
+                            <= 64                                        -1
+system prompt               >= 300 estimated tokens of instructions      +1
+==========================  ===========================================  =====
+
+Score <= 0 is ``simple``, 1 ``standard``, 2 ``complex``, >= 3 ``expert``. A short,
+unremarkable prompt scores 0 and goes to the cheapest tier; length alone moves a prompt
+up at most two tiers (reading a long document is not hard reasoning). Keywords are
+matched in the user and system messages, case-insensitively, at word starts.
+
+Default tiers: simple -> ``deepseek-v3.2``, standard -> ``gemini-2.5-flash``,
+complex -> ``gpt-4.1``, expert -> ``claude-sonnet-4.5``. Pin a tier with
+``ModelRouter(tiers={"expert": "gpt-4.1"})``; replace the rules with
+``ModelRouter(classify=fn)`` where ``fn(RoutingRequest)`` returns a tier or
+``(tier, reason)``.
+
+A model for which ``is_available(model)`` is False (its circuit breaker is open) is
+skipped: the router walks the model's fallback chain (``fallbacks={model: [...]}``;
+by default the other tiers' models, nearest higher tier first, then lower).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from .errors import ConfigError
+from .pricing import estimate_prompt_tokens
+
+__all__ = ["AUTO", "TIERS", "DEFAULT_TIER_MODELS", "RoutingRequest", "RoutingDecision", "ModelRouter",
+           "classify_request"]
+
+log = logging.getLogger(__name__)
+
+#: The model name that asks the router to choose.
+AUTO = "auto"
+TIERS: Tuple[str, ...] = ("simple", "standard", "complex", "expert")
+DEFAULT_TIER_MODELS: Mapping[str, str] = {
+    "simple": "deepseek-v3.2",
+    "standard": "gemini-2.5-flash",
+    "complex": "gpt-4.1",
+    "expert": "claude-sonnet-4.5",
+}
+
+_EXPERT_WORDS = ("prove", "proof", "theorem", "formal verification", "security audit", "vulnerabilit",
+                 "threat model", "legal", "contract clause", "compliance", "medical", "diagnos",
+                 "research paper", "peer review")
+_REASONING_WORDS = ("analyze", "analyse", "analysis", "step by step", "explain why", "design", "architecture",
+                    "debug", "refactor", "optimize", "optimise", "trade-off", "tradeoff", "compare",
+                    "evaluate", "derive", "algorithm", "complexity", "root cause")
+_SIMPLE_WORDS = ("translate", "spell", "typo", "yes or no", "one word", "classify", "sentiment",
+                 "extract", "tl;dr", "synonym", "capital of", "convert", "reformat", "what time")
+
+
+def _word_pattern(words: Sequence[str]) -> "re.Pattern[str]":
+    return re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + ")", re.IGNORECASE)
+
+
+_EXPERT_RE = _word_pattern(_EXPERT_WORDS)
+_REASONING_RE = _word_pattern(_REASONING_WORDS)
+_SIMPLE_RE = _word_pattern(_SIMPLE_WORDS)
+_FENCE_RE = re.compile(r"```|~~~")
+_CODE_LINE_RE = re.compile(
+    r"^\s*(def |class |import |from \S+ import |#include|public |private |function |const |let |var |"
+    r"return\b|for \(|if \(|while \(|SELECT .+ FROM|[\w.]+\(.*\)\s*[;{:]?\s*$|[}{]\s*$)",
+    re.MULTILINE,
+)
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p if isinstance(p, str) else str(p.get("text", "")) for p in content
+                        if isinstance(p, (str, Mapping)))
+    return ""
+
+
+@dataclass(frozen=True)
+class RoutingRequest:
+    """What the rules look at: the messages and the call's parameters."""
+
+    messages: Sequence[Mapping[str, Any]]
+    params: Mapping[str, Any]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return estimate_prompt_tokens(self.messages)
+
+    @property
+    def system_text(self) -> str:
+        return "\n".join(_text(m.get("content")) for m in self.messages if m.get("role") in ("system", "developer"))
+
+    @property
+    def user_text(self) -> str:
+        return "\n".join(_text(m.get("content")) for m in self.messages if m.get("role") == "user")
+
+    @property
+    def max_tokens(self) -> Optional[int]:
+        return self.params.get("max_tokens") or self.params.get("max_completion_tokens")
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """The router's choice: ``model`` to send to, its ``tier``, and why.
+
+    ``primary_model`` is the tier's model; ``skipped`` the models passed over because
+    they were unavailable. ``fallback`` is True when ``model`` is not the primary.
+    """
+
+    model: str
+    tier: str
+    reason: str
+    primary_model: str
+    skipped: Tuple[str, ...] = ()
+
+    @property
+    def fallback(self) -> bool:
+        return self.model != self.primary_model
+
+
+def has_code(text: str) -> bool:
+    """A fenced block, or at least two lines that look like source code."""
+    return bool(_FENCE_RE.search(text)) or len(_CODE_LINE_RE.findall(text)) >= 2
+
+
+def classify_request(request: RoutingRequest) -> Tuple[str, str]:
+    """The default rules (see the module docstring): ``(tier, reason)``."""
+    score = 0
+    why: List[str] = []
+
+    def add(points: int, what: str) -> None:
+        nonlocal score
+        score += points
+        why.append(f"{what} {points:+d}")
+
+    tokens = request.prompt_tokens
+    for threshold, points in ((8000, 2), (1500, 1)):
+        if tokens >= threshold:
+            add(points, f"prompt ~{tokens} tokens")
+            break
+    words = request.user_text + "\n" + request.system_text
+    if has_code(words):
+        add(1, "code")
+    match = _EXPERT_RE.search(words)
+    if match:
+        add(2, f"expert keyword {match.group(1).lower()!r}")
+    else:
+        match = _REASONING_RE.search(words)
+        if match:
+            add(1, f"reasoning keyword {match.group(1).lower()!r}")
+    match = _SIMPLE_RE.search(words)
+    if match:
+        add(-1, f"simple-task keyword {match.group(1).lower()!r}")
+    max_tokens = request.max_tokens
+    if max_tokens is not None:
+        if max_tokens >= 8000:
+            add(2, f"max_tokens {max_tokens}")
+        elif max_tokens >= 2000:
+            add(1, f"max_tokens {max_tokens}")
+        elif max_tokens <= 64:
+            add(-1, f"max_tokens {max_tokens}")
+    system = request.system_text
+    if system and estimate_prompt_tokens([{"content": system}]) - 4 >= 300:
+        add(1, "long system prompt")
+    tier = TIERS[min(max(score, 0), len(TIERS) - 1)]
+    return tier, f"score {score}: " + ("; ".join(why) if why else "short prompt, no signals")
+
+
+class ModelRouter:
+    """Chooses a model per call. Immutable after construction except ``is_available``; thread-safe.
+
+    ``tiers`` pins tiers to models (merged over :data:`DEFAULT_TIER_MODELS`; new tier
+    names may be added for a custom ``classify``). ``classify(RoutingRequest)``
+    replaces the default rules and returns a tier or ``(tier, reason)``.
+    ``fallbacks`` maps a model to the models to try, in order, when it is unavailable.
+    ``is_available(model)`` says whether a model may be used now (e.g. its breaker is
+    closed); the default says always.
+    """
+
+    def __init__(
+        self,
+        *,
+        tiers: Optional[Mapping[str, str]] = None,
+        classify: Optional[Callable[[RoutingRequest], Union[str, Tuple[str, str]]]] = None,
+        fallbacks: Optional[Mapping[str, Sequence[str]]] = None,
+        is_available: Optional[Callable[[str], bool]] = None,
+    ) -> None:
+        merged = dict(DEFAULT_TIER_MODELS)
+        for tier, model in (tiers or {}).items():
+            if not isinstance(tier, str) or not tier or not isinstance(model, str) or not model:
+                raise ConfigError("tiers", {tier: model}, "must map tier names to model names (non-empty strings)")
+            merged[tier] = model
+        if classify is not None and not callable(classify):
+            raise ConfigError("classify", classify, "must be a callable taking a RoutingRequest")
+        if is_available is not None and not callable(is_available):
+            raise ConfigError("is_available", is_available, "must be a callable taking a model name")
+        chains: Dict[str, Tuple[str, ...]] = {}
+        for model, chain in (fallbacks or {}).items():
+            if isinstance(chain, str) or not all(isinstance(m, str) and m for m in chain):
+                raise ConfigError(f"fallbacks[{model}]", chain, "must be a list of model names")
+            chains[model] = tuple(chain)
+        self.tiers: Mapping[str, str] = merged
+        self.classify = classify or classify_request
+        self.fallbacks: Mapping[str, Tuple[str, ...]] = chains
+        self.is_available: Callable[[str], bool] = is_available or (lambda model: True)
+        self.uses_default_availability = is_available is None  # the Client wires it to its breakers
+
+    def __repr__(self) -> str:
+        return f"ModelRouter(tiers={dict(self.tiers)})"
+
+    def route(self, messages: Sequence[Mapping[str, Any]], params: Optional[Mapping[str, Any]] = None
+              ) -> RoutingDecision:
+        """Classify the call and pick the first available model of its tier's chain."""
+        tier, reason = self._classify(RoutingRequest(messages, dict(params or {})))
+        primary = self.tiers[tier]
+        skipped: List[str] = []
+        chosen = primary
+        for model in self.chain(primary):
+            if self.is_available(model):
+                chosen = model
+                break
+            skipped.append(model)
+        else:
+            # Nothing is available: send to the tier's model and let its breaker answer.
+            reason += "; no model of the chain is available"
+        if skipped and chosen != primary:
+            reason += f"; skipped unavailable {', '.join(skipped)}"
+        decision = RoutingDecision(chosen, tier, reason, primary, tuple(skipped))
+        log.debug("routing: tier %s -> model %s (%s)", tier, chosen, reason)
+        return decision
+
+    def chain(self, model: str) -> Tuple[str, ...]:
+        """``model`` and then its fallbacks, in the order they are tried."""
+        if model in self.fallbacks:
+            rest = self.fallbacks[model]
+        else:
+            ordered = list(dict.fromkeys(self.tiers.values()))
+            i = ordered.index(model) if model in ordered else len(ordered)
+            rest = tuple(ordered[i + 1:]) + tuple(reversed(ordered[:i]))
+        return (model,) + tuple(m for m in rest if m != model)
+
+    def _classify(self, request: RoutingRequest) -> Tuple[str, str]:
+        result = self.classify(request)
+        tier, reason = result if isinstance(result, tuple) else (result, "custom rule")
+        if tier not in self.tiers:
+            raise ConfigError("classify", tier, f"must return one of the tiers {sorted(self.tiers)}")
+        return tier, str(reason)
