@@ -27,6 +27,7 @@ import weakref
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from . import __version__
+from .batch import BatchResult, run_batch
 from .config import (
     CLIENT_OPTIONS,
     ClientConfig,
@@ -307,6 +308,23 @@ class Client:
         deadline = self._clock() + (deadline_s or self.config.deadline_s)
         return self._execute(method.upper(), path, body, headers, region=region, deadline=deadline,
                              model=json.get("model") if json else None)
+
+    def map(
+        self,
+        requests: Iterable[Mapping[str, Any]],
+        *,
+        max_workers: int = 8,
+        return_exceptions: bool = True,
+        on_progress: Optional[Callable[[int, int], None]] = None,
+    ) -> List[BatchResult]:
+        """Many ``chat_completion`` calls on a bounded thread pool; results in input order.
+
+        Each request is a dict of ``chat_completion`` arguments (``messages``, ``model``,
+        ...). Blocks until all end; see :func:`holysheep_lb.batch.run_batch` for
+        failures, cancellation and Ctrl-C. Keep ``max_workers`` <= ``pool_maxsize``.
+        """
+        return run_batch(self, requests, max_workers=max_workers,
+                         return_exceptions=return_exceptions, on_progress=on_progress)
 
     # -- the attempt loop -----------------------------------------------------------------
 
