@@ -13,11 +13,12 @@ from ``--config file.json`` (a JSON object of Client options). Every command tak
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import random
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import __version__
 from .client import Client
@@ -166,18 +167,22 @@ def _load_client(args: argparse.Namespace, **defaults: Any) -> Client:
     return Client.from_mapping({**defaults, **mapping})
 
 
-def _drive(client: Client, label: str, out: Output, *, requests: int, concurrency: int,
-           model: str, max_tokens: Optional[int] = None) -> Tuple[LoadResult, Dict[str, Any]]:
-    """``requests`` chat calls over ``concurrency`` threads with a progress bar."""
+def _chat_call(client: Client, label: str, model: str, max_tokens: Optional[int] = None) -> Callable[[int], Any]:
     params = {} if max_tokens is None else {"max_tokens": max_tokens}
 
     def call(i: int) -> Any:
         return client.chat_completion([{"role": "user", "content": f"{label}: request {i}"}],
                                       model=model, **params)
 
+    return call
+
+
+def _drive(client: Client, label: str, out: Output, *, requests: int, concurrency: int,
+           model: str, max_tokens: Optional[int] = None) -> Tuple[LoadResult, Dict[str, Any]]:
+    """``requests`` chat calls over ``concurrency`` threads with a progress bar."""
     with out.progress(label, requests) as tick:
-        result = run_load(call, requests=requests, concurrency=concurrency, label=label,
-                          on_progress=tick)
+        result = run_load(_chat_call(client, label, model, max_tokens), requests=requests,
+                          concurrency=concurrency, label=label, on_progress=tick)
     summary = result.summary()
     attempts = sum(n["requests"] for n in client.stats()["nodes"].values())
     summary["attempts_per_call"] = round(attempts / result.calls, 3) if result.calls else None
@@ -217,6 +222,18 @@ def _sim_client(nodes: List[Dict[str, Any]], *, seed: Optional[int], concurrency
                   rand=random.Random(seed).random, **options)
 
 
+@contextlib.contextmanager
+def _seed_gateway(*, seed: Optional[int], concurrency: int) -> Iterator[SimulatedGateway]:
+    """The seed's 4 regions on loopback, warmed up so that the first measured run is not
+    the one that pays for cold code paths and new server threads."""
+    with SimulatedGateway(seed_regions(), seed=seed) as gateway:
+        with _sim_client(gateway.client_nodes(), seed=seed, concurrency=concurrency,
+                         strategy="round_robin", health_check_interval_s=None) as client:
+            run_load(_chat_call(client, "warm-up", SIM_MODEL), requests=2 * concurrency,
+                     concurrency=concurrency)
+        yield gateway
+
+
 # -- demo -------------------------------------------------------------------------------------
 
 
@@ -225,7 +242,7 @@ def cmd_demo(args: argparse.Namespace, out: Output) -> int:
     command = (f"holysheep-lb demo --requests {args.requests} --concurrency {args.concurrency} "
                f"--strategy {args.strategy} --seed {args.seed}")
     specs = seed_regions()
-    with SimulatedGateway(specs, seed=args.seed) as gateway:
+    with _seed_gateway(seed=args.seed, concurrency=args.concurrency) as gateway:
         nodes = gateway.client_nodes()
         runs = [
             ("single node", dict(nodes=[n for n in nodes if n["id"] == SINGLE_NODE_ID], max_retries=0)),
@@ -385,7 +402,7 @@ def cmd_bench(args: argparse.Namespace, out: Output) -> int:
                 raise CLIError("no model: pass --model NAME (or set \"default_model\" in the --config file)")
             run(client, name, model)
     else:
-        with SimulatedGateway(seed_regions(), seed=args.seed) as gateway:
+        with _seed_gateway(seed=args.seed, concurrency=args.concurrency) as gateway:
             for name in strategies:
                 run(_sim_client(gateway.client_nodes(), seed=args.seed, concurrency=args.concurrency,
                                 strategy=name), name, args.model or SIM_MODEL)

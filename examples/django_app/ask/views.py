@@ -34,10 +34,7 @@ def ask(request):
     except HolySheepError as exc:
         status, body, headers = error_response(exc)
         log.warning("AI call failed (answering %d): %s", status, exc)
-        response = JsonResponse(body, status=status)
-        for name, value in headers.items():
-            response[name] = value
-        return response
+        return JsonResponse(body, status=status, headers=headers)
     return JsonResponse({"answer": resp.text, "model": resp.model, "node": resp.node_id,
                          "region": resp.region, "attempts": len(resp.attempts),
                          "latency_ms": round(resp.latency_ms, 1), "pid": os.getpid()})
