@@ -41,16 +41,16 @@ def run(argv, capsys):
 
 
 def test_demo_json_measures_single_node_and_balanced(capsys):
-    code, out, err = run(["demo", "--requests", "40", "--concurrency", "8", "--json"], capsys)
+    code, out, err = run(["demo", "--requests", "24", "--concurrency", "8", "--json"], capsys)
     assert code == 0 and err == ""
     report = json.loads(out)
-    assert report["command"] == "holysheep-lb demo --requests 40 --concurrency 8 --strategy adaptive --seed 1"
+    assert report["command"] == "holysheep-lb demo --requests 24 --concurrency 8 --strategy adaptive --seed 1"
     assert [n["id"] for n in report["nodes"]] == SEED_NODE_IDS
     single, balanced = report["single_node"], report["balanced"]
-    assert single["calls"] == balanced["calls"] == 40
+    assert single["calls"] == balanced["calls"] == 24
     assert list(single["node_share"]) == ["ap-northeast-1"]  # no balancing, no retries
     assert single["attempts_per_call"] == 1.0
-    assert sum(single["errors"].values()) == round(single["error_rate"] * 40)
+    assert sum(single["errors"].values()) == round(single["error_rate"] * 24)
     assert balanced["error_rate"] == 0.0  # the 5xx are absorbed by failover
     assert set(balanced["node_share"]) <= set(SEED_NODE_IDS)
     assert abs(sum(balanced["node_share"].values()) - 1.0) < 0.01
@@ -64,7 +64,7 @@ def test_demo_prints_the_seed_table_and_the_command(monkeypatch, capsys, with_ri
     if not with_rich:
         for name in RICH_MODULES:
             monkeypatch.setitem(sys.modules, name, None)
-    code, out, err = run(["demo", "--requests", "30", "--concurrency", "10", "--strategy",
+    code, out, err = run(["demo", "--requests", "20", "--concurrency", "10", "--strategy",
                           "least_connections", "--seed", "5"], capsys)
     assert code == 0
     for label in ("p50 latency", "p95 latency", "p99 latency", "Throughput", "Errors seen by callers",
@@ -72,11 +72,11 @@ def test_demo_prints_the_seed_table_and_the_command(monkeypatch, capsys, with_ri
                   "Share of answered calls per node", *SEED_NODE_IDS):
         assert label in out
     assert out.rstrip().splitlines()[-1] == (
-        "Reproduce: holysheep-lb demo --requests 30 --concurrency 10 --strategy least_connections --seed 5")
+        "Reproduce: holysheep-lb demo --requests 20 --concurrency 10 --strategy least_connections --seed 5")
     assert ("┃" in out) is with_rich
-    assert "30/30" in err  # progress of both runs went to stderr
+    assert "20/20" in err  # progress of both runs went to stderr
     if not with_rich:
-        assert "single node  30/30  100%" in err and "balanced  30/30  100%" in err
+        assert "single node  20/20  100%" in err and "balanced  20/20  100%" in err
 
 
 # -- chat ------------------------------------------------------------------------------------
@@ -173,14 +173,14 @@ def test_health_json_reports_a_down_node_and_exits_1(env_nodes, capsys):
 def test_bench_on_the_simulator_with_a_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     png = tmp_path / "bench.png"
-    code, out, err = run(["bench", "--requests", "30", "--concurrency", "6", "--strategy",
+    code, out, err = run(["bench", "--requests", "20", "--concurrency", "5", "--strategy",
                           "round_robin,adaptive", "--strategy", "weighted", "--plot", str(png),
                           "--json"], capsys)
     assert code == 0, err
     report = json.loads(out)
     assert report["target"] == "simulator"
     assert [s["label"] for s in report["strategies"]] == ["round_robin", "adaptive", "weighted"]
-    assert all(s["calls"] == 30 and s["error_rate"] == 0.0 for s in report["strategies"])
+    assert all(s["calls"] == 20 and s["error_rate"] == 0.0 for s in report["strategies"])
     round_robin = report["strategies"][0]["node_share"]
     assert sorted(round_robin) == sorted(SEED_NODE_IDS)  # a rotation reaches every node
     assert report["command"].endswith("--strategy round_robin,adaptive,weighted --seed 1")
