@@ -13,12 +13,11 @@ from ``--config file.json`` (a JSON object of Client options). Every command tak
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import random
 import sys
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import __version__
 from .client import Client
@@ -119,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common, load],
                        help="simulated 4-region gateway: one node vs balanced (no key, no network)")
-    p.add_argument("--requests", type=_positive_int, metavar="N", help="calls per run")
+    p.add_argument("--requests", type=_positive_int, metavar="N", help="measured calls per run (after 2 x concurrency warm-up calls)")
     p.add_argument("--strategy", choices=sorted(STRATEGIES), help="strategy of the balanced run")
     p.set_defaults(handler=cmd_demo, **DEMO_DEFAULTS)
 
@@ -138,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", parents=[common, nodes, load],
                        help="compare routing strategies on the simulator or on --config nodes")
-    p.add_argument("--requests", type=_positive_int, metavar="N", help="calls per strategy")
+    p.add_argument("--requests", type=_positive_int, metavar="N", help="measured calls per strategy (on the simulator after 2 x concurrency warm-up calls)")
     p.add_argument("--strategy", action="append", metavar="NAME",
                    help=f"repeat or comma-separate; default all: {', '.join(STRATEGIES)}")
     p.add_argument("--model", help=f"model id (default {SIM_MODEL} on the simulator)")
@@ -178,15 +177,28 @@ def _chat_call(client: Client, label: str, model: str, max_tokens: Optional[int]
 
 
 def _drive(client: Client, label: str, out: Output, *, requests: int, concurrency: int,
-           model: str, max_tokens: Optional[int] = None) -> Tuple[LoadResult, Dict[str, Any]]:
-    """``requests`` chat calls over ``concurrency`` threads with a progress bar."""
+           model: str, max_tokens: Optional[int] = None,
+           warm_up: bool = True) -> Tuple[LoadResult, Dict[str, Any]]:
+    """``requests`` chat calls over ``concurrency`` threads with a progress bar.
+
+    ``warm_up`` first sends ``2 × concurrency`` unmeasured calls (connections, first
+    latency samples), so each run is measured in its steady state, whatever ran before.
+    """
+    call = _chat_call(client, label, model, max_tokens)
+    if warm_up:
+        run_load(call, requests=2 * concurrency, concurrency=concurrency)
+    attempts_before = _attempts(client)
     with out.progress(label, requests) as tick:
-        result = run_load(_chat_call(client, label, model, max_tokens), requests=requests,
-                          concurrency=concurrency, label=label, on_progress=tick)
+        result = run_load(call, requests=requests, concurrency=concurrency, label=label,
+                          on_progress=tick)
     summary = result.summary()
-    attempts = sum(n["requests"] for n in client.stats()["nodes"].values())
+    attempts = _attempts(client) - attempts_before
     summary["attempts_per_call"] = round(attempts / result.calls, 3) if result.calls else None
     return result, summary
+
+
+def _attempts(client: Client) -> int:
+    return sum(n["requests"] for n in client.stats()["nodes"].values())
 
 
 def _ms(value: Optional[float]) -> str:
@@ -222,18 +234,6 @@ def _sim_client(nodes: List[Dict[str, Any]], *, seed: Optional[int], concurrency
                   rand=random.Random(seed).random, **options)
 
 
-@contextlib.contextmanager
-def _seed_gateway(*, seed: Optional[int], concurrency: int) -> Iterator[SimulatedGateway]:
-    """The seed's 4 regions on loopback, warmed up so that the first measured run is not
-    the one that pays for cold code paths and new server threads."""
-    with SimulatedGateway(seed_regions(), seed=seed) as gateway:
-        with _sim_client(gateway.client_nodes(), seed=seed, concurrency=concurrency,
-                         strategy="round_robin", health_check_interval_s=None) as client:
-            run_load(_chat_call(client, "warm-up", SIM_MODEL), requests=2 * concurrency,
-                     concurrency=concurrency)
-        yield gateway
-
-
 # -- demo -------------------------------------------------------------------------------------
 
 
@@ -242,7 +242,7 @@ def cmd_demo(args: argparse.Namespace, out: Output) -> int:
     command = (f"holysheep-lb demo --requests {args.requests} --concurrency {args.concurrency} "
                f"--strategy {args.strategy} --seed {args.seed}")
     specs = seed_regions()
-    with _seed_gateway(seed=args.seed, concurrency=args.concurrency) as gateway:
+    with SimulatedGateway(specs, seed=args.seed) as gateway:
         nodes = gateway.client_nodes()
         runs = [
             ("single node", dict(nodes=[n for n in nodes if n["id"] == SINGLE_NODE_ID], max_retries=0)),
@@ -389,7 +389,7 @@ def cmd_bench(args: argparse.Namespace, out: Output) -> int:
                 node_ids.extend(n.id for n in client.selector.nodes)
             result, summary = _drive(client, name, out, requests=args.requests,
                                      concurrency=args.concurrency, model=model,
-                                     max_tokens=args.max_tokens)
+                                     max_tokens=args.max_tokens, warm_up=not args.config)
         results.append(result)
         summaries.append(summary)
 
@@ -402,7 +402,7 @@ def cmd_bench(args: argparse.Namespace, out: Output) -> int:
                 raise CLIError("no model: pass --model NAME (or set \"default_model\" in the --config file)")
             run(client, name, model)
     else:
-        with _seed_gateway(seed=args.seed, concurrency=args.concurrency) as gateway:
+        with SimulatedGateway(seed_regions(), seed=args.seed) as gateway:
             for name in strategies:
                 run(_sim_client(gateway.client_nodes(), seed=args.seed, concurrency=args.concurrency,
                                 strategy=name), name, args.model or SIM_MODEL)
