@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common, load],
                        help="simulated 4-region gateway: one node vs balanced (no key, no network)")
-    p.add_argument("--requests", type=_positive_int, metavar="N", help="measured calls per run (after 2 x concurrency warm-up calls)")
+    p.add_argument("--requests", type=_positive_int, metavar="N",
+                   help="measured calls per run (after 2 x concurrency warm-up calls)")
     p.add_argument("--strategy", choices=sorted(STRATEGIES), help="strategy of the balanced run")
     p.set_defaults(handler=cmd_demo, **DEMO_DEFAULTS)
 
@@ -137,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", parents=[common, nodes, load],
                        help="compare routing strategies on the simulator or on --config nodes")
-    p.add_argument("--requests", type=_positive_int, metavar="N", help="measured calls per strategy (on the simulator after 2 x concurrency warm-up calls)")
+    p.add_argument("--requests", type=_positive_int, metavar="N",
+                   help="measured calls per strategy (on the simulator after 2 x concurrency warm-up calls)")
     p.add_argument("--strategy", action="append", metavar="NAME",
                    help=f"repeat or comma-separate; default all: {', '.join(STRATEGIES)}")
     p.add_argument("--model", help=f"model id (default {SIM_MODEL} on the simulator)")
@@ -166,7 +168,15 @@ def _load_client(args: argparse.Namespace, **defaults: Any) -> Client:
     return Client.from_mapping({**defaults, **mapping})
 
 
-def _chat_call(client: Client, label: str, model: str, max_tokens: Optional[int] = None) -> Callable[[int], Any]:
+def _model(args: argparse.Namespace, client: Client, default: Optional[str] = None) -> str:
+    model = args.model or client.config.default_model or default
+    if model is None:
+        raise CLIError("no model: pass --model NAME (or set \"default_model\" in the --config file)")
+    return model
+
+
+def _chat_call(client: Client, label: str, model: str,
+               max_tokens: Optional[int] = None) -> Callable[[int], Any]:
     params = {} if max_tokens is None else {"max_tokens": max_tokens}
 
     def call(i: int) -> Any:
@@ -294,9 +304,7 @@ def cmd_chat(args: argparse.Namespace, out: Output) -> int:
     messages.append({"role": "user", "content": prompt})
     params: Dict[str, Any] = {} if args.max_tokens is None else {"max_tokens": args.max_tokens}
     with _load_client(args, health_check_interval_s=None) as client:
-        model = args.model or client.config.default_model
-        if model is None:
-            raise CLIError("no model: pass --model NAME (or set \"default_model\" in the --config file)")
+        model = _model(args, client)
         if args.stream:
             _print_stream(client.chat_completion(messages, model=model, stream=True, **params), out)
             return 0
@@ -383,10 +391,11 @@ def cmd_bench(args: argparse.Namespace, out: Output) -> int:
     summaries: List[Dict[str, Any]] = []
     node_ids: List[str] = []
 
-    def run(client: Client, name: str, model: str) -> None:
+    def run(client: Client, name: str) -> None:
         with client:
             if not node_ids:
                 node_ids.extend(n.id for n in client.selector.nodes)
+            model = _model(args, client, default=None if args.config else SIM_MODEL)
             result, summary = _drive(client, name, out, requests=args.requests,
                                      concurrency=args.concurrency, model=model,
                                      max_tokens=args.max_tokens, warm_up=not args.config)
@@ -395,17 +404,12 @@ def cmd_bench(args: argparse.Namespace, out: Output) -> int:
 
     if args.config:
         for name in strategies:
-            client = _load_client(args, strategy=name, pool_maxsize=max(32, args.concurrency))
-            model = args.model or client.config.default_model
-            if model is None:
-                client.close()
-                raise CLIError("no model: pass --model NAME (or set \"default_model\" in the --config file)")
-            run(client, name, model)
+            run(_load_client(args, strategy=name, pool_maxsize=max(32, args.concurrency)), name)
     else:
         with SimulatedGateway(seed_regions(), seed=args.seed) as gateway:
             for name in strategies:
                 run(_sim_client(gateway.client_nodes(), seed=args.seed, concurrency=args.concurrency,
-                                strategy=name), name, args.model or SIM_MODEL)
+                                strategy=name), name)
     if args.plot:
         _plot(figure_class, args.plot, results)
     if out.json_mode:
