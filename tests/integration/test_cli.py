@@ -8,18 +8,14 @@ import sys
 import pytest
 
 from holysheep_lb import Client, InvalidRequestError, cli
-from holysheep_lb.simulator import SimulatedGateway
 
 RICH_MODULES = ("rich", "rich.console", "rich.progress", "rich.table")
 SEED_NODE_IDS = ["us-east-1", "eu-west-1", "ap-southeast-1", "ap-northeast-1"]
 
 
 @pytest.fixture
-def gateway():
-    gw = SimulatedGateway([{"id": "a", "region": "us-east"}, {"id": "b", "region": "eu-west"}],
-                          seed=3).start()
-    yield gw
-    gw.stop(timeout_s=3.0)
+def gateway(gateway_factory):
+    return gateway_factory([{"id": "a", "region": "us-east"}, {"id": "b", "region": "eu-west"}], seed=3)
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ import pytest
 import requests
 
 from holysheep_lb import Client
-from holysheep_lb.simulator import SimulatedGateway
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -37,11 +36,8 @@ def wait_until(predicate, timeout_s: float):
 
 
 @pytest.fixture
-def gateway():
-    gw = SimulatedGateway([{"id": "a", "region": "us-east"}, {"id": "b", "region": "eu-west"}],
-                          seed=11).start()
-    yield gw
-    gw.stop(timeout_s=3.0)
+def gateway(gateway_factory):
+    return gateway_factory([{"id": "a", "region": "us-east"}, {"id": "b", "region": "eu-west"}], seed=11)
 
 
 def example_env(gateway, **extra) -> dict:
