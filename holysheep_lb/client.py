@@ -30,6 +30,7 @@ import weakref
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import __version__
+from .batch import BatchResult, run_batch
 from .breakers import BreakerBoard
 from .breakers import wall_clock as breaker_wall_clock
 from .cache import cache_key, make_cache
@@ -513,6 +514,23 @@ class Client:
         """
         self._stream_stats.record(outcome)
         self._count_call(outcome.ok, None if outcome.ok else "StreamInterruptedError", outcome.started)
+
+    def map(
+        self,
+        requests: Iterable[Mapping[str, Any]],
+        *,
+        max_workers: int = 8,
+        return_exceptions: bool = True,
+        on_progress: Optional[Callable[[int, int], None]] = None,
+    ) -> List[BatchResult]:
+        """Many ``chat_completion`` calls on a bounded thread pool; results in input order.
+
+        Each request is a dict of ``chat_completion`` arguments (``messages``, ``model``,
+        ...). Blocks until all end; see :func:`holysheep_lb.batch.run_batch` for
+        failures, cancellation and Ctrl-C. Keep ``max_workers`` <= ``pool_maxsize``.
+        """
+        return run_batch(self, requests, max_workers=max_workers,
+                         return_exceptions=return_exceptions, on_progress=on_progress)
 
     # -- the attempt loop -----------------------------------------------------------------
 
