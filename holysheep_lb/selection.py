@@ -170,6 +170,9 @@ class Adaptive(Strategy):
     A pick is made in two steps:
 
     1. the *band*: candidates whose estimate is within ``latency_band`` × the best one;
+       a node whose estimate is stale (no sample for ``explore_after_s``) takes one
+       request at a time until a fresh sample arrives, so a slow node whose estimate
+       merely decayed into the band gets a trial, not a burst;
     2. within it, the lowest cost = estimate × ((in-flight + 1) / weight) ** load_bias
        (Finagle's and Linkerd's peak-EWMA × load, with Envoy's ``active_request_bias``).
 
@@ -184,7 +187,7 @@ class Adaptive(Strategy):
     name = "adaptive"
 
     def __init__(self, explore_rate: float = 0.02, explore_after_s: float = 2.0,
-                 load_bias: float = 1.0, latency_band: float = 1.5) -> None:
+                 load_bias: float = 1.0, latency_band: float = 1.25) -> None:
         self.explore_rate = explore_rate
         self.explore_after_s = explore_after_s
         self.load_bias = load_bias
@@ -207,12 +210,21 @@ class Adaptive(Strategy):
         best: Optional[NodeState] = None
         best_cost = 0.0
         for node, estimate in estimates:
-            if estimate <= limit:
-                c = self.cost(node, ctx, estimate)
-                if best is None or c < best_cost:
-                    best, best_cost = node, c
-        assert best is not None
+            if estimate > limit:
+                continue
+            if node.in_flight and self._stale(node, ctx.now):
+                # Its estimate only decayed into the band: that earns one trial request
+                # at a time until a fresh sample says how fast it really is now.
+                continue
+            c = self.cost(node, ctx, estimate)
+            if best is None or c < best_cost:
+                best, best_cost = node, c
+        if best is None:  # every node in the band is stale and busy: least loaded of them
+            best = min((n for n, e in estimates if e <= limit), key=lambda n: self.cost(n, ctx))
         return best
+
+    def _stale(self, node: NodeState, now: float) -> bool:
+        return node.last_sample_at is not None and now - node.last_sample_at >= self.explore_after_s
 
 
 class Geographic(Strategy):
