@@ -43,7 +43,6 @@ from .config import (
     API_KEY_ENV,
 )
 from .errors import (
-    APIConnectionError,
     APIError,
     AllAttemptsFailedError,
     Attempt,

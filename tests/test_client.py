@@ -1,19 +1,16 @@
 """Client behaviour against mocked HTTP (responses): retries, failover, errors, metadata."""
 
 import json
-import logging
 
 import pytest
 import responses
 
 from holysheep_lb import (
     AllAttemptsFailedError,
-    APIResponseValidationError,
     APIStatusError,
     BadRequestError,
     InternalServerError,
     InvalidRequestError,
-    RateLimitError,
     ResponseTooLargeError,
 )
 from holysheep_lb.transport import USER_AGENT
@@ -30,12 +27,6 @@ MSGS = [{"role": "user", "content": "hello"}]
 OK = {"id": "x", "object": "chat.completion", "model": "gpt-4.1",
       "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
       "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}
-
-
-@pytest.fixture
-def rsps():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as r:
-        yield r
 
 
 def _client(make_client, clock, **kw):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import random
 from collections import Counter
@@ -13,7 +12,6 @@ from holysheep_lb import ConfigError, Node, RoutingStrategy, Strategy
 from holysheep_lb.nodes import EjectionPolicy, NodeState
 from holysheep_lb.selection import Adaptive, Selector, make_strategy
 
-from .conftest import FakeClock
 
 
 class _NoTransport:

@@ -145,12 +145,6 @@ def test_reader_times_out_when_only_keepalives_arrive(clock):
 # ------------------------------------------------------------------ client streams
 
 
-@pytest.fixture
-def rsps():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as r:
-        yield r
-
-
 def _client(make_client, clock, **kw):
     return make_client(NODES, clock=clock, sleep=clock.sleep, rand=lambda: 0.5, strategy="round_robin", **kw)
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from holysheep_lb import Client, InvalidRequestError, cli
+from holysheep_lb import cli
 
 RICH_MODULES = ("rich", "rich.console", "rich.progress", "rich.table")
 SEED_NODE_IDS = ["us-east-1", "eu-west-1", "ap-southeast-1", "ap-northeast-1"]
