@@ -68,6 +68,7 @@ class NodeState:
         self.cold_latency_ms = cold_latency_ms
         self.ewma_ms: Optional[float] = None      # peak-EWMA of real request latency
         self.ewma_at = 0.0
+        self.mean_ms: Optional[float] = None      # plain EWMA of the same samples: typical latency
         self.probe_ewma_ms: Optional[float] = None  # EWMA of health-probe latency
         self.last_sample_at: Optional[float] = None
         # counters
@@ -133,11 +134,24 @@ class NodeState:
         exploration that notices recovery). A node with no request sample yet starts
         from its probe latency if any, else from a pessimistic cold guess.
         """
-        if self.ewma_ms is None:
-            estimate = max(self.probe_ewma_ms, 1.0) if self.probe_ewma_ms is not None else self.cold_latency_ms
-        else:
-            idle = now - self.ewma_at
-            estimate = self.ewma_ms if idle <= 0 else self.ewma_ms * math.exp(-idle / self.tau_s)
+        return self._with_waiting(self._decayed(self.ewma_ms, now), now)
+
+    def typical_latency_ms(self, now: float) -> float:
+        """Plain EWMA of real latency (decayed the same way): robust to single outliers.
+
+        The peak-EWMA jumps on every slow sample, which is right for weighing load but
+        too twitchy to decide which nodes are "about as fast as the best": client-side
+        jitter alone would push nodes of equal speed in and out of that set.
+        """
+        return self._with_waiting(self._decayed(self.mean_ms, now), now)
+
+    def _decayed(self, value: Optional[float], now: float) -> float:
+        if value is None:
+            return max(self.probe_ewma_ms, 1.0) if self.probe_ewma_ms is not None else self.cold_latency_ms
+        idle = now - self.ewma_at
+        return value if idle <= 0 else value * math.exp(-idle / self.tau_s)
+
+    def _with_waiting(self, estimate: float, now: float) -> float:
         if self.awaiting:
             # Requests still unanswered are evidence too: a node that hangs has no new
             # samples until its first timeout, but the mean age of its waiting requests
@@ -160,17 +174,21 @@ class NodeState:
             self.awaiting_started_sum -= started
 
     def observe_latency(self, latency_ms: float, now: float) -> None:
-        """Peak-EWMA update: a slower sample replaces the estimate at once; faster ones decay in."""
+        """Peak-EWMA update: a slower sample replaces the estimate at once; faster ones decay in.
+
+        The plain EWMA moves by the same time-based weight, but by at least 2% per
+        sample, so that at high request rates it still averages about 50 samples.
+        """
         self.last_sample_at = now
-        if self.ewma_ms is None:
-            self.ewma_ms = latency_ms
+        if self.ewma_ms is None or self.mean_ms is None:
+            self.ewma_ms = self.mean_ms = latency_ms
         else:
-            current = self.latency_estimate_ms(now)
-            if latency_ms > current:
-                self.ewma_ms = latency_ms
-            else:
-                w = math.exp(-max(0.0, now - self.ewma_at) / self.tau_s)
-                self.ewma_ms = current * w + latency_ms * (1.0 - w)
+            peak = self._decayed(self.ewma_ms, now)
+            mean = self._decayed(self.mean_ms, now)
+            w = math.exp(-max(0.0, now - self.ewma_at) / self.tau_s)
+            self.ewma_ms = latency_ms if latency_ms > peak else peak * w + latency_ms * (1.0 - w)
+            alpha = max(0.02, 1.0 - w)
+            self.mean_ms = mean + alpha * (latency_ms - mean)
         self.ewma_at = now
 
     def observe_probe(self, latency_ms: float) -> None:
@@ -263,6 +281,7 @@ class NodeState:
             "in_flight": self.in_flight,
             "awaiting": self.awaiting,
             "latency_estimate_ms": round(self.latency_estimate_ms(now), 3),
+            "typical_latency_ms": round(self.typical_latency_ms(now), 3),
             "probe_latency_ms": None if self.probe_ewma_ms is None else round(self.probe_ewma_ms, 3),
             "consecutive_failures": self.consecutive_failures,
             "times_ejected": self.times_ejected,

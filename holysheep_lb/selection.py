@@ -169,7 +169,8 @@ class Adaptive(Strategy):
 
     A pick is made in two steps:
 
-    1. the *band*: candidates whose estimate is within ``latency_band`` × the best one;
+    1. the *band*: candidates whose typical latency (a plain EWMA, robust to jitter)
+       is within ``latency_band`` × the best one;
        a node whose estimate is stale (no sample for ``explore_after_s``) takes one
        request at a time until a fresh sample arrives, so a slow node whose estimate
        merely decayed into the band gets a trial, not a burst;
@@ -205,22 +206,21 @@ class Adaptive(Strategy):
                      if n.last_sample_at is None or ctx.now - n.last_sample_at >= self.explore_after_s]
             if stale:
                 return min(stale, key=lambda n: n.last_sample_at or float("-inf"))
-        estimates = [(n, n.latency_estimate_ms(ctx.now)) for n in _rotate(candidates, ctx)]
-        limit = min(e for _, e in estimates) * self.latency_band
+        typical = [(n, n.typical_latency_ms(ctx.now)) for n in _rotate(candidates, ctx)]
+        limit = min(t for _, t in typical) * self.latency_band
+        band = [n for n, t in typical if t <= limit]
         best: Optional[NodeState] = None
         best_cost = 0.0
-        for node, estimate in estimates:
-            if estimate > limit:
-                continue
+        for node in band:
             if node.in_flight and self._stale(node, ctx.now):
                 # Its estimate only decayed into the band: that earns one trial request
                 # at a time until a fresh sample says how fast it really is now.
                 continue
-            c = self.cost(node, ctx, estimate)
+            c = self.cost(node, ctx)
             if best is None or c < best_cost:
                 best, best_cost = node, c
         if best is None:  # every node in the band is stale and busy: least loaded of them
-            best = min((n for n, e in estimates if e <= limit), key=lambda n: self.cost(n, ctx))
+            best = min(band, key=lambda n: self.cost(n, ctx))
         return best
 
     def _stale(self, node: NodeState, now: float) -> bool:
