@@ -62,6 +62,15 @@ class LatencyHistogram:
         if latency_ms > self.max_ms:
             self.max_ms = latency_ms
 
+    def copy(self) -> "LatencyHistogram":
+        """A snapshot to summarise outside the owner's lock (a list copy: microseconds)."""
+        other = LatencyHistogram.__new__(LatencyHistogram)
+        other._counts = self._counts[:]
+        other.count = self.count
+        other.total_ms = self.total_ms
+        other.max_ms = self.max_ms
+        return other
+
     def percentile(self, q: float) -> Optional[float]:
         """The q-th percentile (0..100) in ms, as the bucket's upper bound; None when empty."""
         if self.count == 0:
