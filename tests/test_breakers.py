@@ -210,7 +210,9 @@ def test_client_opens_the_model_breaker_and_fails_fast_until_reset(rsps, make_cl
     assert client.breakers()[0]["state"] == "closed"
     stats = client.stats()
     assert stats["breakers"]["opened"] == 1 and stats["breakers"]["closed"] == 1
-    assert stats["failures_by_error"] == {"AllAttemptsFailedError": 3}
+    # every user call counts once, the one refused by the open breaker included
+    assert stats["failures_by_error"] == {"AllAttemptsFailedError": 3, "CircuitOpenError": 1}
+    assert (stats["calls"], stats["successes"]) == (5, 1)
     assert stats["fallbacks"]["circuit_open_skips"] == 1
 
 
