@@ -584,7 +584,8 @@ class Client:
         hedger = self._hedger if finish is None else None  # streams are never hedged
         if send is None:
             def send(node: NodeState, timeout: Tuple[float, float]) -> Any:
-                return node.transport.send(method, path, body=body, headers=headers, timeout_s=timeout)
+                return node.transport.send(method, path, body=body, headers=headers, timeout_s=timeout,
+                                           deadline_s=max(0.001, deadline - clock()))
 
         def attempt(node: NodeState, timeout: Tuple[float, float]) -> Tuple[Any, float]:
             # One attempt. On failure the node is released and the error raised; on

@@ -326,3 +326,16 @@ def test_a_dropped_client_stops_its_health_thread():
     while thread.is_alive() and time.monotonic() < deadline:
         thread.join(0.05)
     assert not thread.is_alive()
+
+
+def test_a_local_send_error_is_final_and_not_held_against_the_node(rsps, make_client, clock):
+    from holysheep_lb import APIConnectionError
+    rsps.post(A + "/chat/completions", body=UnicodeEncodeError("latin-1", "\u4e2d", 0, 1, "cannot encode"))
+    client = _client(make_client, clock, eject_after_failures=1)
+    with pytest.raises(APIConnectionError, match="could not send the request") as info:
+        client.chat_completion(MSGS, model="m")
+    assert not info.value.retryable and len(rsps.calls) == 1  # no other node tried
+    a = client.stats()["nodes"]["a"]
+    assert a["failures"]["local"] == 1 and a["failures"]["connect"] == 0
+    assert [n for n in client.nodes() if n["id"] == "a"][0]["usable"]  # not ejected
+    assert client.breakers()[0]["failures"] == 0
