@@ -10,9 +10,10 @@ import logging
 from decimal import Decimal
 
 import pytest
-import redis
 
-from holysheep_lb import (
+redis = pytest.importorskip("redis", reason="the redis extra is not installed: pip install -e '.[test]'")
+
+from holysheep_lb import (  # noqa: E402
     Budget,
     BudgetExceededError,
     CircuitOpenError,
@@ -20,12 +21,12 @@ from holysheep_lb import (
     RateLimitExceeded,
     SharedStateUnavailableError,
 )
-from holysheep_lb.breakers import BreakerBoard
-from holysheep_lb.config import BreakerSettings
-from holysheep_lb.contrib.redis import RedisSharedState
-from holysheep_lb.errors import NoHealthyNodeError
-from holysheep_lb.pricing import PriceTable, Reservation, SpendLedger
-from tests.conftest import FakeClock, chat_body
+from holysheep_lb.breakers import BreakerBoard  # noqa: E402
+from holysheep_lb.config import BreakerSettings  # noqa: E402
+from holysheep_lb.contrib.redis import RedisSharedState  # noqa: E402
+from holysheep_lb.errors import NoHealthyNodeError  # noqa: E402
+from holysheep_lb.pricing import PriceTable, Reservation, SpendLedger  # noqa: E402
+from tests.conftest import chat_body  # noqa: E402
 
 MSGS = [{"role": "user", "content": "x" * 40}]  # 10 + 4 prompt tokens
 

@@ -18,15 +18,17 @@ from decimal import Decimal
 
 import pytest
 
-from holysheep_lb import Budget, BudgetExceededError, CircuitOpenError, Client, HolySheepError, RateLimitExceeded
-from holysheep_lb.breakers import BreakerBoard
-from holysheep_lb.config import BreakerSettings
-from holysheep_lb.contrib.redis import RedisSharedState
-from holysheep_lb.errors import NoHealthyNodeError
-from holysheep_lb.pricing import InMemorySpendStore, Limit, Reservation, SpendRow
-from tests.conftest import FakeClock, wait_until
-from tests.integration.test_cost_control import MSGS, PER_CALL
-from tests.redis_server import INSTALL_HINT, RedisServer
+pytest.importorskip("redis", reason="the redis extra is not installed: pip install -e '.[test]'")
+
+from holysheep_lb import Budget, BudgetExceededError, CircuitOpenError, Client, HolySheepError, RateLimitExceeded  # noqa: E402
+from holysheep_lb.breakers import BreakerBoard  # noqa: E402
+from holysheep_lb.config import BreakerSettings  # noqa: E402
+from holysheep_lb.contrib.redis import RedisSharedState  # noqa: E402
+from holysheep_lb.errors import NoHealthyNodeError  # noqa: E402
+from holysheep_lb.pricing import InMemorySpendStore, Limit, Reservation, SpendRow  # noqa: E402
+from tests.conftest import FakeClock, wait_until  # noqa: E402
+from tests.integration.test_cost_control import MSGS, PER_CALL  # noqa: E402
+from tests.redis_server import INSTALL_HINT, RedisServer  # noqa: E402
 
 JOIN_S = 60
 
@@ -61,6 +63,15 @@ def _join_all(processes) -> None:
         p.join(10)
     assert not alive, "a worker process did not finish in time"
     assert [p.exitcode for p in processes] == [0] * len(processes)
+
+
+def _in_threads(run, threads: int) -> None:
+    """``run(k)`` for k in range(threads), each on its own thread; returns when all end."""
+    workers = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(JOIN_S)
 
 
 # -- the Lua scripts, on a fake clock -----------------------------------------------------
@@ -104,11 +115,11 @@ def test_bucket_script_on_a_fake_clock(redis_server, prefix):
 
 
 def test_bucket_time_comes_from_the_redis_server(redis_server, prefix):
-    bucket = RedisSharedState(redis_server.url, prefix=prefix).rate_limiter_factory("requests", 1.0, 10)
-    assert bucket.try_acquire()
-    seconds, micros = redis_server_time = RedisSharedState(redis_server.url).redis.time()
-    stamp = float(RedisSharedState(redis_server.url).redis.hget(f"{prefix}ratelimit:requests", "stamp"))
-    assert 0 <= seconds + micros / 1e6 - stamp < 5, redis_server_time
+    state = RedisSharedState(redis_server.url, prefix=prefix)
+    assert state.rate_limiter_factory("requests", 1.0, 10).try_acquire()
+    seconds, micros = state.redis.time()
+    stamp = float(state.redis.hget(f"{prefix}ratelimit:requests", "stamp"))
+    assert 0 <= seconds + micros / 1e6 - stamp < 5  # the server's TIME, to the microsecond
 
 
 def test_spend_scripts_match_the_in_memory_store_exactly(redis_server, prefix):
@@ -165,11 +176,7 @@ def _share_one_limit(url, prefix, rate_per_s, burst, threads, ready, start_q, re
                 return
             admitted[k] += 1
 
-    workers = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join(JOIN_S)
+    _in_threads(run, threads)
     results.put(sum(admitted))
 
 
@@ -251,11 +258,7 @@ def _spend_until_refused(url, prefix, nodes, cap_usd, threads, results) -> None:
                 return
             ok[k] += 1
 
-    workers = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join(JOIN_S)
+    _in_threads(run, threads)
     client.close()
     results.put((sum(ok), sum(refused)))
 
