@@ -441,9 +441,8 @@ class RedisTokenBucket:
             return self._local.available()
 
     def snapshot(self) -> Dict[str, Any]:
-        shared = self._link.reachable
         try:
-            available = self._decide(0.0, 0.0, force=True)[2]
+            shared, available = True, self._decide(0.0, 0.0, force=True)[2]
         except _Unreachable:
             shared, available = False, self._local.available()
         return {"rate_per_s": self.rate_per_s, "capacity": self.capacity, "available": round(available, 3),
