@@ -36,6 +36,7 @@ from .errors import (  # noqa: E402
     RateLimitError,
     RateLimitExceeded,
     ResponseTooLargeError,
+    SharedStateUnavailableError,
     StreamInterruptedError,
     UnprocessableEntityError,
 )
@@ -90,6 +91,7 @@ __all__ = [
     "CircuitOpenError",
     "RateLimitExceeded",
     "BudgetExceededError",
+    "SharedStateUnavailableError",
     "ConfigError",
     "InvalidRequestError",
     "Attempt",

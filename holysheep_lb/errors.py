@@ -24,6 +24,7 @@ pybreaker or redis escapes the client::
     ├── CircuitOpenError                 a circuit breaker is open; says when to retry
     ├── RateLimitExceeded                the client's own rate limit (not a 429) ran out of time
     ├── BudgetExceededError              a spend cap refused the call before sending
+    ├── SharedStateUnavailableError      shared state (Redis) unreachable, fail-closed mode
     ├── ConfigError (also ValueError)    a bad setting, named with its value
     └── InvalidRequestError (also ValueError)  a bad call argument, caught before sending
 
@@ -57,6 +58,7 @@ __all__ = [
     "CircuitOpenError",
     "RateLimitExceeded",
     "BudgetExceededError",
+    "SharedStateUnavailableError",
     "ConfigError",
     "InvalidRequestError",
     "Attempt",
@@ -300,6 +302,18 @@ class BudgetExceededError(HolySheepError):
             f"passed by a call to {model} (estimate ${estimate_usd:.6f}; spent ${spent_usd:.6f}, "
             f"in flight ${reserved_usd:.6f}){tail}"
         )
+
+
+class SharedStateUnavailableError(HolySheepError):
+    """The state shared by many processes (Redis) cannot be reached and the client was
+    set to fail closed; nothing was sent. ``what`` names the refused decision
+    (``"rate limit 'requests'"``, ``"budget"``); the Redis error is ``__cause__``.
+    """
+
+    def __init__(self, what: str, detail: str = "") -> None:
+        self.what = what
+        msg = f"shared state for the {what} is unreachable and the client fails closed"
+        super().__init__(f"{msg}: {detail}" if detail else msg)
 
 
 class ConfigError(HolySheepError, ValueError):

@@ -1,0 +1,5 @@
+"""Optional integrations, each behind its own extra (``pip install holysheep_lb[redis]``).
+
+- :mod:`holysheep_lb.contrib.redis`: breakers, rate limits and budgets shared by many
+  processes on Redis.
+"""

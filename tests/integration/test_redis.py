@@ -1,0 +1,400 @@
+"""Shared state on a real redis-server (started here on 127.0.0.1): many processes share
+one rate limit, one breaker and one budget; Redis dies and comes back mid-run.
+
+Without ``redis-server`` these tests skip (saying how to install it), except when the
+environment variable CI is set: then they fail.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import threading
+import time
+import uuid
+from decimal import Decimal
+
+import pytest
+
+pytest.importorskip("redis", reason="the redis extra is not installed: pip install -e '.[test]'")
+
+from holysheep_lb import Budget, BudgetExceededError, CircuitOpenError, Client, HolySheepError, RateLimitExceeded  # noqa: E402
+from holysheep_lb.breakers import BreakerBoard  # noqa: E402
+from holysheep_lb.config import BreakerSettings  # noqa: E402
+from holysheep_lb.contrib.redis import RedisSharedState  # noqa: E402
+from holysheep_lb.errors import NoHealthyNodeError  # noqa: E402
+from holysheep_lb.pricing import InMemorySpendStore, Limit, Reservation, SpendRow  # noqa: E402
+from tests.conftest import FakeClock, wait_until  # noqa: E402
+from tests.integration.test_cost_control import MSGS, PER_CALL  # noqa: E402
+from tests.redis_server import INSTALL_HINT, RedisServer  # noqa: E402
+
+JOIN_S = 60
+
+
+@pytest.fixture(scope="module")
+def redis_binary() -> str:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{INSTALL_HINT}. CI is set, so the Redis tests must run, not skip")
+        pytest.skip(INSTALL_HINT)
+    return binary
+
+
+@pytest.fixture(scope="module")
+def redis_server(redis_binary):
+    with RedisServer(redis_binary) as server:
+        yield server
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:10]}:"
+
+
+def _join_all(processes) -> None:
+    for p in processes:
+        p.join(JOIN_S)
+    alive = [p for p in processes if p.is_alive()]
+    for p in alive:
+        p.kill()
+        p.join(10)
+    assert not alive, "a worker process did not finish in time"
+    assert [p.exitcode for p in processes] == [0] * len(processes)
+
+
+def _in_threads(run, threads: int) -> None:
+    """``run(k)`` for k in range(threads), each on its own thread; returns when all end."""
+    workers = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(JOIN_S)
+
+
+# -- the Lua scripts, on a fake clock -----------------------------------------------------
+
+
+def test_bucket_script_on_a_fake_clock(redis_server, prefix):
+    clock = FakeClock(1000.0)
+    state = RedisSharedState(redis_server.url, prefix=prefix, redis_time=clock, sleep=clock.sleep)
+    bucket = state.rate_limiter_factory("requests", 2.0, 4)
+
+    assert [bucket.try_acquire() for _ in range(5)] == [True, True, True, True, False]  # starts full
+    clock.advance(0.25)
+    assert not bucket.try_acquire()  # half a token
+    clock.advance(0.25)
+    assert bucket.try_acquire()
+
+    with pytest.raises(RateLimitExceeded) as refused:  # due in 1 s, later than the timeout
+        bucket.acquire(2, timeout=0.5)
+    assert refused.value.retry_after_s == 1.0
+    assert bucket.available() == 0.0  # a refusal takes nothing
+
+    bucket.acquire(2, timeout=5)  # takes its place in line, then sleeps until its tokens are due
+    assert clock.sleeps == [1.0]
+    assert bucket.available() == 0.0
+    bucket.adjust(3)  # three more, into debt: nobody may overtake the line
+    assert bucket.available() == -3.0
+    clock.advance(1.5)
+    assert not bucket.try_acquire()
+    clock.advance(0.5)
+    assert bucket.try_acquire()
+
+    bucket.adjust(-10)  # given back, up to the capacity
+    assert bucket.available() == 4.0
+    bucket.adjust(6)
+    assert bucket.available() == -2.0
+    # the key expires once the bucket would be full again (3 s) plus a second
+    assert 3000 < state.redis.pttl(f"{prefix}ratelimit:requests") <= 4000
+    with pytest.raises(RateLimitExceeded) as never:
+        bucket.acquire(5)
+    assert never.value.retry_after_s is None  # more than the capacity
+
+
+def test_bucket_time_comes_from_the_redis_server(redis_server, prefix):
+    state = RedisSharedState(redis_server.url, prefix=prefix)
+    assert state.rate_limiter_factory("requests", 1.0, 10).try_acquire()
+    seconds, micros = state.redis.time()
+    stamp = float(state.redis.hget(f"{prefix}ratelimit:requests", "stamp"))
+    assert 0 <= seconds + micros / 1e6 - stamp < 5  # the server's TIME, to the microsecond
+
+
+def test_spend_scripts_match_the_in_memory_store_exactly(redis_server, prefix):
+    state = RedisSharedState(redis_server.url, prefix=prefix, retain_days=40)
+    shared, local = state.spend_store, InMemorySpendStore()
+    day = "2026-11-26"
+    limits = [Limit(None, "day", Decimal("0.001")), Limit("gpt-4.1", "month", Decimal("0.0006"))]
+    calls = [Reservation("gpt-4.1", day, 100, 10, Decimal("0.00028")) for _ in range(3)]
+    for store in (shared, local):
+        assert store.try_reserve(calls[0], limits) is None
+        assert store.try_reserve(calls[1], limits) is None
+    refused = [store.try_reserve(calls[2], limits) for store in (shared, local)]
+    assert refused[0] == refused[1]
+    assert (refused[0].limit, refused[0].spent_usd, refused[0].reserved_usd) == (limits[1], 0, Decimal("0.00056"))
+    assert shared.reserved_usd() == local.reserved_usd() == Decimal("0.00056")
+    for store in (shared, local):
+        store.settle(calls[0], input_tokens=90, output_tokens=12, cost_usd=Decimal("0.000276"))
+        store.cancel(calls[1])
+        store.record_cache_hit("gpt-4.1", day)
+        store.record_cache_hit("deepseek-v3.2", "2026-11-27")
+    expected = [SpendRow(day, "gpt-4.1", requests=1, cached_requests=1, input_tokens=90, output_tokens=12,
+                         cost_usd=Decimal("0.000276")),
+                SpendRow("2026-11-27", "deepseek-v3.2", cached_requests=1)]
+    assert sorted(shared.rows(), key=repr) == sorted(local.rows(), key=repr) == sorted(expected, key=repr)
+    assert shared.reserved_usd() == local.reserved_usd() == 0
+    # the month's spend counts against the monthly cap
+    assert shared.try_reserve(Reservation("gpt-4.1", day, 1, 1, Decimal("0.000325")), limits) is not None
+    assert shared.try_reserve(Reservation("gpt-4.1", day, 1, 1, Decimal("0.000324")), limits) is None
+
+    keys = sorted(k.decode() for k in state.redis.keys(f"{prefix}*"))
+    assert keys == [f"{prefix}spend:day:2026-11-26", f"{prefix}spend:day:2026-11-27", f"{prefix}spend:days",
+                    f"{prefix}spend:month:2026-11"]
+    assert all(0 < state.redis.ttl(k) <= 40 * 86400 for k in keys)  # every key expires
+
+
+# -- many processes ---------------------------------------------------------------------
+
+
+def _share_one_limit(url, prefix, rate_per_s, burst, threads, ready, start_q, results) -> None:
+    limiter = RedisSharedState(url, prefix=prefix).rate_limiter_factory("requests", rate_per_s, burst)
+    ready.put(os.getpid())
+    start, end = start_q.get(timeout=JOIN_S)  # wall-clock times, the same for every process
+    threading.Event().wait(max(0.0, start - time.time()))
+    admitted = [0] * threads
+
+    def run(k: int) -> None:
+        while True:
+            left = end - time.time()
+            if left <= 0:
+                return
+            try:
+                limiter.acquire(1, timeout=left)
+            except RateLimitExceeded:  # the line is longer than the window left
+                return
+            admitted[k] += 1
+
+    _in_threads(run, threads)
+    results.put(sum(admitted))
+
+
+def test_four_processes_of_eight_threads_share_one_rate_limit(redis_server, prefix):
+    rate_per_s, burst, window_s, processes = 20.0, 5, 2.0, 4  # 45 turns for 32 threads: each gets one
+    ctx = mp.get_context("spawn")
+    ready, start_q, results = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_share_one_limit,
+                         args=(redis_server.url, prefix, rate_per_s, burst, 8, ready, start_q, results))
+             for _ in range(processes)]
+    for p in procs:
+        p.start()
+    try:
+        for _ in procs:
+            ready.get(timeout=JOIN_S)
+        start = time.time() + 0.2
+        for _ in procs:
+            start_q.put((start, start + window_s))
+        admitted = [results.get(timeout=JOIN_S) for _ in procs]
+    finally:
+        _join_all(procs)
+    r = int(rate_per_s * window_s)  # R: the limit's rate over the window
+    assert r <= sum(admitted) <= r + burst, admitted
+    assert all(n > 0 for n in admitted), admitted  # every process had its share
+
+
+def _trip_the_breaker(url, prefix, nodes, results) -> None:
+    state = RedisSharedState(url, prefix=prefix)
+    client = Client(nodes=nodes, health_check_interval_s=None, max_retries=0, retry_budget_ratio=None,
+                    breaker={"fail_max": 3, "reset_timeout_s": 60}, **state.client_options())
+    errors = []
+    for _ in range(5):
+        try:
+            client.chat_completion(MSGS, model="gpt-4.1", max_tokens=5)
+        except HolySheepError as exc:
+            errors.append(type(exc).__name__)
+    client.close()
+    results.put(errors)
+
+
+def test_a_breaker_tripped_in_one_process_is_open_in_another(redis_server, prefix, gateway_factory):
+    gw = gateway_factory([{"id": "a", "error_rate": 1.0}])
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_trip_the_breaker, args=(redis_server.url, prefix, gw.client_nodes(), results))
+    proc.start()
+    try:
+        errors = results.get(timeout=JOIN_S)
+    finally:
+        _join_all([proc])
+    assert errors == ["AllAttemptsFailedError"] * 3 + ["CircuitOpenError"] * 2
+    assert gw.request_count("a") == 3
+
+    state = RedisSharedState(redis_server.url, prefix=prefix)
+    with Client(nodes=gw.client_nodes(), health_check_interval_s=None, breaker={"fail_max": 3, "reset_timeout_s": 60},
+                **state.client_options()) as client:
+        with pytest.raises(CircuitOpenError) as opened:
+            client.chat_completion(MSGS, model="gpt-4.1", max_tokens=5)
+        assert client.breaker_allows("gpt-4.1") is False
+    assert opened.value.breaker == "model:gpt-4.1"
+    assert 55 < opened.value.retry_after_s <= 60
+    assert gw.request_count("a") == 3  # this process sent nothing
+
+
+def _spend_until_refused(url, prefix, nodes, cap_usd, threads, results) -> None:
+    state = RedisSharedState(url, prefix=prefix)
+    client = Client(nodes=nodes, health_check_interval_s=None, budget=Budget(daily_usd=cap_usd),
+                    **state.client_options())
+    ok, refused = [0] * threads, [0] * threads
+    start = threading.Barrier(threads)
+
+    def run(k: int) -> None:
+        start.wait(timeout=JOIN_S)
+        for _ in range(100):
+            try:
+                client.chat_completion(MSGS, model="gpt-4.1", max_tokens=5)
+            except BudgetExceededError:
+                refused[k] += 1
+                return
+            ok[k] += 1
+
+    _in_threads(run, threads)
+    client.close()
+    results.put((sum(ok), sum(refused)))
+
+
+def test_a_budget_stops_spend_across_processes(redis_server, prefix, gateway_factory):
+    gw = gateway_factory([{"id": "a"}, {"id": "b"}])
+    cap_usd, processes, threads = 0.01, 3, 4
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_spend_until_refused,
+                         args=(redis_server.url, prefix, gw.client_nodes(), cap_usd, threads, results))
+             for _ in range(processes)]
+    for p in procs:
+        p.start()
+    try:
+        outcomes = [results.get(timeout=JOIN_S) for _ in procs]
+    finally:
+        _join_all(procs)
+    fits = int(Decimal(str(cap_usd)) / PER_CALL)
+    assert fits == 40
+    assert sum(ok for ok, _ in outcomes) == fits  # exactly what the cap allows, over all processes
+    assert sum(refused for _, refused in outcomes) == processes * threads  # every thread was stopped
+    assert sum(gw.counts().values()) == fits
+    store = RedisSharedState(redis_server.url, prefix=prefix).spend_store
+    assert sum(r.cost_usd for r in store.rows()) == PER_CALL * fits <= Decimal(str(cap_usd))
+    assert store.reserved_usd() == 0
+
+
+def test_a_forked_child_uses_the_state_it_inherited(redis_server, prefix):
+    state = RedisSharedState(redis_server.url, prefix=prefix)
+    limiter = state.rate_limiter_factory("requests", 0.001, 10)
+    assert limiter.try_acquire(3)  # the parent's pool now holds an open connection
+    board = BreakerBoard(model_settings=BreakerSettings(fail_max=1, reset_timeout_s=60),
+                         storage_factory=state.breaker_storage)
+    board.admit("model", "m").record(None)
+    ctx = mp.get_context("fork")
+    results = ctx.Queue()
+
+    def child() -> None:
+        try:
+            took = limiter.try_acquire(3)
+            board.admit("model", "m").record(NoHealthyNodeError("down"))  # trips it (fail_max=1)
+            results.put(("ok", took, state.status()["failures"]))
+        except BaseException as exc:  # report anything to the parent
+            results.put(("error", repr(exc)))
+
+    proc = ctx.Process(target=child)
+    proc.start()
+    try:
+        outcome = results.get(timeout=JOIN_S)
+    finally:
+        _join_all([proc])
+    assert outcome == ("ok", True, 0)
+    # the parent's own connections still work, and it sees what the child did
+    with pytest.raises(CircuitOpenError):
+        board.admit("model", "m")
+    assert limiter.available() == pytest.approx(4, abs=0.01)
+    assert state.status()["failures"] == 0
+
+
+# -- Redis goes away --------------------------------------------------------------------
+
+
+def test_redis_killed_mid_run_calls_go_on_with_one_warning(redis_binary, gateway_factory, caplog):
+    caplog.set_level(logging.INFO, logger="holysheep_lb")
+    gw = gateway_factory([{"id": "a"}, {"id": "b"}])
+    errors, done = [], [0] * 4
+    stop = threading.Event()
+    with RedisServer(redis_binary) as server:
+        state = RedisSharedState(server.url, prefix="kill:", warn_interval_s=60, retry_interval_s=0.05)
+        client = Client(nodes=gw.client_nodes(), health_check_interval_s=None, requests_per_minute=600_000,
+                        tokens_per_minute=10_000_000, budget=Budget(daily_usd=100), **state.client_options())
+
+        def run(k: int) -> None:
+            while not stop.is_set():
+                try:
+                    client.chat_completion(MSGS, model="gpt-4.1", max_tokens=5)
+                except Exception as exc:  # any exception at all fails the test
+                    errors.append(exc)
+                    return
+                done[k] += 1
+
+        workers = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+        try:
+            for t in workers:
+                t.start()
+            assert wait_until(lambda: sum(done) >= 40, timeout_s=20)
+            server.kill()
+            killed_at = sum(done)
+            assert wait_until(lambda: sum(done) >= killed_at + 100, timeout_s=20)  # calls go on
+            assert state.status()["reachable"] is False
+            server.start()  # same port, empty
+            assert wait_until(lambda: state.status()["reachable"] and state.spend_store.pending() == 0,
+                              timeout_s=20)
+            back_at = sum(done)
+            assert wait_until(lambda: sum(done) >= back_at + 40, timeout_s=20)
+        finally:
+            stop.set()
+            for t in workers:
+                t.join(JOIN_S)
+            client.close()
+        total = sum(done)
+        rows = state.spend_store.rows()
+        assert state.spend_store.reserved_usd() == 0  # nothing stranded in Redis
+        assert state.redis.exists("kill:ratelimit:requests", "kill:breaker:model:gpt-4.1:pybreaker:state") == 2
+    assert errors == []
+    warnings = [r for r in caplog.records if r.name.startswith("holysheep_lb.contrib") and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "Redis is unreachable" in warnings[0].getMessage()
+    assert not any(r.name.startswith("pybreaker") for r in caplog.records)
+    # what was spent while Redis was away was written to it when it came back
+    assert total - killed_at - 4 <= sum(r.requests for r in rows) <= total
+
+
+def test_the_shared_limits_are_back_when_redis_returns(redis_binary, gateway_factory):
+    gw = gateway_factory([{"id": "a"}])
+    with RedisServer(redis_binary) as server:
+        state = RedisSharedState(server.url, prefix="back:", retry_interval_s=0.01)
+        other_process = RedisSharedState(server.url, prefix="back:").rate_limiter_factory("requests", 0.1, 6)
+        with Client(nodes=gw.client_nodes(), health_check_interval_s=None, requests_per_minute=6, deadline_s=1.0,
+                    **state.client_options()) as client:
+
+            def calls(n: int):
+                out = []
+                for _ in range(n):
+                    try:
+                        client.chat_completion(MSGS, model="gpt-4.1", max_tokens=5)
+                        out.append("ok")
+                    except RateLimitExceeded:
+                        out.append("limited")
+                return out
+
+            assert calls(2) == ["ok", "ok"]
+            assert other_process.available() == pytest.approx(4, abs=0.05)  # shared
+            server.kill()
+            assert calls(3) == ["ok"] * 3  # this process's own bucket: 3 of 6 left
+            server.start()  # empty: a full shared bucket of 6, not the local 3
+            assert calls(7) == ["ok"] * 6 + ["limited"]
+            assert other_process.available() == pytest.approx(0, abs=0.05)
