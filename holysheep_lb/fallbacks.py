@@ -147,7 +147,8 @@ class ModelChain:
             log.info("every model of %s's chain failed; returning the fallback_reply answer", model)
             resp = Response(dict(data), model=None, fallback=True,
                             latency_ms=(self._clock() - started) * 1000.0)
-            resp.extra.update(canned=True, requested_model=model, model_errors=dict(errors))
+            resp.extra.update(canned=True, requested_model=model,  # JSON-safe: strings, not exceptions
+                              model_errors={m: f"{type(e).__name__}: {e}" for m, e in errors})
             return resp
         error.model_errors = dict(errors)  # type: ignore[attr-defined]
         raise error

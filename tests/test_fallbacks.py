@@ -160,6 +160,21 @@ def test_a_canned_reply_comes_only_from_the_users_callable_and_is_flagged(rsps, 
     assert client.stats()["fallbacks"]["canned_replies"] == 1
 
 
+def test_a_canned_reply_with_the_cache_on_is_returned_and_keeps_only_error_strings(rsps, make_client, clock):
+    Gateway(rsps, {"gpt-4.1": 500})
+    client = _client(make_client, clock, max_retries=0, cache=True, deadline_s=2,
+                     fallback_reply=lambda *a: {"choices": [{"message": {"content": "SORRY"}}]})
+    resp = client.chat_completion(MSGS, model="gpt-4.1", temperature=0)
+    assert resp.text == "SORRY" and resp.extra["canned"] is True
+    assert list(resp.extra["model_errors"]) == ["gpt-4.1"]
+    error = resp.extra["model_errors"]["gpt-4.1"]
+    assert isinstance(error, str) and error.startswith("AllAttemptsFailedError: ")
+    json.dumps(resp.extra["model_errors"])  # JSON-safe
+    assert client._cache._pending == {}
+    again = client.chat_completion(MSGS, model="gpt-4.1", temperature=0)  # not stuck behind the first
+    assert again.text == "SORRY" and client._cache._pending == {}
+
+
 def test_a_canned_reply_must_be_a_dict(rsps, make_client, clock):
     Gateway(rsps, {"m": 500})
     client = _client(make_client, clock, max_retries=0, fallback_reply=lambda *a: "sorry")
