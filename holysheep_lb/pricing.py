@@ -550,17 +550,20 @@ class SpendLedger:
         params: Mapping[str, Any],
         *,
         is_available: Callable[[str], bool] = lambda model: True,
+        downgrade: bool = True,
     ) -> Reservation:
         """Reserve this call's estimate, downgrading the model if the budget says so.
 
         Returns the reservation (its ``model`` is the one to send to). Raises
-        :class:`BudgetExceededError` when no allowed model fits the caps.
+        :class:`BudgetExceededError` when no allowed model fits the caps
+        (``downgrade=False``: when ``model`` does not fit them).
         """
         wanted = self.estimate(model, messages, params)
         refusal = self._try(wanted)
         if refusal is None:
             return wanted
-        if self.budget is not None and self.budget.on_exceeded == "downgrade":
+        downgrade = downgrade and self.budget is not None and self.budget.on_exceeded == "downgrade"
+        if downgrade:
             for candidate in self._cheaper_than(wanted, messages, params):
                 if not is_available(candidate.model):
                     continue
@@ -568,7 +571,7 @@ class SpendLedger:
                     log.debug("budget: %s would pass the %s cap; downgraded to %s (estimate $%s)",
                               model, refusal.limit.period, candidate.model, candidate.amount_usd)
                     return candidate
-        raise _budget_error(model, wanted, refusal, self.budget)
+        raise _budget_error(model, wanted, refusal, downgrade_tried=downgrade)
 
     def settle(self, reservation: Reservation, usage: Any) -> Settled:
         """Replace the reservation with the actual cost from ``usage`` (the estimate if absent)."""
@@ -657,7 +660,7 @@ def _usage_tokens(usage: Any) -> Optional[Tuple[int, int]]:
     return prompt, completion
 
 
-def _budget_error(model: str, wanted: Reservation, refusal: Refusal, budget: Optional[Budget]) -> BudgetExceededError:
+def _budget_error(model: str, wanted: Reservation, refusal: Refusal, *, downgrade_tried: bool) -> BudgetExceededError:
     return BudgetExceededError(
         model=model,
         scope=refusal.limit.model or "client",
@@ -666,7 +669,7 @@ def _budget_error(model: str, wanted: Reservation, refusal: Refusal, budget: Opt
         spent_usd=float(refusal.spent_usd),
         reserved_usd=float(refusal.reserved_usd),
         estimate_usd=float(wanted.amount_usd),
-        downgrade_tried=bool(budget and budget.on_exceeded == "downgrade"),
+        downgrade_tried=downgrade_tried,
     )
 
 
