@@ -62,6 +62,7 @@ __all__ = [
     "SpendRow",
     "SpendStore",
     "InMemorySpendStore",
+    "OTHER_MODELS",
     "SpendLedger",
 ]
 
@@ -74,6 +75,9 @@ _EPOCH = _dt.date(1970, 1, 1)
 _MILLION = Decimal(1_000_000)
 _ZERO = Decimal(0)
 _MAX_UNKNOWN_WARNINGS = 1000  # bounds the memory of "already warned" model names
+
+#: The spend row of a day's models past ``InMemorySpendStore.max_models_per_day``.
+OTHER_MODELS = "(other models)"
 
 
 @dataclass(frozen=True)
@@ -400,17 +404,24 @@ class SpendStore(ABC):
 class InMemorySpendStore(SpendStore):
     """Spend kept in this process, per (UTC day, model), for ``retain_days`` days.
 
-    Thread-safe: one lock, held for dictionary updates only. Memory is bounded by
-    ``retain_days`` x the number of models used.
+    Thread-safe: one lock, held for dictionary updates only. Model names come from
+    callers, so memory is bounded: a day keeps rows for its first ``max_models_per_day``
+    models and counts the others in one :data:`OTHER_MODELS` row; per-model totals are
+    kept only for models with a per-model cap (those caps are always enforced exactly).
     """
 
-    def __init__(self, *, retain_days: int = 62) -> None:
+    def __init__(self, *, retain_days: int = 62, max_models_per_day: int = 256) -> None:
         if isinstance(retain_days, bool) or not isinstance(retain_days, int) or retain_days < 31:
             raise ConfigError("retain_days", retain_days, "must be an integer >= 31 (monthly caps need a month)")
+        if isinstance(max_models_per_day, bool) or not isinstance(max_models_per_day, int) or max_models_per_day < 1:
+            raise ConfigError("max_models_per_day", max_models_per_day, "must be an integer >= 1")
         self.retain_days = retain_days
+        self.max_models_per_day = max_models_per_day
         self._ledger_lock = threading.Lock()
         self._rows: Dict[Tuple[str, str], SpendRow] = {}
-        # (period key, model or None) -> [spent, reserved]; period key is a day or a month
+        self._models_per_day: Dict[str, int] = {}  # day -> rows of named models
+        # (period key, model or None) -> [spent, reserved]; period key is a day or a month;
+        # a model's own totals exist only while it has a per-model limit
         self._totals: Dict[Tuple[str, Optional[str]], List[Decimal]] = {}
         self._latest_day = ""
 
@@ -422,7 +433,8 @@ class InMemorySpendStore(SpendStore):
                 spent, reserved = self._totals.get(_period_key(reservation.day, limit), (_ZERO, _ZERO))
                 if spent + reserved + amount > limit.cap_usd:
                     return Refusal(limit, spent, reserved)
-            for key in _total_keys(reservation):
+            capped = any(limit.model == reservation.model for limit in limits)
+            for key in _total_keys(reservation, per_model=capped):
                 self._totals.setdefault(key, [_ZERO, _ZERO])[1] += amount
         return None
 
@@ -434,9 +446,11 @@ class InMemorySpendStore(SpendStore):
             row.output_tokens += output_tokens
             row.cost_usd += cost_usd
             for key in _total_keys(reservation):
-                pair = self._totals.setdefault(key, [_ZERO, _ZERO])
-                pair[0] += cost_usd
-                pair[1] -= reservation.amount_usd
+                # the model's own totals only if try_reserve made them (it has a per-model limit)
+                pair = self._totals.get(key) if key[1] is not None else self._totals.setdefault(key, [_ZERO, _ZERO])
+                if pair is not None:
+                    pair[0] += cost_usd
+                    pair[1] -= reservation.amount_usd
 
     def cancel(self, reservation: Reservation) -> None:
         with self._ledger_lock:
@@ -467,7 +481,14 @@ class InMemorySpendStore(SpendStore):
     def _row(self, day: str, model: str) -> SpendRow:
         row = self._rows.get((day, model))
         if row is None:
-            row = self._rows[(day, model)] = SpendRow(day, model)
+            named = self._models_per_day.get(day, 0)
+            if named >= self.max_models_per_day:
+                model = OTHER_MODELS
+                row = self._rows.get((day, model))
+            else:
+                self._models_per_day[day] = named + 1
+            if row is None:
+                row = self._rows[(day, model)] = SpendRow(day, model)
         return row
 
     def _roll_to(self, day: str) -> None:
@@ -478,6 +499,8 @@ class InMemorySpendStore(SpendStore):
         cutoff = (_dt.date.fromisoformat(day) - _dt.timedelta(days=self.retain_days)).isoformat()
         for key in [k for k in self._rows if k[0] < cutoff]:
             del self._rows[key]
+        for old in [d for d in self._models_per_day if d < cutoff]:
+            del self._models_per_day[old]
         for key in [k for k, pair in self._totals.items() if k[0] < cutoff[: len(k[0])] and not pair[1]]:
             del self._totals[key]
 
@@ -486,8 +509,10 @@ def _period_key(day: str, limit: Limit) -> Tuple[str, Optional[str]]:
     return (day if limit.period == "day" else day[:7], limit.model)
 
 
-def _total_keys(reservation: Reservation) -> Tuple[Tuple[str, Optional[str]], ...]:
+def _total_keys(reservation: Reservation, *, per_model: bool = True) -> Tuple[Tuple[str, Optional[str]], ...]:
     day, month, model = reservation.day, reservation.day[:7], reservation.model
+    if not per_model:
+        return ((day, None), (month, None))
     return ((day, None), (month, None), (day, model), (month, model))
 
 

@@ -13,6 +13,7 @@ import pytest
 from holysheep_lb import Budget, BudgetCap, BudgetExceededError, ConfigError, InvalidRequestError, PriceTable
 from holysheep_lb.pricing import (
     DEFAULT_PRICES,
+    OTHER_MODELS,
     PRICES_TAKEN_ON,
     InMemorySpendStore,
     ModelPrice,
@@ -200,6 +201,38 @@ def test_store_forgets_days_past_retention():
     assert store.reserved_usd() == 0
     with pytest.raises(ConfigError):
         InMemorySpendStore(retain_days=7)
+
+
+def test_spend_rows_per_day_are_capped_and_further_models_fold_into_one_other_row():
+    wall = WallClock()
+    store = InMemorySpendStore(max_models_per_day=3)
+    led = SpendLedger(PriceTable({f"m{i}": (1.0, 1.0) for i in range(10)}), store=store, wall_clock=wall)
+    for i in range(10):
+        led.settle(led.admit(f"m{i}", msgs(40), {}), usage(1000, 0))  # $0.001 each
+    led.settle(led.admit("m1", msgs(40), {}), usage(1000, 0))  # a model with a row keeps it
+    led.record_cache_hit("m9")
+    rows = {r.model: (r.requests, r.cached_requests, r.input_tokens, r.cost_usd) for r in store.rows()}
+    assert rows == {"m0": (1, 0, 1000, Decimal("0.001")), "m1": (2, 0, 2000, Decimal("0.002")),
+                    "m2": (1, 0, 1000, Decimal("0.001")), OTHER_MODELS: (7, 1, 7000, Decimal("0.007"))}
+    assert led.report()["totals"]["cost_usd"] == 0.011
+    assert len(store._totals) == 2, "only the client-wide day and month totals: no model has a cap"
+    wall.now += 86400  # a new day: new models get rows again
+    led.settle(led.admit("m7", msgs(40), {}), usage(1000, 0))
+    assert [(r.day, r.model) for r in store.rows()][-1] == ("2026-11-27", "m7")
+    with pytest.raises(ConfigError):
+        InMemorySpendStore(max_models_per_day=0)
+
+
+def test_a_per_model_cap_holds_for_a_model_folded_into_other():
+    store = InMemorySpendStore(max_models_per_day=1)
+    led = SpendLedger(PriceTable(), store=store, wall_clock=WallClock(),
+                      budget=Budget(per_model={"gpt-4.1": BudgetCap(daily_usd=0.0015)}))
+    led.settle(led.admit("deepseek-v3.2", msgs(400), {"max_tokens": 100}), usage(104, 100))
+    led.settle(led.admit("gpt-4.1", msgs(400), {"max_tokens": 100}), usage(104, 100))  # $0.001008
+    assert [r.model for r in store.rows()] == ["deepseek-v3.2", OTHER_MODELS]
+    with pytest.raises(BudgetExceededError) as info:  # another $0.001008 would pass gpt-4.1's cap
+        led.admit("gpt-4.1", msgs(400), {"max_tokens": 100})
+    assert info.value.scope == "gpt-4.1" and info.value.spent_usd == 0.001008
 
 
 # -- budgets --------------------------------------------------------------------------------
