@@ -86,11 +86,17 @@ class ModelPrice:
 
     input_usd_per_mtok: float
     output_usd_per_mtok: float
+    # the same prices as exact decimals, parsed once (cost_usd runs on every call)
+    _input_exact: Decimal = field(init=False, repr=False, compare=False)
+    _output_exact: Decimal = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_input_exact", Decimal(str(self.input_usd_per_mtok)))
+        object.__setattr__(self, "_output_exact", Decimal(str(self.output_usd_per_mtok)))
 
     def cost_usd(self, input_tokens: int, output_tokens: int) -> Decimal:
         """The exact cost of these token counts."""
-        return (Decimal(input_tokens) * Decimal(str(self.input_usd_per_mtok))
-                + Decimal(output_tokens) * Decimal(str(self.output_usd_per_mtok))) / _MILLION
+        return (Decimal(input_tokens) * self._input_exact + Decimal(output_tokens) * self._output_exact) / _MILLION
 
 
 #: The defaults (see the module docstring for the source and date).
@@ -269,6 +275,9 @@ class Budget:
     per_model: Mapping[str, BudgetCap] = field(default_factory=dict)
     on_exceeded: str = "raise"
     assumed_output_tokens: int = 256
+    # the caps as Limits, built once (limits_for runs on every call)
+    _client_limits: Tuple["Limit", ...] = field(init=False, repr=False, compare=False)
+    _model_limits: Mapping[str, Tuple["Limit", ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_cap("budget.daily_usd", self.daily_usd)
@@ -293,6 +302,9 @@ class Budget:
                 raise ConfigError(f"budget.per_model[{model}]", cap, "must be a BudgetCap or a dict")
             caps[model] = cap
         object.__setattr__(self, "per_model", MappingProxyType(caps))
+        object.__setattr__(self, "_client_limits", _limits(None, BudgetCap(self.daily_usd, self.monthly_usd)))
+        object.__setattr__(self, "_model_limits",
+                           MappingProxyType({model: _limits(model, cap) for model, cap in caps.items()}))
 
     @classmethod
     def coerce(cls, value: Any) -> Optional["Budget"]:
@@ -309,15 +321,16 @@ class Budget:
 
     def limits_for(self, model: str) -> List["Limit"]:
         """Every cap a call to ``model`` counts against."""
-        limits = []
-        for scope, cap in ((None, BudgetCap(self.daily_usd, self.monthly_usd)), (model, self.per_model.get(model))):
-            if cap is None:
-                continue
-            if cap.daily_usd is not None:
-                limits.append(Limit(scope, "day", Decimal(str(cap.daily_usd))))
-            if cap.monthly_usd is not None:
-                limits.append(Limit(scope, "month", Decimal(str(cap.monthly_usd))))
-        return limits
+        return [*self._client_limits, *self._model_limits.get(model, ())]
+
+
+def _limits(scope: Optional[str], cap: BudgetCap) -> Tuple["Limit", ...]:
+    limits = []
+    if cap.daily_usd is not None:
+        limits.append(Limit(scope, "day", Decimal(str(cap.daily_usd))))
+    if cap.monthly_usd is not None:
+        limits.append(Limit(scope, "month", Decimal(str(cap.monthly_usd))))
+    return tuple(limits)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from decimal import Decimal
 
 import pytest
 
+from holysheep_lb import pricing
 from holysheep_lb import Budget, BudgetCap, BudgetExceededError, ConfigError, InvalidRequestError, PriceTable
 from holysheep_lb.pricing import (
     DEFAULT_PRICES,
@@ -80,6 +81,25 @@ def test_ten_thousand_small_costs_sum_exactly():
         led.settle(led.admit("deepseek-v3.2", msgs(4), {"max_tokens": 1}), usage(3, 1))
     # 10_000 * (3*0.28 + 1*0.42) / 1e6 = 0.0126 exactly, no float drift
     assert led.report()["totals"]["cost_usd"] == 0.0126
+
+
+def test_prices_and_caps_are_parsed_to_decimal_once_not_per_call(monkeypatch):
+    table = PriceTable({"custom": (0.15, 0.6)})
+    budget = Budget(daily_usd=5, monthly_usd=100, per_model={"gpt-4.1": {"daily_usd": 1}})
+    parsed = []
+    real = pricing.Decimal
+
+    def counting(value="0", *args):
+        if isinstance(value, str):
+            parsed.append(value)
+        return real(value, *args)
+
+    monkeypatch.setattr(pricing, "Decimal", counting)
+    assert table.exact_cost_usd("gpt-4.1", 1000, 100) == real("0.0028")
+    assert table.exact_cost_usd("custom", 1000, 1000) == real("0.00075")
+    assert [(lim.model, lim.period, lim.cap_usd) for lim in budget.limits_for("gpt-4.1")] == [
+        (None, "day", 5), (None, "month", 100), ("gpt-4.1", "day", 1)]
+    assert parsed == []
 
 
 def test_overrides_merge_with_defaults_and_can_replace_them():
