@@ -394,7 +394,8 @@ def test_a_parents_stream_dropped_in_a_forked_child_does_not_skew_the_childs_cou
     assert client.stats()["in_flight"] == 0
 
 
-def test_stream_falls_back_to_the_next_model_and_is_flagged(rsps, make_client, clock):
+def _gpt_down_others_stream(rsps):
+    """Every node answers gpt-4.1 with 503 and streams GOOD for any other model."""
     def by_model(request):
         model = json.loads(request.body)["model"]
         if model == "gpt-4.1":
@@ -403,6 +404,10 @@ def test_stream_falls_back_to_the_next_model_and_is_flagged(rsps, make_client, c
 
     for url in (A, B):
         rsps.add_callback(responses.POST, url + "/chat/completions", callback=by_model)
+
+
+def test_stream_falls_back_to_the_next_model_and_is_flagged(rsps, make_client, clock):
+    _gpt_down_others_stream(rsps)
     client = _client(make_client, clock, fallbacks={"gpt-4.1": ["gemini-2.5-flash"]}, max_retries=1)
     stream = client.chat_completion(MSGS, model="gpt-4.1", stream=True)
     assert stream.read_text() == "Hello"
@@ -419,14 +424,7 @@ def test_stream_falls_back_to_the_next_model_and_is_flagged(rsps, make_client, c
 
 
 def test_a_fallback_stream_is_paid_as_the_model_that_streamed(rsps, make_client, clock):
-    def by_model(request):
-        model = json.loads(request.body)["model"]
-        if model == "gpt-4.1":
-            return (503, {}, b'{"error": {"message": "overloaded"}}')
-        return (200, {"Content-Type": "text/event-stream"}, GOOD)
-
-    for url in (A, B):
-        rsps.add_callback(responses.POST, url + "/chat/completions", callback=by_model)
+    _gpt_down_others_stream(rsps)
     client = _client(make_client, clock, fallbacks={"gpt-4.1": ["gemini-2.5-flash"]}, max_retries=0)
     stream = client.chat_completion(MSGS, model="gpt-4.1", stream=True)
     assert client.ledger.store.reserved_usd() == Decimal(6 * 30 + 256 * 250) / 100_000_000  # gemini's estimate
