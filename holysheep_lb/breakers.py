@@ -27,7 +27,7 @@ import threading
 import time
 from collections import Counter
 from datetime import datetime, timezone
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import pybreaker
 
@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 StorageFactory = Callable[[str], pybreaker.CircuitBreakerStorage]
 
 # Model names come from callers; idle closed breakers beyond this many are forgotten.
-_MAX_BREAKERS = 1024
+_MAX_BREAKERS = 1024  # model names come from callers: memory stays bounded
+_STORAGE_WARN_INTERVAL_S = 60.0
 # Open times round-trip through datetime (microseconds) at epoch magnitudes.
 _CLOCK_SLACK_S = 1e-3
 
@@ -107,8 +108,10 @@ class Breaker:
     """
 
     def __init__(self, name: str, settings: BreakerSettings, storage: pybreaker.CircuitBreakerStorage,
-                 *, clock: Callable[[], float], listeners: Iterable[pybreaker.CircuitBreakerListener]) -> None:
+                 *, clock: Callable[[], float], listeners: Iterable[pybreaker.CircuitBreakerListener],
+                 board: Optional["BreakerBoard"] = None) -> None:
         self.name = name
+        self._board = board
         self.settings = settings
         self._storage = storage
         self._clock = clock
@@ -157,77 +160,120 @@ class Breaker:
         self._storage.opened_at = datetime.fromtimestamp(self._clock(), timezone.utc)
 
     def admit(self) -> Permit:
-        """A permit for one call, or :class:`CircuitOpenError` saying when to retry."""
-        with self._state_lock:
-            state = self._state()
-            if state == pybreaker.STATE_OPEN:
-                wait_s = self._open_for_s(self._clock())
-                if wait_s > 0:
-                    raise CircuitOpenError(self.name, wait_s)
-                self._cb.half_open()
-                state = pybreaker.STATE_HALF_OPEN
-            if state == pybreaker.STATE_HALF_OPEN:
-                if self._trials >= self.settings.success_threshold:
-                    raise CircuitOpenError(self.name, 0.0, f"half-open, {self._trials} trial call(s) in flight")
-                self._trials += 1
-                return Permit(self, trial=True)
-            return Permit(self, trial=False)
+        """A permit for one call, or :class:`CircuitOpenError` saying when to retry.
+
+        If the breaker's storage fails (a shared store that is down), the call is let
+        through (fail open) and the failure is logged once per interval.
+        """
+        try:
+            with self._state_lock:
+                state = self._state()
+                if state == pybreaker.STATE_OPEN:
+                    wait_s = self._open_for_s(self._clock())
+                    if wait_s > 0:
+                        raise CircuitOpenError(self.name, wait_s)
+                    self._cb.half_open()
+                    state = pybreaker.STATE_HALF_OPEN
+                if state == pybreaker.STATE_HALF_OPEN:
+                    if self._trials >= self.settings.success_threshold:
+                        raise CircuitOpenError(self.name, 0.0, f"half-open, {self._trials} trial call(s) in flight")
+                    self._trials += 1
+                    return Permit(self, trial=True)
+                return Permit(self, trial=False)
+        except CircuitOpenError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - recovered: fail open, reported by the board
+            self._storage_failed(exc)
+            return NO_PERMIT
+        finally:
+            self._unlocked()
 
     def allows(self) -> bool:
         """Whether :meth:`admit` would let a call through now (changes nothing)."""
-        with self._state_lock:
-            state = self._state()
-            if state == pybreaker.STATE_OPEN:
-                return self._open_for_s(self._clock()) <= 0
-            if state == pybreaker.STATE_HALF_OPEN:
-                return self._trials < self.settings.success_threshold
+        try:
+            with self._state_lock:
+                state = self._state()
+                if state == pybreaker.STATE_OPEN:
+                    return self._open_for_s(self._clock()) <= 0
+                if state == pybreaker.STATE_HALF_OPEN:
+                    return self._trials < self.settings.success_threshold
+                return True
+        except Exception as exc:  # noqa: BLE001 - recovered: fail open, reported by the board
+            self._storage_failed(exc)
             return True
+        finally:
+            self._unlocked()
 
     def _record(self, outcome: str, trial: bool) -> None:
-        with self._state_lock:
-            if trial:
-                self._trials -= 1
-            if outcome == "none":
-                return
-            state = self._state()
-            storage = self._storage
-            if outcome == "failure":
-                storage.increment_counter()
+        try:
+            with self._state_lock:
+                if trial:
+                    self._trials -= 1
+                if outcome == "none":
+                    return
+                state = self._state()
+                storage = self._storage
+                if outcome == "failure":
+                    storage.increment_counter()
+                    if state == pybreaker.STATE_HALF_OPEN and trial:
+                        self._trip()
+                    elif state == pybreaker.STATE_CLOSED and storage.counter >= self.settings.fail_max:
+                        self._trip()
+                    return
+                storage.reset_counter()
+                # Only trial calls decide a half-open breaker: a slow call admitted before it
+                # opened says nothing about the model now.
                 if state == pybreaker.STATE_HALF_OPEN and trial:
-                    self._trip()
-                elif state == pybreaker.STATE_CLOSED and storage.counter >= self.settings.fail_max:
-                    self._trip()
-                return
-            storage.reset_counter()
-            # Only trial calls decide a half-open breaker: a slow call admitted before it
-            # opened says nothing about the model now.
-            if state == pybreaker.STATE_HALF_OPEN and trial:
-                storage.increment_success_counter()
-                if storage.success_counter >= self.settings.success_threshold:
-                    self._cb.close()
+                    storage.increment_success_counter()
+                    if storage.success_counter >= self.settings.success_threshold:
+                        self._cb.close()
+        except Exception as exc:  # noqa: BLE001 - the call's own outcome stands; reported
+            self._storage_failed(exc)
+        finally:
+            self._unlocked()
+
+    def _storage_failed(self, exc: BaseException) -> None:
+        if self._board is not None:
+            self._board.storage_failed(self.name, exc)
+
+    def _unlocked(self) -> None:
+        # pybreaker calls our listener under its locks: its log lines are written here
+        if self._board is not None:
+            self._board.flush_logs()
 
     def idle(self) -> bool:
         """Closed with no failure counted and no call in flight: safe to forget."""
-        with self._state_lock:
-            return (self._trials == 0 and self._storage.state == pybreaker.STATE_CLOSED
-                    and self._storage.counter == 0)
+        try:
+            with self._state_lock:
+                return (self._trials == 0 and self._storage.state == pybreaker.STATE_CLOSED
+                        and self._storage.counter == 0)
+        except Exception:  # noqa: BLE001 - unknown state: keep it
+            return False
 
     def snapshot(self) -> Dict[str, Any]:
         """State and counters; ``retry_after_s`` is when an open breaker lets a trial through."""
-        with self._state_lock:
-            state = self._state()
-            wait_s = max(0.0, self._open_for_s(self._clock())) if state == pybreaker.STATE_OPEN else None
-            return {
-                "name": self.name,
-                "state": state,
-                "failures": self._storage.counter,
-                "successes": self._storage.success_counter,
-                "trials_in_flight": self._trials,
-                "retry_after_s": None if wait_s is None else round(wait_s, 3),
-                "fail_max": self.settings.fail_max,
+        base = {"name": self.name, "fail_max": self.settings.fail_max,
                 "reset_timeout_s": self.settings.reset_timeout_s,
-                "success_threshold": self.settings.success_threshold,
-            }
+                "success_threshold": self.settings.success_threshold}
+        try:
+            with self._state_lock:
+                state = self._state()
+                wait_s = max(0.0, self._open_for_s(self._clock())) if state == pybreaker.STATE_OPEN else None
+                return {
+                    **base,
+                    "state": state,
+                    "failures": self._storage.counter,
+                    "successes": self._storage.success_counter,
+                    "trials_in_flight": self._trials,
+                    "retry_after_s": None if wait_s is None else round(wait_s, 3),
+                }
+        except Exception as exc:  # noqa: BLE001 - shown, not raised
+            self._storage_failed(exc)
+            return {**base, "state": "unknown", "failures": None, "successes": None,
+                    "trials_in_flight": self._trials, "retry_after_s": None,
+                    "error": f"{type(exc).__name__}: {exc}"[:200]}
+        finally:
+            self._unlocked()
 
 
 class _TransitionListener(pybreaker.CircuitBreakerListener):
@@ -237,13 +283,16 @@ class _TransitionListener(pybreaker.CircuitBreakerListener):
         self._board = board
 
     def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
+        # Called under pybreaker's and our breaker's locks: count and queue the log line;
+        # the breaker writes it once its locks are released.
         old = getattr(old_state, "name", None)
         new = new_state.name
-        self._board._count_transition(new)
         if new == pybreaker.STATE_OPEN:
-            log.warning("circuit breaker %s opened (was %s) for %.1f s", cb.name, old, cb.reset_timeout)
+            line = (logging.WARNING, "circuit breaker %s opened (was %s) for %.1f s",
+                    (cb.name, old, cb.reset_timeout))
         else:
-            log.info("circuit breaker %s: %s -> %s", cb.name, old, new)
+            line = (logging.INFO, "circuit breaker %s: %s -> %s", (cb.name, old, new))
+        self._board._count_transition(new, line)
 
 
 class BreakerBoard:
@@ -268,8 +317,11 @@ class BreakerBoard:
         self._listener = _TransitionListener(self)
         self._breakers_lock = threading.Lock()
         self._breakers: Dict[str, Breaker] = {}
+        self._full_warned = False
         self._counts_lock = threading.Lock()
         self._transitions: Counter = Counter()
+        self._pending_logs: List[Tuple[int, str, Tuple[Any, ...]]] = []
+        self._last_storage_warning = float("-inf")
 
     def reset_after_fork(self) -> None:
         self._breakers_lock = threading.Lock()
@@ -293,19 +345,39 @@ class BreakerBoard:
         if settings is None:
             return None
         # built outside the lock: a shared storage may talk to its server here
-        storage = (self._storage_factory(name) if self._storage_factory is not None
-                   else pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED))
-        new = Breaker(name, settings, storage, clock=self._clock, listeners=[self._listener])
+        try:  # pybreaker reads the storage as soon as the breaker is built
+            storage = (self._storage_factory(name) if self._storage_factory is not None
+                       else pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED))
+            new = Breaker(name, settings, storage, clock=self._clock, listeners=[self._listener], board=self)
+        except Exception as exc:  # noqa: BLE001 - recovered: no breaker for now, reported
+            self.storage_failed(name, exc)
+            self.flush_logs()
+            return None
         with self._breakers_lock:
             if name not in self._breakers and len(self._breakers) >= _MAX_BREAKERS:
-                self._forget_one_idle()
-            return self._breakers.setdefault(name, new)
+                if self._storage_factory is not None or not self._forget_one_idle():
+                    # Full, and nothing can be forgotten without talking to a shared
+                    # store under this lock: this name goes unguarded, said once.
+                    full_warning = not self._full_warned
+                    self._full_warned = True
+                    result: Optional[Breaker] = None
+                else:
+                    full_warning = False
+                    result = self._breakers.setdefault(name, new)
+            else:
+                full_warning = False
+                result = self._breakers.setdefault(name, new)
+        if full_warning:
+            log.warning("%d circuit breakers exist; %s and further new names get none", _MAX_BREAKERS, name)
+        return result
 
-    def _forget_one_idle(self) -> None:
+    def _forget_one_idle(self) -> bool:
+        """Forget one idle in-memory breaker (called under ``_breakers_lock``; no I/O)."""
         for name, breaker in self._breakers.items():
             if breaker.idle():
                 del self._breakers[name]
-                return
+                return True
+        return False
 
     def admit(self, kind: str, key: Optional[str]) -> Permit:
         """A permit for one call, or :class:`CircuitOpenError`; a no-op permit when off."""
@@ -328,9 +400,33 @@ class BreakerBoard:
     def nodes_enabled(self) -> bool:
         return self._node_settings is not None
 
-    def _count_transition(self, new_state: str) -> None:
+    def _count_transition(self, new_state: str, line: Tuple[int, str, Tuple[Any, ...]]) -> None:
         with self._counts_lock:
             self._transitions[new_state] += 1
+            if len(self._pending_logs) < 256:
+                self._pending_logs.append(line)
+
+    def flush_logs(self) -> None:
+        """Write queued transition log lines; called with no breaker lock held."""
+        if not self._pending_logs:
+            return
+        with self._counts_lock:
+            lines, self._pending_logs = self._pending_logs, []
+        for level, msg, args in lines:
+            log.log(level, msg, *args)
+
+    def storage_failed(self, name: str, exc: BaseException) -> None:
+        """A breaker's storage raised: count it; warn at most once per interval."""
+        now = time.monotonic()
+        with self._counts_lock:
+            self._transitions["storage_errors"] += 1
+            warn = now - self._last_storage_warning >= _STORAGE_WARN_INTERVAL_S
+            if warn:
+                self._last_storage_warning = now
+        if warn:
+            log.warning("circuit breaker %s: its storage failed (%s: %s); letting calls through "
+                        "(further storage errors are counted, not logged, for %.0f s)",
+                        name, type(exc).__name__, str(exc)[:200], _STORAGE_WARN_INTERVAL_S)
 
     def snapshot(self) -> List[Dict[str, Any]]:
         with self._breakers_lock:
@@ -346,6 +442,7 @@ class BreakerBoard:
             "opened": counts.get(pybreaker.STATE_OPEN, 0),
             "half_opened": counts.get(pybreaker.STATE_HALF_OPEN, 0),
             "closed": counts.get(pybreaker.STATE_CLOSED, 0),
+            "storage_errors": counts.get("storage_errors", 0),
             "open_now": sum(1 for s in snaps if s["state"] == pybreaker.STATE_OPEN),
             "half_open_now": sum(1 for s in snaps if s["state"] == pybreaker.STATE_HALF_OPEN),
         }

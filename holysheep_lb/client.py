@@ -187,6 +187,9 @@ class Client:
                 healthy_threshold=cfg.healthy_threshold, clock=clock, rand=self._rand,
             )
             self._health.start()
+            # A client dropped without close() must not leave its thread probing forever
+            # (the thread holds the selector, never the client).
+            weakref.finalize(self, self._health.stop, 0.0)
         self._router = cfg.router or ModelRouter(fallbacks=cfg.fallbacks)
         if self._router.uses_default_availability:
             self._router.is_available = self.breaker_allows  # skip models whose breaker is open
@@ -245,7 +248,9 @@ class Client:
         self._selector.reset_lock_after_fork()
         for node in self._selector.nodes:
             node.in_flight = 0  # the parent's calls do not exist in this process
-            node.trial_in_flight = False
+            node.awaiting = 0
+            node.awaiting_started_sum = 0.0
+            node.end_trial()
             node.transport.reset_after_fork()
         self._chain.reset_after_fork()
         for part in (self._retry_budget, self._hedger):
@@ -256,6 +261,7 @@ class Client:
         self._ledger.store.reset_after_fork()
         if self._cache is not None:
             self._cache.reset_after_fork()
+        self._stream_stats.reset_after_fork()
 
     def _ensure_running(self) -> None:
         if self._closed:
@@ -436,8 +442,10 @@ class Client:
         headers: Dict[str, str] = {}
         if method.upper() != "GET":
             key = idempotency_key or uuid.uuid4().hex
-            if not isinstance(key, str) or any(c in key for c in "\r\n\x00"):
-                raise InvalidRequestError("idempotency_key", key, "must be a string without CR/LF")
+            if not isinstance(key, str) or not key or len(key) > 255 or not key.isascii() \
+                    or any(c in key for c in "\r\n\x00"):
+                raise InvalidRequestError("idempotency_key", key,
+                                          "must be 1-255 printable ASCII characters without CR/LF")
             headers = {"Content-Type": "application/json", "Idempotency-Key": key}
         self._ensure_running()
         deadline = self._clock() + (deadline_s or self.config.deadline_s)
@@ -468,7 +476,15 @@ class Client:
             return self._execute(method, path, model_body, model_headers, region=region,
                                  deadline=deadline, model=model, send=send, finish=finish)
 
-        return self._chain.run(requested, json, execute, deadline=deadline, costs=costs)
+        started = self._clock()
+        try:
+            result = self._chain.run(requested, json, execute, deadline=deadline, costs=costs)
+        except HolySheepError as exc:
+            self._count_call(False, type(exc).__name__, started)
+            raise
+        if steps is None:  # a stream is counted when it ends (see _stream_ended)
+            self._count_call(True, None, started)
+        return result
 
     def _stream_chat(self, payload: Dict[str, Any], *, region: Optional[str], deadline_s: Optional[float],
                      idempotency_key: Optional[str],
@@ -569,7 +585,8 @@ class Client:
         hedger = self._hedger if finish is None else None  # streams are never hedged
         if send is None:
             def send(node: NodeState, timeout: Tuple[float, float]) -> Any:
-                return node.transport.send(method, path, body=body, headers=headers, timeout_s=timeout)
+                return node.transport.send(method, path, body=body, headers=headers, timeout_s=timeout,
+                                           deadline_s=max(0.001, deadline - clock()))
 
         def attempt(node: NodeState, timeout: Tuple[float, float]) -> Tuple[Any, float]:
             # One attempt. On failure the node is released and the error raised; on
@@ -656,7 +673,11 @@ class Client:
                     reason = f"every node is throttled for at least {wait_s:.1f} s"
                     break
                 log.debug("all nodes throttled; waiting %.2f s for node %s", wait_s, node.id)
-                self._sleep(wait_s)
+                try:
+                    self._sleep(wait_s)
+                except BaseException:  # e.g. KeyboardInterrupt, a worker's soft time limit
+                    selector.release_cancelled(node, started=picked_at)
+                    raise
             remaining = deadline - clock()
             if remaining <= 0:
                 selector.release_cancelled(node, started=picked_at)
@@ -671,15 +692,18 @@ class Client:
                                                           deadline=deadline)
                 else:
                     result, latency_ms = attempt(node, timeout)
-            except CircuitOpenError as exc:  # every node left has an open breaker
+            except CircuitOpenError as exc:
+                # This node's breaker refused (another thread took its half-open trial
+                # since avoid() looked): try another node while one is allowed.
                 circuit_error = exc
                 reason = str(exc)
+                if len(set(avoid())) < len(selector.nodes):
+                    continue
                 break
             except APIError as exc:
                 last_error = exc
                 if not exc.retryable:
                     exc.attempts = tuple(attempts)  # type: ignore[attr-defined]
-                    self._count_call(False, type(exc).__name__, started)
                     raise
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("attempt %d on node %s failed (%s); %s", attempt_no + 1, exc.node_id,
@@ -689,7 +713,7 @@ class Client:
             if finish is not None:
                 return finish(node, result, attempts, started, picked[node.id])
             selector.release_success(node, latency_ms, started=picked[node.id])
-            total_ms = self._count_call(True, None, started)
+            total_ms = (clock() - started) * 1000.0
             data = result.data
             return Response(data, node_id=node.id, region=node.region, attempts=tuple(attempts),
                             latency_ms=total_ms, request_id=result.request_id,
@@ -697,9 +721,7 @@ class Client:
         else:
             reason = f"all {len(attempts)} attempts failed"
         if circuit_error is not None and not attempts:
-            self._count_call(False, "CircuitOpenError", started)
             raise circuit_error
-        self._count_call(False, "AllAttemptsFailedError", started)
         error = AllAttemptsFailedError(reason, attempts, last_error)
         if isinstance(last_error, RateLimitError):
             error.retry_after_s = last_error.retry_after_s  # type: ignore[attr-defined]

@@ -29,12 +29,27 @@ NODES_ENV = "HOLYSHEEP_NODES"
 BASE_URL_ENV = "HOLYSHEEP_BASE_URL"
 
 
-def _check_header_text(field_name: str, value: Any) -> None:
+_REDACTED = "<redacted>"
+
+
+def _check_header_text(field_name: str, value: Any, *, secret: bool = False) -> None:
+    """A header name or value must be a latin-1 string without CR, LF or NUL.
+
+    ``secret`` values (API keys, header values) are never echoed in the error: a key
+    with a stray newline from a secrets file would otherwise end up in logs.
+    """
+    shown = _REDACTED if secret else value
     if not isinstance(value, str):
-        raise ConfigError(field_name, value, "must be a string")
+        raise ConfigError(field_name, shown if isinstance(value, (str, bytes)) else value,
+                          "must be a string")
     if any(c in value for c in "\r\n\x00"):
         # A CR/LF would let a value inject a second header into the request.
-        raise ConfigError(field_name, value, "must not contain CR, LF or NUL characters")
+        raise ConfigError(field_name, shown, "must not contain CR, LF or NUL characters")
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ConfigError(field_name, shown, "must be latin-1 text (HTTP headers cannot carry other characters)") \
+            from None
 
 
 def _check_number(name: str, value: Any, *, minimum: float = 0.0, strict: bool = False,
@@ -81,7 +96,7 @@ class Node:
     region: str = "default"
     weight: float = 1.0
     api_key: Optional[str] = field(default=None, repr=False, compare=False)
-    headers: Mapping[str, str] = field(default_factory=dict, compare=False)
+    headers: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)  # may carry credentials
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id.strip():
@@ -92,14 +107,14 @@ class Node:
         object.__setattr__(self, "base_url", _validate_base_url(f"{where}.base_url", self.base_url))
         _check_number(f"{where}.weight", self.weight, strict=True)
         if self.api_key is not None:
-            _check_header_text(f"{where}.api_key", self.api_key)
+            _check_header_text(f"{where}.api_key", self.api_key, secret=True)
             if not self.api_key:
                 raise ConfigError(f"{where}.api_key", "", "must be non-empty or None")
         if not isinstance(self.headers, Mapping):
             raise ConfigError(f"{where}.headers", self.headers, "must be a mapping of str to str")
         for k, v in self.headers.items():
             _check_header_text(f"{where}.headers key", k)
-            _check_header_text(f"{where}.headers[{k}]", v)
+            _check_header_text(f"{where}.headers[{k}]", v, secret=True)
         object.__setattr__(self, "headers", MappingProxyType(dict(self.headers)))
 
     def __hash__(self) -> int:
@@ -111,7 +126,7 @@ class Node:
         if isinstance(value, Node):
             return value
         if not isinstance(value, Mapping):
-            raise ConfigError(f"nodes[{index}]", value, "must be a Node or a dict")
+            raise ConfigError(f"nodes[{index}]", type(value).__name__, "must be a Node or a dict")
         allowed = {f.name for f in fields(cls)}
         unknown = sorted(set(value) - allowed)
         if unknown:
@@ -274,7 +289,7 @@ class ClientConfig:
     def __post_init__(self) -> None:
         _check_cost_options(self)
         if self.api_key is not None:
-            _check_header_text("api_key", self.api_key)
+            _check_header_text("api_key", self.api_key, secret=True)
         for name in ("connect_timeout_s", "read_timeout_s", "deadline_s",
                      "stream_first_chunk_timeout_s", "stream_stall_timeout_s"):
             _check_number(name, getattr(self, name), strict=True)
@@ -393,7 +408,8 @@ def config_from_env(environ: Optional[Mapping[str, str]] = None, **overrides: An
         try:
             kwargs["nodes"] = json.loads(raw_nodes)
         except ValueError as exc:
-            raise ConfigError(NODES_ENV, raw_nodes, f"must be a JSON list of node objects ({exc})") from None
+            # the raw value is not shown: it may hold per-node keys
+            raise ConfigError(NODES_ENV, _REDACTED, f"must be a JSON list of node objects ({exc})") from None
     elif env.get(BASE_URL_ENV):
         kwargs["nodes"] = [{"id": "default", "base_url": env[BASE_URL_ENV]}]
     kwargs.update(overrides)

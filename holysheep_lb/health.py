@@ -47,6 +47,7 @@ class HealthChecker:
         self.rounds = 0
         self.loop_errors = 0
         self._stop = threading.Event()
+        self._start_lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
 
     # -- one round, callable directly (tests drive it without a thread) -------------
@@ -84,10 +85,11 @@ class HealthChecker:
         return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
-        if self.running or self._stop.is_set():
-            return
-        self._thread = threading.Thread(target=self._run, name="holysheep-lb-health", daemon=True)
-        self._thread.start()
+        with self._start_lock:  # two threads' first calls must not start two checkers
+            if self.running or self._stop.is_set():
+                return
+            self._thread = threading.Thread(target=self._run, name="holysheep-lb-health", daemon=True)
+            self._thread.start()
 
     def _run(self) -> None:
         log.debug("health checker started: every %.1f s", self.interval_s)
@@ -109,6 +111,7 @@ class HealthChecker:
         """The parent's thread does not exist in a child: forget it (restarted lazily)."""
         self._thread = None
         self._stop = threading.Event()
+        self._start_lock = threading.Lock()
 
 
 def _short(exc: BaseException) -> str:

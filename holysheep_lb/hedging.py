@@ -153,14 +153,18 @@ class Hedger:
             self._count("denied")
             return
         other = None
-        if self._threads.acquire(blocking=False):
-            other = pick_other()
-            if other is None:
-                self._threads.release()
-        if other is None:  # no thread or no other node: nothing was spent
-            if self._budget is not None:
-                self._budget.refund()
-            self._cap.refund()
+        got_thread = self._threads.acquire(blocking=False)
+        try:
+            if got_thread:
+                other = pick_other()
+        finally:
+            if other is None:  # no thread, no other node, or picking raised: nothing spent
+                if got_thread:
+                    self._threads.release()
+                if self._budget is not None:
+                    self._budget.refund()
+                self._cap.refund()
+        if other is None:
             return
         hedge_timeout = (min(timeout[0], remaining), min(timeout[1], remaining))
         if self._start(race, other, hedge_timeout, attempt, release, hedge=True):

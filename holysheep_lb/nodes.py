@@ -82,6 +82,7 @@ class NodeState:
         self.times_ejected = 0
         self.ejected_until: Optional[float] = None  # None: not ejected
         self.trial_in_flight = False                # half-open trial request running
+        self.trial_started: Optional[float] = None  # its pick time: identifies its outcome
         self.readmitted_at: Optional[float] = None
         self.throttled_until = 0.0
         # active health
@@ -199,45 +200,58 @@ class NodeState:
 
     # -- outcomes ----------------------------------------------------------------------
 
-    def record_success(self, latency_ms: float, now: float) -> bool:
-        """Count a success; returns True if it re-admitted an ejected node."""
+    def record_success(self, latency_ms: float, now: float, is_trial: bool = False) -> bool:
+        """Count a success; returns True if it re-admitted an ejected node.
+
+        Only the half-open trial re-admits: a slow request sent before the node was
+        ejected says nothing about how it is now.
+        """
         self.successes += 1
         self.latency.record(latency_ms)
         self.observe_latency(latency_ms, now)
         self.consecutive_failures = 0
-        if self.ejected_until is not None:
-            self.ejected_until = None
-            self.trial_in_flight = False
-            self.readmitted_at = now
+        if is_trial and self.ejected_until is not None:
+            self.readmit(now)
             return True
         return False
 
+    def readmit(self, now: float) -> None:
+        self.ejected_until = None
+        self.trial_in_flight = False
+        self.trial_started = None
+        self.readmitted_at = now
+
+    def end_trial(self) -> None:
+        self.trial_in_flight = False
+        self.trial_started = None
+
     def record_failure(self, kind: str, latency_ms: float, now: float,
                        policy: EjectionPolicy, rand: float,
-                       retry_after_s: Optional[float] = None) -> Optional[float]:
+                       retry_after_s: Optional[float] = None, is_trial: bool = False) -> Optional[float]:
         """Count a failure; returns the ejection duration if this failure ejected the node."""
         self.failures[kind] = self.failures.get(kind, 0) + 1
         if kind == "status_429":
             # Throttled, not broken: the node answered. Skip it until Retry-After
             # (1 s when it did not say), and leave its failure streak alone.
             self.throttled_until = max(self.throttled_until, now + (retry_after_s if retry_after_s is not None else 1.0))
-            if self.ejected_until is not None and self.trial_in_flight:
-                self.trial_in_flight = False
+            if is_trial:
+                self.end_trial()
             return None
         if kind not in _EJECTING_KINDS:
-            if self.trial_in_flight:
-                self.trial_in_flight = False
+            if is_trial:
+                self.end_trial()
             return None
         # A failure is a latency sample too: at least twice the estimate, so a node
         # that fails fast does not look attractive to the adaptive strategy.
         self.observe_latency(max(latency_ms, 2.0 * self.latency_estimate_ms(now), 250.0), now)
+        if self.ejected_until is not None and not is_trial:
+            return None  # a request from before the ejection: the node is already out
         self.consecutive_failures += 1
-        half_open_trial = self.ejected_until is not None and self.trial_in_flight
-        if half_open_trial or self.consecutive_failures >= policy.after_failures:
+        if is_trial or self.consecutive_failures >= policy.after_failures:
             self.times_ejected += 1
             span = policy.duration_s(self.times_ejected, rand)
             self.ejected_until = now + span
-            self.trial_in_flight = False
+            self.end_trial()
             self.consecutive_failures = 0
             return span
         return None
@@ -294,6 +308,7 @@ class NodeState:
         }
 
     def stats(self) -> Dict[str, Any]:
+        """Counters, with the latency histogram copied (summarised by the caller, unlocked)."""
         done = self.successes + sum(self.failures.values())
         return {
             "requests": self.attempts,
@@ -302,5 +317,5 @@ class NodeState:
             "retries": self.retries,
             "in_flight": self.in_flight,
             "success_rate": (self.successes / done) if done else None,
-            "latency": self.latency.summary(),
+            "latency": self.latency.copy(),
         }

@@ -352,10 +352,10 @@ class Selector:
                 # Too few survivors: spreading over everything beats crushing them
                 # (Envoy's panic mode). Throttled nodes stay out while others exist.
                 pool = [n for n in nodes if now >= n.throttled_until and not n.trial_in_flight]
-            if panic != self.panicking:
+            panic_changed = panic != self.panicking
+            if panic_changed:
                 self.panicking = panic
-                log.warning("panic mode %s: %d of %d nodes usable", "on" if panic else "off",
-                            len(usable), len(nodes))
+                n_usable = len(usable)
             if not pool:
                 # Every node is throttled or waiting for its trial: the soonest one,
                 # the caller waits for its Retry-After within the deadline.
@@ -375,25 +375,40 @@ class Selector:
             node.attempts += 1
             if excluded:
                 node.retries += 1
-            if node.is_half_open(now):
+            if node.is_half_open(now) and not node.trial_in_flight:
                 node.trial_in_flight = True
-            return node
+                node.trial_started = started
+        if panic_changed:  # logged after the lock: a slow handler must not stall routing
+            log.warning("panic mode %s: %d of %d nodes usable", "on" if panic else "off",
+                        n_usable, len(nodes))
+        return node
+
+    @staticmethod
+    def _is_trial(node: NodeState, started: Optional[float]) -> bool:
+        return started is not None and node.trial_in_flight and node.trial_started == started
 
     def answered(self, node: NodeState, started: float) -> None:
         """The attempt got its first byte (a stream): it stays in flight but no longer waits.
 
-        Pass ``started=None`` to the later ``release_*`` of that attempt.
+        A half-open trial that answers re-admits its node here. Pass ``started=None``
+        to the later ``release_*`` of that attempt.
         """
         with self._state_lock:
             node.stop_waiting(started)
+            readmitted = self._is_trial(node, started) and node.ejected_until is not None
+            if readmitted:
+                node.readmit(self.clock())
+        if readmitted:
+            log.info("node %s re-admitted after a successful trial request", node.id)
 
     def release_success(self, node: NodeState, latency_ms: float, *,
                         started: Optional[float]) -> None:
         with self._state_lock:
             node.in_flight -= 1
+            is_trial = self._is_trial(node, started)
             if started is not None:
                 node.stop_waiting(started)
-            readmitted = node.record_success(latency_ms, self.clock())
+            readmitted = node.record_success(latency_ms, self.clock(), is_trial)
         if readmitted:
             log.info("node %s re-admitted after a successful trial request", node.id)
 
@@ -401,10 +416,11 @@ class Selector:
                         started: Optional[float], retry_after_s: Optional[float] = None) -> None:
         with self._state_lock:
             node.in_flight -= 1
+            is_trial = self._is_trial(node, started)
             if started is not None:
                 node.stop_waiting(started)
             ejected_for = node.record_failure(kind, latency_ms, self.clock(), self.ejection,
-                                              self.rand(), retry_after_s)
+                                              self.rand(), retry_after_s, is_trial)
             streak = node.times_ejected
         if ejected_for is not None:
             log.warning("node %s ejected for %.1f s (ejection #%d) after %s", node.id, ejected_for,
@@ -414,10 +430,10 @@ class Selector:
         """The attempt ended without an outcome about the node (caller stopped reading)."""
         with self._state_lock:
             node.in_flight -= 1
+            if self._is_trial(node, started):
+                node.end_trial()
             if started is not None:
                 node.stop_waiting(started)
-            if node.trial_in_flight:
-                node.trial_in_flight = False
 
     def record_probe(self, node: NodeState, ok: bool, latency_ms: Optional[float],
                      unhealthy_threshold: int, healthy_threshold: int,
@@ -442,11 +458,15 @@ class Selector:
         with self._state_lock:
             if node.latency.count < min_samples:
                 return None
-            return node.latency.percentile(q)
+            histogram = node.latency.copy()
+        return histogram.percentile(q)
 
     def node_stats(self) -> Dict[str, Dict[str, Any]]:
         with self._state_lock:
-            return {n.id: n.stats() for n in self.nodes}
+            raw = {n.id: n.stats() for n in self.nodes}
+        for entry in raw.values():  # percentiles are computed after the lock is released
+            entry["latency"] = entry["latency"].summary()
+        return raw
 
     def total_in_flight(self) -> int:
         with self._state_lock:

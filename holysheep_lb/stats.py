@@ -16,14 +16,17 @@ from .errors import APIError, APIResponseValidationError, APIStatusError, APITim
 __all__ = ["LatencyHistogram", "FAILURE_KINDS", "SYSTEM_FAILURE_KINDS", "failure_kind"]
 
 # The kinds an attempt can fail by; ``stats()`` reports a count for each.
-FAILURE_KINDS = ("connect", "timeout", "status_5xx", "status_429", "status_4xx", "invalid_response")
+FAILURE_KINDS = ("connect", "timeout", "status_5xx", "status_429", "status_4xx", "invalid_response",
+                 "local")
 # The kinds that say a node or model is broken. A 429 is throttling and a 4xx is the
 # caller's fault: neither ejects a node or trips a breaker.
 SYSTEM_FAILURE_KINDS = frozenset({"connect", "timeout", "status_5xx", "invalid_response"})
 
 
 def failure_kind(exc: APIError) -> str:
-    """The stats/ejection bucket of a failed attempt."""
+    """The stats/ejection bucket of a failed attempt ("local": it failed in this process)."""
+    if getattr(exc, "local", False):
+        return "local"
     if isinstance(exc, APIStatusError):
         if exc.status_code == 429:
             return "status_429"
@@ -61,6 +64,15 @@ class LatencyHistogram:
         self.total_ms += latency_ms
         if latency_ms > self.max_ms:
             self.max_ms = latency_ms
+
+    def copy(self) -> "LatencyHistogram":
+        """A snapshot to summarise outside the owner's lock (a list copy: microseconds)."""
+        other = LatencyHistogram.__new__(LatencyHistogram)
+        other._counts = self._counts[:]
+        other.count = self.count
+        other.total_ms = self.total_ms
+        other.max_ms = self.max_ms
+        return other
 
     def percentile(self, q: float) -> Optional[float]:
         """The q-th percentile (0..100) in ms, as the bucket's upper bound; None when empty."""

@@ -458,6 +458,10 @@ class StreamStats:
         self._tokens = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         self._with_usage = 0
 
+
+    def reset_after_fork(self) -> None:
+        """A lock held by another thread at fork time would stay held in the child."""
+        self._stats_lock = threading.Lock()
     def record(self, outcome: StreamOutcome) -> None:
         usage = outcome.usage if isinstance(outcome.usage, dict) else None
         reason = outcome.reason or "other"

@@ -17,6 +17,7 @@ import http.cookiejar
 import json
 import logging
 import socket
+import time
 from typing import Any, Dict, Iterator, Mapping, NamedTuple, Optional, Tuple, Union
 
 import requests
@@ -74,7 +75,12 @@ def translate_error(exc: BaseException, node_id: str) -> APIError:
         return APIResponseValidationError(f"undecodable body: {text}", node_id=node_id)
     if isinstance(exc, (urllib3.exceptions.HTTPError, requests.exceptions.RequestException, OSError)):
         return APIConnectionError(f"{type(exc).__name__}: {text}", node_id=node_id)
-    return APIConnectionError(f"unexpected {type(exc).__name__}: {text}", node_id=node_id)
+    # Anything else failed in this process before the node was involved (e.g. a value
+    # http.client cannot encode): final, and not held against the node or the model.
+    local = APIConnectionError(f"could not send the request: {type(exc).__name__}: {text}", node_id=node_id)
+    local.retryable = False
+    local.local = True  # type: ignore[attr-defined]
+    return local
 
 
 def _describe(exc: BaseException) -> str:
@@ -203,11 +209,17 @@ class Transport:
         body: Optional[bytes] = None,
         headers: Optional[Mapping[str, str]] = None,
         timeout_s: Tuple[float, float],
+        deadline_s: Optional[float] = None,
     ) -> HTTPResult:
-        """Send a request and decode the answer; raise a typed error for anything but 2xx JSON."""
+        """Send a request and decode the answer; raise a typed error for anything but 2xx JSON.
+
+        ``deadline_s`` bounds the whole exchange: the read timeout applies to each socket
+        read, so without it a node trickling its body could hold the caller much longer.
+        """
+        deadline = None if deadline_s is None else time.monotonic() + deadline_s
         response = self.open(method, path, body=body, headers=headers, timeout_s=timeout_s)
         try:
-            raw = self._read_capped(response)
+            raw = self._read_capped(response, deadline)
         finally:
             response.close()
         return self.decode(response, raw)
@@ -245,7 +257,7 @@ class Transport:
             )
         return HTTPResult(status, data, request_id)
 
-    def _read_capped(self, response: requests.Response) -> bytes:
+    def _read_capped(self, response: requests.Response, deadline: Optional[float] = None) -> bytes:
         cap = self.max_response_bytes
         declared = response.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > cap:
@@ -254,14 +266,22 @@ class Transport:
             )
         parts = []
         size = 0
+        raw = response.raw
         try:
-            for chunk in response.raw.stream(_READ_CHUNK, decode_content=True):
+            if raw.chunked or not hasattr(raw, "read1"):
+                chunks: Iterator[bytes] = raw.stream(_READ_CHUNK, decode_content=True)
+            else:  # read1 returns what has arrived, so the deadline is checked as it trickles
+                chunks = iter(lambda: raw.read1(_READ_CHUNK, decode_content=True), b"")
+            for chunk in chunks:
                 size += len(chunk)
                 if size > cap:
                     raise ResponseTooLargeError(
                         f"response exceeds max_response_bytes={cap}", node_id=self.node.id
                     )
                 parts.append(chunk)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise APITimeoutError("the call's deadline passed while the body was still arriving",
+                                          node_id=self.node.id)
         except APIError:
             raise
         except Exception as exc:  # noqa: BLE001 - translated, never swallowed

@@ -17,11 +17,14 @@ from typing import Any, Dict, NamedTuple
 
 from .errors import (
     AllAttemptsFailedError,
+    BadRequestError,
     BudgetExceededError,
     HolySheepError,
     InvalidRequestError,
+    NotFoundError,
     RateLimitError,
     RateLimitExceeded,
+    UnprocessableEntityError,
 )
 
 __all__ = ["ErrorResponse", "error_response"]
@@ -42,7 +45,9 @@ def _rate_limited(exc: HolySheepError) -> bool:
 
 
 def error_response(exc: HolySheepError) -> ErrorResponse:
-    """429 for rate limits and spend budgets, 400 for a bad call argument, 503 otherwise.
+    """429 for rate limits and spend budgets, 400 for a bad call argument, 422 when the AI
+    service rejected the request itself (a final 400/404/422: retrying cannot help),
+    503 otherwise (unavailable, or our own credentials refused: an operator's problem).
 
     A known wait becomes a ``Retry-After`` header (whole seconds, rounded up) and
     ``retry_after_s`` in the body.
@@ -52,11 +57,13 @@ def error_response(exc: HolySheepError) -> ErrorResponse:
         status, kind, message = 429, "rate_limited", "Too many requests to the AI service; retry later."
     elif isinstance(exc, InvalidRequestError):
         status, kind, message = 400, "invalid_request", str(exc)
+    elif isinstance(exc, (BadRequestError, NotFoundError, UnprocessableEntityError)):
+        status, kind, message = 422, "rejected", "The AI service rejected this request."
     else:
         status, kind, message = 503, "unavailable", "The AI service is unavailable; retry later."
     body: Dict[str, Any] = {"error": {"type": kind, "message": message}}
     retry_after_s = getattr(exc, "retry_after_s", None)
-    if (status != 400 and isinstance(retry_after_s, (int, float)) and math.isfinite(retry_after_s)
+    if (status not in (400, 422) and isinstance(retry_after_s, (int, float)) and math.isfinite(retry_after_s)
             and retry_after_s > 0):
         headers["Retry-After"] = str(math.ceil(retry_after_s))
         body["error"]["retry_after_s"] = round(float(retry_after_s), 3)

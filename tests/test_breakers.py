@@ -1,5 +1,6 @@
 """Circuit breakers: pybreaker's state machine driven by recorded outcomes, on a fake clock."""
 
+import threading
 from datetime import datetime, timezone
 
 import pybreaker
@@ -70,7 +71,8 @@ def test_breaker_cycle_closed_open_half_open_closed_then_open_again(clock):
     assert (_state(board)["state"], _state(board)["successes"]) == ("half-open", 1)
     second.record(None)
     assert (_state(board)["state"], _state(board)["failures"], _state(board)["trials_in_flight"]) == ("closed", 0, 0)
-    assert board.stats() == {"opened": 1, "half_opened": 1, "closed": 1, "open_now": 0, "half_open_now": 0}
+    assert board.stats() == {"opened": 1, "half_opened": 1, "closed": 1, "open_now": 0, "half_open_now": 0,
+                             "storage_errors": 0}
 
     for _ in range(3):
         board.admit("model", "m").record(SYSTEM_FAILURE)
@@ -79,7 +81,8 @@ def test_breaker_cycle_closed_open_half_open_closed_then_open_again(clock):
     clock.advance(2)
     trial.record(SYSTEM_FAILURE)  # a failed trial opens it again, for a full reset_timeout
     assert _state(board)["state"] == "open" and _state(board)["retry_after_s"] == 10
-    assert board.stats() == {"opened": 3, "half_opened": 2, "closed": 1, "open_now": 1, "half_open_now": 0}
+    assert board.stats() == {"opened": 3, "half_opened": 2, "closed": 1, "open_now": 1, "half_open_now": 0,
+                             "storage_errors": 0}
 
 
 def test_a_permit_counts_once_and_a_release_counts_nothing(clock):
@@ -210,7 +213,9 @@ def test_client_opens_the_model_breaker_and_fails_fast_until_reset(rsps, make_cl
     assert client.breakers()[0]["state"] == "closed"
     stats = client.stats()
     assert stats["breakers"]["opened"] == 1 and stats["breakers"]["closed"] == 1
-    assert stats["failures_by_error"] == {"AllAttemptsFailedError": 3}
+    # every user call counts once, the one refused by the open breaker included
+    assert stats["failures_by_error"] == {"AllAttemptsFailedError": 3, "CircuitOpenError": 1}
+    assert (stats["calls"], stats["successes"]) == (5, 1)
     assert stats["fallbacks"]["circuit_open_skips"] == 1
 
 
@@ -254,3 +259,80 @@ def test_node_breakers_all_open_raise_circuit_open(rsps, make_client, clock):
         client.chat_completion(MSGS, model="m")
     assert info.value.breaker.startswith("node:") and info.value.retry_after_s == pytest.approx(60)
     assert len(rsps.calls) == sent
+
+
+class _BrokenStorage(pybreaker.CircuitMemoryStorage):
+    """A shared store that goes away once ``broken`` is set: reads and writes raise."""
+
+    def __init__(self):
+        super().__init__(pybreaker.STATE_CLOSED)
+        self.broken = False
+
+    @property
+    def state(self):
+        if self.broken:
+            raise ConnectionError("store unreachable")
+        return pybreaker.CircuitMemoryStorage.state.fget(self)
+
+    @state.setter
+    def state(self, value):
+        pybreaker.CircuitMemoryStorage.state.fset(self, value)
+
+    def increment_counter(self):
+        if self.broken:
+            raise ConnectionError("store unreachable")
+        super().increment_counter()
+
+
+@pytest.mark.parametrize("broken_from_start", [False, True])
+def test_a_failing_breaker_storage_fails_open_and_warns_once(rsps, make_client, clock, caplog,
+                                                             broken_from_start):
+    import logging
+    caplog.set_level(logging.WARNING, logger="holysheep_lb")
+    rsps.post(A + "/chat/completions", json=OK)
+    rsps.post(B + "/chat/completions", json=OK)
+    stores = []
+
+    def factory(name):
+        store = _BrokenStorage()
+        store.broken = broken_from_start
+        stores.append(store)
+        return store
+
+    client = _client(make_client, clock, breaker_storage=factory)
+    assert client.chat_completion(MSGS, model="m").text == "hi"
+    for store in stores:
+        store.broken = True
+    for _ in range(5):
+        assert client.chat_completion(MSGS, model="m").text == "hi"  # nothing raw escapes
+    stats = client.stats()
+    assert stats["in_flight"] == 0 and stats["successes"] == 6
+    assert stats["breakers"]["storage_errors"] >= 5
+    if not broken_from_start:
+        assert client.breakers()[0]["state"] == "unknown"
+    warnings = [r for r in caplog.records if "storage failed" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_transition_logs_are_written_outside_the_breaker_lock(caplog):
+    """A log handler that reads breaker state must not deadlock."""
+    import logging
+    board = BreakerBoard(model_settings=BreakerSettings(fail_max=1))
+    seen = []
+
+    class Reader(logging.Handler):
+        def emit(self, record):
+            if "circuit breaker" in record.getMessage():
+                seen.append(board.snapshot())  # takes every breaker's lock
+
+    handler = Reader()
+    logging.getLogger("holysheep_lb").addHandler(handler)
+    try:
+        permit = board.admit("model", "m")
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (permit.record(SYSTEM_FAILURE), done.set()), daemon=True)
+        worker.start()
+        assert done.wait(5), "recording a failure deadlocked in the log handler"
+    finally:
+        logging.getLogger("holysheep_lb").removeHandler(handler)
+    assert seen and seen[0][0]["state"] == "open"

@@ -276,3 +276,66 @@ def test_close_is_idempotent_and_closed_client_refuses(make_client, clock):
     client.close()
     with pytest.raises(Exception, match="closed"):
         client.chat_completion(MSGS, model="m")
+
+
+def test_interrupted_retry_after_wait_releases_the_node(rsps, make_client, clock):
+    for url, after in ((A, "3"), (B, "2"), (C, "5")):
+        rsps.post(url + "/chat/completions", status=429, headers={"Retry-After": after})
+
+    def interrupted_sleep(seconds):
+        if seconds >= 1:  # the wait for the soonest Retry-After
+            raise KeyboardInterrupt
+        clock.sleep(seconds)
+
+    client = make_client(NODES, clock=clock, sleep=interrupted_sleep, rand=lambda: 0.5,
+                         strategy="round_robin", max_retries=3)
+    with pytest.raises(KeyboardInterrupt):
+        client.chat_completion(MSGS, model="m")
+    assert client.stats()["in_flight"] == 0
+    assert all(n.awaiting == 0 for n in client.selector.nodes)
+
+
+@pytest.mark.parametrize("key", ["caf\u00e9-\u4e2d", "x" * 300, "a\r\nb", 42])
+def test_an_unsendable_idempotency_key_is_the_callers_error(rsps, make_client, clock, key):
+    client = _client(make_client, clock)
+    with pytest.raises(InvalidRequestError, match="idempotency_key"):
+        client.chat_completion(MSGS, model="m", idempotency_key=key)
+    assert len(rsps.calls) == 0
+    assert all(sum(s["failures"].values()) == 0 for s in client.stats()["nodes"].values())
+
+
+def test_fork_reset_forgets_the_parents_waiting_requests(make_client, clock):
+    client = _client(make_client, clock)
+    node = client.selector.pick(started=clock())  # a call in flight in the parent
+    client._reset_after_fork()                     # what the child runs after fork()
+    assert (node.in_flight, node.awaiting, node.awaiting_started_sum) == (0, 0, 0.0)
+
+
+def test_a_dropped_client_stops_its_health_thread():
+    import gc
+    import time
+
+    from holysheep_lb import Client
+
+    client = Client(nodes=[{"id": "a", "base_url": "http://127.0.0.1:9/v1"}], health_check_interval_s=30)
+    thread = client.health_checker._thread
+    assert thread.is_alive()
+    del client
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while thread.is_alive() and time.monotonic() < deadline:
+        thread.join(0.05)
+    assert not thread.is_alive()
+
+
+def test_a_local_send_error_is_final_and_not_held_against_the_node(rsps, make_client, clock):
+    from holysheep_lb import APIConnectionError
+    rsps.post(A + "/chat/completions", body=UnicodeEncodeError("latin-1", "\u4e2d", 0, 1, "cannot encode"))
+    client = _client(make_client, clock, eject_after_failures=1)
+    with pytest.raises(APIConnectionError, match="could not send the request") as info:
+        client.chat_completion(MSGS, model="m")
+    assert not info.value.retryable and len(rsps.calls) == 1  # no other node tried
+    a = client.stats()["nodes"]["a"]
+    assert a["failures"]["local"] == 1 and a["failures"]["connect"] == 0
+    assert [n for n in client.nodes() if n["id"] == "a"][0]["usable"]  # not ejected
+    assert client.breakers()[0]["failures"] == 0

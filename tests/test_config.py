@@ -106,3 +106,29 @@ def test_from_mapping_like_django_settings():
         assert client.config.max_retries == 1
     with pytest.raises(ConfigError, match="max_retrys"):
         Client.from_mapping({**settings, "max_retrys": 2})
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"api_key": API_KEY + "\n"},
+    {"api_key": API_KEY + "\u00e9\u4e2d"},
+    {"nodes": [{**GOOD, "api_key": API_KEY + "\r\n"}]},
+    {"nodes": [{**GOOD, "headers": {"api-key": API_KEY + "\n"}}]},
+])
+def test_config_errors_never_echo_secrets(kwargs):
+    kwargs.setdefault("api_key", "sk-other")
+    kwargs.setdefault("nodes", [GOOD])
+    with pytest.raises(ConfigError) as info:
+        Client(health_check_interval_s=None, **kwargs)
+    assert API_KEY not in str(info.value) and "<redacted>" in str(info.value)
+
+
+def test_bad_nodes_json_is_not_echoed():
+    raw = '[{"id": "a", "base_url": "https://a.example/v1", "api_key": "%s"' % API_KEY  # truncated JSON
+    with pytest.raises(ConfigError, match="HOLYSHEEP_NODES") as info:
+        Client.from_env({"HOLYSHEEP_NODES": raw})
+    assert API_KEY not in str(info.value)
+
+
+def test_node_headers_stay_out_of_reprs(make_client):
+    client = make_client([{**GOOD, "headers": {"api-key": "azure-secret-123"}}])
+    assert "azure-secret-123" not in repr(client.config) and "azure-secret-123" not in repr(client)

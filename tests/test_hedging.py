@@ -212,3 +212,27 @@ def test_hedging_and_budget_settings_are_validated(make_client, options, field):
     with pytest.raises(ConfigError) as info:
         make_client(NODES, **options)
     assert info.value.field == field
+
+
+def test_a_pick_that_raises_gives_back_the_thread_cap_and_budget(selector, clock):
+    budget = RetryBudget(1.0, min_per_s=0.0, clock=clock)
+    hedger = _hedger(selector, max_threads=2, retry_budget=budget)
+    gate = threading.Event()
+    script = Script(selector, {"a": ("ok", gate), "b": ("ok", None)})
+
+    def broken_pick():
+        raise RuntimeError("storage down")
+
+    for _ in range(3):  # more rounds than thread slots: a leak would show by round 3
+        hedger.deposit()
+        budget.deposit()
+        threads_before = hedger._threads._value
+        gate.clear()
+        threading.Timer(0.05, gate.set).start()
+        with pytest.raises(RuntimeError, match="storage down"):
+            hedger.run(selector.pick(exclude=["b"]), TIMEOUT, attempt=script, release=_release(selector),
+                       pick_other=broken_pick, deadline=time.monotonic() + 10)
+        _wait_for(lambda: _in_flight(selector) == {"a": 0, "b": 0})
+        _wait_for(lambda: hedger._threads._value == threads_before)
+    assert hedger.stats()["sent"] == 0
+    assert budget.can_withdraw(), "the budget withdrawn for the hedge was refunded"

@@ -289,3 +289,30 @@ def test_answered_stream_stops_waiting_but_stays_in_flight(clock):
     assert n.latency_estimate_ms(clock()) < 1000.0
     sel.release_success(n, 25.0, started=None)
     assert n.in_flight == 0
+
+
+def test_only_the_trial_decides_an_ejected_node(clock):
+    """A request sent before the ejection neither re-admits nor re-ejects the node."""
+    sel = _selector([("a", "x", 1), ("b", "x", 1)], "round_robin", clock)
+    a = sel.by_id["a"]
+    old_started = clock()
+    old = sel.pick(exclude=["b"], started=old_started)  # slow request, sent while a was fine
+    for _ in range(5):
+        t = clock()
+        sel.release_failure(sel.pick(exclude=["b"], started=t), "connect", 1.0, started=t)
+    assert a.ejected_until is not None and a.times_ejected == 1
+    sel.release_success(old, 900.0, started=old_started)  # arrives late: not a trial
+    assert a.ejected_until is not None, "a late success must not re-admit an ejected node"
+    clock.advance(30.0)
+    clock.advance(0.001)
+    trial_started = clock()
+    trial = sel.pick(exclude=["b"], started=trial_started)
+    assert a.trial_in_flight and trial.id == "a"
+    stray = clock() + 0.5  # some other attempt's release, not the trial's
+    a.in_flight += 1
+    a.start_waiting(stray)
+    sel.release_cancelled(a, started=stray)
+    assert a.trial_in_flight, "only the trial's own release ends the trial"
+    sel.release_success(trial, 10.0, started=trial_started)
+    assert a.ejected_until is None and not a.trial_in_flight
+    assert a.in_flight == 0 and a.awaiting == 0

@@ -9,14 +9,17 @@ from holysheep_lb.errors import (
     APIConnectionError,
     Attempt,
     AuthenticationError,
+    BadRequestError,
     BudgetExceededError,
     ConfigError,
     HolySheepError,
     InternalServerError,
     InvalidRequestError,
     NoHealthyNodeError,
+    NotFoundError,
     RateLimitError,
     RateLimitExceeded,
+    UnprocessableEntityError,
 )
 from holysheep_lb.web import error_response
 
@@ -84,3 +87,16 @@ def test_client_side_limits_are_429(exc):
 def test_unusable_retry_after_values_add_no_header(value):
     status, body, headers = error_response(rate_limit(value))
     assert status == 429 and headers == {} and "retry_after_s" not in body["error"]
+
+
+@pytest.mark.parametrize("cls, status", [(BadRequestError, 400), (NotFoundError, 404),
+                                         (UnprocessableEntityError, 422)])
+def test_a_request_the_service_rejected_is_422_not_retry_later(cls, status):
+    exc = cls("context too long", status_code=status, body={"error": {"message": "context too long"}})
+    got = error_response(exc)
+    assert (got.status, got.headers) == (422, {})
+    assert got.body["error"]["type"] == "rejected" and "context" not in got.body["error"]["message"]
+
+
+def test_our_own_credentials_refused_is_503():
+    assert error_response(AuthenticationError("bad key", status_code=401)).status == 503

@@ -134,3 +134,46 @@ def test_32_threads_by_50_calls_counts_reconcile(four_nodes, make_client):
         done = node_stats["successes"] + sum(node_stats["failures"].values())
         assert done == node_stats["requests"]
     assert sum(n["successes"] for n in stats["nodes"].values()) == stats["successes"]
+
+
+def test_deadline_holds_against_a_node_that_trickles_its_body(make_client):
+    """Each byte arrives within the read timeout, but the whole body would take 10 s."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.settimeout(10)
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def serve():
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n{")
+            for _ in range(49):
+                if stop.wait(0.2):
+                    return
+                try:
+                    conn.sendall(b" ")
+                except OSError:
+                    return
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    client = make_client([{"id": "slow", "base_url": f"http://127.0.0.1:{port}/v1"}], max_retries=0,
+                         read_timeout_s=5.0, deadline_s=1.0)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(AllAttemptsFailedError) as info:
+            client.chat_completion(MSGS, model="m")
+    finally:
+        stop.set()
+        listener.close()
+        server.join(5)
+    assert time.monotonic() - t0 < 2.0
+    assert "APITimeoutError" in info.value.attempts[0].error and "deadline" in info.value.attempts[0].error
