@@ -3,8 +3,9 @@
 Only deterministic calls are cached by default (``temperature == 0``); a call may ask
 with ``cache=True`` or refuse with ``cache=False``. The key is the SHA-256 of the
 canonical JSON (sorted keys) of the model, the messages and the parameters. Errors are
-never cached. Identical calls that arrive while the first one is in flight wait for
-it instead of paying again; if it fails, the next waiter makes its own call.
+never cached, nor is an answer that cannot be deep-copied (it is returned, with a
+warning). Identical calls that arrive while the first one is in flight wait for it
+instead of paying again; if it fails, the next waiter makes its own call.
 
 The lock guards the cache's dictionaries only; it is never held while the API is
 called.
@@ -87,27 +88,35 @@ class ResponseCache:
         while True:
             with self._entries_lock:
                 value = self._entries.get(key)
-                if value is not None:
-                    self._hits += 1
-                    return copy.deepcopy(value), True
-                pending = self._pending.get(key)
-                leader = pending is None
-                if leader:
-                    pending = self._pending[key] = threading.Event()
-                    self._misses += 1
-                else:
-                    self._waits += 1
+                if value is None:
+                    pending = self._pending.get(key)
+                    leader = pending is None
+                    if leader:
+                        pending = self._pending[key] = threading.Event()
+                        self._misses += 1
+                    else:
+                        self._waits += 1
+            if value is not None:
+                copied = _copy(value)  # outside the lock: stored values are never changed
+                with self._entries_lock:
+                    if copied is not None:
+                        self._hits += 1
+                        return copied, True
+                    if self._entries.get(key) is value:
+                        del self._entries[key]  # cannot be handed out: forget it
+                continue
             if leader:
                 break
             remaining = deadline - self._timer()
             if remaining <= 0 or not pending.wait(remaining):
                 raise AllAttemptsFailedError("deadline exceeded while waiting for an identical call in flight", ())
+        kept = None
         try:
             value, store = call()
-        except BaseException:
-            self._finish(key, pending, None)
-            raise
-        self._finish(key, pending, copy.deepcopy(value) if store else None)
+            if store:
+                kept = _copy(value)
+        finally:
+            self._finish(key, pending, kept)  # always: waiters must never wait for nothing
         return value, False
 
     def _finish(self, key: str, pending: threading.Event, value: Any) -> None:
@@ -133,6 +142,15 @@ class ResponseCache:
         """In a child after fork: fresh lock; the parent's in-flight calls are not ours."""
         self._entries_lock = threading.Lock()
         self._pending = {}
+
+
+def _copy(value: Any) -> Any:
+    """A deep copy of ``value``, or None when it cannot be copied (it is then not cached)."""
+    try:
+        return copy.deepcopy(value)
+    except Exception as exc:  # RecursionError (deep JSON), TypeError (uncopyable objects), ...
+        log.warning("response not cached: it cannot be copied (%s: %s)", type(exc).__name__, exc)
+        return None
 
 
 def check_cache_option(value: Any) -> Any:

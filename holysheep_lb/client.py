@@ -42,6 +42,7 @@ from .config import (
     parse_nodes,
     API_KEY_ENV,
 )
+from .costs import CallCosts, StreamCosts, cost_info
 from .errors import (
     APIError,
     AllAttemptsFailedError,
@@ -53,7 +54,7 @@ from .errors import (
     NoHealthyNodeError,
     RateLimitError,
 )
-from .fallbacks import ModelChain
+from .fallbacks import ModelChain, ModelCosts
 from .health import HealthChecker
 from .hedging import Hedger
 from .models import AUTO, ModelRouter
@@ -314,10 +315,12 @@ class Client:
                                            decision=decision, region=region, deadline_s=deadline_s,
                                            idempotency_key=idempotency_key)
 
-        def send(chosen: str) -> Response:
-            payload = {"model": chosen, "messages": list(messages), **params}
-            return self.request("POST", "/chat/completions", json=payload, region=region,
-                                deadline_s=deadline_s, idempotency_key=idempotency_key)
+        def send(chosen: str, costs: CallCosts) -> Response:
+            path, payload = "/chat/completions", {"model": chosen, "messages": list(messages), **params}
+            method, body, headers, deadline = self._prepare("POST", path, payload, region=region,
+                                                            deadline_s=deadline_s, idempotency_key=idempotency_key)
+            return self._run_chain(method, path, payload, body, headers, region=region, deadline=deadline,
+                                   costs=costs)
 
         resp = self._chat_with_costs(decision.model if decision else model, messages, params, send,
                                      cache=cache, wait_s=deadline_s or self.config.deadline_s)
@@ -327,25 +330,28 @@ class Client:
         return resp
 
     def _chat_with_costs(self, model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any],
-                         send: Callable[[str], Response], *, cache: Optional[bool], wait_s: float) -> Response:
-        """The cost steps around ``send``: cache lookup, budget reservation, actual cost."""
+                         send: Callable[[str, CallCosts], Response], *, cache: Optional[bool],
+                         wait_s: float) -> Response:
+        """The cost steps around ``send``: cache lookup, budget reservation, actual cost.
+
+        Each model of the chain is paid for as itself (see :mod:`holysheep_lb.costs`).
+        """
         ledger = self._ledger
 
         def paid() -> Tuple[Response, bool]:
-            reservation = ledger.admit(model, messages, params, is_available=self._router.is_available)
+            first = ledger.admit(model, messages, params, is_available=self._router.is_available)
+            costs = CallCosts(ledger, first, messages, params)
             try:
-                resp = send(reservation.model)
-            except BaseException:
-                ledger.cancel(reservation)
-                raise
-            settled = ledger.settle(reservation, resp.get("usage"))
-            resp.extra["cost"] = {"model": reservation.model, "estimated_usd": float(reservation.amount_usd),
-                                  "cost_usd": float(settled.cost_usd), "input_tokens": settled.input_tokens,
-                                  "output_tokens": settled.output_tokens, "from_usage": settled.from_usage}
-            if reservation.model != model:
+                resp = send(first.model, costs)
+            finally:
+                costs.close()
+            if "cost" not in resp.extra:  # a canned fallback_reply: no model answered
+                resp.extra["cost"] = cost_info(None, None)
+            if first.model != model:
                 resp.fallback = True
                 resp.extra["cost"]["downgraded_from"] = model
-            return resp, reservation.model == model  # a downgraded answer is not cached
+            # only the requested model's own answer is cached (not a fallback's, a canned or downgraded one)
+            return resp, not resp.fallback and first.model == model
 
         if self._cache is None or not self._cache.wanted(params, cache):
             return paid()[0]
@@ -356,33 +362,26 @@ class Client:
             resp.cached = True
             resp.attempts = ()
             resp.latency_ms = (self._clock() - started) * 1000.0  # > 0 if it waited for an identical call
-            resp.extra["cost"] = {"model": model, "estimated_usd": 0.0, "cost_usd": 0.0, "input_tokens": 0,
-                                  "output_tokens": 0, "from_usage": False}
+            resp.extra["cost"] = {**cost_info(None, None), "model": model}
         return resp
 
     def _stream_with_costs(self, model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any],
                            *, decision: Any, region: Optional[str], deadline_s: Optional[float],
                            idempotency_key: Optional[str]) -> ChatStream:
         """A stream's cost steps: reserve the estimate now, settle from its usage when it ends."""
-        ledger = self._ledger
-        reservation = ledger.admit(model, messages, params, is_available=self._router.is_available)
-        payload = {"model": reservation.model, "messages": list(messages), **params}
+        first = self._ledger.admit(model, messages, params, is_available=self._router.is_available)
+        costs = StreamCosts(self._ledger, first, messages, params)
+        payload = {"model": first.model, "messages": list(messages), **params}
         payload["stream_options"] = {"include_usage": True, **(params.get("stream_options") or {})}
-
-        def settle(outcome: StreamOutcome) -> None:
-            # usage arrives at the end of a stream; a stream cut short keeps its estimate
-            ledger.settle(reservation, outcome.usage)
-
-        try:
+        try:  # usage arrives at the end of a stream: costs.ended settles the model that streamed
             stream = self._stream_chat(payload, region=region, deadline_s=deadline_s,
-                                       idempotency_key=idempotency_key, on_end=settle)
-        except BaseException:
-            ledger.cancel(reservation)
-            raise
+                                       idempotency_key=idempotency_key, on_end=costs.ended, costs=costs)
+        finally:
+            costs.close()
         if decision is not None:
             stream.extra["routing"] = decision
             stream.fallback = stream.fallback or decision.fallback
-        if reservation.model != model:
+        if first.model != model:
             stream.fallback = True
             stream.extra["downgraded_from"] = model
         return stream
@@ -454,7 +453,8 @@ class Client:
 
     def _run_chain(self, method: str, path: str, json: Optional[Mapping[str, Any]],
                    body: Optional[bytes], headers: Dict[str, str], *, region: Optional[str],
-                   deadline: float, steps: Optional[Callable[..., Any]] = None) -> Any:
+                   deadline: float, steps: Optional[Callable[..., Any]] = None,
+                   costs: Optional[ModelCosts] = None) -> Any:
         """Run the call through the model chain (breakers, rate limits, fallbacks).
 
         ``steps(model, body, headers) -> (send, finish)`` customises the attempt loop
@@ -478,7 +478,7 @@ class Client:
 
         started = self._clock()
         try:
-            result = self._chain.run(requested, json, execute, deadline=deadline)
+            result = self._chain.run(requested, json, execute, deadline=deadline, costs=costs)
         except HolySheepError as exc:
             self._count_call(False, type(exc).__name__, started)
             raise
@@ -488,7 +488,8 @@ class Client:
 
     def _stream_chat(self, payload: Dict[str, Any], *, region: Optional[str], deadline_s: Optional[float],
                      idempotency_key: Optional[str],
-                     on_end: Optional[Callable[[StreamOutcome], None]] = None) -> ChatStream:
+                     on_end: Optional[Callable[[StreamOutcome], None]] = None,
+                     costs: Optional[ModelCosts] = None) -> ChatStream:
         """Open a chat stream: the attempt loop runs until a first chunk, then a ChatStream owns the node."""
         path = "/chat/completions"
         method, body, headers, deadline = self._prepare("POST", path, payload, region=region,
@@ -518,7 +519,7 @@ class Client:
             return send, finish
 
         return self._run_chain(method, path, payload, body, headers, region=region, deadline=deadline,
-                               steps=steps)
+                               steps=steps, costs=costs)
 
     def _stream_ended(self, outcome: StreamOutcome) -> None:
         """Called once per stream when it completes, breaks or is cancelled.

@@ -214,7 +214,9 @@ class ClientConfig:
 
     Times are seconds. ``deadline_s`` bounds a whole call, all attempts and waits
     included; ``connect_timeout_s``/``read_timeout_s`` bound each attempt (the read
-    timeout is also cut to what remains of the deadline).
+    timeout is also cut to what remains of the deadline). A stream (``stream=True``)
+    uses ``stream_first_chunk_timeout_s`` instead of the read timeout until its first
+    chunk (the deadline still applies), then ``stream_stall_timeout_s`` between chunks.
 
     Resilience: ``breaker`` (every model; None: off), ``model_breakers`` (per model),
     ``node_breakers`` (None: off) and ``breaker_storage(name) -> CircuitBreakerStorage``;
@@ -224,9 +226,6 @@ class ClientConfig:
     ``rate_limiter_factory(name, rate_per_s, capacity)``; ``retry_budget_ratio`` (None:
     off), ``retry_budget_min_per_s``, ``retry_budget_ttl_s``; ``hedge_delay_s`` (seconds
     or ``"p95"``; None: off), ``hedge_max_ratio``, ``hedge_max_threads``.
-    timeout is also cut to what remains of the deadline). A stream (``stream=True``)
-    uses ``stream_first_chunk_timeout_s`` instead of the read timeout until its first
-    chunk (the deadline still applies), then ``stream_stall_timeout_s`` between chunks.
     """
 
     nodes: Tuple[Node, ...]

@@ -4,11 +4,15 @@ One call::
 
     for each model of the chain (the one asked for, then its fallbacks; each at most once):
         model breaker open       -> next model (its CircuitOpenError is kept)
+        costs.reserve(model)     -> its budget estimate, or BudgetExceededError: next model
         rate limits              -> block within the call's deadline, or RateLimitExceeded
         execute(model)           -> the client's attempt loop for this model, same deadline
         system failure           -> recorded on the breaker; next model
         answer, or a caller's error (4xx), 429s only, deadline -> recorded; returned / raised
-    no model answered -> the user's ``fallback_reply`` (flagged), else the error
+    no model answered -> the user's ``fallback_reply`` (flagged, costs nothing), else the error
+
+A model that answers settles its own cost and rate-limit reservation (a stream's when
+it ends, from its usage); one that does not gives both back.
 
 Chains are expanded breadth first through the fallbacks' own fallbacks, skipping any
 model already in the chain: a chain never loops and never restarts the retry cycle of
@@ -20,19 +24,37 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from .breakers import NO_PERMIT, BreakerBoard, Permit, verdict
-from .errors import CircuitOpenError, ConfigError, HolySheepError
+from .errors import BudgetExceededError, CircuitOpenError, ConfigError, HolySheepError
 from .ratelimit import RateLimits, estimate_tokens, usage_tokens
 from .response import Response
 
-__all__ = ["ModelChain", "FallbackReply"]
+__all__ = ["ModelChain", "ModelCosts", "FallbackReply"]
 
 log = logging.getLogger(__name__)
 
 #: ``fallback_reply(model, payload, error) -> dict``: a canned answer when every model failed.
 FallbackReply = Callable[[str, Optional[Mapping[str, Any]], HolySheepError], Mapping[str, Any]]
+
+
+class ModelCosts(Protocol):
+    """One call's cost steps around each model the chain sends it to."""
+
+    def reserve(self, model: str) -> Any:
+        """Hold ``model``'s estimated cost before it is sent; BudgetExceededError skips the model."""
+
+    def cancel(self, held: Any) -> None:
+        """The model gave no answer: give back what ``reserve`` held."""
+
+    def answered(self, held: Any, result: Any, settle_tokens: Callable[[Optional[int]], None]) -> None:
+        """The model answered: settle its cost and call ``settle_tokens(actual tokens or None)``
+        for the rate limits, now or (a stream) when it ends."""
+
+
+def _no_tokens(actual_tokens: Optional[int]) -> None:
+    """``settle_tokens`` when no rate limit applies."""
 
 
 class ModelChain:
@@ -71,10 +93,11 @@ class ModelChain:
         return order
 
     def run(self, model: Optional[str], payload: Optional[Mapping[str, Any]],
-            execute: Callable[[Optional[str]], Any], *, deadline: float) -> Any:
+            execute: Callable[[Optional[str]], Any], *, deadline: float,
+            costs: Optional[ModelCosts] = None) -> Any:
         """``execute(model)`` for each model of the chain until one answers (see module doc)."""
         if model is None:  # not a model call (GET /models): rate limits only
-            return self._send(None, payload, execute, deadline, NO_PERMIT)
+            return self._send(None, payload, execute, deadline, NO_PERMIT, None)
         started = self._clock()
         errors: List[Tuple[str, HolySheepError]] = []
         chain = self.chain(model)
@@ -90,7 +113,11 @@ class ModelChain:
                 errors.append((candidate, exc))
                 continue
             try:
-                result = self._send(candidate, payload, execute, deadline, permit)
+                result = self._send(candidate, payload, execute, deadline, permit, costs)
+            except BudgetExceededError as exc:  # only ``costs.reserve`` raises it: nothing was sent
+                log.debug("model %s skipped: %s", candidate, exc)
+                errors.append((candidate, exc))
+                continue
             except HolySheepError as exc:
                 if verdict(exc) != "failure":
                     raise  # the caller's error, throttling or the deadline: no fallback helps
@@ -107,15 +134,21 @@ class ModelChain:
         return self._give_up(model, payload, errors, started)
 
     def _send(self, model: Optional[str], payload: Optional[Mapping[str, Any]],
-              execute: Callable[[Optional[str]], Any], deadline: float, permit: Permit) -> Any:
-        reservation = None
-        if self.limits is not None:
-            try:
+              execute: Callable[[Optional[str]], Any], deadline: float, permit: Permit,
+              costs: Optional[ModelCosts]) -> Any:
+        held, holding = None, False
+        try:
+            if costs is not None:
+                held, holding = costs.reserve(model), True  # type: ignore[arg-type]
+            reservation = None
+            if self.limits is not None:
                 reservation = self.limits.reserve(model, estimate_tokens(payload),
                                                   timeout_s=deadline - self._clock())
-            except BaseException:
-                permit.release()
-                raise
+        except BaseException:
+            permit.release()
+            if holding:
+                costs.cancel(held)  # type: ignore[union-attr]
+            raise
         try:
             result = execute(model)
         except BaseException as exc:
@@ -125,18 +158,24 @@ class ModelChain:
                 permit.release()
             if reservation is not None:
                 reservation.cancel()
+            if costs is not None:
+                costs.cancel(held)
             raise
         permit.record(None)
-        if reservation is not None:
-            reservation.settle(usage_tokens(result))
+        settle_tokens = reservation.settle if reservation is not None else _no_tokens
+        if costs is not None:
+            costs.answered(held, result, settle_tokens)
+        else:
+            settle_tokens(usage_tokens(result))
         return result
 
     def _give_up(self, model: str, payload: Optional[Mapping[str, Any]],
                  errors: List[Tuple[str, HolySheepError]], started: float) -> Any:
         """Every model failed or was skipped: a flagged canned reply, or the most useful error."""
         failures = [e for _, e in errors if not isinstance(e, CircuitOpenError)]
-        if failures:
-            error = failures[-1]
+        sent = [e for e in failures if not isinstance(e, BudgetExceededError)]
+        if failures:  # a model that was sent to first, else a budget's refusal
+            error = sent[-1] if sent else failures[-1]
         else:  # every model's breaker is open: say when the soonest one may let a call through
             error = min((e for _, e in errors), key=lambda e: e.retry_after_s)  # type: ignore[attr-defined]
         if self._fallback_reply is not None:
@@ -147,7 +186,8 @@ class ModelChain:
             log.info("every model of %s's chain failed; returning the fallback_reply answer", model)
             resp = Response(dict(data), model=None, fallback=True,
                             latency_ms=(self._clock() - started) * 1000.0)
-            resp.extra.update(canned=True, requested_model=model, model_errors=dict(errors))
+            resp.extra.update(canned=True, requested_model=model,  # JSON-safe: strings, not exceptions
+                              model_errors={m: f"{type(e).__name__}: {e}" for m, e in errors})
             return resp
         error.model_errors = dict(errors)  # type: ignore[attr-defined]
         raise error

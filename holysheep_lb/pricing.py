@@ -62,6 +62,7 @@ __all__ = [
     "SpendRow",
     "SpendStore",
     "InMemorySpendStore",
+    "OTHER_MODELS",
     "SpendLedger",
 ]
 
@@ -75,6 +76,9 @@ _MILLION = Decimal(1_000_000)
 _ZERO = Decimal(0)
 _MAX_UNKNOWN_WARNINGS = 1000  # bounds the memory of "already warned" model names
 
+#: The spend row of a day's models past ``InMemorySpendStore.max_models_per_day``.
+OTHER_MODELS = "(other models)"
+
 
 @dataclass(frozen=True)
 class ModelPrice:
@@ -82,11 +86,17 @@ class ModelPrice:
 
     input_usd_per_mtok: float
     output_usd_per_mtok: float
+    # the same prices as exact decimals, parsed once (cost_usd runs on every call)
+    _input_exact: Decimal = field(init=False, repr=False, compare=False)
+    _output_exact: Decimal = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_input_exact", Decimal(str(self.input_usd_per_mtok)))
+        object.__setattr__(self, "_output_exact", Decimal(str(self.output_usd_per_mtok)))
 
     def cost_usd(self, input_tokens: int, output_tokens: int) -> Decimal:
         """The exact cost of these token counts."""
-        return (Decimal(input_tokens) * Decimal(str(self.input_usd_per_mtok))
-                + Decimal(output_tokens) * Decimal(str(self.output_usd_per_mtok))) / _MILLION
+        return (Decimal(input_tokens) * self._input_exact + Decimal(output_tokens) * self._output_exact) / _MILLION
 
 
 #: The defaults (see the module docstring for the source and date).
@@ -265,6 +275,9 @@ class Budget:
     per_model: Mapping[str, BudgetCap] = field(default_factory=dict)
     on_exceeded: str = "raise"
     assumed_output_tokens: int = 256
+    # the caps as Limits, built once (limits_for runs on every call)
+    _client_limits: Tuple["Limit", ...] = field(init=False, repr=False, compare=False)
+    _model_limits: Mapping[str, Tuple["Limit", ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_cap("budget.daily_usd", self.daily_usd)
@@ -289,6 +302,9 @@ class Budget:
                 raise ConfigError(f"budget.per_model[{model}]", cap, "must be a BudgetCap or a dict")
             caps[model] = cap
         object.__setattr__(self, "per_model", MappingProxyType(caps))
+        object.__setattr__(self, "_client_limits", _limits(None, BudgetCap(self.daily_usd, self.monthly_usd)))
+        object.__setattr__(self, "_model_limits",
+                           MappingProxyType({model: _limits(model, cap) for model, cap in caps.items()}))
 
     @classmethod
     def coerce(cls, value: Any) -> Optional["Budget"]:
@@ -305,15 +321,16 @@ class Budget:
 
     def limits_for(self, model: str) -> List["Limit"]:
         """Every cap a call to ``model`` counts against."""
-        limits = []
-        for scope, cap in ((None, BudgetCap(self.daily_usd, self.monthly_usd)), (model, self.per_model.get(model))):
-            if cap is None:
-                continue
-            if cap.daily_usd is not None:
-                limits.append(Limit(scope, "day", Decimal(str(cap.daily_usd))))
-            if cap.monthly_usd is not None:
-                limits.append(Limit(scope, "month", Decimal(str(cap.monthly_usd))))
-        return limits
+        return [*self._client_limits, *self._model_limits.get(model, ())]
+
+
+def _limits(scope: Optional[str], cap: BudgetCap) -> Tuple["Limit", ...]:
+    limits = []
+    if cap.daily_usd is not None:
+        limits.append(Limit(scope, "day", Decimal(str(cap.daily_usd))))
+    if cap.monthly_usd is not None:
+        limits.append(Limit(scope, "month", Decimal(str(cap.monthly_usd))))
+    return tuple(limits)
 
 
 @dataclass(frozen=True)
@@ -400,17 +417,24 @@ class SpendStore(ABC):
 class InMemorySpendStore(SpendStore):
     """Spend kept in this process, per (UTC day, model), for ``retain_days`` days.
 
-    Thread-safe: one lock, held for dictionary updates only. Memory is bounded by
-    ``retain_days`` x the number of models used.
+    Thread-safe: one lock, held for dictionary updates only. Model names come from
+    callers, so memory is bounded: a day keeps rows for its first ``max_models_per_day``
+    models and counts the others in one :data:`OTHER_MODELS` row; per-model totals are
+    kept only for models with a per-model cap (those caps are always enforced exactly).
     """
 
-    def __init__(self, *, retain_days: int = 62) -> None:
+    def __init__(self, *, retain_days: int = 62, max_models_per_day: int = 256) -> None:
         if isinstance(retain_days, bool) or not isinstance(retain_days, int) or retain_days < 31:
             raise ConfigError("retain_days", retain_days, "must be an integer >= 31 (monthly caps need a month)")
+        if isinstance(max_models_per_day, bool) or not isinstance(max_models_per_day, int) or max_models_per_day < 1:
+            raise ConfigError("max_models_per_day", max_models_per_day, "must be an integer >= 1")
         self.retain_days = retain_days
+        self.max_models_per_day = max_models_per_day
         self._ledger_lock = threading.Lock()
         self._rows: Dict[Tuple[str, str], SpendRow] = {}
-        # (period key, model or None) -> [spent, reserved]; period key is a day or a month
+        self._models_per_day: Dict[str, int] = {}  # day -> rows of named models
+        # (period key, model or None) -> [spent, reserved]; period key is a day or a month;
+        # a model's own totals exist only while it has a per-model limit
         self._totals: Dict[Tuple[str, Optional[str]], List[Decimal]] = {}
         self._latest_day = ""
 
@@ -422,7 +446,8 @@ class InMemorySpendStore(SpendStore):
                 spent, reserved = self._totals.get(_period_key(reservation.day, limit), (_ZERO, _ZERO))
                 if spent + reserved + amount > limit.cap_usd:
                     return Refusal(limit, spent, reserved)
-            for key in _total_keys(reservation):
+            capped = any(limit.model == reservation.model for limit in limits)
+            for key in _total_keys(reservation, per_model=capped):
                 self._totals.setdefault(key, [_ZERO, _ZERO])[1] += amount
         return None
 
@@ -434,9 +459,11 @@ class InMemorySpendStore(SpendStore):
             row.output_tokens += output_tokens
             row.cost_usd += cost_usd
             for key in _total_keys(reservation):
-                pair = self._totals.setdefault(key, [_ZERO, _ZERO])
-                pair[0] += cost_usd
-                pair[1] -= reservation.amount_usd
+                # the model's own totals only if try_reserve made them (it has a per-model limit)
+                pair = self._totals.get(key) if key[1] is not None else self._totals.setdefault(key, [_ZERO, _ZERO])
+                if pair is not None:
+                    pair[0] += cost_usd
+                    pair[1] -= reservation.amount_usd
 
     def cancel(self, reservation: Reservation) -> None:
         with self._ledger_lock:
@@ -467,7 +494,14 @@ class InMemorySpendStore(SpendStore):
     def _row(self, day: str, model: str) -> SpendRow:
         row = self._rows.get((day, model))
         if row is None:
-            row = self._rows[(day, model)] = SpendRow(day, model)
+            named = self._models_per_day.get(day, 0)
+            if named >= self.max_models_per_day:
+                model = OTHER_MODELS
+                row = self._rows.get((day, model))
+            else:
+                self._models_per_day[day] = named + 1
+            if row is None:
+                row = self._rows[(day, model)] = SpendRow(day, model)
         return row
 
     def _roll_to(self, day: str) -> None:
@@ -478,6 +512,8 @@ class InMemorySpendStore(SpendStore):
         cutoff = (_dt.date.fromisoformat(day) - _dt.timedelta(days=self.retain_days)).isoformat()
         for key in [k for k in self._rows if k[0] < cutoff]:
             del self._rows[key]
+        for old in [d for d in self._models_per_day if d < cutoff]:
+            del self._models_per_day[old]
         for key in [k for k, pair in self._totals.items() if k[0] < cutoff[: len(k[0])] and not pair[1]]:
             del self._totals[key]
 
@@ -486,8 +522,10 @@ def _period_key(day: str, limit: Limit) -> Tuple[str, Optional[str]]:
     return (day if limit.period == "day" else day[:7], limit.model)
 
 
-def _total_keys(reservation: Reservation) -> Tuple[Tuple[str, Optional[str]], ...]:
+def _total_keys(reservation: Reservation, *, per_model: bool = True) -> Tuple[Tuple[str, Optional[str]], ...]:
     day, month, model = reservation.day, reservation.day[:7], reservation.model
+    if not per_model:
+        return ((day, None), (month, None))
     return ((day, None), (month, None), (day, model), (month, model))
 
 
@@ -550,17 +588,20 @@ class SpendLedger:
         params: Mapping[str, Any],
         *,
         is_available: Callable[[str], bool] = lambda model: True,
+        downgrade: bool = True,
     ) -> Reservation:
         """Reserve this call's estimate, downgrading the model if the budget says so.
 
         Returns the reservation (its ``model`` is the one to send to). Raises
-        :class:`BudgetExceededError` when no allowed model fits the caps.
+        :class:`BudgetExceededError` when no allowed model fits the caps
+        (``downgrade=False``: when ``model`` does not fit them).
         """
         wanted = self.estimate(model, messages, params)
         refusal = self._try(wanted)
         if refusal is None:
             return wanted
-        if self.budget is not None and self.budget.on_exceeded == "downgrade":
+        downgrade = downgrade and self.budget is not None and self.budget.on_exceeded == "downgrade"
+        if downgrade:
             for candidate in self._cheaper_than(wanted, messages, params):
                 if not is_available(candidate.model):
                     continue
@@ -568,7 +609,7 @@ class SpendLedger:
                     log.debug("budget: %s would pass the %s cap; downgraded to %s (estimate $%s)",
                               model, refusal.limit.period, candidate.model, candidate.amount_usd)
                     return candidate
-        raise _budget_error(model, wanted, refusal, self.budget)
+        raise _budget_error(model, wanted, refusal, downgrade_tried=downgrade)
 
     def settle(self, reservation: Reservation, usage: Any) -> Settled:
         """Replace the reservation with the actual cost from ``usage`` (the estimate if absent)."""
@@ -657,7 +698,7 @@ def _usage_tokens(usage: Any) -> Optional[Tuple[int, int]]:
     return prompt, completion
 
 
-def _budget_error(model: str, wanted: Reservation, refusal: Refusal, budget: Optional[Budget]) -> BudgetExceededError:
+def _budget_error(model: str, wanted: Reservation, refusal: Refusal, *, downgrade_tried: bool) -> BudgetExceededError:
     return BudgetExceededError(
         model=model,
         scope=refusal.limit.model or "client",
@@ -666,7 +707,7 @@ def _budget_error(model: str, wanted: Reservation, refusal: Refusal, budget: Opt
         spent_usd=float(refusal.spent_usd),
         reserved_usd=float(refusal.reserved_usd),
         estimate_usd=float(wanted.amount_usd),
-        downgrade_tried=bool(budget and budget.on_exceeded == "downgrade"),
+        downgrade_tried=downgrade_tried,
     )
 
 

@@ -109,6 +109,54 @@ def test_errors_and_unstorable_values_are_not_cached():
     assert cache.get_or_call("x", lambda: ({"no": 2}, False), wait_s=1) == ({"no": 2}, False)
 
 
+class Uncopyable(dict):
+    """An answer that cannot be deep-copied (as a JSON answer nested too deep to copy)."""
+
+    def __deepcopy__(self, memo):
+        raise RecursionError("maximum recursion depth exceeded")
+
+
+class CopiesOnce(dict):
+    """An answer whose stored copy can no longer be copied."""
+
+    def __deepcopy__(self, memo):
+        return Uncopyable(self)
+
+
+def _nested(depth):
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("answer", [Uncopyable(answer=1), {"deep": _nested(5000)}])  # too deep to copy
+def test_an_answer_that_cannot_be_copied_is_returned_uncached_and_frees_its_key(answer):
+    cache = ResponseCache()
+    calls = []
+
+    def call():
+        calls.append(1)
+        return answer, True
+
+    value, hit = cache.get_or_call("k", call, wait_s=1)
+    assert value is answer and hit is False
+    assert cache._pending == {}
+    value, hit = cache.get_or_call("k", call, wait_s=0.01)  # no wait for a stuck key
+    assert value is answer and hit is False
+    assert len(calls) == 2
+    stats = cache.stats()
+    assert (stats["stores"], stats["size"], stats["waits"]) == (0, 0, 0)
+
+
+def test_a_stored_answer_that_cannot_be_copied_out_is_dropped_and_called_again():
+    cache, answers = ResponseCache(), iter([CopiesOnce(answer=1), {"answer": 2}])
+    assert cache.get_or_call("k", lambda: (next(answers), True), wait_s=1) == ({"answer": 1}, False)
+    assert cache.get_or_call("k", lambda: (next(answers), True), wait_s=1) == ({"answer": 2}, False)
+    assert cache.get_or_call("k", lambda: (next(answers), True), wait_s=1) == ({"answer": 2}, True)
+    assert cache._pending == {}
+
+
 def wait_for(predicate, timeout_s=5.0):
     deadline = time.monotonic() + timeout_s
     pause = threading.Event()

@@ -1,6 +1,7 @@
 """Model fallback chains: order, flags, no loops, breakers, canned replies, one deadline."""
 
 import json
+from decimal import Decimal
 
 import pytest
 import responses
@@ -8,6 +9,7 @@ import responses
 from holysheep_lb import (
     AllAttemptsFailedError,
     BadRequestError,
+    BudgetExceededError,
     CircuitOpenError,
     ConfigError,
 )
@@ -25,20 +27,26 @@ def _answer(model):
 class Gateway:
     """A mocked node whose answer depends on the requested model."""
 
-    def __init__(self, rsps, statuses, clock=None, advance_s=0.0):
+    def __init__(self, rsps, statuses, clock=None, advance_s=0.0, usage=None, on_request=None):
         self.statuses = statuses  # model -> HTTP status (200 if absent)
         self.sent = []            # (model, Idempotency-Key) per request
         self.clock = clock
         self.advance_s = advance_s
+        self.usage = usage        # the answers' usage, if not {"total_tokens": 7}
+        self.on_request = on_request  # called with the model of each request
         rsps.add_callback(responses.POST, A + "/chat/completions", callback=self)
 
     def __call__(self, request):
         model = json.loads(request.body)["model"]
         self.sent.append((model, request.headers["Idempotency-Key"]))
+        if self.on_request is not None:
+            self.on_request(model)
         if self.clock is not None:
             self.clock.advance(self.advance_s)
         status = self.statuses.get(model, 200)
         body = _answer(model) if status == 200 else {"error": {"message": f"{model} is down"}}
+        if status == 200 and self.usage is not None:
+            body["usage"] = self.usage
         return status, {"Content-Type": "application/json"}, json.dumps(body)
 
     @property
@@ -162,6 +170,21 @@ def test_a_canned_reply_comes_only_from_the_users_callable_and_is_flagged(rsps, 
     assert client.stats()["fallbacks"]["canned_replies"] == 1
 
 
+def test_a_canned_reply_with_the_cache_on_is_returned_and_keeps_only_error_strings(rsps, make_client, clock):
+    Gateway(rsps, {"gpt-4.1": 500})
+    client = _client(make_client, clock, max_retries=0, cache=True, deadline_s=2,
+                     fallback_reply=lambda *a: {"choices": [{"message": {"content": "SORRY"}}]})
+    resp = client.chat_completion(MSGS, model="gpt-4.1", temperature=0)
+    assert resp.text == "SORRY" and resp.extra["canned"] is True
+    assert list(resp.extra["model_errors"]) == ["gpt-4.1"]
+    error = resp.extra["model_errors"]["gpt-4.1"]
+    assert isinstance(error, str) and error.startswith("AllAttemptsFailedError: ")
+    json.dumps(resp.extra["model_errors"])  # JSON-safe
+    assert client._cache._pending == {}
+    again = client.chat_completion(MSGS, model="gpt-4.1", temperature=0)  # not stuck behind the first
+    assert again.text == "SORRY" and client._cache._pending == {}
+
+
 def test_a_canned_reply_must_be_a_dict(rsps, make_client, clock):
     Gateway(rsps, {"m": 500})
     client = _client(make_client, clock, max_retries=0, fallback_reply=lambda *a: "sorry")
@@ -180,3 +203,82 @@ def test_fallback_settings_are_validated(make_client, fallbacks, field):
     with pytest.raises(ConfigError) as info:
         make_client([{"id": "a", "base_url": A}], fallbacks=fallbacks)
     assert info.value.field == field
+
+
+# -- costs and the cache with fallbacks ----------------------------------------------------
+
+USAGE = {"prompt_tokens": 1000, "completion_tokens": 1000}
+# MSGS is 6 prompt tokens by estimate; no max_tokens: 256 output tokens assumed
+GPT_ESTIMATE = Decimal(6 * 2 + 256 * 8) / 1_000_000
+DEEPSEEK_ESTIMATE = Decimal(6 * 28 + 256 * 42) / 100_000_000
+
+
+def test_a_fallback_answer_is_paid_and_recorded_as_the_model_that_gave_it(rsps, make_client, clock):
+    held = []  # the estimates held while each request is sent
+    gw = Gateway(rsps, {"gpt-4.1": 500}, usage=USAGE,
+                 on_request=lambda model: held.append(client.ledger.store.reserved_usd()))
+    client = _client(make_client, clock, max_retries=0, fallbacks={"gpt-4.1": ["deepseek-v3.2"]})
+    resp = client.chat_completion(MSGS, model="gpt-4.1")
+    assert gw.models == ["gpt-4.1", "deepseek-v3.2"]
+    assert held == [GPT_ESTIMATE, DEEPSEEK_ESTIMATE], "each model holds its own estimate while it is sent to"
+    assert resp.extra["cost"] == {"model": "deepseek-v3.2", "estimated_usd": float(DEEPSEEK_ESTIMATE),
+                                  "cost_usd": 0.0007, "input_tokens": 1000, "output_tokens": 1000,
+                                  "from_usage": True}  # 1000*0.28 + 1000*0.42 micro-USD, not gpt-4.1's 0.01
+    report = client.cost_report()
+    assert list(report["by_model"]) == ["deepseek-v3.2"]
+    assert report["by_model"]["deepseek-v3.2"]["requests"] == 1
+    assert report["totals"]["cost_usd"] == 0.0007 and report["in_flight_reserved_usd"] == 0.0
+
+
+def test_a_fallback_models_own_cap_is_checked_before_it_is_sent(rsps, make_client, clock):
+    gw = Gateway(rsps, {"gpt-4.1": 500}, usage=USAGE)
+    cap = float(DEEPSEEK_ESTIMATE) / 2
+    client = _client(make_client, clock, max_retries=0, fallbacks={"gpt-4.1": ["deepseek-v3.2"]},
+                     budget={"per_model": {"deepseek-v3.2": {"daily_usd": cap}}})
+    with pytest.raises(AllAttemptsFailedError) as info:  # the requested model's failure, not the refusal
+        client.chat_completion(MSGS, model="gpt-4.1")
+    assert gw.models == ["gpt-4.1"], "the fallback over its cap was never sent"
+    refusal = info.value.model_errors["deepseek-v3.2"]
+    assert isinstance(refusal, BudgetExceededError) and refusal.scope == "deepseek-v3.2"
+    report = client.cost_report()
+    assert report["totals"]["requests"] == 0 and report["in_flight_reserved_usd"] == 0.0
+
+
+def test_the_first_models_estimate_is_released_when_its_breaker_skips_it(rsps, make_client, clock):
+    held = []  # the estimates held while each request is sent
+    gw = Gateway(rsps, {"gpt-4.1": 500}, usage=USAGE,
+                 on_request=lambda model: held.append(client.ledger.store.reserved_usd()))
+    client = _client(make_client, clock, max_retries=0, model_breakers={"gpt-4.1": {"fail_max": 1}},
+                     fallbacks={"gpt-4.1": ["deepseek-v3.2"]})
+    client.chat_completion(MSGS, model="gpt-4.1")  # opens gpt-4.1's breaker
+    del held[:]
+    assert client.chat_completion(MSGS, model="gpt-4.1").extra["cost"]["model"] == "deepseek-v3.2"
+    assert gw.models[2:] == ["deepseek-v3.2"]
+    assert held == [DEEPSEEK_ESTIMATE] and client.ledger.store.reserved_usd() == 0
+
+
+def test_a_canned_reply_costs_nothing(rsps, make_client, clock):
+    Gateway(rsps, {"gpt-4.1": 500, "deepseek-v3.2": 500})
+    client = _client(make_client, clock, max_retries=0, fallbacks={"gpt-4.1": ["deepseek-v3.2"]},
+                     fallback_reply=lambda *a: {"choices": [{"message": {"content": "SORRY"}}]})
+    resp = client.chat_completion(MSGS, model="gpt-4.1")
+    assert resp.extra["cost"] == {"model": None, "estimated_usd": 0.0, "cost_usd": 0.0, "input_tokens": 0,
+                                  "output_tokens": 0, "from_usage": False}
+    report = client.cost_report()
+    assert (report["totals"]["requests"], report["totals"]["cost_usd"]) == (0, 0.0)
+    assert report["in_flight_reserved_usd"] == 0.0
+
+
+def test_fallback_and_canned_answers_are_not_cached_for_the_requested_model(rsps, make_client, clock):
+    gw = Gateway(rsps, {"gpt-4.1": 500, "deepseek-v3.2": 500})
+    client = _client(make_client, clock, max_retries=0, cache=True, fallbacks={"gpt-4.1": ["deepseek-v3.2"]},
+                     fallback_reply=lambda *a: {"choices": [{"message": {"content": "SORRY"}}]})
+    assert client.chat_completion(MSGS, model="gpt-4.1", temperature=0).text == "SORRY"
+    gw.statuses["deepseek-v3.2"] = 200
+    assert client.chat_completion(MSGS, model="gpt-4.1", temperature=0).text == "from deepseek-v3.2"
+    gw.statuses["gpt-4.1"] = 200  # the primary is back: its own answer, not the fallback's
+    resp = client.chat_completion(MSGS, model="gpt-4.1", temperature=0)
+    assert (resp.text, resp.cached, resp.fallback) == ("from gpt-4.1", False, False)
+    assert client.chat_completion(MSGS, model="gpt-4.1", temperature=0).cached is True
+    assert gw.models == ["gpt-4.1", "deepseek-v3.2"] * 2 + ["gpt-4.1"]
+    assert client.stats()["cache"]["stores"] == 1

@@ -10,9 +10,11 @@ from decimal import Decimal
 
 import pytest
 
+from holysheep_lb import pricing
 from holysheep_lb import Budget, BudgetCap, BudgetExceededError, ConfigError, InvalidRequestError, PriceTable
 from holysheep_lb.pricing import (
     DEFAULT_PRICES,
+    OTHER_MODELS,
     PRICES_TAKEN_ON,
     InMemorySpendStore,
     ModelPrice,
@@ -79,6 +81,25 @@ def test_ten_thousand_small_costs_sum_exactly():
         led.settle(led.admit("deepseek-v3.2", msgs(4), {"max_tokens": 1}), usage(3, 1))
     # 10_000 * (3*0.28 + 1*0.42) / 1e6 = 0.0126 exactly, no float drift
     assert led.report()["totals"]["cost_usd"] == 0.0126
+
+
+def test_prices_and_caps_are_parsed_to_decimal_once_not_per_call(monkeypatch):
+    table = PriceTable({"custom": (0.15, 0.6)})
+    budget = Budget(daily_usd=5, monthly_usd=100, per_model={"gpt-4.1": {"daily_usd": 1}})
+    parsed = []
+    real = pricing.Decimal
+
+    def counting(value="0", *args):
+        if isinstance(value, str):
+            parsed.append(value)
+        return real(value, *args)
+
+    monkeypatch.setattr(pricing, "Decimal", counting)
+    assert table.exact_cost_usd("gpt-4.1", 1000, 100) == real("0.0028")
+    assert table.exact_cost_usd("custom", 1000, 1000) == real("0.00075")
+    assert [(lim.model, lim.period, lim.cap_usd) for lim in budget.limits_for("gpt-4.1")] == [
+        (None, "day", 5), (None, "month", 100), ("gpt-4.1", "day", 1)]
+    assert parsed == []
 
 
 def test_overrides_merge_with_defaults_and_can_replace_them():
@@ -200,6 +221,38 @@ def test_store_forgets_days_past_retention():
     assert store.reserved_usd() == 0
     with pytest.raises(ConfigError):
         InMemorySpendStore(retain_days=7)
+
+
+def test_spend_rows_per_day_are_capped_and_further_models_fold_into_one_other_row():
+    wall = WallClock()
+    store = InMemorySpendStore(max_models_per_day=3)
+    led = SpendLedger(PriceTable({f"m{i}": (1.0, 1.0) for i in range(10)}), store=store, wall_clock=wall)
+    for i in range(10):
+        led.settle(led.admit(f"m{i}", msgs(40), {}), usage(1000, 0))  # $0.001 each
+    led.settle(led.admit("m1", msgs(40), {}), usage(1000, 0))  # a model with a row keeps it
+    led.record_cache_hit("m9")
+    rows = {r.model: (r.requests, r.cached_requests, r.input_tokens, r.cost_usd) for r in store.rows()}
+    assert rows == {"m0": (1, 0, 1000, Decimal("0.001")), "m1": (2, 0, 2000, Decimal("0.002")),
+                    "m2": (1, 0, 1000, Decimal("0.001")), OTHER_MODELS: (7, 1, 7000, Decimal("0.007"))}
+    assert led.report()["totals"]["cost_usd"] == 0.011
+    assert len(store._totals) == 2, "only the client-wide day and month totals: no model has a cap"
+    wall.now += 86400  # a new day: new models get rows again
+    led.settle(led.admit("m7", msgs(40), {}), usage(1000, 0))
+    assert [(r.day, r.model) for r in store.rows()][-1] == ("2026-11-27", "m7")
+    with pytest.raises(ConfigError):
+        InMemorySpendStore(max_models_per_day=0)
+
+
+def test_a_per_model_cap_holds_for_a_model_folded_into_other():
+    store = InMemorySpendStore(max_models_per_day=1)
+    led = SpendLedger(PriceTable(), store=store, wall_clock=WallClock(),
+                      budget=Budget(per_model={"gpt-4.1": BudgetCap(daily_usd=0.0015)}))
+    led.settle(led.admit("deepseek-v3.2", msgs(400), {"max_tokens": 100}), usage(104, 100))
+    led.settle(led.admit("gpt-4.1", msgs(400), {"max_tokens": 100}), usage(104, 100))  # $0.001008
+    assert [r.model for r in store.rows()] == ["deepseek-v3.2", OTHER_MODELS]
+    with pytest.raises(BudgetExceededError) as info:  # another $0.001008 would pass gpt-4.1's cap
+        led.admit("gpt-4.1", msgs(400), {"max_tokens": 100})
+    assert info.value.scope == "gpt-4.1" and info.value.spent_usd == 0.001008
 
 
 # -- budgets --------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import threading
+from decimal import Decimal
 
 import pytest
 import responses
@@ -393,7 +394,8 @@ def test_a_parents_stream_dropped_in_a_forked_child_does_not_skew_the_childs_cou
     assert client.stats()["in_flight"] == 0
 
 
-def test_stream_falls_back_to_the_next_model_and_is_flagged(rsps, make_client, clock):
+def _gpt_down_others_stream(rsps):
+    """Every node answers gpt-4.1 with 503 and streams GOOD for any other model."""
     def by_model(request):
         model = json.loads(request.body)["model"]
         if model == "gpt-4.1":
@@ -402,6 +404,10 @@ def test_stream_falls_back_to_the_next_model_and_is_flagged(rsps, make_client, c
 
     for url in (A, B):
         rsps.add_callback(responses.POST, url + "/chat/completions", callback=by_model)
+
+
+def test_stream_falls_back_to_the_next_model_and_is_flagged(rsps, make_client, clock):
+    _gpt_down_others_stream(rsps)
     client = _client(make_client, clock, fallbacks={"gpt-4.1": ["gemini-2.5-flash"]}, max_retries=1)
     stream = client.chat_completion(MSGS, model="gpt-4.1", stream=True)
     assert stream.read_text() == "Hello"
@@ -412,3 +418,38 @@ def test_stream_falls_back_to_the_next_model_and_is_flagged(rsps, make_client, c
     keys = [c.request.headers["Idempotency-Key"] for c in rsps.calls]
     assert keys[0] == keys[1] != keys[2]  # one key per model, stable across its attempts
     assert client.stats()["in_flight"] == 0
+
+
+# ------------------------------------------------------------------ stream costs
+
+
+def test_a_fallback_stream_is_paid_as_the_model_that_streamed(rsps, make_client, clock):
+    _gpt_down_others_stream(rsps)
+    client = _client(make_client, clock, fallbacks={"gpt-4.1": ["gemini-2.5-flash"]}, max_retries=0)
+    stream = client.chat_completion(MSGS, model="gpt-4.1", stream=True)
+    assert client.ledger.store.reserved_usd() == Decimal(6 * 30 + 256 * 250) / 100_000_000  # gemini's estimate
+    assert stream.read_text() == "Hello"
+    report = client.cost_report()
+    assert list(report["by_model"]) == ["gemini-2.5-flash"]
+    assert report["totals"]["cost_usd"] == 0.0000071  # 7*0.30 + 2*2.50 micro-USD
+    assert report["in_flight_reserved_usd"] == 0.0
+
+
+def test_a_streams_token_rate_reservation_is_settled_from_its_usage(rsps, make_client, clock):
+    _stream_post(rsps, A)
+    client = _client(make_client, clock, tokens_per_minute=600)
+    stream = client.chat_completion(MSGS, model="m", stream=True, max_tokens=100)
+    assert client.stats()["rate_limits"]["tokens"]["available"] == 600 - 106  # 6 prompt + 100 estimated
+    stream.read_text()
+    assert client.stats()["rate_limits"]["tokens"]["available"] == 600 - 9  # USAGE total_tokens
+
+
+def test_a_stream_that_ends_as_it_opens_is_settled_once(rsps, make_client, clock):
+    _stream_post(rsps, A, body=sse())  # nothing but [DONE]: the stream ends before it is returned
+    client = _client(make_client, clock, tokens_per_minute=600)
+    stream = client.chat_completion(MSGS, model="gpt-4.1", stream=True, max_tokens=100)
+    assert stream.state == "completed" and stream.read_text() == ""
+    report = client.cost_report()
+    assert report["totals"]["requests"] == 1 and report["totals"]["output_tokens"] == 100  # the estimate
+    assert report["in_flight_reserved_usd"] == 0.0
+    assert client.stats()["rate_limits"]["tokens"]["available"] == 600 - 106  # no usage: the estimate stays

@@ -1,0 +1,96 @@
+"""One chat call's spend, model by model: the cost steps the model chain runs.
+
+The client reserves the first model's estimate before the chain runs (that is where a
+budget may downgrade the call). Every other model the chain sends the call to reserves
+its own estimate against its own caps first, so a fallback answer is priced and recorded
+as the model that gave it, a fallback whose caps refuse is skipped, and spend still
+passes a cap only by what answers exceed their estimates. A model that gives no answer
+gives its reservation back; a canned ``fallback_reply`` costs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+from .pricing import Reservation, Settled, SpendLedger
+from .ratelimit import usage_tokens
+
+__all__ = ["CallCosts", "StreamCosts", "cost_info"]
+
+log = logging.getLogger(__name__)
+
+SettleTokens = Callable[[Optional[int]], None]
+
+
+def cost_info(reservation: Optional[Reservation], settled: Optional[Settled]) -> Dict[str, Any]:
+    """``resp.extra["cost"]``; all zeros (model None) when no model was paid for."""
+    if reservation is None or settled is None:
+        return {"model": None, "estimated_usd": 0.0, "cost_usd": 0.0, "input_tokens": 0,
+                "output_tokens": 0, "from_usage": False}
+    return {"model": reservation.model, "estimated_usd": float(reservation.amount_usd),
+            "cost_usd": float(settled.cost_usd), "input_tokens": settled.input_tokens,
+            "output_tokens": settled.output_tokens, "from_usage": settled.from_usage}
+
+
+class CallCosts:
+    """The chain's ``ModelCosts`` for one call answered at once (a :class:`Response`).
+
+    ``first`` is the reservation the client made for the chain's first model. Call
+    :meth:`close` when the chain is done: it gives ``first`` back if the chain never
+    sent to that model (its breaker was open). Used by the calling thread only.
+    """
+
+    def __init__(self, ledger: SpendLedger, first: Reservation, messages: Sequence[Mapping[str, Any]],
+                 params: Mapping[str, Any]) -> None:
+        self._ledger = ledger
+        self._first: Optional[Reservation] = first
+        self._messages = messages
+        self._params = params
+
+    def reserve(self, model: str) -> Reservation:
+        first, self._first = self._first, None
+        if first is not None:
+            if first.model == model:
+                return first
+            self._ledger.cancel(first)  # the chain went past the first model without sending
+        return self._ledger.admit(model, self._messages, self._params, downgrade=False)
+
+    def cancel(self, held: Reservation) -> None:
+        self._ledger.cancel(held)
+
+    def answered(self, held: Reservation, result: Any, settle_tokens: SettleTokens) -> None:
+        settle_tokens(usage_tokens(result))
+        result.extra["cost"] = cost_info(held, self._ledger.settle(held, result.get("usage")))
+
+    def close(self) -> None:
+        first, self._first = self._first, None
+        if first is not None:
+            self._ledger.cancel(first)
+
+
+class StreamCosts(CallCosts):
+    """``ModelCosts`` for a stream: the answering model is settled from the usage that
+    ends the stream (pass :meth:`ended` as the stream's ``on_end``); a stream cut short
+    keeps its estimates. :meth:`ended` may run on another thread (the stream reaper)."""
+
+    def __init__(self, ledger: SpendLedger, first: Reservation, messages: Sequence[Mapping[str, Any]],
+                 params: Mapping[str, Any]) -> None:
+        super().__init__(ledger, first, messages, params)
+        self._open: Optional[Tuple[Reservation, SettleTokens]] = None
+
+    def answered(self, held: Reservation, result: Any, settle_tokens: SettleTokens) -> None:
+        if getattr(result, "state", "open") == "open":
+            self._open = (held, settle_tokens)  # settled by ended()
+        else:  # the stream already ended while it was opened: ended() found nothing to settle
+            self._settle(held, settle_tokens, getattr(result, "usage", None))
+
+    def ended(self, outcome: Any) -> None:
+        """The stream's ``on_end`` hook (a :class:`~holysheep_lb.streaming.StreamOutcome`)."""
+        pending, self._open = self._open, None
+        if pending is not None:
+            self._settle(*pending, outcome.usage)
+
+    def _settle(self, held: Reservation, settle_tokens: SettleTokens, usage: Any) -> None:
+        settle_tokens(usage_tokens({"usage": usage}))
+        self._ledger.settle(held, usage)
