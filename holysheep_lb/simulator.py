@@ -73,7 +73,12 @@ _LINGER_RST = struct.pack("ii", 1, 0)
 @dataclass
 class SimNode:
     """Configuration of one simulated node.  All fields (except ``id``) may be
-    changed at runtime with :meth:`SimulatedGateway.configure`."""
+    changed at runtime with :meth:`SimulatedGateway.configure`.
+
+    ``reset_rate`` and ``malformed_rate`` are the probabilities of the ``"reset"``
+    and ``"malformed"`` faults per request (one roll decides both, reset first);
+    they are drawn from a random stream of their own, so setting them leaves the
+    latency/5xx/429 sequence of a seeded gateway unchanged."""
 
     id: str
     region: str = "local"
@@ -81,6 +86,8 @@ class SimNode:
     p99_latency_ms: Optional[float] = None
     error_rate: float = 0.0
     rate_limit_rate: float = 0.0
+    reset_rate: float = 0.0
+    malformed_rate: float = 0.0
     retry_after_s: float = 1.0
     capacity: Optional[int] = None
     fault: Optional[str] = None
@@ -122,7 +129,7 @@ def _validate_field(name: str, value: Any) -> None:
     elif name in ("latency_ms", "retry_after_s", "hang_s", "chunk_delay_ms"):
         if not _is_number(value) or value < 0:
             raise ValueError(f"SimNode.{name} must be a number >= 0, got {value!r}")
-    elif name in ("error_rate", "rate_limit_rate"):
+    elif name in ("error_rate", "rate_limit_rate", "reset_rate", "malformed_rate"):
         if not _is_number(value) or not 0.0 <= value <= 1.0:
             raise ValueError(f"SimNode.{name} must be a number in [0, 1], got {value!r}")
 
@@ -234,6 +241,13 @@ def _format_retry_after(seconds: float) -> str:
     return str(int(seconds)) if seconds.is_integer() else f"{seconds:g}"
 
 
+def _normalise_path(path: str) -> str:
+    path = path.split("?", 1)[0]
+    if len(path) > 1 and path.endswith("/"):
+        path = path.rstrip("/") or "/"
+    return path
+
+
 def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
@@ -248,10 +262,12 @@ class _InvalidRequest(Exception):
 class _NodeRuntime:
     """Mutable runtime state of one node (sockets, counters, waits)."""
 
-    def __init__(self, gateway: "SimulatedGateway", cfg: SimNode, rng: random.Random) -> None:
+    def __init__(self, gateway: "SimulatedGateway", cfg: SimNode, rng: random.Random,
+                 fault_rng: random.Random) -> None:
         self.gateway = gateway
         self.cfg = cfg
         self.rng = rng
+        self.fault_rng = fault_rng
         self.rng_lock = threading.Lock()
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
@@ -262,6 +278,7 @@ class _NodeRuntime:
         self.conns: set = set()
         self.total = 0
         self.by_path: Dict[str, int] = {}
+        self.outcomes: Dict[Tuple[str, str], int] = {}  # (path, outcome) -> count
         self.in_flight = 0
         self.in_service = 0
         self.max_seen = 0
@@ -272,6 +289,11 @@ class _NodeRuntime:
             self.total += 1
             self.by_path[path] = self.by_path.get(path, 0) + 1
             self.in_flight += 1
+
+    def outcome(self, path: str, what: str) -> None:
+        with self.lock:
+            key = (path, what)
+            self.outcomes[key] = self.outcomes.get(key, 0) + 1
 
     def end(self) -> None:
         with self.cond:
@@ -320,15 +342,17 @@ class _NodeRuntime:
             return not stop.is_set()
         return not stop.wait(seconds)
 
-    def draw(self) -> Tuple[float, float, int, float]:
-        """(latency_s, error roll, error status, 429 roll) - always 4 draws."""
+    def draw(self) -> Tuple[float, float, int, float, float]:
+        """(latency_s, error roll, error status, 429 roll, fault roll) - always the
+        same draws (the fault roll from its own stream)."""
         cfg = self.cfg
         with self.rng_lock:
             latency_ms = sample_latency_ms(self.rng, cfg.latency_ms, cfg.p99_latency_ms)
             err_roll = self.rng.random()
             err_status = _ERROR_STATUSES[self.rng.randrange(len(_ERROR_STATUSES))]
             rl_roll = self.rng.random()
-        return latency_ms / 1000.0, err_roll, err_status, rl_roll
+            fault_roll = self.fault_rng.random()
+        return latency_ms / 1000.0, err_roll, err_status, rl_roll, fault_roll
 
     # -- sockets (called under the gateway admin lock) --------------------------
     def reserve(self, port: int) -> None:
@@ -451,9 +475,7 @@ class _Handler(BaseHTTPRequestHandler):
     # -- pipeline -------------------------------------------------------------
     def _dispatch(self, method: str) -> None:
         rt = self.server.rt
-        path = self.path.split("?", 1)[0]
-        if len(path) > 1 and path.endswith("/"):
-            path = path.rstrip("/") or "/"
+        path = _normalise_path(self.path)
         rt.begin(path)
         try:
             self._process(rt, method, path)
@@ -477,33 +499,40 @@ class _Handler(BaseHTTPRequestHandler):
             self._drop()
             return
         try:
-            self._serve(rt, method, path, raw)
+            outcome = self._serve(rt, method, path, raw)
         finally:
             rt.release_slot()
+        rt.outcome(path, outcome)  # only once the answer was written without an OSError
 
-    def _serve(self, rt: _NodeRuntime, method: str, path: str, raw: bytes) -> None:
+    def _serve(self, rt: _NodeRuntime, method: str, path: str, raw: bytes) -> str:
+        """Answer one request; returns its outcome (see :meth:`SimulatedGateway.outcomes`)."""
         cfg = rt.cfg
         fault = cfg.fault
+        self._status = 0
+        self._stream_broken = False
         if fault in ("reset", "refuse"):
             self._reset()
-            return
+            return "reset"
         if fault == "hang":
             rt.wait_until(lambda: cfg.fault != "hang", cfg.hang_s)
             self._drop()
-            return
-        latency_s, err_roll, err_status, rl_roll = rt.draw()
+            return "hang"
+        latency_s, err_roll, err_status, rl_roll, fault_roll = rt.draw()
         if not rt.sleep(latency_s):
             self._drop()
-            return
-        if fault == "malformed":
+            return "dropped"
+        if fault != "malformed" and fault_roll < cfg.reset_rate:
+            self._reset()
+            return "reset"
+        if fault == "malformed" or fault_roll < cfg.reset_rate + cfg.malformed_rate:
             self._send(200, b'{"choices": [')
-            return
+            return "malformed"
         if err_roll < cfg.error_rate:
             self._send(
                 err_status,
                 _error_body(f"simulated upstream error ({err_status})", "server_error", "sim_upstream_error"),
             )
-            return
+            return "error_5xx"
         if rl_roll < cfg.rate_limit_rate:
             retry = cfg.retry_after_s
             self._send(
@@ -514,8 +543,11 @@ class _Handler(BaseHTTPRequestHandler):
                     ("retry-after-ms", str(int(round(float(retry) * 1000)))),
                 ),
             )
-            return
+            return "rate_limited"
         self._route(rt, method, path, raw)
+        if self._stream_broken:
+            return "stream_fault"
+        return "ok" if 200 <= self._status < 300 else "error_4xx"
 
     def _route(self, rt: _NodeRuntime, method: str, path: str, raw: bytes) -> None:
         if path == "/v1/models":
@@ -646,6 +678,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if delay_s > 0 and not rt.sleep(delay_s):
                     self._drop()
                     return
+                self._stream_broken = True
                 if stream_fault == "reset_midstream":
                     self._reset()
                 else:  # stall_midstream
@@ -708,6 +741,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.rfile.readline(65537)
 
     def _head(self, status: int, content_type: str, headers: Sequence[Tuple[str, str]] = ()) -> bytes:
+        self._status = status
         lines = [
             f"HTTP/1.1 {status} {_reason(status)}\r\n",
             f"Content-Type: {content_type}\r\n",
@@ -779,7 +813,8 @@ class SimulatedGateway:
             if node.id in self._rts:
                 raise ValueError(f"duplicate node id {node.id!r}")
             rng = random.Random() if seed is None else random.Random(f"holysheep-sim:{seed}:{index}:{node.id}")
-            self._rts[node.id] = _NodeRuntime(self, node, rng)
+            fault_rng = random.Random() if seed is None else random.Random(f"holysheep-sim-faults:{seed}:{index}:{node.id}")
+            self._rts[node.id] = _NodeRuntime(self, node, rng, fault_rng)
         self._admin = threading.RLock()
         self._stop_event = threading.Event()
         self._started = False
@@ -904,10 +939,7 @@ class SimulatedGateway:
         with rt.lock:
             if path is None:
                 return rt.total
-            path = path.split("?", 1)[0]
-            if len(path) > 1 and path.endswith("/"):
-                path = path.rstrip("/") or "/"
-            return rt.by_path.get(path, 0)
+            return rt.by_path.get(_normalise_path(path), 0)
 
     def counts(self) -> Dict[str, int]:
         result = {}
@@ -916,12 +948,29 @@ class SimulatedGateway:
                 result[node_id] = rt.total
         return result
 
+    def outcomes(self, node_id: str, path: Optional[str] = None) -> Dict[str, int]:
+        """How the node's answers ended, by outcome: ``ok`` (2xx), ``error_4xx``,
+        ``error_5xx``, ``rate_limited``, ``malformed``, ``reset``, ``hang`` (held, then
+        dropped), ``stream_fault`` or ``dropped`` (the gateway stopped); only answers
+        written without a socket error count.  ``path`` (e.g. ``"/v1/models"``)
+        restricts it to one endpoint."""
+        rt = self._rt(node_id)
+        with rt.lock:
+            items = list(rt.outcomes.items())
+        path = None if path is None else _normalise_path(path)
+        result: Dict[str, int] = {}
+        for (p, what), n in items:
+            if path is None or p == path:
+                result[what] = result.get(what, 0) + n
+        return result
+
     def reset_counts(self) -> None:
-        """Zero the request counters and max_concurrency_seen of every node."""
+        """Zero the request and outcome counters and max_concurrency_seen of every node."""
         for rt in self._rts.values():
             with rt.lock:
                 rt.total = 0
                 rt.by_path = {}
+                rt.outcomes = {}
                 rt.max_seen = rt.in_service
 
     def in_flight(self, node_id: str) -> int:

@@ -380,6 +380,76 @@ def test_malformed_gives_invalid_json(gw):
         resp.json()
 
 
+def _outcomes_of(gateway, node, n):
+    """Send ``n`` sequential chat requests; return what each client saw, in order."""
+    seen = []
+    with requests.Session() as s:
+        for _ in range(n):
+            try:
+                resp = s.post(chat_url(gateway, node), json=CHAT_BODY, timeout=TIMEOUT)
+            except requests.exceptions.ConnectionError:
+                seen.append("reset")
+                continue
+            try:
+                resp.json()
+            except ValueError:
+                seen.append("malformed")
+                continue
+            seen.append("ok" if resp.status_code == 200 else "error_5xx")
+    return seen
+
+
+def test_reset_and_malformed_rates_are_probabilistic_seeded_and_counted():
+    spec = [SimNode("x", reset_rate=0.25, malformed_rate=0.25, error_rate=0.2)]
+
+    def run():
+        with SimulatedGateway(spec, seed=5) as g:
+            seen = _outcomes_of(g, "x", 80)
+            expected = {k: seen.count(k) for k in set(seen)}
+            # an answer is counted just after it is written: the client may see it first
+            assert wait_until(lambda: g.outcomes("x") == expected), g.outcomes("x")
+            assert g.outcomes("x", "/v1/chat/completions/") == g.outcomes("x")
+            assert g.outcomes("x", "/v1/models") == {}
+            return seen
+
+    first, second = run(), run()
+    assert first == second  # same seed, sequential requests -> same outcomes
+    for kind in ("ok", "reset", "malformed", "error_5xx"):
+        assert first.count(kind) >= 2, (kind, first.count(kind))  # 80 x 0.25 resets, ...
+    assert 12 <= first.count("reset") <= 30 and 12 <= first.count("malformed") <= 30
+
+
+def test_fault_rates_leave_the_seeded_5xx_sequence_unchanged():
+    def statuses(**rates):
+        with SimulatedGateway([SimNode("x", error_rate=0.5, **rates)], seed=9) as g:
+            return [s for s in _outcomes_of(g, "x", 30)]
+
+    plain = statuses()
+    with_faults = statuses(reset_rate=0.3)
+    # where no reset was rolled, the 5xx dice gave the same answer as without resets
+    assert [a for a, b in zip(plain, with_faults) if b != "reset"] == [b for b in with_faults if b != "reset"]
+    assert "reset" in with_faults and "error_5xx" in plain
+
+
+def test_outcomes_count_faults_and_reset_with_the_counters(gw):
+    gw.configure("a", fault="malformed")
+    _outcomes_of(gw, "a", 2)
+    gw.configure("a", fault="reset")
+    _outcomes_of(gw, "a", 1)
+    gw.configure("a", fault=None)
+    _outcomes_of(gw, "a", 3)
+    requests.post(gw.base_url("a") + "/nope", json={}, timeout=TIMEOUT)
+    expected = {"malformed": 2, "reset": 1, "ok": 3, "error_4xx": 1}
+    assert wait_until(lambda: gw.outcomes("a") == expected), gw.outcomes("a")
+    assert gw.outcomes("b") == {}
+    with pytest.raises(ValueError):
+        gw.configure("a", reset_rate=1.5)
+    with pytest.raises(ValueError):
+        gw.configure("a", malformed_rate=-0.1)
+    gw.reset_counts()
+    assert gw.outcomes("a") == {}
+
+
 # ----------------------------------------------------- latency, capacity, counts
 
 
