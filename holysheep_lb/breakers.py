@@ -17,7 +17,8 @@ transition goes through pybreaker's ``open``/``half_open``/``close``, so its lis
 
 Only system failures count: a call whose attempts failed with 5xx, timeouts, connection
 errors or invalid answers. A 4xx means the model answered, so it counts as a success
-(pybreaker's ``exclude`` rule); 429s and calls that got no answer count as nothing.
+(pybreaker's ``exclude`` rule); 429s, calls that got no answer and calls whose retries
+the retry budget refused count as nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import pybreaker
 
 from .config import BreakerSettings
 from .errors import AllAttemptsFailedError, APIError, CircuitOpenError, NoHealthyNodeError
+from .retry import RETRY_BUDGET_EXHAUSTED
 from .stats import SYSTEM_FAILURE_KINDS, failure_kind
 
 __all__ = ["Breaker", "BreakerBoard", "Permit", "StorageFactory", "verdict", "wall_clock"]
@@ -65,6 +67,11 @@ def verdict(error: Optional[BaseException]) -> str:
     if isinstance(error, NoHealthyNodeError):
         return "failure"
     if isinstance(error, AllAttemptsFailedError):
+        if error.reason == RETRY_BUDGET_EXHAUSTED:
+            # The client's own retry budget stopped it before the other nodes were tried:
+            # that says nothing about the model (else one bad node of several, under a
+            # burst, opens the model's breaker for every caller).
+            return "none"
         return "failure" if any(a.kind in SYSTEM_FAILURE_KINDS for a in error.attempts) else "none"
     if isinstance(error, APIError):
         kind = failure_kind(error)

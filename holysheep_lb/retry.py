@@ -17,7 +17,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
-__all__ = ["RetryPolicy", "RetryBudget", "parse_retry_after", "parse_should_retry"]
+__all__ = ["RetryPolicy", "RetryBudget", "RETRY_BUDGET_EXHAUSTED", "parse_retry_after", "parse_should_retry"]
+
+#: ``AllAttemptsFailedError.reason`` of a call whose retries the retry budget refused.
+RETRY_BUDGET_EXHAUSTED = "retry budget exhausted"
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from holysheep_lb import (
     RateLimitError,
 )
 from holysheep_lb.breakers import BreakerBoard, verdict
+from holysheep_lb.retry import RETRY_BUDGET_EXHAUSTED
 
 A = "https://a.example/v1"
 B = "https://b.example/v1"
@@ -120,6 +121,9 @@ def test_a_late_outcome_from_before_the_trip_does_not_decide_half_open(clock):
     (SYSTEM_FAILURE, "failure"),
     (AllAttemptsFailedError("x", [Attempt("a", 1.0, 429, "RateLimitError: slow down", "status_429")]), "none"),
     (AllAttemptsFailedError("deadline exceeded", []), "none"),
+    # the client's retry budget, not the model, cut the call short
+    (AllAttemptsFailedError(RETRY_BUDGET_EXHAUSTED, [Attempt("a", 1.0, 502, "InternalServerError: x",
+                                                           "status_5xx")]), "none"),
     (InternalServerError("boom", status_code=502), "failure"),
     (APIConnectionError("refused"), "failure"),
     (BadRequestError("bad", status_code=400), "success"),
