@@ -62,7 +62,7 @@ from .nodes import EjectionPolicy, NodeState
 from .pricing import SpendLedger
 from .ratelimit import RateLimits
 from .response import Response
-from .retry import RetryBudget, RetryPolicy
+from .retry import RETRY_BUDGET_EXHAUSTED, RetryBudget, RetryPolicy
 from .selection import Selector, make_strategy
 from .stats import LatencyHistogram, failure_kind
 from .streaming import STREAM_HEADERS, ChatStream, OpenedStream, StreamOutcome, StreamReaper, StreamStats, open_stream
@@ -602,8 +602,11 @@ class Client:
             except APIError as exc:
                 latency_ms = (clock() - t0) * 1000.0
                 kind = failure_kind(exc)
+                retry_after_s = getattr(exc, "retry_after_s", None)
+                if retry_after_s is not None:  # a node's "Retry-After: 99999999" must not bench it for years
+                    retry_after_s = min(retry_after_s, self._retry.retry_after_cap_s)
                 selector.release_failure(node, kind, latency_ms, started=picked[node.id],
-                                         retry_after_s=getattr(exc, "retry_after_s", None))
+                                         retry_after_s=retry_after_s)
                 attempts.append(Attempt(node.id, latency_ms, getattr(exc, "status_code", None),
                                         f"{type(exc).__name__}: {exc.message}", kind))
                 if permit is not None:
@@ -653,7 +656,7 @@ class Client:
         for attempt_no in range(self._retry.max_retries + 1):
             if attempt_no:
                 if budget is not None and not budget.try_withdraw():
-                    reason = "retry budget exhausted"
+                    reason = RETRY_BUDGET_EXHAUSTED
                     log.debug("retry budget exhausted; returning the failure instead of retrying")
                     break
                 wait_s = self._retry.backoff_s(attempt_no, self._rand)

@@ -118,6 +118,18 @@ def test_429_goes_elsewhere_and_throttles_the_node_until_retry_after(rsps, make_
     assert [n for n in client.nodes() if n["id"] == "a"][0]["times_ejected"] == 0  # 429 never ejects
 
 
+@pytest.mark.parametrize("after", ["99999999", "Fri, 31 Dec 9999 23:59:59 GMT"])
+def test_an_absurd_retry_after_throttles_a_node_only_for_retry_after_cap_s(rsps, make_client, clock, after):
+    rsps.post(A + "/chat/completions", status=429, headers={"Retry-After": after})
+    client = make_client([NODES[0]], clock=clock, sleep=clock.sleep, max_retries=0, retry_after_cap_s=30)
+    with pytest.raises(AllAttemptsFailedError):
+        client.chat_completion(MSGS, model="m")
+    assert client.nodes()[0]["throttled_for_s"] == pytest.approx(30)
+    clock.advance(30)
+    rsps.replace(responses.POST, A + "/chat/completions", json=OK)
+    assert client.chat_completion(MSGS, model="m").node_id == "a"  # not benched until year 9999
+
+
 def test_all_nodes_throttled_waits_for_the_soonest_retry_after(rsps, make_client, clock):
     for url, after in ((A, "3"), (B, "1"), (C, "5")):
         rsps.post(url + "/chat/completions", status=429, headers={"Retry-After": after})
