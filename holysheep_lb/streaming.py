@@ -284,6 +284,7 @@ def open_stream(
                               timeout_s=(connect_timeout_s, first_chunk_timeout_s))
     try:
         transport.raise_for_error_status(response)
+        _check_event_stream(response, node_id)
         reader = _EventReader(transport.iter_bytes(response), SSEParser(node_id=node_id, max_bytes=max_bytes),
                               clock)
         reader.expect("first chunk", first_chunk_timeout_s - (clock() - started))
@@ -299,6 +300,16 @@ def open_stream(
     return OpenedStream(response, reader, first, response.status_code,
                         headers_in.get("x-request-id") or headers_in.get("request-id"),
                         (now - started) * 1000.0, now)
+
+
+def _check_event_stream(response: requests.Response, node_id: str) -> None:
+    """A JSON document is not an event stream (a node that ignored ``stream: true``)."""
+    media_type = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type == "application/json" or media_type.endswith("+json"):
+        raise APIResponseValidationError(
+            f"expected text/event-stream, got a {media_type} document", node_id=node_id,
+            status_code=response.status_code,
+            request_id=response.headers.get("x-request-id") or response.headers.get("request-id"))
 
 
 def _close(response: requests.Response) -> None:

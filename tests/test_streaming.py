@@ -208,6 +208,18 @@ def test_failures_before_the_first_chunk_fail_over(rsps, make_client, clock, fir
     assert client.stats()["in_flight"] == 0
 
 
+def test_a_json_document_answering_a_stream_is_an_invalid_response_and_fails_over(rsps, make_client, clock):
+    # a node that ignored "stream": true; before, this read as "ended before its first chunk"
+    rsps.post(A + "/chat/completions", json={"choices": [{"message": {"content": "hi"}}]})
+    _stream_post(rsps, B)
+    client = _client(make_client, clock)
+    stream = client.chat_completion(MSGS, model="m", stream=True)
+    assert stream.read_text() == "Hello"
+    failed = stream.attempts[0]
+    assert (failed.node_id, failed.kind) == ("a", "invalid_response")
+    assert "expected text/event-stream, got a application/json document" in failed.error
+
+
 def test_a_final_error_before_the_first_chunk_is_raised_at_once(rsps, make_client, clock):
     _stream_post(rsps, A, body=b'{"error": {"message": "bad model"}}', status=400)
     client = _client(make_client, clock)
