@@ -147,6 +147,19 @@ class Transport:
         self.session = self._new_session()
 
     def close(self) -> None:
+        """Close every pooled connection now.
+
+        urllib3 >= 2.0.3 leaves closing a cleared pool to the garbage collector
+        (urllib3 issue 3082): while an exception's traceback still references a pool,
+        its sockets would stay open after ``Session.close()``. Close the pools first.
+        """
+        for adapter in self.session.adapters.values():
+            managers = [adapter.poolmanager, *adapter.proxy_manager.values()]
+            for pools in (m.pools for m in managers if m is not None):
+                for key in list(pools.keys()):
+                    pool = pools.get(key)
+                    if pool is not None:
+                        pool.close()
         self.session.close()
 
     def open(
