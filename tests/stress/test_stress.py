@@ -1,0 +1,124 @@
+"""64 threads against four faulty simulated nodes: every call typed, every counter reconciled.
+
+Each node fails 5% of requests with a 5xx, resets 2% of connections and answers 1% with
+malformed JSON; node ``d`` flaps (refusing connections every other 150 ms) and node
+``c`` hangs for 3 s. One call in eight is a stream read to its end. The longer run is
+``python benchmarks/soak.py``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from holysheep_lb import Client
+from holysheep_lb.loadgen import run_load
+from holysheep_lb.simulator import SimulatedGateway
+from holysheep_lb.stats import FAILURE_KINDS
+
+from .scenario import CHAT_PATH, CLIENT_KIND, CLIENT_OPTIONS, FLAPPING, HANGING, NODES, STABLE, Chaos, Tally, \
+    attempts_by_node, one_call, wait_until
+
+CALLS = 3000
+THREADS = 64
+
+
+@pytest.fixture(scope="module")
+def run():
+    """Run the scenario once; the tests below check different parts of its outcome."""
+    gateway = SimulatedGateway(NODES, seed=11).start()
+    try:
+        baseline_threads = threading.active_count()
+        client = Client(api_key="sk-stress-test", nodes=gateway.client_nodes(), **CLIENT_OPTIONS)
+        tally = Tally()
+        with Chaos(gateway) as chaos:
+            run_load(lambda i: one_call(client, i, tally), requests=CALLS, concurrency=THREADS)
+        health = client.health_checker
+        result = {
+            "tally": tally, "chaos": chaos, "gateway": gateway, "stats": client.stats(),
+            "nodes": attempts_by_node(client), "snapshot": client.nodes(),
+            "health_alive": health is not None and health.running,
+            "health_loop_errors": health.loop_errors if health else None,
+        }
+        client.close()
+        result["threads_back"] = wait_until(lambda: threading.active_count() == baseline_threads, 10.0)
+        result["threads"] = (threading.active_count(), baseline_threads)
+        yield result
+    finally:
+        gateway.stop()
+
+
+def test_every_call_ends_in_success_or_a_typed_error(run):
+    tally = run["tally"]
+    assert tally.escaped == [] and tally.escaped_count == 0
+    assert tally.calls == CALLS
+    assert tally.successes + sum(tally.errors.values()) == CALLS
+    assert tally.streams == CALLS // 8 + (CALLS % 8 > 0)
+    # the load held: faults were absorbed by failover, not passed on
+    assert tally.successes >= 0.98 * CALLS, tally.errors
+
+
+def test_call_counters_reconcile_exactly(run):
+    stats, tally = run["stats"], run["tally"]
+    assert stats["calls"] == CALLS
+    assert stats["successes"] + stats["failures"] == stats["calls"]
+    assert stats["successes"] == tally.successes
+    assert stats["failures_by_error"] == dict(tally.errors)
+    # every attempt the callers were told about is one the nodes counted, and no more
+    assert sum(n["requests"] for n in run["nodes"].values()) == tally.attempts
+    for node_id, node in run["nodes"].items():
+        assert set(node["failures"]) == set(FAILURE_KINDS)
+        assert node["requests"] == node["successes"] + sum(node["failures"].values()), node_id
+
+
+def test_nothing_is_left_in_flight(run):
+    assert run["stats"]["in_flight"] == 0
+    assert all(n["in_flight"] == 0 and n["awaiting"] == 0 for n in run["snapshot"])
+    streams = run["stats"]["streams"]
+    assert streams["completed"] + streams["interrupted"] == run["tally"].streams_opened
+    assert streams["cancelled"] == 0
+
+
+def test_client_attempts_match_what_the_gateway_saw(run):
+    gateway, nodes = run["gateway"], run["nodes"]
+
+    def matches(node_id):
+        seen = gateway.outcomes(node_id, CHAT_PATH)
+        node = nodes[node_id]
+        return (gateway.request_count(node_id, CHAT_PATH) == node["requests"] == sum(seen.values())
+                and seen.get("ok", 0) == node["successes"]
+                and all(seen.get(what, 0) == node["failures"][kind] for what, kind in CLIENT_KIND.items())
+                and seen.get("reset", 0) + seen.get("hang", 0)
+                == node["failures"]["connect"] + node["failures"]["timeout"])
+
+    # a node counts an answer just after writing it, so the client may have seen it first
+    for node_id in STABLE + (HANGING,):
+        assert wait_until(lambda: matches(node_id), 5.0), (
+            node_id, nodes[node_id], gateway.outcomes(node_id, CHAT_PATH))
+    # the flapping node: refused connections never reach it, and a request caught by a
+    # flap may reach it and die unanswered; every answer it gave was seen as such
+    flapping = nodes[FLAPPING]
+    seen = gateway.outcomes(FLAPPING, CHAT_PATH)
+    assert flapping["requests"] >= gateway.request_count(FLAPPING, CHAT_PATH) >= sum(seen.values())
+    assert flapping["successes"] <= seen.get("ok", 0)
+    assert all(flapping["failures"][kind] <= seen.get(what, 0) for what, kind in CLIENT_KIND.items())
+
+
+def test_the_faults_really_happened(run):
+    gateway, nodes = run["gateway"], run["nodes"]
+    totals = {}
+    for node_id in "abcd":
+        for what, n in gateway.outcomes(node_id, CHAT_PATH).items():
+            totals[what] = totals.get(what, 0) + n
+    assert totals["error_5xx"] > 0 and totals["reset"] > 0 and totals["malformed"] > 0
+    assert gateway.outcomes(HANGING, CHAT_PATH).get("hang", 0) > 0
+    assert nodes[HANGING]["failures"]["timeout"] > 0
+    assert run["chaos"].flaps >= 4 and run["chaos"].hangs == 1
+    refused = nodes[FLAPPING]["requests"] - gateway.request_count(FLAPPING, CHAT_PATH)
+    assert refused > 0
+
+
+def test_health_thread_survived_and_threads_are_released(run):
+    assert run["health_alive"] and run["health_loop_errors"] == 0
+    assert run["threads_back"], run["threads"]
