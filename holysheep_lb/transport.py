@@ -243,6 +243,9 @@ class Transport:
         headers = response.headers
         request_id = headers.get("x-request-id") or headers.get("request-id")
         status = response.status_code
+        if status < 200:  # a 1xx is never the final answer to our requests
+            raise APIResponseValidationError(f"unexpected informational status {status}", node_id=node_id,
+                                             status_code=status, request_id=request_id)
         if status >= 300:
             body: Any = _try_json(raw)
             if body is None:
@@ -303,7 +306,7 @@ class Transport:
 
     def raise_for_error_status(self, response: requests.Response, *, body_cap_bytes: int = 64 * 1024) -> None:
         """For a non-2xx streaming response: read at most ``body_cap_bytes``, close it, raise the typed error."""
-        if response.status_code < 300:
+        if 200 <= response.status_code < 300:
             return
         read_error: Optional[APIError] = None
         try:
