@@ -95,6 +95,7 @@ class SSEParser:
         self.node_id = node_id
         self.max_bytes = max_bytes
         self.bytes_seen = 0
+        self._first_line = True
         self._buffer = bytearray()
         self._data: List[str] = []
         self._event: Optional[str] = None
@@ -104,8 +105,6 @@ class SSEParser:
         """Add bytes; return the events they completed (possibly none)."""
         if self.error is not None:
             raise self.error
-        if not self.bytes_seen and chunk.startswith(_BOM):
-            chunk = chunk[len(_BOM):]
         self.bytes_seen += len(chunk)
         if self.bytes_seen > self.max_bytes:
             raise ResponseTooLargeError(f"stream exceeds max_response_bytes={self.max_bytes}",
@@ -119,6 +118,10 @@ class SSEParser:
             if end < 0:
                 break
             line = bytes(buf[start:end])
+            if self._first_line:  # a BOM may come split over reads: strip it from the whole first line
+                self._first_line = False
+                if line.startswith(_BOM):
+                    line = line[len(_BOM):]
             start = end + 1
             try:
                 event = self._line(line[:-1] if line.endswith(b"\r") else line)

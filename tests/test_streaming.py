@@ -87,6 +87,12 @@ def test_parser_gives_the_same_events_whatever_the_chunk_boundaries(step):
     assert len(SSEParser().feed(GOOD)) == 6  # 5 chunks and [DONE]; the keepalive is skipped
 
 
+@pytest.mark.parametrize("step", [1, 2, 4])
+def test_a_byte_order_mark_is_skipped_even_when_split_over_reads(step):
+    # found by fuzzing: a BOM cut by the first read made the first line "not an SSE field"
+    assert feed_all(SSEParser(), b"\xef\xbb\xbf" + GOOD, step) == SSEParser().feed(GOOD)
+
+
 def test_parser_holds_an_incomplete_event_until_its_blank_line():
     parser = SSEParser()
     assert parser.feed(b"data: {}\n") == []
