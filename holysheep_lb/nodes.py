@@ -29,6 +29,9 @@ __all__ = ["NodeState", "EjectionPolicy"]
 
 # Failure kinds that count towards ejection (429 and other 4xx do not).
 _EJECTING_KINDS = SYSTEM_FAILURE_KINDS
+# The failure penalty doubles the estimate; without a ceiling ~1000 fast failures (an
+# outage under load) overflow it to inf, then NaN, and routing breaks for good.
+_FAILURE_PENALTY_CAP_MS = 600_000.0
 
 
 class EjectionPolicy:
@@ -243,7 +246,8 @@ class NodeState:
             return None
         # A failure is a latency sample too: at least twice the estimate, so a node
         # that fails fast does not look attractive to the adaptive strategy.
-        self.observe_latency(max(latency_ms, 2.0 * self.latency_estimate_ms(now), 250.0), now)
+        penalty_ms = min(2.0 * self.latency_estimate_ms(now), _FAILURE_PENALTY_CAP_MS)
+        self.observe_latency(max(latency_ms, penalty_ms, 250.0), now)
         if self.ejected_until is not None and not is_trial:
             return None  # a request from before the ejection: the node is already out
         self.consecutive_failures += 1

@@ -141,6 +141,24 @@ def test_adaptive_cold_node_starts_pessimistic_and_failures_are_penalised(clock)
     assert a.latency_estimate_ms(clock()) >= 250.0
 
 
+@pytest.mark.parametrize("strategy", ["adaptive", "geographic", "least_connections"])
+def test_an_outage_under_load_leaves_estimates_finite_and_routing_working(clock, strategy):
+    # 2,000 instant failures per node (every node refusing, calls still pouring in in panic
+    # mode) once overflowed the doubled failure penalty to inf and NaN: pick() then raised
+    # a bare ValueError forever after, even once the nodes were back.
+    sel = _selector([("a", "x", 1), ("b", "y", 1)], strategy, clock)
+    for _ in range(2000):
+        for node in sel.nodes:
+            sel.pick(exclude=[n.id for n in sel.nodes if n is not node], started=clock())
+            sel.release_failure(node, "connect", 0.5, started=clock())
+        clock.advance(0.001)
+    for node in sel.nodes:
+        assert 250.0 <= node.latency_estimate_ms(clock()) <= 600_000.0
+        assert 0.0 < node.typical_latency_ms(clock()) <= 600_000.0
+    clock.advance(60)  # ejections over; the nodes answer again
+    assert {_pick_and_succeed(sel) for _ in range(20)} <= {"a", "b"}
+
+
 def test_custom_strategy_class_and_enum(clock):
     class AlwaysLast(Strategy):
         name = "last"
