@@ -247,6 +247,8 @@ class Transport:
             raise APIResponseValidationError(f"unexpected informational status {status}", node_id=node_id,
                                              status_code=status, request_id=request_id)
         if status >= 300:
+            if self._api_key:  # a server echoing our Authorization header must not put the key in errors
+                raw = raw.replace(self._api_key.encode("utf-8"), b"[redacted]")
             body: Any = _try_json(raw)
             if body is None:
                 body = raw[:2000].decode("utf-8", "replace")

@@ -1,0 +1,216 @@
+"""The API key never shows: not in logs at any level, reprs, exceptions, stats or CLI output.
+
+Each test captures everything (root logger and ``holysheep_lb`` at DEBUG, stdout and
+stderr), drives successes and every kind of failure with a distinctive key, and
+searches all of it for the key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from holysheep_lb import Client, cli
+from holysheep_lb.errors import ConfigError, HolySheepError
+from holysheep_lb.health import HealthChecker
+from holysheep_lb.simulator import SimulatedGateway
+
+from ..conftest import wait_until
+from .scripted_server import ScriptedServer, http_response
+
+SECRET = "sk-HOLYSHEEP-7f3a9c1e52d04b6b-DO-NOT-LEAK"
+FRAGMENTS = (SECRET, SECRET[3:], "7f3a9c1e52d04b6b")  # the whole key, without its prefix, its core
+MSGS = [{"role": "user", "content": "keep my secret"}]
+
+
+@pytest.fixture
+def everything(caplog):
+    """Every log record (root and holysheep_lb at DEBUG) and whatever else a test adds."""
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="holysheep_lb")
+    texts = []
+    yield texts
+    records = caplog.get_records("call")
+    formatter = logging.Formatter("%(levelname)s %(name)s %(message)s %(args)s")
+    texts.extend(formatter.format(record) for record in records)  # with tracebacks, if any
+    assert len(records) >= 3, "hardly anything was logged: the search would prove little"
+    _assert_secret_absent(texts)
+
+
+def _assert_secret_absent(texts):
+    for text in texts:
+        for fragment in FRAGMENTS:
+            assert fragment not in text, f"the API key leaked: ...{text[max(0, text.find(fragment) - 80):][:200]}"
+
+
+def _describe(*objects):
+    return [f"{o!s} {o!r}" for o in objects]
+
+
+def _exception_texts(exc):
+    """str/repr of an error, its chain, its attempts and every attribute it carries."""
+    out = []
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        out += _describe(exc)
+        out += [repr(v) for v in vars(exc).values()]
+        out += [str(a) for a in getattr(exc, "attempts", ())]
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def test_calls_streams_failures_health_and_breakers_never_show_the_key(everything):
+    nodes = [{"id": "ok"}, {"id": "err", "error_rate": 1.0}, {"id": "rst", "fault": "reset"},
+             {"id": "bad", "fault": "malformed"}, {"id": "slow", "fault": "hang", "hang_s": 5.0},
+             {"id": "cut", "stream_fault": "reset_midstream"}, {"id": "lim", "rate_limit_rate": 1.0}]
+    with SimulatedGateway(nodes, seed=5) as gw:
+        specs = {n["id"]: n for n in gw.client_nodes()}
+        caught = []
+
+        def attempt(fn):
+            try:
+                result = fn()
+            except HolySheepError as exc:
+                caught.append(exc)
+                return None
+            everything.extend(_describe(result))
+            return result
+
+        client = Client(api_key=SECRET, nodes=list(specs.values()), health_check_interval_s=0.05,
+                        health_check_timeout_s=0.3, read_timeout_s=0.5, stream_first_chunk_timeout_s=0.5,
+                        node_breakers={"fail_max": 1, "reset_timeout_s": 60}, max_response_bytes=2048,
+                        breaker={"fail_max": 1, "reset_timeout_s": 60}, strategy="round_robin")
+        with client:
+            for i in range(14):
+                attempt(lambda: client.chat_completion(MSGS, model=f"m{i % 3}"))
+            attempt(lambda: client.embeddings("secret?", model="e"))
+            attempt(lambda: client.models())
+            for _ in range(4):
+                stream = attempt(lambda: client.chat_completion(MSGS, model="m0", stream=True))
+                if stream is not None:
+                    attempt(stream.read_text)
+                    everything.extend(_describe(stream))
+            attempt(lambda: client.chat_completion(MSGS, model="m0", max_tokens=-1))
+            attempt(lambda: client.chat_completion(MSGS, model="m0", user=object()))
+            big = "x" * 4000  # echoed back: over max_response_bytes
+            attempt(lambda: client.chat_completion([{"role": "user", "content": big}], model="m1"))
+            assert wait_until(lambda: all(n["last_probe_ago_s"] is not None for n in client.nodes()), 5.0)
+            everything.extend([repr(client), str(client), repr(client.config), str(client.config),
+                               json.dumps(client.stats(), default=repr), repr(client.nodes()),
+                               repr(client.breakers()), json.dumps(client.cost_report(), default=repr)])
+            everything.extend(f"{n!r} {n.node!r} {n.transport!r}" for n in client.selector.nodes)
+            everything.extend(repr(n) for n in client.config.nodes)
+        for exc in caught:
+            everything.extend(_exception_texts(exc))
+        kinds = {type(e).__name__ for e in caught}
+        assert {"CircuitOpenError", "InvalidRequestError"} <= kinds, kinds
+        assert "StreamInterruptedError" in kinds, kinds
+        failed = {a.kind for e in caught for a in getattr(e, "attempts", ())}
+        assert {"timeout", "connect", "invalid_response", "status_5xx"} <= failed, failed
+
+    # the client's own limits: a rate limit and a budget refuse before sending
+    with SimulatedGateway([{"id": "ok"}], seed=5) as gw:
+        with Client(api_key=SECRET, nodes=gw.client_nodes(), health_check_interval_s=None,
+                    requests_per_minute=1, budget={"daily_usd": 1e-9}) as client:
+            refused = []
+            for call in (lambda: client.chat_completion(MSGS, model="gpt-4.1"),
+                         lambda: client.request("GET", "/models"),
+                         lambda: client.request("GET", "/models", deadline_s=0.05)):
+                try:
+                    call()
+                except HolySheepError as exc:
+                    refused.append(type(exc).__name__)
+                    everything.extend(_exception_texts(exc))
+            assert refused == ["BudgetExceededError", "RateLimitExceeded"]
+            everything.append(json.dumps(client.stats(), default=repr))
+
+
+def test_config_errors_never_echo_the_key():
+    bad_settings = [
+        {"api_key": SECRET + "\r\nX-Evil: 1"},
+        {"nodes": [{"id": "a", "base_url": "https://a.example/v1", "api_key": SECRET + "\n"}]},
+        {"nodes": [{"id": "a", "base_url": "https://a.example/v1", "headers": {"X-Key": SECRET + "\r\n"}}]},
+        {"nodes": [{"id": "a", "base_url": "http://gw.example/v1", "api_key": SECRET}]},
+        {"nodes": [{"id": "a", "base_url": "http://gw.example/v1"}]},
+        {"nodes": [{"id": "a", "base_url": "https://a.example/v1", "weight": -1, "api_key": SECRET}]},
+        {"retries": 3},
+    ]
+    texts = []
+    for kwargs in bad_settings:
+        with pytest.raises(ConfigError) as info:
+            Client(**{"api_key": SECRET, "health_check_interval_s": None, **kwargs})
+        texts.extend(_exception_texts(info.value))
+    _assert_secret_absent(texts)
+
+
+def test_a_server_echoing_the_authorization_header_does_not_leak_the_key(everything):
+    def echo(request):
+        said = request.headers.get("authorization", "")
+        status = 401 if request.path.endswith("/chat/completions") else 503
+        return http_response(status, json.dumps({"error": {"message": f"bad key: {said}"}}).encode())
+
+    with ScriptedServer(echo) as server:
+        with Client(api_key=SECRET, nodes=[{"id": "echo", "base_url": server.base_url}],
+                    health_check_interval_s=None) as client:
+            for call in (lambda: client.chat_completion(MSGS, model="m"),
+                         lambda: client.chat_completion(MSGS, model="m", stream=True),
+                         lambda: client.models()):
+                with pytest.raises(HolySheepError) as info:
+                    call()
+                everything.extend(_exception_texts(info.value))
+            checker = HealthChecker(client.selector, interval_s=1.0, timeout_s=1.0, unhealthy_threshold=1,
+                                    healthy_threshold=1)
+            assert checker.probe(client.selector.nodes[0]) is False
+            everything.append(repr(client.nodes()))
+        assert server.requests and all(r.headers["authorization"] == f"Bearer {SECRET}" for r in server.requests)
+        assert any("[redacted]" in text for text in everything)
+
+
+def test_the_cli_never_prints_the_key(everything, capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("HOLYSHEEP_API_KEY", raising=False)
+    monkeypatch.delenv("HOLYSHEEP_NODES", raising=False)
+    monkeypatch.delenv("HOLYSHEEP_BASE_URL", raising=False)
+    root_handlers = list(logging.getLogger().handlers)
+    with SimulatedGateway([{"id": "ok"}, {"id": "down", "fault": "refuse"}], seed=2) as gw:
+        good = tmp_path / "good.json"
+        good.write_text(json.dumps({"api_key": SECRET, "nodes": gw.client_nodes()}))
+        only_down = tmp_path / "down.json"
+        only_down.write_text(json.dumps({"api_key": SECRET, "nodes": gw.client_nodes()[1:], "max_retries": 1}))
+        bad_key = tmp_path / "bad_key.json"
+        bad_key.write_text(json.dumps({"api_key": SECRET + "\r\n", "nodes": gw.client_nodes()}))
+        insecure = tmp_path / "insecure.json"
+        insecure.write_text(json.dumps({"api_key": SECRET, "nodes": [{"id": "r", "base_url": "http://gw.example/v1"}]}))
+        runs = [
+            (["chat", "hello", "--model", "m", "--json", "--config", str(good)], 0),
+            (["chat", "hello", "--model", "m", "--json", "--stream", "--config", str(good)], 0),
+            (["chat", "hello", "--model", "m", "-vv", "--config", str(good)], 0),
+            (["health", "--json", "--config", str(good)], 1),
+            (["bench", "--requests", "4", "--concurrency", "2", "--strategy", "round_robin", "--model", "m",
+              "--json", "--config", str(good)], 0),
+            (["chat", "hello", "--model", "m", "--json", "--config", str(only_down)], 1),
+            (["chat", "hello", "--model", "m", "--json", "--config", str(bad_key)], 1),
+            (["chat", "hello", "--model", "m", "--json", "--config", str(insecure)], 1),
+            (["chat", "   ", "--model", "m", "--json", "--config", str(good)], 1),
+        ]
+        try:
+            for argv, code in runs:
+                assert cli.main(argv) == code, argv
+                out, err = capsys.readouterr()
+                everything.extend([out, err])
+                if "--json" in argv and code == 0:
+                    for line in out.splitlines():
+                        json.loads(line) if line.startswith("{") and line.endswith("}") else None
+            monkeypatch.setenv("HOLYSHEEP_API_KEY", SECRET)
+            monkeypatch.setenv("HOLYSHEEP_BASE_URL", "http://gw.example/v1")
+            assert cli.main(["chat", "hello", "--model", "m", "--json"]) == 1  # key over plain http: refused
+            out, err = capsys.readouterr()
+            everything.extend([out, err])
+            assert "allow_insecure_http" in err
+        finally:
+            for handler in logging.getLogger().handlers:
+                if handler not in root_handlers:  # -vv's basicConfig, if it installed one
+                    logging.getLogger().removeHandler(handler)
+    assert any("DEBUG" in text or "hello" in text for text in everything)
