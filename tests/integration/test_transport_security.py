@@ -1,0 +1,229 @@
+"""Transport security on loopback: TLS verification, no redirects, capped bodies, closed sockets."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import ipaddress
+import json
+import ssl
+import threading
+
+import pytest
+
+from holysheep_lb import Client
+from holysheep_lb.config import Node
+from holysheep_lb.errors import (
+    AllAttemptsFailedError,
+    APIConnectionError,
+    APIResponseValidationError,
+    APIStatusError,
+    ResponseTooLargeError,
+    StreamInterruptedError,
+)
+from holysheep_lb.simulator import SimulatedGateway
+from holysheep_lb.transport import Transport
+
+from ..conftest import API_KEY, wait_until
+from .scripted_server import ScriptedServer, http_response
+
+MSGS = [{"role": "user", "content": "hi"}]
+OK_BODY = json.dumps({"object": "chat.completion", "model": "m",
+                      "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}]}).encode()
+
+
+@pytest.fixture(autouse=True)
+def no_ca_from_the_environment(monkeypatch):
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _client(nodes, **kw):
+    kw.setdefault("health_check_interval_s", None)
+    kw.setdefault("max_retries", 0)
+    return Client(api_key=API_KEY, nodes=nodes, **kw)
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1 (its own CA), as PEM files."""
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "holysheep-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, content_commitment=False,
+                                         key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                         crl_sign=True, encipher_only=False, decipher_only=False), True)
+            .add_extension(ski, False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), False)
+            .sign(key, hashes.SHA256()))
+    folder = tmp_path_factory.mktemp("tls")
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_path, key_path)
+    return str(cert_path), context
+
+
+@pytest.fixture
+def tls_server(self_signed):
+    with ScriptedServer(http_response(200, OK_BODY), tls=self_signed[1]) as server:
+        yield server
+
+
+def test_tls_verification_is_on_by_default_and_a_self_signed_node_is_a_typed_error(tls_server):
+    with _client([{"id": "tls", "base_url": tls_server.base_url}]) as client:
+        assert client.config.verify is True
+        assert client.selector.nodes[0].transport.session.verify is True
+        with pytest.raises(AllAttemptsFailedError) as info:
+            client.chat_completion(MSGS, model="m")
+    error = info.value.last_error
+    assert isinstance(error, APIConnectionError) and not isinstance(error, APIStatusError)
+    assert "CERTIFICATE_VERIFY_FAILED" in str(error) or "certificate" in str(error).lower()
+    assert tls_server.requests == []  # the handshake failed: no request, no key, was sent
+
+
+def test_a_ca_bundle_makes_the_self_signed_node_trusted(tls_server, self_signed):
+    cert_path = self_signed[0]
+    with _client([{"id": "tls", "base_url": tls_server.base_url}], verify=cert_path) as client:
+        assert client.selector.nodes[0].transport.session.verify == cert_path
+        assert client.chat_completion(MSGS, model="m").text == "hi"
+    assert tls_server.requests[0].headers["authorization"] == f"Bearer {API_KEY}"
+
+
+def test_the_environments_ca_bundle_is_used_when_verify_is_left_on(tls_server, self_signed, monkeypatch):
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", self_signed[0])
+    with _client([{"id": "tls", "base_url": tls_server.base_url}]) as client:
+        assert client.chat_completion(MSGS, model="m").text == "hi"
+
+
+def test_transport_send_raises_a_typed_tls_error(tls_server):
+    transport = Transport(Node(id="tls", base_url=tls_server.base_url), api_key=API_KEY, pool_maxsize=1,
+                          max_response_bytes=1 << 20)
+    try:
+        with pytest.raises(APIConnectionError) as info:
+            transport.send("GET", "/models", timeout_s=(2.0, 2.0))
+    finally:
+        transport.close()
+    assert info.value.node_id == "tls"
+
+
+# -- redirects ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_redirect_is_not_followed_so_the_key_never_reaches_the_target(status, stream):
+    with ScriptedServer(http_response(200, OK_BODY)) as target:
+        location = target.base_url + "/chat/completions"
+        with ScriptedServer(http_response(status, b"", headers={"Location": location})) as origin:
+            with _client([{"id": "origin", "base_url": origin.base_url}]) as client:
+                with pytest.raises(APIStatusError) as info:
+                    client.chat_completion(MSGS, model="m", stream=stream)
+            assert info.value.status_code == status and not info.value.retryable
+            assert len(origin.requests) == 1  # final: not retried either
+        assert target.requests == []
+
+
+# -- response size cap -------------------------------------------------------------------------
+
+CAP = 64 * 1024
+HUGE = 24 * 1024 * 1024
+
+
+def _huge_json(framing):
+    body = b'{"pad": "' + b"x" * HUGE + b'"}'
+    if framing == "length":
+        return http_response(200, body)
+    if framing == "chunked":
+        piece = b"x" * 65536
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(HUGE // len(piece)))
+        return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunks + b"0\r\n\r\n"
+    return http_response(200, body, content_length=False)  # the body ends when the connection does
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked", "close"])
+def test_a_body_over_max_response_bytes_is_refused_without_reading_it_all(framing):
+    with ScriptedServer(_huge_json(framing)) as server:
+        with _client([{"id": "big", "base_url": server.base_url}], max_response_bytes=CAP) as client:
+            with pytest.raises(AllAttemptsFailedError) as info:
+                client.chat_completion(MSGS, model="m")
+            assert isinstance(info.value.last_error, ResponseTooLargeError)
+            assert client.stats()["in_flight"] == 0
+        # the client hung up early: far less than the 24 MiB was ever written to it
+        assert wait_until(lambda: server.sent_bytes < HUGE // 2, 5.0), server.sent_bytes
+
+
+def test_a_body_at_the_cap_is_accepted():
+    body = b'{"choices": [], "pad": "' + b"x" * (CAP - 26) + b'"}'
+    assert len(body) == CAP
+    with ScriptedServer(http_response(200, body, content_length=False)) as server:
+        with _client([{"id": "n", "base_url": server.base_url}], max_response_bytes=CAP) as client:
+            assert client.chat_completion(MSGS, model="m")["choices"] == []
+
+
+def test_a_stream_over_the_cap_is_cut_with_a_typed_error():
+    chunk = b'data: {"choices": [{"index": 0, "delta": {"content": "' + b"y" * 1000 + b'"}}]}\n\n'
+    body = chunk * 200  # ~200 kB, never a [DONE]
+    with ScriptedServer(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+                        + body) as server:
+        with _client([{"id": "n", "base_url": server.base_url}], max_response_bytes=CAP) as client:
+            stream = client.chat_completion(MSGS, model="m", stream=True)
+            with pytest.raises(StreamInterruptedError) as info:
+                stream.read_text()
+            assert info.value.reason == "too_large" and 0 < info.value.chunks < 200
+            assert client.stats()["in_flight"] == 0
+
+
+# -- odd statuses and sockets --------------------------------------------------------------------
+
+
+def test_an_informational_status_is_never_taken_for_an_answer():
+    # found by fuzzing: "101" with a JSON body used to come back as a successful response
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(OK_BODY), OK_BODY)
+    with ScriptedServer(http_response(101, chunked, headers={"Transfer-Encoding": "chunked"},
+                                      content_length=False)) as server:
+        with _client([{"id": "n", "base_url": server.base_url}]) as client:
+            with pytest.raises(AllAttemptsFailedError) as info:
+                client.chat_completion(MSGS, model="m")
+    assert isinstance(info.value.last_error, APIResponseValidationError)
+    assert info.value.attempts[0].kind == "invalid_response"
+
+
+def test_close_closes_pooled_connections_even_while_an_error_still_holds_the_pool():
+    """urllib3 >= 2.0.3 leaves cleared pools to the garbage collector: a traceback kept
+    alive by a reference cycle used to keep every socket of the client open after close()."""
+    with SimulatedGateway([{"id": "a", "error_rate": 1.0}, {"id": "b"}], seed=1) as gw:
+        baseline = threading.active_count()  # one simulator thread per open connection
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # the collector must not do the job for close()
+        try:
+            client = _client(gw.client_nodes(), max_retries=1, strategy="round_robin")
+            kept = []
+            for _ in range(4):
+                try:
+                    client.chat_completion(MSGS, model="m")
+                except Exception as exc:  # noqa: BLE001 - kept on purpose, with its traceback
+                    kept.append(exc)
+            assert threading.active_count() > baseline  # keep-alive connections are open
+            client.close()
+            assert wait_until(lambda: threading.active_count() == baseline, 5.0), (
+                threading.active_count(), baseline)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
