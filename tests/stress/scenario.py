@@ -18,9 +18,11 @@ from holysheep_lb import Client
 from holysheep_lb.errors import HolySheepError
 from holysheep_lb.simulator import SimulatedGateway
 
+from ..conftest import wait_until  # noqa: F401 - part of this module's toolkit
+
 CHAT_PATH = "/v1/chat/completions"
 MODEL = "deepseek-v3.2"
-STABLE, HANGING, FLAPPING = ("a", "b"), "c", "d"
+HANGING, FLAPPING = "c", "d"
 FAULT_RATES = {"error_rate": 0.05, "reset_rate": 0.02, "malformed_rate": 0.01}
 NODES = [
     {"id": node_id, "region": region, "latency_ms": 1.0, "p99_latency_ms": 8.0, **FAULT_RATES}
@@ -45,7 +47,8 @@ CLIENT_OPTIONS: Dict[str, Any] = dict(
 
 class Chaos:
     """A bounded background thread: ``flapping`` toggles between refusing and listening
-    every ``flap_period_s``; ``hanging`` hangs from ``hang_at_s`` for ``hang_for_s``.
+    every ``flap_period_s``; ``hanging`` hangs from ``hang_at_s`` for ``hang_for_s``
+    (again every ``hang_every_s``, when given).
 
     It stops by itself after ``max_s``; :meth:`stop` ends it early and leaves both
     nodes healthy (which also releases the requests the hang still holds).
@@ -53,13 +56,14 @@ class Chaos:
 
     def __init__(self, gateway: SimulatedGateway, *, flapping: str = FLAPPING, hanging: str = HANGING,
                  flap_period_s: float = 0.15, hang_at_s: float = 0.3, hang_for_s: float = 3.0,
-                 max_s: float = 60.0) -> None:
+                 hang_every_s: Optional[float] = None, max_s: float = 60.0) -> None:
         self.gateway = gateway
         self.flapping = flapping
         self.hanging = hanging
         self.flap_period_s = flap_period_s
         self.hang_at_s = hang_at_s
         self.hang_for_s = hang_for_s
+        self.hang_every_s = hang_every_s
         self.max_s = max_s
         self.flaps = 0
         self.hangs = 0
@@ -83,7 +87,10 @@ class Chaos:
             refusing = not refusing
             self.gateway.configure(self.flapping, fault="refuse" if refusing else None)
             self.flaps += 1
-            want_hang = self.hang_at_s <= elapsed < self.hang_at_s + self.hang_for_s
+            since = elapsed - self.hang_at_s
+            if self.hang_every_s:
+                since %= self.hang_every_s
+            want_hang = elapsed >= self.hang_at_s and since < self.hang_for_s
             if want_hang != hanging:
                 hanging = want_hang
                 self.gateway.configure(self.hanging, fault="hang" if hanging else None)
@@ -163,18 +170,72 @@ def one_call(client: Client, i: int, tally: Tally, *, stream_every: int = 8) -> 
         tally.escape(exc)
 
 
+def counter_mismatches(stats: Dict[str, Any], tally: Tally) -> List[str]:
+    """Every way the client's counters must agree with what callers saw; [] when they do."""
+    problems = []
+    if tally.escaped_count:
+        problems.append(f"{tally.escaped_count} calls raised something untyped: {tally.escaped[:3]}")
+    if stats["calls"] != tally.calls or stats["successes"] + stats["failures"] != stats["calls"]:
+        problems.append(f"calls {stats['calls']} != {tally.calls} or != successes + failures")
+    if stats["successes"] != tally.successes or stats["failures_by_error"] != dict(tally.errors):
+        problems.append(f"outcomes {stats['successes']} {stats['failures_by_error']} != "
+                        f"{tally.successes} {dict(tally.errors)}")
+    nodes = stats["nodes"]
+    if sum(n["requests"] for n in nodes.values()) != tally.attempts:
+        problems.append(f"nodes counted {sum(n['requests'] for n in nodes.values())} attempts, "
+                        f"callers were told of {tally.attempts}")
+    for node_id, n in nodes.items():
+        if n["requests"] != n["successes"] + sum(n["failures"].values()):
+            problems.append(f"node {node_id}: {n['requests']} requests != successes + failures")
+    if stats["in_flight"] != 0:
+        problems.append(f"{stats['in_flight']} still in flight")
+    streams = stats["streams"]
+    if streams["completed"] + streams["interrupted"] != tally.streams_opened or streams["cancelled"]:
+        problems.append(f"streams {streams} vs {tally.streams_opened} opened")
+    return problems
+
+
+def gateway_mismatches(gateway: SimulatedGateway, nodes: Dict[str, Dict[str, Any]], *,
+                       allow_late: bool = False) -> List[str]:
+    """Where the client's per-node counts disagree with the gateway's own; [] when they agree.
+
+    Exact for every node but the flapping one: a refused connection never reaches it,
+    and a request caught by a flap may reach it and die unanswered. ``allow_late``
+    accepts answers the gateway wrote after the client had timed out (a loaded machine
+    can take longer than the read timeout): an answer there, a timeout here.
+    """
+    problems = []
+    for node_id, node in nodes.items():
+        seen = gateway.outcomes(node_id, CHAT_PATH)
+        received = gateway.request_count(node_id, CHAT_PATH)
+        answered = sum(seen.values())
+        gaps = [seen.get(what, 0) - n for what, n in _answers_seen(node).items()]
+        if node_id == FLAPPING:
+            if not (node["requests"] >= received >= answered and all(gap >= 0 for gap in gaps)):
+                problems.append(f"{node_id}: client {node} vs gateway {received} {seen}")
+            continue
+        unanswered = node["failures"]["connect"] + node["failures"]["timeout"]
+        exact = (received == node["requests"] == answered
+                 and all(gap == 0 or (allow_late and gap > 0) for gap in gaps)
+                 and seen.get("reset", 0) + seen.get("hang", 0) + sum(gaps) == unanswered)
+        if not exact:
+            problems.append(f"{node_id}: client {node} vs gateway {received} {seen}")
+    return problems
+
+
+def _answers_seen(node: Dict[str, Any]) -> Dict[str, int]:
+    """Gateway outcome -> how many of those answers the client received as such."""
+    return {"ok": node["successes"], **{what: node["failures"][kind] for what, kind in CLIENT_KIND.items()}}
+
+
+def late_answers(gateway: SimulatedGateway, nodes: Dict[str, Dict[str, Any]]) -> int:
+    """Answers the gateway wrote after the client had given up on them (not the flapping node)."""
+    return sum(max(0, gateway.outcomes(node_id, CHAT_PATH).get(what, 0) - n)
+               for node_id, node in nodes.items() if node_id != FLAPPING
+               for what, n in _answers_seen(node).items())
+
+
 def attempts_by_node(client: Client) -> Dict[str, Dict[str, Any]]:
     """Per node: attempts picked, successes and failures by kind (from ``stats()``)."""
     return {node_id: {"requests": s["requests"], "successes": s["successes"], "failures": s["failures"]}
             for node_id, s in client.stats()["nodes"].items()}
-
-
-def wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.02) -> bool:
-    """Bounded polling: True once ``predicate()`` holds."""
-    deadline = time.monotonic() + timeout_s
-    pause = threading.Event()
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        pause.wait(interval_s)
-    return bool(predicate())

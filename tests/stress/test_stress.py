@@ -17,8 +17,8 @@ from holysheep_lb.loadgen import run_load
 from holysheep_lb.simulator import SimulatedGateway
 from holysheep_lb.stats import FAILURE_KINDS
 
-from .scenario import CHAT_PATH, CLIENT_KIND, CLIENT_OPTIONS, FLAPPING, HANGING, NODES, STABLE, Chaos, Tally, \
-    attempts_by_node, one_call, wait_until
+from .scenario import CHAT_PATH, CLIENT_OPTIONS, FLAPPING, HANGING, NODES, Chaos, Tally, attempts_by_node, \
+    counter_mismatches, gateway_mismatches, one_call, wait_until
 
 CALLS = 3000
 THREADS = 64
@@ -60,49 +60,20 @@ def test_every_call_ends_in_success_or_a_typed_error(run):
 
 
 def test_call_counters_reconcile_exactly(run):
-    stats, tally = run["stats"], run["tally"]
-    assert stats["calls"] == CALLS
-    assert stats["successes"] + stats["failures"] == stats["calls"]
-    assert stats["successes"] == tally.successes
-    assert stats["failures_by_error"] == dict(tally.errors)
-    # every attempt the callers were told about is one the nodes counted, and no more
-    assert sum(n["requests"] for n in run["nodes"].values()) == tally.attempts
-    for node_id, node in run["nodes"].items():
-        assert set(node["failures"]) == set(FAILURE_KINDS)
-        assert node["requests"] == node["successes"] + sum(node["failures"].values()), node_id
+    assert counter_mismatches(run["stats"], run["tally"]) == []
+    assert run["stats"]["calls"] == CALLS
+    assert all(set(n["failures"]) == set(FAILURE_KINDS) for n in run["nodes"].values())
 
 
 def test_nothing_is_left_in_flight(run):
     assert run["stats"]["in_flight"] == 0
     assert all(n["in_flight"] == 0 and n["awaiting"] == 0 for n in run["snapshot"])
-    streams = run["stats"]["streams"]
-    assert streams["completed"] + streams["interrupted"] == run["tally"].streams_opened
-    assert streams["cancelled"] == 0
 
 
 def test_client_attempts_match_what_the_gateway_saw(run):
-    gateway, nodes = run["gateway"], run["nodes"]
-
-    def matches(node_id):
-        seen = gateway.outcomes(node_id, CHAT_PATH)
-        node = nodes[node_id]
-        return (gateway.request_count(node_id, CHAT_PATH) == node["requests"] == sum(seen.values())
-                and seen.get("ok", 0) == node["successes"]
-                and all(seen.get(what, 0) == node["failures"][kind] for what, kind in CLIENT_KIND.items())
-                and seen.get("reset", 0) + seen.get("hang", 0)
-                == node["failures"]["connect"] + node["failures"]["timeout"])
-
     # a node counts an answer just after writing it, so the client may have seen it first
-    for node_id in STABLE + (HANGING,):
-        assert wait_until(lambda: matches(node_id), 5.0), (
-            node_id, nodes[node_id], gateway.outcomes(node_id, CHAT_PATH))
-    # the flapping node: refused connections never reach it, and a request caught by a
-    # flap may reach it and die unanswered; every answer it gave was seen as such
-    flapping = nodes[FLAPPING]
-    seen = gateway.outcomes(FLAPPING, CHAT_PATH)
-    assert flapping["requests"] >= gateway.request_count(FLAPPING, CHAT_PATH) >= sum(seen.values())
-    assert flapping["successes"] <= seen.get("ok", 0)
-    assert all(flapping["failures"][kind] <= seen.get(what, 0) for what, kind in CLIENT_KIND.items())
+    assert wait_until(lambda: not gateway_mismatches(run["gateway"], run["nodes"]), 5.0), \
+        gateway_mismatches(run["gateway"], run["nodes"])
 
 
 def test_the_faults_really_happened(run):
