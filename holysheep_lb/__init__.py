@@ -4,7 +4,7 @@ over several regional gateway nodes and keeps answering when nodes fail.
     from holysheep_lb import Client
     with Client(nodes=[...]) as client:
         resp = client.chat_completion([{"role": "user", "content": "Hi"}], model="gpt-4.1")
-        print(resp["choices"][0]["message"]["content"], resp.node_id)
+        answer = resp["choices"][0]["message"]["content"]   # resp.node_id: who answered
 """
 
 import logging
