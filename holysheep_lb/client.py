@@ -191,8 +191,10 @@ class Client:
             # (the thread holds the selector, never the client).
             weakref.finalize(self, self._health.stop, 0.0)
         self._router = cfg.router or ModelRouter(fallbacks=cfg.fallbacks)
-        if self._router.uses_default_availability:
-            self._router.is_available = self.breaker_allows  # skip models whose breaker is open
+        # Models whose breaker is open are skipped, unless the router brings its own
+        # check. The router itself is never rewired: one may be shared by many clients.
+        self._model_available: Callable[[str], bool] = (
+            self.breaker_allows if self._router.uses_default_availability else self._router.is_available)
         self._ledger = SpendLedger(cfg.prices, store=cfg.spend_store, budget=cfg.budget, wall_clock=wall_clock)
         self._cache = make_cache(cfg.cache, timer=clock)
         self.chat = _Chat(self)
@@ -306,7 +308,11 @@ class Client:
             raise InvalidRequestError("stream", stream, "must be True or False")
         if cache is not None and not isinstance(cache, bool):
             raise InvalidRequestError("cache", cache, "must be True, False or None")
-        decision = self._router.route(messages, params) if model == AUTO else None
+        # Checked here, not only when a request is built: a cache hit sends nothing.
+        _validate_call_options(region=region, deadline_s=deadline_s, idempotency_key=idempotency_key)
+        self._ensure_running()
+        call_deadline = self._clock() + (deadline_s or self.config.deadline_s)
+        decision = self._router.route(messages, params, is_available=self._model_available) if model == AUTO else None
         if stream:
             options = params.get("stream_options")
             if options is not None and not isinstance(options, Mapping):
@@ -317,13 +323,17 @@ class Client:
 
         def send(chosen: str, costs: CallCosts) -> Response:
             path, payload = "/chat/completions", {"model": chosen, "messages": list(messages), **params}
+            # whatever this call spent waiting for an identical one counts against its deadline
+            remaining_s = call_deadline - self._clock()
+            if remaining_s <= 0:
+                raise AllAttemptsFailedError("deadline exceeded while waiting for an identical call", [])
             method, body, headers, deadline = self._prepare("POST", path, payload, region=region,
-                                                            deadline_s=deadline_s, idempotency_key=idempotency_key)
+                                                            deadline_s=remaining_s, idempotency_key=idempotency_key)
             return self._run_chain(method, path, payload, body, headers, region=region, deadline=deadline,
                                    costs=costs)
 
         resp = self._chat_with_costs(decision.model if decision else model, messages, params, send,
-                                     cache=cache, wait_s=deadline_s or self.config.deadline_s)
+                                     cache=cache, wait_s=max(0.0, call_deadline - self._clock()))
         if decision is not None:
             resp.extra["routing"] = decision
             resp.fallback = resp.fallback or decision.fallback
@@ -339,7 +349,7 @@ class Client:
         ledger = self._ledger
 
         def paid() -> Tuple[Response, bool]:
-            first = ledger.admit(model, messages, params, is_available=self._router.is_available)
+            first = ledger.admit(model, messages, params, is_available=self._model_available)
             costs = CallCosts(ledger, first, messages, params)
             try:
                 resp = send(first.model, costs)
@@ -369,7 +379,7 @@ class Client:
                            *, decision: Any, region: Optional[str], deadline_s: Optional[float],
                            idempotency_key: Optional[str]) -> ChatStream:
         """A stream's cost steps: reserve the estimate now, settle from its usage when it ends."""
-        first = self._ledger.admit(model, messages, params, is_available=self._router.is_available)
+        first = self._ledger.admit(model, messages, params, is_available=self._model_available)
         costs = StreamCosts(self._ledger, first, messages, params)
         payload = {"model": first.model, "messages": list(messages), **params}
         payload["stream_options"] = {"include_usage": True, **(params.get("stream_options") or {})}
@@ -433,20 +443,11 @@ class Client:
             raise InvalidRequestError("method", method, "must be GET, POST, PUT, PATCH or DELETE")
         if not isinstance(path, str) or not path.startswith("/") or any(c in path for c in "\r\n \t"):
             raise InvalidRequestError("path", path, "must start with '/' and contain no whitespace")
-        if deadline_s is not None and (isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float))
-                                       or not deadline_s > 0):
-            raise InvalidRequestError("deadline_s", deadline_s, "must be a number > 0")
-        if region is not None and not isinstance(region, str):
-            raise InvalidRequestError("region", region, "must be a string")
+        _validate_call_options(region=region, deadline_s=deadline_s, idempotency_key=idempotency_key)
         body = None if json is None else _encode_json(json)
         headers: Dict[str, str] = {}
         if method.upper() != "GET":
-            key = idempotency_key or uuid.uuid4().hex
-            if not isinstance(key, str) or not key or len(key) > 255 or not key.isascii() \
-                    or any(c in key for c in "\r\n\x00"):
-                raise InvalidRequestError("idempotency_key", key,
-                                          "must be 1-255 printable ASCII characters without CR/LF")
-            headers = {"Content-Type": "application/json", "Idempotency-Key": key}
+            headers = {"Content-Type": "application/json", "Idempotency-Key": idempotency_key or uuid.uuid4().hex}
         self._ensure_running()
         deadline = self._clock() + (deadline_s or self.config.deadline_s)
         return method.upper(), body, headers, deadline
@@ -477,6 +478,11 @@ class Client:
                                  deadline=deadline, model=model, send=send, finish=finish)
 
         started = self._clock()
+        # once per call (not per model of a fallback chain): the budgets are ratios of calls
+        if self._retry_budget is not None:
+            self._retry_budget.deposit()
+        if self._hedger is not None and steps is None:
+            self._hedger.deposit()
         try:
             result = self._chain.run(requested, json, execute, deadline=deadline, costs=costs)
         except HolySheepError as exc:
@@ -648,10 +654,6 @@ class Client:
             else:
                 selector.release_success(node, latency_ms, started=picked[node.id])
 
-        if budget is not None:
-            budget.deposit()
-        if hedger is not None:
-            hedger.deposit()
         circuit_error: Optional[CircuitOpenError] = None
         for attempt_no in range(self._retry.max_retries + 1):
             if attempt_no:
@@ -826,6 +828,18 @@ def _encode_json(payload: Mapping[str, Any]) -> bytes:
         return json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise InvalidRequestError("json", type(payload).__name__, f"must be JSON-serialisable ({exc})") from None
+
+
+def _validate_call_options(*, region: Any, deadline_s: Any, idempotency_key: Any) -> None:
+    if deadline_s is not None and (isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float))
+                                   or not deadline_s > 0):
+        raise InvalidRequestError("deadline_s", deadline_s, "must be a number > 0")
+    if region is not None and not isinstance(region, str):
+        raise InvalidRequestError("region", region, "must be a string")
+    key = idempotency_key
+    if key is not None and (not isinstance(key, str) or not key or len(key) > 255 or not key.isascii()
+                            or any(c in key for c in "\r\n\x00")):
+        raise InvalidRequestError("idempotency_key", key, "must be 1-255 printable ASCII characters without CR/LF")
 
 
 def _validate_messages(messages: Any) -> None:

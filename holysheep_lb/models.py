@@ -224,20 +224,26 @@ class ModelRouter:
         self.classify = classify or classify_request
         self.fallbacks: Mapping[str, Tuple[str, ...]] = chains
         self.is_available: Callable[[str], bool] = is_available or (lambda model: True)
-        self.uses_default_availability = is_available is None  # the Client wires it to its breakers
+        self.uses_default_availability = is_available is None  # a Client then passes its breakers
 
     def __repr__(self) -> str:
         return f"ModelRouter(tiers={dict(self.tiers)})"
 
-    def route(self, messages: Sequence[Mapping[str, Any]], params: Optional[Mapping[str, Any]] = None
-              ) -> RoutingDecision:
-        """Classify the call and pick the first available model of its tier's chain."""
+    def route(self, messages: Sequence[Mapping[str, Any]], params: Optional[Mapping[str, Any]] = None,
+              *, is_available: Optional[Callable[[str], bool]] = None) -> RoutingDecision:
+        """Classify the call and pick the first available model of its tier's chain.
+
+        ``is_available`` overrides the router's own check for this call (a Client passes
+        its breakers when the router was given none), so one router can serve many
+        clients without being rewired by them.
+        """
+        available = self.is_available if is_available is None else is_available
         tier, reason = self._classify(RoutingRequest(messages, dict(params or {})))
         primary = self.tiers[tier]
         skipped: List[str] = []
         chosen = primary
         for model in self.chain(primary):
-            if self.is_available(model):
+            if available(model):
                 chosen = model
                 break
             skipped.append(model)

@@ -351,3 +351,48 @@ def test_a_local_send_error_is_final_and_not_held_against_the_node(rsps, make_cl
     assert a["failures"]["local"] == 1 and a["failures"]["connect"] == 0
     assert [n for n in client.nodes() if n["id"] == "a"][0]["usable"]  # not ejected
     assert client.breakers()[0]["failures"] == 0
+
+
+def test_a_shared_router_follows_each_clients_own_breakers(make_client, clock):
+    import gc
+    import weakref
+
+    from holysheep_lb import Client, ModelRouter
+    router = ModelRouter()  # e.g. one object in settings, used by several clients
+    c1 = make_client(NODES, router=router, breaker={"fail_max": 1, "reset_timeout_s": 600})
+    c2 = Client(api_key=API_KEY, nodes=NODES, router=router, health_check_interval_s=None)
+    c1._breakers.get("model", "deepseek-v3.2")._trip()
+    msgs = [{"role": "user", "content": "hi"}]
+    assert not c1.breaker_allows("deepseek-v3.2")
+    assert c1._router.route(msgs, {}, is_available=c1._model_available).model != "deepseek-v3.2"
+    assert c2._router.route(msgs, {}, is_available=c2._model_available).model == "deepseek-v3.2"
+    alive = weakref.ref(c2)
+    c2.close()
+    del c2
+    gc.collect()
+    assert alive() is None, "the router must not keep a client alive"
+
+
+def test_a_cache_hit_still_checks_arguments_and_a_closed_client(rsps, make_client, clock):
+    rsps.post(A + "/chat/completions", json=OK)
+    client = _client(make_client, clock, cache=True)
+    assert client.chat_completion(MSGS, model="m", temperature=0).text == "hi"
+    assert client.chat_completion(MSGS, model="m", temperature=0).cached
+    for bad in ({"deadline_s": "5"}, {"region": 3}, {"idempotency_key": "k\n"}):
+        with pytest.raises(InvalidRequestError):
+            client.chat_completion(MSGS, model="m", temperature=0, **bad)
+    client.close()
+    with pytest.raises(Exception, match="closed"):
+        client.chat_completion(MSGS, model="m", temperature=0)
+
+
+def test_the_retry_budget_counts_calls_not_models_tried(rsps, make_client, clock):
+    for url in (A, B, C):
+        rsps.post(url + "/chat/completions", status=500)
+    client = _client(make_client, clock, max_retries=0, breaker=None,
+                     fallbacks={"gpt-4.1": ["gemini-2.5-flash", "deepseek-v3.2"]})
+    for _ in range(5):
+        with pytest.raises(AllAttemptsFailedError):
+            client.chat_completion(MSGS, model="gpt-4.1")
+    stats = client.stats()
+    assert stats["calls"] == 5 and stats["retry_budget"]["calls"] == 5
