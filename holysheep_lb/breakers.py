@@ -37,7 +37,7 @@ from .errors import AllAttemptsFailedError, APIError, CircuitOpenError, NoHealth
 from .retry import RETRY_BUDGET_EXHAUSTED
 from .stats import SYSTEM_FAILURE_KINDS, failure_kind
 
-__all__ = ["Breaker", "BreakerBoard", "Permit", "StorageFactory", "verdict", "wall_clock"]
+__all__ = ["Breaker", "BreakerBoard", "Permit", "StorageFactory", "stream_outcome_hook", "verdict", "wall_clock"]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,17 @@ class Permit:
 
 
 NO_PERMIT = Permit(None, False)
+
+
+def stream_outcome_hook(permit: Permit) -> Callable[[str, Optional[BaseException]], None]:
+    """Record a stream's outcome into its permit when the stream ends, not at its first
+    chunk: a model whose streams keep breaking must trip its breaker."""
+    def record(status: str, error: Optional[BaseException]) -> None:
+        if status == "cancelled":  # the caller stopped reading: says nothing about the model
+            permit.release()
+        else:
+            permit.record(error if status == "interrupted" else None)
+    return record
 
 
 class Breaker:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 from . import __version__
 from .batch import BatchResult, run_batch
-from .breakers import BreakerBoard
+from .breakers import BreakerBoard, stream_outcome_hook
 from .breakers import wall_clock as breaker_wall_clock
 from .cache import cache_key, make_cache
 from .config import (
@@ -583,6 +583,7 @@ class Client:
         attempts: List[Attempt] = []
         tried: List[str] = []
         picked: Dict[str, float] = {}  # node id -> when this call's attempt on it was picked
+        stream_permits: Dict[str, Any] = {}  # node id -> node-breaker permit held by a stream
         last_error: Optional[APIError] = None
         reason = "all attempts failed"
         selector = self._selector
@@ -626,7 +627,10 @@ class Client:
             latency_ms = (clock() - t0) * 1000.0
             attempts.append(Attempt(node.id, latency_ms, getattr(result, "status_code", None)))
             if permit is not None:
-                permit.record(None)
+                if finish is None:
+                    permit.record(None)
+                else:  # a stream: the node's breaker hears how it ends, not only that it began
+                    stream_permits[node.id] = permit
             return result, latency_ms
 
         def avoid() -> List[str]:
@@ -716,7 +720,16 @@ class Client:
                               if attempt_no < self._retry.max_retries else "no retries left")
                 continue
             if finish is not None:
-                return finish(node, result, attempts, started, picked[node.id])
+                node_permit = stream_permits.pop(node.id, None)
+                try:
+                    stream = finish(node, result, attempts, started, picked[node.id])
+                except BaseException:
+                    if node_permit is not None:
+                        node_permit.release()
+                    raise
+                if node_permit is not None:
+                    stream.defer_outcome(stream_outcome_hook(node_permit))
+                return stream
             selector.release_success(node, latency_ms, started=picked[node.id])
             total_ms = (clock() - started) * 1000.0
             data = result.data

@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
-from .breakers import NO_PERMIT, BreakerBoard, Permit, verdict
+from .breakers import NO_PERMIT, BreakerBoard, Permit, stream_outcome_hook, verdict
 from .errors import BudgetExceededError, CircuitOpenError, ConfigError, HolySheepError
 from .ratelimit import RateLimits, estimate_tokens, usage_tokens
 from .response import Response
@@ -161,7 +161,11 @@ class ModelChain:
             if costs is not None:
                 costs.cancel(held)
             raise
-        permit.record(None)
+        defer = getattr(result, "defer_outcome", None)
+        if defer is not None:  # a stream: its breaker outcome is known only when it ends
+            defer(stream_outcome_hook(permit))
+        else:
+            permit.record(None)
         settle_tokens = reservation.settle if reservation is not None else _no_tokens
         if costs is not None:
             costs.answered(held, result, settle_tokens)

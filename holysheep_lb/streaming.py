@@ -393,10 +393,21 @@ class StreamLease:
         self._pid = os.getpid()
         self._settle_lock = threading.Lock()
         self._settled = False
+        self._final: Optional[Tuple[str, Optional[APIError]]] = None
+        self._outcome_hooks: List[Callable[[str, Optional[APIError]], None]] = []
 
     @property
     def settled(self) -> bool:
         return self._settled
+
+    def defer_outcome(self, hook: Callable[[str, Optional[APIError]], None]) -> None:
+        """Call ``hook(status, error)`` once the stream has ended (at once if it has)."""
+        with self._settle_lock:
+            final = self._final
+            if final is None:
+                self._outcome_hooks.append(hook)
+                return
+        hook(*final)
 
     def settle(self, status: str, error: Optional[APIError] = None, reason: Optional[str] = None) -> bool:
         """Close the connection, release the pick, report the outcome; False if already done."""
@@ -422,6 +433,11 @@ class StreamLease:
         self._on_end(StreamOutcome(self.model, self.node.id, status, self.usage, self.chunks,
                                    self.ttft_ms, (ended - self.started) * 1000.0, self.started, error,
                                    reason))
+        with self._settle_lock:
+            self._final = (status, error)
+            hooks, self._outcome_hooks = self._outcome_hooks, []
+        for hook in hooks:
+            hook(status, error)
         return True
 
 
@@ -626,6 +642,11 @@ class ChatStream:
         return self._lease.chunks
 
     # -- lifecycle -----------------------------------------------------------------------
+
+    def defer_outcome(self, hook: Callable[[str, Optional[APIError]], None]) -> None:
+        """Call ``hook(status, error)`` once this stream has ended: "completed",
+        "interrupted" (with its StreamInterruptedError) or "cancelled"."""
+        self._lease.defer_outcome(hook)
 
     def close(self) -> None:
         """Stop reading: close the connection and release the node. Idempotent."""

@@ -194,3 +194,23 @@ def test_stream_usage_is_counted(gw, client):
     assert client.stats()["streams"]["usage"] == usage
     assert client.stats()["streams"]["streams_with_usage"] == 2
 
+
+
+def test_streams_that_break_mid_way_trip_the_breakers_and_cancelled_ones_do_not(gateway_factory, make_client):
+    from holysheep_lb import CircuitOpenError, StreamInterruptedError
+    gw = gateway_factory([{"id": "a", "stream_fault": "reset_midstream", "stream_fault_after_chunks": 1}])
+    client = make_client(gw.client_nodes(), breaker={"fail_max": 2, "reset_timeout_s": 600},
+                         node_breakers={"fail_max": 2, "reset_timeout_s": 600})
+    msgs = [{"role": "user", "content": "hello there general kenobi"}]
+    for _ in range(3):  # streams closed early say nothing about the model or the node
+        with client.chat_completion(msgs, model="gpt-4.1", stream=True) as stream:
+            next(iter(stream))
+    assert {b["name"]: b["failures"] for b in client.breakers()} == {"model:gpt-4.1": 0, "node:a": 0}
+    for _ in range(2):
+        with pytest.raises(StreamInterruptedError):
+            client.chat_completion(msgs, model="gpt-4.1", stream=True).read_text()
+    states = {b["name"]: b["state"] for b in client.breakers()}
+    assert states == {"model:gpt-4.1": "open", "node:a": "open"}
+    with pytest.raises(CircuitOpenError):
+        client.chat_completion(msgs, model="gpt-4.1", stream=True)
+    assert client.stats()["in_flight"] == 0
