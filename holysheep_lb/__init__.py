@@ -45,7 +45,7 @@ from .models import AUTO, ModelRouter, RoutingDecision, RoutingRequest  # noqa: 
 from .pricing import Budget, BudgetCap, InMemorySpendStore, ModelPrice, PriceTable, SpendStore  # noqa: E402
 from .response import Response  # noqa: E402
 from .selection import RoutingStrategy, Strategy  # noqa: E402
-from .streaming import ChatStream  # noqa: E402
+from .streaming import CannedStream, ChatStream  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -57,6 +57,7 @@ __all__ = [
     "Node",
     "TokenBucket",
     "Response",
+    "CannedStream",
     "ChatStream",
     "RoutingStrategy",
     "Strategy",

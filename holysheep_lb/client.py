@@ -65,7 +65,7 @@ from .response import Response
 from .retry import RETRY_BUDGET_EXHAUSTED, RetryBudget, RetryPolicy
 from .selection import Selector, make_strategy
 from .stats import LatencyHistogram, failure_kind
-from .streaming import STREAM_HEADERS, ChatStream, OpenedStream, StreamOutcome, StreamReaper, StreamStats, open_stream
+from .streaming import STREAM_HEADERS, CannedStream, ChatStream, OpenedStream, StreamOutcome, StreamReaper, StreamStats, open_stream
 from .transport import Transport
 
 __all__ = ["Client"]
@@ -285,7 +285,7 @@ class Client:
         idempotency_key: Optional[str] = None,
         cache: Optional[bool] = None,
         **params: Any,
-    ) -> Union[Response, ChatStream]:
+    ) -> Union[Response, ChatStream, CannedStream]:
         """``POST /chat/completions``; returns the decoded JSON with routing metadata.
 
         Blocks until an answer or a typed error. ``params`` (temperature, max_tokens, ...)
@@ -488,7 +488,11 @@ class Client:
         except HolySheepError as exc:
             self._count_call(False, type(exc).__name__, started)
             raise
-        if steps is None:  # a stream is counted when it ends (see _stream_ended)
+        if steps is not None and isinstance(result, Response):
+            # every model failed and fallback_reply answered: a stream caller still gets a stream
+            result = CannedStream(result, latency_ms=result.latency_ms, extra=result.extra)
+            self._count_call(True, None, started)
+        elif steps is None:  # a stream is counted when it ends (see _stream_ended)
             self._count_call(True, None, started)
         return result
 

@@ -719,3 +719,73 @@ class ChatStream:
             f"stream interrupted after {chunks} chunks ({reason}): {exc.message}",
             reason=reason, partial_text=partial, chunks=chunks, node_id=self.node_id,
         ) from exc
+
+
+class CannedStream:
+    """A finished stream that replays a canned ``fallback_reply`` answer as one chunk.
+
+    What a streaming caller gets when every model failed and the client has a
+    ``fallback_reply``: the same surface as :class:`ChatStream` (iterate, ``text``,
+    ``read_text()``, context manager), flagged ``fallback = True`` with ``model`` None
+    and ``extra["canned"]``, so it is never taken for a model's answer.
+    """
+
+    def __init__(self, answer: Mapping[str, Any], *, latency_ms: float, extra: Mapping[str, Any]) -> None:
+        try:
+            text = answer["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            text = ""
+        self._text = text if isinstance(text, str) else str(text)
+        self._chunk = {"object": "chat.completion.chunk", "model": None, "choices": [
+            {"index": 0, "delta": {"role": "assistant", "content": self._text}, "finish_reason": "stop"}]}
+        self._pending = [self._chunk]
+        self.node_id: Optional[str] = None
+        self.region: Optional[str] = None
+        self.attempts: Tuple[Attempt, ...] = ()
+        self.request_id: Optional[str] = None
+        self.model: Optional[str] = None
+        self.fallback = True
+        self.extra: Dict[str, Any] = dict(extra)
+        self.ttft_ms = latency_ms
+        self.latency_ms: Optional[float] = latency_ms
+        self.usage: Optional[Dict[str, Any]] = None
+        self.finish_reason = "stop"
+        self.state = "completed"
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        return self
+
+    def __next__(self) -> Dict[str, Any]:
+        if not self._pending:
+            raise StopIteration
+        return self._pending.pop()
+
+    def read_text(self) -> str:
+        self._pending.clear()
+        return self._text
+
+    @property
+    def text(self) -> str:
+        return self._text
+
+    def choice_text(self, index: int) -> str:
+        return self._text if index == 0 else ""
+
+    @property
+    def chunks(self) -> int:
+        return 1
+
+    def defer_outcome(self, hook: Callable[[str, Optional[APIError]], None]) -> None:
+        hook("completed", None)
+
+    def close(self) -> None:
+        self._pending.clear()
+
+    def __enter__(self) -> "CannedStream":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<CannedStream fallback text={self._text[:40]!r}>"

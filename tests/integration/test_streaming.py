@@ -214,3 +214,18 @@ def test_streams_that_break_mid_way_trip_the_breakers_and_cancelled_ones_do_not(
     with pytest.raises(CircuitOpenError):
         client.chat_completion(msgs, model="gpt-4.1", stream=True)
     assert client.stats()["in_flight"] == 0
+
+
+def test_a_canned_fallback_reply_reaches_a_stream_caller_as_a_flagged_stream(gateway_factory, make_client):
+    from holysheep_lb import CannedStream
+    gw = gateway_factory([{"id": "a", "error_rate": 1.0}])
+    client = make_client(gw.client_nodes(), max_retries=0,
+                         fallback_reply=lambda model, payload, error: {
+                             "choices": [{"message": {"role": "assistant", "content": "sorry, try later"}}]})
+    with client.chat_completion([{"role": "user", "content": "hi"}], model="gpt-4.1", stream=True) as stream:
+        assert isinstance(stream, CannedStream)
+        chunks = list(stream)
+    assert [c["choices"][0]["delta"]["content"] for c in chunks] == ["sorry, try later"]
+    assert stream.fallback is True and stream.model is None and stream.extra["canned"] is True
+    stats = client.stats()
+    assert (stats["calls"], stats["successes"], stats["in_flight"]) == (1, 1, 0)
