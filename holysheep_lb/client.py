@@ -655,12 +655,15 @@ class Client:
             tried.append(other.id)
             return other
 
-        def release_unused(node: NodeState, latency_ms: Optional[float]) -> None:
+        def release_unused(node: NodeState, latency_ms: Optional[float], result: Any) -> None:
             # a hedged copy that lost the race (latency given) or was never sent (None)
             if latency_ms is None:
                 selector.release_cancelled(node, started=picked[node.id])
-            else:
-                selector.release_success(node, latency_ms, started=picked[node.id])
+                return
+            selector.release_success(node, latency_ms, started=picked[node.id])
+            data = getattr(result, "data", None)
+            if model is not None and isinstance(data, Mapping):  # billed all the same: record it
+                self._ledger.record_unreserved(model, data.get("usage"))
 
         circuit_error: Optional[CircuitOpenError] = None
         for attempt_no in range(self._retry.max_retries + 1):

@@ -30,9 +30,10 @@ __all__ = ["Hedger"]
 
 log = logging.getLogger(__name__)
 
-# release(node, latency_ms): frees the node of a copy whose answer is dropped
-# (latency_ms None: the copy was never sent).
-ReleaseFn = Callable[[NodeState, Optional[float]], None]
+# release(node, latency_ms, result): frees the node of a copy whose answer is dropped
+# (latency_ms None: the copy was never sent); ``result`` is the dropped answer, which
+# the gateway billed all the same.
+ReleaseFn = Callable[[NodeState, Optional[float], Any], None]
 
 # attempt(node, (connect_s, read_s)) -> (result, latency_ms): the client's single
 # attempt. On failure it has released the node and raises; on success the caller owns
@@ -171,7 +172,7 @@ class Hedger:
             self._count("sent")
             log.debug("hedging a slow attempt: second copy sent to node %s", other.id)
         else:
-            release(other, None)
+            release(other, None, None)
 
     def _start(self, race: _Race, node: NodeState, timeout: Tuple[float, float],
                attempt: AttemptFn, release: ReleaseFn, *, hedge: bool) -> bool:
@@ -200,7 +201,7 @@ class Hedger:
             if race.settle(outcome):
                 return
             if outcome.error is None:  # lost the race: drop the answer, free the node
-                release(node, outcome.latency_ms)
+                release(node, outcome.latency_ms, outcome.result)
             elif not isinstance(outcome.error, HolySheepError):
                 log.warning("a losing hedged copy on node %s raised", node.id, exc_info=outcome.error)
         finally:
@@ -215,7 +216,7 @@ class Hedger:
         winner = next((o for o in outcomes if o.error is None), None)
         for o in outcomes:
             if o.error is None and o is not winner:  # a second success that also arrived
-                release(o.node, o.latency_ms)
+                release(o.node, o.latency_ms, o.result)
         if winner is None:
             raise outcomes[-1].error  # type: ignore[misc]
         if winner.hedge:
@@ -229,7 +230,7 @@ class Hedger:
             handed = [o for o in race.done if o.error is None]
             race.done = []
         for o in handed:
-            release(o.node, o.latency_ms)
+            release(o.node, o.latency_ms, o.result)
 
     def _count(self, name: str) -> None:
         with self._counts_lock:

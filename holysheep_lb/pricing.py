@@ -626,6 +626,19 @@ class SpendLedger:
     def cancel(self, reservation: Reservation) -> None:
         self.store.cancel(reservation)
 
+    def record_unreserved(self, model: str, usage: Any) -> Optional[Settled]:
+        """Record an answer that was paid for without a reservation: a hedged copy that
+        lost the race (the gateway billed it; nobody reads it). Nothing is guessed when
+        it reported no usage."""
+        tokens = _usage_tokens(usage)
+        if tokens is None:
+            return None
+        input_tokens, output_tokens = tokens
+        cost = self.prices.exact_cost_usd(model, input_tokens, output_tokens)
+        nothing_held = Reservation(model, self.today(), 0, 0, Decimal(0))
+        self.store.settle(nothing_held, input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost)
+        return Settled(input_tokens, output_tokens, cost, True)
+
     def record_cache_hit(self, model: str) -> None:
         self.store.record_cache_hit(model, self.today())
 

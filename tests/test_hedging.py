@@ -60,7 +60,7 @@ def _hedger(selector, **kw):
 
 def _release(selector):
     """The caller's release for dropped copies (these tests do not track pick times)."""
-    def release(node, latency_ms):
+    def release(node, latency_ms, result=None):
         if latency_ms is None:
             selector.release_cancelled(node, started=None)
         else:

@@ -108,3 +108,20 @@ def test_hedges_stay_within_their_default_cap(client_for):
         hedges = client.stats()["hedges"]
         assert hedges["max_ratio"] == 0.05
         assert hedges["sent"] == 1, "5% of 20 calls"
+
+
+def test_a_losing_hedged_copy_is_recorded_in_the_spend_ledger(gateway_factory, make_client):
+    """The gateway bills both copies of a hedged call: the ledger must see both."""
+    import time as _time
+    gw = gateway_factory([{"id": "a", "latency_ms": 200}, {"id": "b", "latency_ms": 200}])
+    client = make_client(gw.client_nodes(), hedge_delay_s=0.02, hedge_max_ratio=1.0,
+                         retry_budget_ratio=None, strategy="round_robin")
+    for _ in range(6):
+        client.chat_completion([{"role": "user", "content": "hi"}], model="gpt-4.1", max_tokens=50)
+    served = gw.request_count("a", "/v1/chat/completions") + gw.request_count("b", "/v1/chat/completions")
+    assert client.stats()["hedges"]["sent"] == 6 and served == 12
+    deadline = _time.monotonic() + 5  # losing copies finish on their own threads
+    while client.cost_report()["totals"]["requests"] < served and _time.monotonic() < deadline:
+        threading.Event().wait(0.02)
+    assert client.cost_report()["totals"]["requests"] == served
+    assert client.stats()["in_flight"] == 0
