@@ -452,7 +452,17 @@ class InMemorySpendStore(SpendStore):
         return None
 
     def settle(self, reservation: Reservation, *, input_tokens: int, output_tokens: int, cost_usd: Decimal) -> None:
+        self._spend(reservation, input_tokens, output_tokens, cost_usd, release_usd=reservation.amount_usd)
+
+    def record_spend(self, reservation: Reservation, *, input_tokens: int, output_tokens: int,
+                     cost_usd: Decimal) -> None:
+        """Record one request whose reservation was held elsewhere (a shared store): no reservation to drop."""
+        self._spend(reservation, input_tokens, output_tokens, cost_usd, release_usd=_ZERO)
+
+    def _spend(self, reservation: Reservation, input_tokens: int, output_tokens: int, cost_usd: Decimal, *,
+               release_usd: Decimal) -> None:
         with self._ledger_lock:
+            self._roll_to(reservation.day)
             row = self._row(reservation.day, reservation.model)
             row.requests += 1
             row.input_tokens += input_tokens
@@ -463,7 +473,7 @@ class InMemorySpendStore(SpendStore):
                 pair = self._totals.get(key) if key[1] is not None else self._totals.setdefault(key, [_ZERO, _ZERO])
                 if pair is not None:
                     pair[0] += cost_usd
-                    pair[1] -= reservation.amount_usd
+                    pair[1] -= release_usd
 
     def cancel(self, reservation: Reservation) -> None:
         with self._ledger_lock:
