@@ -199,6 +199,10 @@ class PriceTable:
         """The cost in USD as the nearest float; 0 for an unknown model."""
         return float(self.exact_cost_usd(model, input_tokens, output_tokens))
 
+    def reset_after_fork(self) -> None:
+        """In a child after fork: a fresh lock (a parent thread may have held it at the fork)."""
+        self._warned_lock = threading.Lock()
+
     def _warn_unknown(self, model: str) -> None:
         with self._warned_lock:
             if model in self._warned or len(self._warned) >= _MAX_UNKNOWN_WARNINGS:
@@ -638,6 +642,11 @@ class SpendLedger:
 
     def record_cache_hit(self, model: str) -> None:
         self.store.record_cache_hit(model, self.today())
+
+    def reset_after_fork(self) -> None:
+        """In a child after fork: fresh locks in the price table and the store, no parent reservations."""
+        self.prices.reset_after_fork()
+        self.store.reset_after_fork()
 
     def report(
         self,
