@@ -5,7 +5,8 @@ with ``cache=True`` or refuse with ``cache=False``. The key is the SHA-256 of th
 canonical JSON (sorted keys) of the model, the messages and the parameters. Errors are
 never cached, nor is an answer that cannot be deep-copied (it is returned, with a
 warning). Identical calls that arrive while the first one is in flight wait for it
-instead of paying again; if it fails, the next waiter makes its own call.
+instead of paying again; if it fails or its answer is not kept (a downgraded or
+fallback answer), every waiter makes its own call at once, in parallel.
 
 The lock guards the cache's dictionaries only; it is never held while the API is
 called.
@@ -61,7 +62,7 @@ class ResponseCache:
         self._timer = timer
         self._entries_lock = threading.Lock()
         self._entries: TTLCache = TTLCache(maxsize=maxsize, ttl=self.ttl_s, timer=timer)
-        self._pending: Dict[str, threading.Event] = {}
+        self._pending: Dict[str, _Pending] = {}
         self._hits = 0
         self._misses = 0
         self._waits = 0
@@ -82,9 +83,14 @@ class ResponseCache:
 
         ``call`` returns ``(value, store)``; the value is kept only when ``store`` is
         True, and an exception is never kept. While one caller runs ``call`` for a key,
-        others with the same key wait up to ``wait_s`` for its result.
+        others with the same key wait for its result, at most ``wait_s`` seconds: pass
+        the time the caller has left (what remains of its deadline), since a waiter
+        that gives up raises :class:`AllAttemptsFailedError`. A caller waits at most
+        once: if that call fails or its value is not kept, every waiter runs ``call``
+        itself straight away, all in parallel.
         """
         deadline = self._timer() + wait_s
+        waited = False
         while True:
             with self._entries_lock:
                 value = self._entries.get(key)
@@ -92,9 +98,9 @@ class ResponseCache:
                     pending = self._pending.get(key)
                     leader = pending is None
                     if leader:
-                        pending = self._pending[key] = threading.Event()
+                        pending = self._pending[key] = _Pending()
                         self._misses += 1
-                    else:
+                    elif not waited:
                         self._waits += 1
             if value is not None:
                 copied = _copy(value)  # outside the lock: stored values are never changed
@@ -107,9 +113,14 @@ class ResponseCache:
                 continue
             if leader:
                 break
+            if waited:  # the call waited for left nothing to share (or it vanished): no second wait
+                return self._call_and_store(key, call), False
             remaining = deadline - self._timer()
-            if remaining <= 0 or not pending.wait(remaining):
+            if remaining <= 0 or not pending.done.wait(remaining):
                 raise AllAttemptsFailedError("deadline exceeded while waiting for an identical call in flight", ())
+            waited = True
+            if not pending.stored:
+                return self._call_and_store(key, call), False
         kept = None
         try:
             value, store = call()
@@ -119,13 +130,24 @@ class ResponseCache:
             self._finish(key, pending, kept)  # always: waiters must never wait for nothing
         return value, False
 
-    def _finish(self, key: str, pending: threading.Event, value: Any) -> None:
+    def _call_and_store(self, key: str, call: Callable[[], Tuple[T, bool]]) -> T:
+        """A waiter's own call, after the one it waited for shared nothing: keeps its value if it may."""
+        value, store = call()
+        kept = _copy(value) if store else None
+        if kept is not None:
+            with self._entries_lock:
+                self._entries[key] = kept
+                self._stores += 1
+        return value
+
+    def _finish(self, key: str, pending: _Pending, value: Any) -> None:
         with self._entries_lock:
             if value is not None:
                 self._entries[key] = value
                 self._stores += 1
+                pending.stored = True
             del self._pending[key]
-        pending.set()
+        pending.done.set()  # wakes every waiter at once
 
     def clear(self) -> None:
         with self._entries_lock:
@@ -142,6 +164,16 @@ class ResponseCache:
         """In a child after fork: fresh lock; the parent's in-flight calls are not ours."""
         self._entries_lock = threading.Lock()
         self._pending = {}
+
+
+class _Pending:
+    """One key's call in flight: ``done`` is set when it ends; ``stored`` (set before) if its value was kept."""
+
+    __slots__ = ("done", "stored")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.stored = False
 
 
 def _copy(value: Any) -> Any:

@@ -199,6 +199,10 @@ class PriceTable:
         """The cost in USD as the nearest float; 0 for an unknown model."""
         return float(self.exact_cost_usd(model, input_tokens, output_tokens))
 
+    def reset_after_fork(self) -> None:
+        """In a child after fork: a fresh lock (a parent thread may have held it at the fork)."""
+        self._warned_lock = threading.Lock()
+
     def _warn_unknown(self, model: str) -> None:
         with self._warned_lock:
             if model in self._warned or len(self._warned) >= _MAX_UNKNOWN_WARNINGS:
@@ -452,7 +456,17 @@ class InMemorySpendStore(SpendStore):
         return None
 
     def settle(self, reservation: Reservation, *, input_tokens: int, output_tokens: int, cost_usd: Decimal) -> None:
+        self._spend(reservation, input_tokens, output_tokens, cost_usd, release_usd=reservation.amount_usd)
+
+    def record_spend(self, reservation: Reservation, *, input_tokens: int, output_tokens: int,
+                     cost_usd: Decimal) -> None:
+        """Record one request whose reservation was held elsewhere (a shared store): no reservation to drop."""
+        self._spend(reservation, input_tokens, output_tokens, cost_usd, release_usd=_ZERO)
+
+    def _spend(self, reservation: Reservation, input_tokens: int, output_tokens: int, cost_usd: Decimal, *,
+               release_usd: Decimal) -> None:
         with self._ledger_lock:
+            self._roll_to(reservation.day)
             row = self._row(reservation.day, reservation.model)
             row.requests += 1
             row.input_tokens += input_tokens
@@ -463,7 +477,7 @@ class InMemorySpendStore(SpendStore):
                 pair = self._totals.get(key) if key[1] is not None else self._totals.setdefault(key, [_ZERO, _ZERO])
                 if pair is not None:
                     pair[0] += cost_usd
-                    pair[1] -= reservation.amount_usd
+                    pair[1] -= release_usd
 
     def cancel(self, reservation: Reservation) -> None:
         with self._ledger_lock:
@@ -641,6 +655,11 @@ class SpendLedger:
 
     def record_cache_hit(self, model: str) -> None:
         self.store.record_cache_hit(model, self.today())
+
+    def reset_after_fork(self) -> None:
+        """In a child after fork: fresh locks in the price table and the store, no parent reservations."""
+        self.prices.reset_after_fork()
+        self.store.reset_after_fork()
 
     def report(
         self,

@@ -200,7 +200,7 @@ def test_concurrent_identical_calls_make_one_api_call():
     assert cache.stats()["hits"] == 15
 
 
-def test_when_the_first_identical_call_fails_the_next_waiter_calls_again():
+def test_when_the_first_identical_call_fails_every_waiter_calls_at_once():
     gate = threading.Event()
     cache, call = ResponseCache(), Calls(fail=1, gate=gate)
     threads, results, errors = _run_identical(cache, call, 8)
@@ -208,9 +208,38 @@ def test_when_the_first_identical_call_fails_the_next_waiter_calls_again():
     gate.set()
     for t in threads:
         t.join(10)
-    assert call.count == 2  # the failure was not shared, and not cached
+    assert call.count == 8  # the failure was not shared, and not cached; no second round of waiting
     assert len(errors) == 1 and len(results) == 7
-    assert all(value == {"answer": 2} for value, _ in results)
+    assert sorted(value["answer"] for value, _ in results) == [2, 3, 4, 5, 6, 7, 8]
+    assert not any(hit for _, hit in results)
+    assert cache.stats()["waits"] == 7 and cache.stats()["stores"] == 7 and cache._pending == {}
+
+
+def test_an_answer_not_stored_wakes_every_waiter_to_call_in_parallel():
+    """A downgraded or fallback answer is not kept: the waiters must not queue one behind another."""
+    first_done, others = threading.Event(), threading.Event()
+    in_flight, lock = [], threading.Lock()
+
+    def call():
+        with lock:
+            in_flight.append(1)
+            n = len(in_flight)
+        assert (first_done if n == 1 else others).wait(10)
+        return {"answer": n}, False  # e.g. downgraded: must not be stored
+
+    cache = ResponseCache()
+    threads, results, errors = _run_identical(cache, call, 8)
+    assert wait_for(lambda: cache.stats()["waits"] == 7 and len(in_flight) == 1)
+    first_done.set()
+    # all 7 waiters are inside call() together, although none of them has returned yet
+    assert wait_for(lambda: len(in_flight) == 8)
+    others.set()
+    for t in threads:
+        t.join(10)
+    assert not errors and sorted(value["answer"] for value, _ in results) == list(range(1, 9))
+    stats = cache.stats()
+    assert (stats["misses"], stats["waits"], stats["stores"], stats["size"]) == (1, 7, 0, 0)
+    assert cache._pending == {}
 
 
 def test_waiter_gives_up_at_its_deadline():

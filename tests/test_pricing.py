@@ -458,3 +458,29 @@ def test_store_after_fork_has_a_fresh_lock_and_no_parent_reservations():
     finally:
         release.set()
         holder.join(10)
+
+
+def test_record_spend_counts_a_request_held_elsewhere_without_dropping_a_local_reservation():
+    store, day = InMemorySpendStore(), "2026-11-26"
+    capped = [pricing.Limit("gpt-4.1", "day", Decimal("1"))]
+    held = Reservation("gpt-4.1", day, 10, 10, Decimal("0.0004"))
+    assert store.try_reserve(held, capped) is None  # held here: makes the model's own totals
+    elsewhere = Reservation("gpt-4.1", day, 10, 10, Decimal("0.0003"))  # held in a shared store
+    store.record_spend(elsewhere, input_tokens=10, output_tokens=5, cost_usd=Decimal("0.00006"))
+    assert store._totals[(day, "gpt-4.1")] == [Decimal("0.00006"), Decimal("0.0004")]
+    assert store._totals[(day, None)] == [Decimal("0.00006"), Decimal("0.0004")]
+    store.settle(held, input_tokens=10, output_tokens=10, cost_usd=Decimal("0.0001"))
+    assert all(pair == [Decimal("0.00016"), 0] for pair in store._totals.values())
+    assert [(r.requests, r.input_tokens, r.output_tokens) for r in store.rows()] == [(2, 20, 15)]
+
+
+def test_ledger_after_fork_renews_the_price_tables_lock_and_the_store():
+    led = ledger(budget=Budget(daily_usd=1.0))
+    led.admit("gpt-4.1", msgs(400), {"max_tokens": 100})  # in flight in the "parent"
+    assert led.prices._warned_lock.acquire(timeout=1)  # held by a parent thread at fork time
+    led.reset_after_fork()  # what the Client's after-fork hook calls in the child
+    assert led.store.reserved_usd() == 0
+    renewed = led.prices._warned_lock
+    assert renewed.acquire(timeout=1)  # free in the child (a bounded check: no hang if it is not)
+    renewed.release()
+    assert led.prices.cost_usd("no-such-model", 10, 10) == 0.0  # warns, taking the lock

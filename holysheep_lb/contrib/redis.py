@@ -585,9 +585,9 @@ class RedisSpendStore(SpendStore):
 
     def settle(self, reservation: Reservation, *, input_tokens: int, output_tokens: int, cost_usd: Decimal) -> None:
         held_here = self._take_held_here(reservation)
-        if not held_here:
-            self._local.try_reserve(reservation, ())  # no caps: only so that settle has one to drop
-        self._local.settle(reservation, input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost_usd)
+        # the local mirror drops only a reservation it holds (one held in Redis was never added to it)
+        mirror = self._local.settle if held_here else self._local.record_spend
+        mirror(reservation, input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost_usd)
         self._record(reservation.model, reservation.day,
                      release=0 if held_here else _nano(reservation.amount_usd, ROUND_CEILING),
                      cost=_nano(cost_usd, ROUND_HALF_EVEN), requests=1,

@@ -25,7 +25,7 @@ from holysheep_lb.breakers import BreakerBoard  # noqa: E402
 from holysheep_lb.config import BreakerSettings  # noqa: E402
 from holysheep_lb.contrib.redis import RedisSharedState  # noqa: E402
 from holysheep_lb.errors import NoHealthyNodeError  # noqa: E402
-from holysheep_lb.pricing import InMemorySpendStore, Limit, Reservation, SpendRow  # noqa: E402
+from holysheep_lb.pricing import InMemorySpendStore, Limit, PriceTable, Reservation, SpendLedger, SpendRow  # noqa: E402
 from tests.conftest import FakeClock, wait_until  # noqa: E402
 from tests.integration.test_cost_control import MSGS, PER_CALL  # noqa: E402
 from tests.redis_server import INSTALL_HINT, RedisServer  # noqa: E402
@@ -398,3 +398,36 @@ def test_the_shared_limits_are_back_when_redis_returns(redis_binary, gateway_fac
             server.start()  # empty: a full shared bucket of 6, not the local 3
             assert calls(7) == ["ok"] * 6 + ["limited"]
             assert other_process.available() == pytest.approx(0, abs=0.05)
+
+
+def test_spend_settled_through_redis_leaves_the_local_per_model_cap_exact_for_the_next_outage(redis_binary):
+    clock = FakeClock()
+    budget = Budget(per_model={"gpt-4.1": {"daily_usd": 0.01}})  # 40 estimates of PER_CALL, and a bit
+    with RedisServer(redis_binary) as server:
+        state = RedisSharedState(server.url, prefix="mirror:", retry_interval_s=1.0, clock=clock)
+        store = state.spend_store
+        ledger = SpendLedger(PriceTable(), store=store, budget=budget, wall_clock=lambda: 1.78e9)
+
+        def local_reserved():
+            return [pair[1] for pair in store._local._totals.values()]
+
+        server.kill()  # 1) an outage: one call held locally makes the local per-model totals
+        ledger.cancel(ledger.admit("gpt-4.1", MSGS, {"max_tokens": 5}))
+        server.start()
+        clock.advance(1.0)  # 2) Redis is back: 10 calls reserved and settled through it
+        for _ in range(10):
+            reservation = ledger.admit("gpt-4.1", MSGS, {"max_tokens": 5})
+            ledger.settle(reservation, {"prompt_tokens": 104, "completion_tokens": 5})  # cost == estimate
+        assert state.status()["reachable"] and store.pending() == 0
+        assert local_reserved() and all(r == 0 for r in local_reserved())  # never below zero
+        server.kill()  # 3) the next outage: the $0.01 cap is held locally, knowing the 10 calls' spend
+        admitted = 0
+        with pytest.raises(BudgetExceededError) as refused:
+            for _ in range(100):
+                ledger.admit("gpt-4.1", MSGS, {"max_tokens": 5})
+                admitted += 1
+    assert admitted == 30  # (0.01 - 10 x PER_CALL) // PER_CALL, not 40
+    assert refused.value.scope == "gpt-4.1"
+    assert Decimal(str(refused.value.spent_usd)) == 10 * PER_CALL
+    assert Decimal(str(refused.value.reserved_usd)) == 30 * PER_CALL
+    assert all(r >= 0 for r in local_reserved())
