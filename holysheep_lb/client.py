@@ -260,7 +260,7 @@ class Client:
                 part.reset_after_fork()
         if self._health is not None:
             self._health.reset_after_fork()
-        self._ledger.store.reset_after_fork()
+        self._ledger.reset_after_fork()
         if self._cache is not None:
             self._cache.reset_after_fork()
         self._stream_stats.reset_after_fork()

@@ -392,12 +392,13 @@ def test_the_shared_limits_are_back_when_redis_returns(redis_binary, gateway_fac
                 return out
 
             assert calls(2) == ["ok", "ok"]
-            assert other_process.available() == pytest.approx(4, abs=0.05)  # shared
+            # shared (the bucket refills 0.1 token/s: 0.3 allows 3 s of a loaded machine)
+            assert other_process.available() == pytest.approx(4, abs=0.3)
             server.kill()
             assert calls(3) == ["ok"] * 3  # this process's own bucket: 3 of 6 left
             server.start()  # empty: a full shared bucket of 6, not the local 3
             assert calls(7) == ["ok"] * 6 + ["limited"]
-            assert other_process.available() == pytest.approx(0, abs=0.05)
+            assert other_process.available() == pytest.approx(0, abs=0.3)
 
 
 def test_spend_settled_through_redis_leaves_the_local_per_model_cap_exact_for_the_next_outage(redis_binary):
