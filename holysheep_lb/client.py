@@ -327,8 +327,8 @@ class Client:
             remaining_s = call_deadline - self._clock()
             if remaining_s <= 0:
                 raise AllAttemptsFailedError("deadline exceeded while waiting for an identical call", [])
-            method, body, headers, deadline = self._prepare("POST", path, payload, region=region,
-                                                            deadline_s=remaining_s, idempotency_key=idempotency_key)
+            method, body, headers, deadline = self._build("POST", payload, deadline_s=remaining_s,
+                                                          idempotency_key=idempotency_key)
             return self._run_chain(method, path, payload, body, headers, region=region, deadline=deadline,
                                    costs=costs)
 
@@ -444,13 +444,17 @@ class Client:
         if not isinstance(path, str) or not path.startswith("/") or any(c in path for c in "\r\n \t"):
             raise InvalidRequestError("path", path, "must start with '/' and contain no whitespace")
         _validate_call_options(region=region, deadline_s=deadline_s, idempotency_key=idempotency_key)
+        self._ensure_running()
+        return self._build(method.upper(), json, deadline_s=deadline_s, idempotency_key=idempotency_key)
+
+    def _build(self, method: str, json: Optional[Mapping[str, Any]], *, deadline_s: Optional[float],
+               idempotency_key: Optional[str]) -> Tuple[str, Optional[bytes], Dict[str, str], float]:
+        """(method, body, headers, deadline) for arguments already validated."""
         body = None if json is None else _encode_json(json)
         headers: Dict[str, str] = {}
-        if method.upper() != "GET":
+        if method != "GET":
             headers = {"Content-Type": "application/json", "Idempotency-Key": idempotency_key or uuid.uuid4().hex}
-        self._ensure_running()
-        deadline = self._clock() + (deadline_s or self.config.deadline_s)
-        return method.upper(), body, headers, deadline
+        return method, body, headers, self._clock() + (deadline_s or self.config.deadline_s)
 
     def _run_chain(self, method: str, path: str, json: Optional[Mapping[str, Any]],
                    body: Optional[bytes], headers: Dict[str, str], *, region: Optional[str],
@@ -502,8 +506,9 @@ class Client:
                      costs: Optional[ModelCosts] = None) -> ChatStream:
         """Open a chat stream: the attempt loop runs until a first chunk, then a ChatStream owns the node."""
         path = "/chat/completions"
-        method, body, headers, deadline = self._prepare("POST", path, payload, region=region,
-                                                        deadline_s=deadline_s, idempotency_key=idempotency_key)
+        # chat_completion validated the arguments and checked the client is open
+        method, body, headers, deadline = self._build("POST", payload, deadline_s=deadline_s,
+                                                      idempotency_key=idempotency_key)
         headers.update(STREAM_HEADERS)
         cfg = self.config
         clock = self._clock
