@@ -803,6 +803,8 @@ class Client:
             "hedges": None if self._hedger is None else self._hedger.stats(),
             "rate_limits": self._chain.limits.snapshot() if self._chain.limits is not None else {},
             "streams": self._stream_stats.snapshot(),
+            "health": None if self._health is None else {
+                "rounds": self._health.rounds, "probe_errors_raised": self._health.loop_errors},
             "cache": self._cache.stats() if self._cache is not None else None,
         }
 

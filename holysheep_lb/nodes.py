@@ -306,6 +306,8 @@ class NodeState:
             "ejected_for_s": None if self.ejected_until is None else max(0.0, self.ejected_until - now),
             "throttled_for_s": max(0.0, self.throttled_until - now),
             "down": self.down,
+            "probes": self.probes,
+            "probe_failures": self.probe_errors,
             "last_probe_ago_s": None if self.last_probe_at is None else max(0.0, now - self.last_probe_at),
             "last_probe_ok": self.last_probe_ok,
             "last_probe_error": self.last_probe_error,

@@ -44,6 +44,7 @@ def test_down_after_n_failed_probes_and_up_after_m_good_ones(four_nodes, make_cl
     assert state()["reason"] == "down"  # one good probe is not enough (the seed's defect)
     checker.probe_all()
     assert state()["usable"] and state()["probe_latency_ms"] is not None
+    assert (state()["probes"], state()["probe_failures"]) == (5, 3)
     assert four_nodes.request_count("b", "/v1/models") == 2
 
 
@@ -60,6 +61,8 @@ def test_probe_that_raises_never_kills_the_thread(four_nodes, make_client):
     rounds = checker.rounds
     assert _wait_until(lambda: checker.rounds > rounds + 2)
     assert checker.running
+    health = client.stats()["health"]
+    assert health["probe_errors_raised"] >= 3 and health["rounds"] >= rounds + 2
 
 
 def test_close_stops_the_thread_within_a_second(four_nodes):
