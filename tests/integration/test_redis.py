@@ -376,7 +376,10 @@ def test_redis_killed_mid_run_calls_go_on_with_one_warning(redis_binary, gateway
 def test_the_shared_limits_are_back_when_redis_returns(redis_binary, gateway_factory):
     gw = gateway_factory([{"id": "a"}])
     with RedisServer(redis_binary) as server:
-        state = RedisSharedState(server.url, prefix="back:", retry_interval_s=0.01)
+        # The state's clock decides when Redis is tried again after a failure; a fake
+        # one makes "back" a step of the test rather than a race with the real clock.
+        state_clock = FakeClock()
+        state = RedisSharedState(server.url, prefix="back:", retry_interval_s=1.0, clock=state_clock)
         other_process = RedisSharedState(server.url, prefix="back:").rate_limiter_factory("requests", 0.1, 6)
         with Client(nodes=gw.client_nodes(), health_check_interval_s=None, requests_per_minute=6, deadline_s=1.0,
                     **state.client_options()) as client:
@@ -397,7 +400,9 @@ def test_the_shared_limits_are_back_when_redis_returns(redis_binary, gateway_fac
             server.kill()
             assert calls(3) == ["ok"] * 3  # this process's own bucket: 3 of 6 left
             server.start()  # empty: a full shared bucket of 6, not the local 3
+            state_clock.advance(1.0)  # the retry interval has passed: the next call tries Redis
             assert calls(7) == ["ok"] * 6 + ["limited"]
+            assert state.status()["reachable"]
             assert other_process.available() == pytest.approx(0, abs=0.3)
 
 
