@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Type
 from cachetools import TTLCache
 
 from .errors import AllAttemptsFailedError, ConfigError, InvalidRequestError
+from .suggest import unknown_option
 
 __all__ = ["ResponseCache", "cache_key", "check_cache_option", "make_cache"]
 
@@ -194,9 +195,9 @@ def check_cache_option(value: Any) -> Any:
     if isinstance(value, ResponseCache):
         return value
     if isinstance(value, Mapping):
-        unknown = sorted(set(value) - {"maxsize", "ttl_s"})
+        unknown = sorted(set(value) - {"maxsize", "ttl_s"}, key=repr)
         if unknown:
-            raise ConfigError("cache", unknown[0], "unknown cache option; allowed: maxsize, ttl_s")
+            raise unknown_option("cache", unknown[0], ("maxsize", "ttl_s"), what="cache option")
         ResponseCache(**value)  # validates
         return dict(value)
     raise ConfigError("cache", value, "must be None, True, {'maxsize': n, 'ttl_s': s} or a ResponseCache")

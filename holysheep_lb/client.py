@@ -48,7 +48,6 @@ from .errors import (
     AllAttemptsFailedError,
     Attempt,
     CircuitOpenError,
-    ConfigError,
     HolySheepError,
     InvalidRequestError,
     NoHealthyNodeError,
@@ -65,6 +64,7 @@ from .response import Response
 from .retry import RETRY_BUDGET_EXHAUSTED, RetryBudget, RetryPolicy
 from .selection import Selector, make_strategy
 from .stats import LatencyHistogram, failure_kind
+from .suggest import unknown_option
 from .streaming import STREAM_HEADERS, CannedStream, ChatStream, OpenedStream, StreamOutcome, StreamReaper, StreamStats, open_stream
 from .transport import Transport
 
@@ -125,9 +125,9 @@ class Client:
         **options: Any,
     ) -> None:
         unknown = sorted(set(options) - CLIENT_OPTIONS - {"nodes", "api_key"})
-        if unknown:
-            raise ConfigError(unknown[0], options[unknown[0]],
-                              f"unknown Client option; known options: {sorted(CLIENT_OPTIONS - {'nodes'})}")
+        if unknown:  # by name only: the value of a misspelt api_key is the key
+            raise unknown_option(None, unknown[0], CLIENT_OPTIONS, what="Client option",
+                                 reference="see help(holysheep_lb.ClientConfig) for every option")
         if api_key is None:
             api_key = os.environ.get(API_KEY_ENV) or None
         self.config = ClientConfig(nodes=parse_nodes(nodes), api_key=api_key, **options)
@@ -141,7 +141,8 @@ class Client:
         self._timeouts = (cfg.connect_timeout_s, cfg.read_timeout_s)
         states = [
             NodeState(node, Transport(node, api_key=cfg.api_key, pool_maxsize=cfg.pool_maxsize,
-                                      max_response_bytes=cfg.max_response_bytes, verify=cfg.verify))
+                                      max_response_bytes=cfg.max_response_bytes, verify=cfg.verify,
+                                      allow_insecure_http=cfg.allow_insecure_http))
             for node in cfg.nodes
         ]
         strategy = make_strategy(cfg.strategy)

@@ -1,8 +1,10 @@
 """Frozen, validated settings: nodes and client options, from code, env or a mapping.
 
 Every invalid setting raises :class:`ConfigError` (also a ``ValueError``) naming the
-field, the bad value and what is allowed. Validation happens once, at construction,
-so nothing on the request path re-checks settings.
+field, the bad value and what is allowed; a value that may be a secret (an API key, a
+header, an unknown option, a URL's password) is never shown. Validation happens once,
+at construction, so nothing on the request path re-checks settings. Node URLs are
+normalised here (lower-case scheme and host) and every later check reads that form.
 """
 
 from __future__ import annotations
@@ -14,22 +16,23 @@ import os
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from .cache import check_cache_option
-from .errors import ConfigError
+from .errors import REDACTED, ConfigError
 from .models import ModelRouter
 from .pricing import Budget, PriceTable, SpendStore
+from .suggest import unknown_option
 
-__all__ = ["Node", "ClientConfig", "BreakerSettings", "DEFAULT_BASE_URL", "is_loopback_url", "parse_nodes"]
+__all__ = ["Node", "ClientConfig", "BreakerSettings", "DEFAULT_BASE_URL", "is_loopback_url", "is_cleartext_url",
+           "check_proxy", "parse_nodes"]
 
 DEFAULT_BASE_URL = "https://api.holysheep.ai/v1"
 API_KEY_ENV = "HOLYSHEEP_API_KEY"
 NODES_ENV = "HOLYSHEEP_NODES"
 BASE_URL_ENV = "HOLYSHEEP_BASE_URL"
 
-
-_REDACTED = "<redacted>"
+_REDACTED = REDACTED
 
 
 def _check_header_text(field_name: str, value: Any, *, secret: bool = False) -> None:
@@ -40,8 +43,9 @@ def _check_header_text(field_name: str, value: Any, *, secret: bool = False) -> 
     """
     shown = _REDACTED if secret else value
     if not isinstance(value, str):
-        raise ConfigError(field_name, shown if isinstance(value, (str, bytes)) else value,
-                          "must be a string")
+        # a key in the wrong shape (api_key=[key], bytes) is still a key: name the type only
+        raise ConfigError(field_name, _REDACTED if secret or isinstance(value, bytes) else value,
+                          f"must be a string, not {type(value).__name__}")
     if any(c in value for c in "\r\n\x00"):
         # A CR/LF would let a value inject a second header into the request.
         raise ConfigError(field_name, shown, "must not contain CR, LF or NUL characters")
@@ -73,13 +77,71 @@ def _check_int(name: str, value: Any, *, minimum: int) -> None:
 
 def is_loopback_url(url: str) -> bool:
     """True when ``url`` points at this machine (127.0.0.0/8, ::1 or localhost)."""
-    host = urlsplit(url).hostname or ""
+    host = urlsplit(url).hostname or ""  # hostname is lower-case
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def is_cleartext_url(url: str) -> bool:
+    """True for an ``http://`` URL (the scheme in any case): what is sent there can be read."""
+    return urlsplit(url).scheme == "http"  # urlsplit lower-cases the scheme
+
+
+def _check_text(name: str, value: Any) -> None:
+    """A node id or region: a non-empty printable string (it goes into logs and stats)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(name, value, "must be a non-empty string")
+    if not value.isprintable():
+        # a newline or escape sequence would let a config value forge log lines
+        raise ConfigError(name, value, "must not contain control characters (or other non-printable ones)")
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` with any ``user:password@`` replaced, for error messages."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority_end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority = rest[:authority_end]
+    if "@" not in authority:
+        return url
+    return f"{scheme}://<credentials>@{authority.rpartition('@')[2]}{rest[authority_end:]}"
+
+
+def check_proxy(node: "Node", proxy_url: Optional[str], *, sends_key: bool, allow_insecure_http: bool) -> None:
+    """Refuse a proxy that would read ``node``'s API key in cleartext.
+
+    A request to an ``http://`` node through a proxy is handed to the proxy as plain
+    HTTP, Authorization header included (an ``https://`` node is reached with CONNECT:
+    the key stays inside TLS). Like a cleartext node, that is refused unless the proxy
+    is on this machine, is reached over TLS, or ``allow_insecure_http`` is set.
+    """
+    if proxy_url is not None and "://" not in proxy_url:
+        proxy_url = "http://" + proxy_url  # as requests reads a proxy given without a scheme
+    if (proxy_url is None or not sends_key or allow_insecure_http or not is_cleartext_url(node.base_url)
+            or urlsplit(proxy_url).scheme == "https" or is_loopback_url(proxy_url)):
+        return
+    parts = urlsplit(proxy_url)
+    host = parts.hostname or "?"
+    shown = f"{parts.scheme}://{'[' + host + ']' if ':' in host else host}" + (
+        f":{parts.port}" if _port_or_none(parts) is not None else "")
+    raise ConfigError(
+        f"node[{node.id}].base_url", node.base_url,
+        f"requests to this http:// node would go through the proxy {shown} (from the environment) in "
+        "cleartext: the proxy would see the API key; use https://, a loopback proxy, NO_PROXY, "
+        "or pass allow_insecure_http=True",
+    )
+
+
+def _port_or_none(parts: Any) -> Optional[int]:
+    try:
+        return parts.port
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -99,19 +161,17 @@ class Node:
     headers: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)  # may carry credentials
 
     def __post_init__(self) -> None:
-        if not isinstance(self.id, str) or not self.id.strip():
-            raise ConfigError("node.id", self.id, "must be a non-empty string")
+        _check_text("node.id", self.id)
         where = f"node[{self.id}]"
-        if not isinstance(self.region, str) or not self.region.strip():
-            raise ConfigError(f"{where}.region", self.region, "must be a non-empty string")
+        _check_text(f"{where}.region", self.region)
         object.__setattr__(self, "base_url", _validate_base_url(f"{where}.base_url", self.base_url))
         _check_number(f"{where}.weight", self.weight, strict=True)
         if self.api_key is not None:
             _check_header_text(f"{where}.api_key", self.api_key, secret=True)
             if not self.api_key:
                 raise ConfigError(f"{where}.api_key", "", "must be non-empty or None")
-        if not isinstance(self.headers, Mapping):
-            raise ConfigError(f"{where}.headers", self.headers, "must be a mapping of str to str")
+        if not isinstance(self.headers, Mapping):  # its items may hold credentials: not shown
+            raise ConfigError(f"{where}.headers", type(self.headers).__name__, "must be a mapping of str to str")
         for k, v in self.headers.items():
             _check_header_text(f"{where}.headers key", k)
             _check_header_text(f"{where}.headers[{k}]", v, secret=True)
@@ -128,9 +188,9 @@ class Node:
         if not isinstance(value, Mapping):
             raise ConfigError(f"nodes[{index}]", type(value).__name__, "must be a Node or a dict")
         allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - allowed)
+        unknown = sorted(set(value) - allowed, key=repr)
         if unknown:
-            raise ConfigError(f"nodes[{index}]", unknown[0], f"unknown key; allowed keys: {sorted(allowed)}")
+            raise unknown_option(f"nodes[{index}]", unknown[0], allowed, what="node key")
         data = dict(value)
         if "id" not in data or "base_url" not in data:
             missing = "id" if "id" not in data else "base_url"
@@ -139,20 +199,33 @@ class Node:
 
 
 def _validate_base_url(name: str, url: Any) -> str:
+    """The URL in its one normalised form: scheme and host lower-case, no trailing slash."""
     if not isinstance(url, str):
-        raise ConfigError(name, url, "must be an http:// or https:// URL string")
-    if url != url.strip() or any(c.isspace() for c in url):
-        raise ConfigError(name, url, "must not contain whitespace")
-    parts = urlsplit(url)
+        raise ConfigError(name, type(url).__name__, "must be an http:// or https:// URL string")
+    shown = _without_userinfo(url)  # every message below: a password in the URL is never echoed
+    if shown != url:
+        raise ConfigError(name, shown, "credentials in the URL are not allowed; use api_key or node headers")
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise ConfigError(name, url, "must not contain whitespace or control characters")
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unbalanced "[" in the host
+        raise ConfigError(name, url, "must be an http:// or https:// URL with a host") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(name, url, "must be an http:// or https:// URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(name, shown, "credentials in the URL are not allowed; use api_key or node headers")
     if parts.query or parts.fragment:
         raise ConfigError(name, url, "must not have a query or fragment")
     try:
-        parts.port  # raises on a non-numeric port
+        port = parts.port  # raises on a non-numeric or out-of-range port
     except ValueError:
         raise ConfigError(name, url, "has an invalid port") from None
-    return url.rstrip("/")
+    host = parts.hostname  # lower-case, brackets of an IPv6 address removed
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None:
+        netloc += f":{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", "")).rstrip("/")
 
 
 @dataclass(frozen=True)
@@ -182,9 +255,9 @@ class BreakerSettings:
         if not isinstance(value, Mapping):
             raise ConfigError(name, value, "must be BreakerSettings, a dict of its fields, True, False or None")
         allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - allowed)
+        unknown = sorted(set(value) - allowed, key=repr)
         if unknown:
-            raise ConfigError(name, unknown[0], f"unknown key; allowed keys: {sorted(allowed)}")
+            raise unknown_option(name, unknown[0], allowed, what="breaker setting")
         try:
             return cls(**value)
         except ConfigError as exc:
@@ -196,7 +269,8 @@ def parse_nodes(nodes: Any) -> Tuple[Node, ...]:
     if nodes is None:
         return (Node(id="holysheep", base_url=DEFAULT_BASE_URL, region="global"),)
     if isinstance(nodes, (str, bytes, Mapping)) or not isinstance(nodes, Sequence):
-        raise ConfigError("nodes", nodes, "must be a list of Node objects or dicts")
+        # not echoed: a lone node dict may hold its api_key
+        raise ConfigError("nodes", type(nodes).__name__, "must be a list of Node objects or dicts")
     if not nodes:
         raise ConfigError("nodes", nodes, "must contain at least one node")
     parsed = tuple(Node.from_value(v, i) for i, v in enumerate(nodes))
@@ -244,7 +318,7 @@ class ClientConfig:
     stream_stall_timeout_s: float = 60.0
     default_model: Optional[str] = None
     default_region: Optional[str] = None
-    verify: Union[bool, str] = True
+    verify: Union[bool, str] = True  # True, False or a CA bundle file/directory (a PathLike becomes a str)
     allow_insecure_http: bool = False
     panic_threshold: float = 0.5
     # passive ejection (see nodes.py)
@@ -312,8 +386,9 @@ class ClientConfig:
             if value is not None and (not isinstance(value, str) or not value):
                 raise ConfigError(name, value, "must be a non-empty string or None")
         _check_resilience(self)
-        if not isinstance(self.verify, (bool, str)):
-            raise ConfigError("verify", self.verify, "must be True, False or a CA bundle path")
+        object.__setattr__(self, "verify", _check_verify(self.verify))
+        if not isinstance(self.allow_insecure_http, bool):
+            raise ConfigError("allow_insecure_http", self.allow_insecure_http, "must be True or False")
         for node in self.nodes:
             key = node.api_key or self.api_key
             loopback = is_loopback_url(node.base_url)
@@ -323,13 +398,33 @@ class ClientConfig:
                     f"node {node.id} ({node.base_url}) needs an API key: pass api_key=... "
                     f"or set the {API_KEY_ENV} environment variable",
                 )
-            if (key is not None and node.base_url.startswith("http://") and not loopback
+            if (key is not None and is_cleartext_url(node.base_url) and not loopback
                     and not self.allow_insecure_http):
                 raise ConfigError(
                     f"node[{node.id}].base_url", node.base_url,
                     "would send the API key over plain http:// to a non-loopback host; "
                     "use https:// or pass allow_insecure_http=True",
                 )
+
+
+def _check_verify(verify: Any) -> Union[bool, str]:
+    """True, False or an existing CA bundle file or directory (as a str).
+
+    Anything else is refused: requests reads any false value, "" included, as "do not
+    verify", which would hand the key to whoever answers.
+    """
+    if isinstance(verify, bool):
+        return verify
+    if isinstance(verify, (str, os.PathLike)) and not isinstance(os.fspath(verify), bytes):
+        path = os.fspath(verify)
+        if not path.strip():
+            raise ConfigError("verify", path, "must be True, False or a CA bundle path; an empty path is not "
+                                              "False (verify=False turns verification off, which is unsafe)")
+        if os.path.exists(path):
+            return path
+        raise ConfigError("verify", path, "must be True, False or the path of an existing CA bundle "
+                                          "file or directory (this path does not exist)")
+    raise ConfigError("verify", verify, "must be True, False or the path of a CA bundle file or directory")
 
 
 def _check_resilience(cfg: ClientConfig) -> None:
@@ -365,7 +460,10 @@ def _check_resilience(cfg: ClientConfig) -> None:
     limits: Dict[str, Mapping[str, float]] = {}
     for model, spec in model_map("model_rate_limits", cfg.model_rate_limits).items():
         allowed = ("requests_per_minute", "tokens_per_minute")
-        if not isinstance(spec, Mapping) or not spec or set(spec) - set(allowed):
+        if isinstance(spec, Mapping) and set(spec) - set(allowed):
+            raise unknown_option(f"model_rate_limits[{model}]", min(set(spec) - set(allowed), key=repr),
+                                 allowed, what="rate limit")
+        if not isinstance(spec, Mapping) or not spec:
             raise ConfigError(f"model_rate_limits[{model}]", spec, f"must be a dict with keys from {allowed}")
         for key, value in spec.items():
             _check_number(f"model_rate_limits[{model}].{key}", value, strict=True)
@@ -420,6 +518,6 @@ def config_from_mapping(mapping: Mapping[str, Any]) -> Dict[str, Any]:
 
     Keys are the Client's keyword arguments; unknown keys are an error, not ignored.
     """
-    if not isinstance(mapping, Mapping):
-        raise ConfigError("mapping", mapping, "must be a dict of Client options")
+    if not isinstance(mapping, Mapping):  # not echoed: it may hold the key
+        raise ConfigError("mapping", type(mapping).__name__, "must be a dict of Client options")
     return dict(mapping)

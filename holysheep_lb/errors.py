@@ -35,7 +35,7 @@ Messages never contain the API key: nothing here is given one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 __all__ = [
     "HolySheepError",
@@ -66,8 +66,24 @@ __all__ = [
 ]
 
 
+REDACTED = "<redacted>"  # shown instead of a value that may be a secret
+
+
+def _rebuild(cls: type, args: Tuple[Any, ...], state: Dict[str, Any]) -> BaseException:
+    error: BaseException = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
 class HolySheepError(Exception):
     """Base of every error raised by holysheep_lb."""
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        # Unpickling calls cls(*args) by default, which fails for every subclass whose
+        # __init__ takes other arguments than its message (results of Client.map() cross
+        # processes): rebuild from the message and the attributes instead.
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
 
 class APIError(HolySheepError):
@@ -317,13 +333,17 @@ class SharedStateUnavailableError(HolySheepError):
 
 
 class ConfigError(HolySheepError, ValueError):
-    """A setting is invalid. The message names the field, the bad value and what is allowed."""
+    """A setting is invalid. The message names the field, the bad value and what is allowed.
 
-    def __init__(self, field: str, value: Any, allowed: str) -> None:
+    A value that may be a secret is never shown nor kept: ``value`` is then ``"<redacted>"``
+    or a description; ``message`` replaces the default wording.
+    """
+
+    def __init__(self, field: str, value: Any, allowed: str, *, message: Optional[str] = None) -> None:
         self.field = field
         self.value = value
         self.allowed = allowed
-        super().__init__(f"{field}: invalid value {_short(value)}; {allowed}")
+        super().__init__(message or f"{field}: invalid value {_short(value)}; {allowed}")
 
 
 class InvalidRequestError(HolySheepError, ValueError):

@@ -47,6 +47,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import BudgetExceededError, ConfigError, InvalidRequestError
+from .suggest import unknown_option
 
 __all__ = [
     "PRICES_TAKEN_ON",
@@ -298,9 +299,10 @@ class Budget:
             if not isinstance(model, str) or not model:
                 raise ConfigError("budget.per_model", model, "model names must be non-empty strings")
             if isinstance(cap, Mapping):
-                unknown = sorted(set(cap) - {"daily_usd", "monthly_usd"})
+                unknown = sorted(set(cap) - {"daily_usd", "monthly_usd"}, key=repr)
                 if unknown:
-                    raise ConfigError(f"budget.per_model[{model}]", dict(cap), "allowed keys: daily_usd, monthly_usd")
+                    raise unknown_option(f"budget.per_model[{model}]", unknown[0], ("daily_usd", "monthly_usd"),
+                                         what="budget cap")
                 cap = BudgetCap(**cap)
             if not isinstance(cap, BudgetCap):
                 raise ConfigError(f"budget.per_model[{model}]", cap, "must be a BudgetCap or a dict")
@@ -316,10 +318,10 @@ class Budget:
         if value is None or isinstance(value, Budget):
             return value
         if isinstance(value, Mapping):
-            unknown = sorted(set(value) - {"daily_usd", "monthly_usd", "per_model", "on_exceeded",
-                                           "assumed_output_tokens"})
+            known = ("daily_usd", "monthly_usd", "per_model", "on_exceeded", "assumed_output_tokens")
+            unknown = sorted(set(value) - set(known), key=repr)
             if unknown:
-                raise ConfigError("budget", unknown[0], "unknown Budget field")
+                raise unknown_option("budget", unknown[0], known, what="Budget field")
             return cls(**value)
         raise ConfigError("budget", value, "must be None, a Budget or a dict of its fields")
 

@@ -9,6 +9,8 @@ Per-node sessions are built for thread pools: the connection pool holds
 retries on *another* node instead), redirects are never followed (an Authorization
 header must not travel to another host), and ``trust_env`` is off: proxies and the CA
 bundle are read from the environment once per node here instead of on every request.
+A proxy that would read the API key in cleartext is refused at construction
+(:func:`holysheep_lb.config.check_proxy`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from requests.structures import CaseInsensitiveDict
 from urllib3.util.retry import Retry
 
 from . import __version__
-from .config import Node
+from .config import Node, check_proxy
 from .errors import (
     APIConnectionError,
     APIError,
@@ -99,6 +101,7 @@ class Transport:
         pool_maxsize: int,
         max_response_bytes: int,
         verify: Union[bool, str] = True,
+        allow_insecure_http: bool = False,
     ) -> None:
         self.node = node
         self._api_key = node.api_key or api_key
@@ -107,6 +110,12 @@ class Transport:
         self.max_response_bytes = max_response_bytes
         self._urls: Dict[str, str] = {}
         self.session = self._new_session()
+        check_proxy(node, self.proxy_url, sends_key=bool(self._api_key), allow_insecure_http=allow_insecure_http)
+
+    @property
+    def proxy_url(self) -> Optional[str]:
+        """The proxy this node's requests go through (from the environment), or None."""
+        return requests.utils.select_proxy(self.node.base_url, self.session.proxies)
 
     def __repr__(self) -> str:
         return f"<Transport node={self.node.id} base_url={self.node.base_url}>"

@@ -132,3 +132,155 @@ def test_bad_nodes_json_is_not_echoed():
 def test_node_headers_stay_out_of_reprs(make_client):
     client = make_client([{**GOOD, "headers": {"api-key": "azure-secret-123"}}])
     assert "azure-secret-123" not in repr(client.config) and "azure-secret-123" not in repr(client)
+
+
+# -- URLs: one normalised form, then every check -------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["HTTP://gw.example/v1", "Http://gw.example/v1", "hTTp://GW.EXAMPLE/v1"])
+def test_the_cleartext_guard_does_not_depend_on_the_case_of_the_scheme(url):
+    with pytest.raises(ConfigError, match="allow_insecure_http"):
+        Client(api_key=API_KEY, nodes=[{"id": "a", "base_url": url}], health_check_interval_s=None)
+
+
+def test_base_urls_are_normalised_to_a_lower_case_scheme_and_host():
+    assert Node(id="a", base_url="HTTPS://GW.Example:8443/V1/").base_url == "https://gw.example:8443/V1"
+    assert Node(id="a", base_url="HTTP://[::1]:8080/v1").base_url == "http://[::1]:8080/v1"
+    assert Node(id="a", base_url="Http://LocalHost:8080/v1").base_url == "http://localhost:8080/v1"
+
+
+def test_an_upper_case_loopback_url_is_still_loopback(monkeypatch):
+    monkeypatch.delenv("HOLYSHEEP_API_KEY", raising=False)
+    Client(nodes=[{"id": "a", "base_url": "HTTP://LOCALHOST:1/v1"}], health_check_interval_s=None).close()
+
+
+@pytest.mark.parametrize("url", ["https://user:hunter2pass@gw.example/v1", "https://:hunter2pass@gw.example/v1",
+                                 "HTTPS://user:hunter2pass@GW.example:443/v1", "https://hunter2pass@gw.example/v1",
+                                 "https://user:hunter2pass@gw.example /v1"])
+def test_credentials_in_a_node_url_are_refused_without_echoing_them(url):
+    with pytest.raises(ConfigError, match="credentials in the URL are not allowed") as info:
+        Client(api_key=API_KEY, nodes=[{"id": "a", "base_url": url}], health_check_interval_s=None)
+    assert "hunter2pass" not in str(info.value) and "hunter2pass" not in repr(info.value.value)
+    assert "base_url" in str(info.value)
+
+
+@pytest.mark.parametrize("field, node", [
+    ("node.id", {**GOOD, "id": "a\nINFO forged log line"}),
+    ("node.id", {**GOOD, "id": "a\rb"}),
+    ("node.id", {**GOOD, "id": "a\x00b"}),
+    ("node.id", {**GOOD, "id": "a\x1b[31mred"}),
+    ("node.id", {**GOOD, "id": "a\u2028b"}),
+    ("region", {**GOOD, "region": "us-east\n1"}),
+    ("region", {**GOOD, "region": "eu\x7f"}),
+])
+def test_control_characters_in_node_ids_and_regions_are_refused(field, node):
+    with pytest.raises(ConfigError, match="control") as info:
+        Client(api_key=API_KEY, nodes=[node], health_check_interval_s=None)
+    assert field in info.value.field
+    assert "\n" not in str(info.value) and "\r" not in str(info.value) and "\x00" not in str(info.value)
+
+
+def test_printable_ids_and_regions_with_spaces_and_unicode_are_accepted(make_client):
+    client = make_client([{**GOOD, "id": "Zürich 1", "region": "eu central"}])
+    assert client.nodes()[0]["id"] == "Zürich 1"
+
+
+@pytest.mark.parametrize("url", ["http://[::1/v1", "https://a.example/v1\x00", "https://a.exa\x1bmple/v1",
+                                 "https://a.example:99999/v1", "https://a.example:port/v1"])
+def test_malformed_base_urls_are_config_errors(url):
+    with pytest.raises(ConfigError, match="base_url"):
+        Node(id="a", base_url=url)
+
+
+@pytest.mark.parametrize("value", ["no", "false", 0, 1, None])
+def test_allow_insecure_http_must_be_a_bool(value):
+    # "no" is truthy: it would have switched the guard off
+    with pytest.raises(ConfigError, match="allow_insecure_http"):
+        Client(api_key=API_KEY, nodes=[GOOD], health_check_interval_s=None, allow_insecure_http=value)
+
+
+# -- verify ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("verify", ["", "   ", "/no/such/ca-bundle.pem", 0, 1, None, b"/etc", ["/etc"]])
+def test_verify_accepts_only_true_false_or_an_existing_path(verify):
+    with pytest.raises(ConfigError) as info:
+        Client(api_key=API_KEY, nodes=[GOOD], health_check_interval_s=None, verify=verify)
+    assert info.value.field == "verify"
+
+
+def test_verify_takes_a_bundle_file_or_directory_as_str_or_pathlike(make_client, tmp_path):
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("not checked here")
+    for verify in (True, False, str(bundle), bundle, tmp_path):
+        client = make_client([GOOD], verify=verify)
+        expected = verify if isinstance(verify, bool) else str(verify)
+        assert client.config.verify == expected and type(client.config.verify) is type(expected)
+
+
+# -- unknown options: the closest name, never the value --------------------------------------------
+
+
+@pytest.mark.parametrize("name, suggestion", [
+    ("apikey", "api_key"), ("API_KEY", "api_key"), ("apiKey", "api_key"), ("key", "api_key"),
+    ("token", "api_key"), ("health_check_interval", "health_check_interval_s"),
+    ("max_retrys", "max_retries"), ("readtimeout", "read_timeout_s"), ("Verify", "verify"),
+])
+def test_an_unknown_option_names_the_closest_one_and_never_its_value(name, suggestion):
+    value = "sk-misspelt-VALUE-9f8e7d"
+    with pytest.raises(ConfigError) as info:
+        Client(api_key=API_KEY, nodes=[GOOD], health_check_interval_s=None, **{name: value})
+    text = str(info.value)
+    assert f"did you mean `{suggestion}`?" in text and name in text
+    assert value not in text and value not in repr(info.value.args) and info.value.value != value
+    assert "connect_timeout_s" not in text or suggestion == "connect_timeout_s"  # no list of every option
+    assert len(text) < 200
+
+
+def test_an_unknown_option_with_nothing_close_points_to_the_documentation():
+    with pytest.raises(ConfigError, match="ClientConfig") as info:
+        Client(api_key=API_KEY, nodes=[GOOD], health_check_interval_s=None, zzzz=1)
+    assert "zzzz" in str(info.value) and len(str(info.value)) < 200
+
+
+@pytest.mark.parametrize("kwargs, suggestion", [
+    ({"nodes": [{**GOOD, "baseurl": "https://b.example/v1"}]}, "base_url"),
+    ({"nodes": [{**GOOD, "apikey": "sk-node"}]}, "api_key"),
+    ({"breaker": {"failmax": 3}}, "fail_max"),
+    ({"node_breakers": {"reset_timeout": 3}}, "reset_timeout_s"),
+    ({"model_breakers": {"m": {"success_treshold": 2}}}, "success_threshold"),
+    ({"model_rate_limits": {"m": {"request_per_minute": 5}}}, "requests_per_minute"),
+    ({"cache": {"max_size": 5}}, "maxsize"),
+    ({"cache": {"ttl": 5}}, "ttl_s"),
+    ({"budget": {"daily": 5}}, "daily_usd"),
+    ({"budget": {"per_model": {"m": {"monthly": 5}}}}, "monthly_usd"),
+])
+def test_unknown_keys_of_nested_options_name_the_closest_key(kwargs, suggestion):
+    kwargs.setdefault("nodes", [GOOD])
+    with pytest.raises(ConfigError) as info:
+        Client(api_key=API_KEY, health_check_interval_s=None, **kwargs)
+    assert f"did you mean `{suggestion}`?" in str(info.value)
+    assert "sk-node" not in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"api_key": [API_KEY]}, {"api_key": (API_KEY,)}, {"api_key": {"key": API_KEY}}, {"api_key": API_KEY.encode()},
+    {"nodes": [{**GOOD, "api_key": [API_KEY]}]}, {"nodes": [{**GOOD, "headers": {"api-key": [API_KEY]}}]},
+    {"nodes": [{**GOOD, "headers": [("api-key", API_KEY)]}]}, {"nodes": {**GOOD, "api_key": API_KEY}},
+])
+def test_a_key_of_the_wrong_type_is_never_echoed(kwargs):
+    kwargs.setdefault("api_key", "sk-other")
+    kwargs.setdefault("nodes", [GOOD])
+    with pytest.raises(ConfigError) as info:
+        Client(health_check_interval_s=None, **kwargs)
+    for text in (str(info.value), repr(info.value.value), repr(info.value.args)):
+        assert API_KEY not in text and "SECRET" not in text
+
+
+def test_from_mapping_with_a_misspelt_key_never_echoes_it():
+    with pytest.raises(ConfigError, match="did you mean `api_key`") as info:
+        Client.from_mapping({"apiKey": API_KEY, "nodes": [GOOD], "health_check_interval_s": None})
+    assert API_KEY not in str(info.value) and info.value.value != API_KEY
+    with pytest.raises(ConfigError) as info:
+        Client.from_mapping([("api_key", API_KEY)])  # type: ignore[arg-type]
+    assert API_KEY not in str(info.value) and API_KEY not in repr(info.value.value)

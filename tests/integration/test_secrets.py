@@ -137,6 +137,13 @@ def test_config_errors_never_echo_the_key():
         {"nodes": [{"id": "a", "base_url": "http://gw.example/v1"}]},
         {"nodes": [{"id": "a", "base_url": "https://a.example/v1", "weight": -1, "api_key": SECRET}]},
         {"retries": 3},
+        {"apikey": SECRET}, {"API_KEY": SECRET}, {"token": SECRET}, {"key": SECRET}, {"apiKey": SECRET},
+        {"api_key": [SECRET]}, {"api_key": {"value": SECRET}},
+        {"nodes": [{"id": "a", "base_url": "https://a.example/v1", "apikey": SECRET}]},
+        {"nodes": [{"id": "a", "base_url": "https://a.example/v1", "headers": [("api-key", SECRET)]}]},
+        {"nodes": {"id": "a", "base_url": "https://a.example/v1", "api_key": SECRET}},
+        {"nodes": [{"id": "a", "base_url": f"https://user:{SECRET}@a.example/v1"}]},
+        {"nodes": [{"id": "a", "base_url": f"https://user:{SECRET}@a.example /v1"}]},
     ]
     texts = []
     for kwargs in bad_settings:
@@ -144,6 +151,20 @@ def test_config_errors_never_echo_the_key():
             Client(**{"api_key": SECRET, "health_check_interval_s": None, **kwargs})
         texts.extend(_exception_texts(info.value))
     _assert_secret_absent(texts)
+
+
+def test_a_mapping_of_settings_with_a_misspelt_key_never_echoes_it():
+    texts = []
+    for mapping in ({"apiKey": SECRET}, {"API_KEY": SECRET, "nodes": [{"id": "a", "base_url": "https://a.example/v1"}]},
+                    {"api_key": [SECRET]}):
+        with pytest.raises(ConfigError) as info:
+            Client.from_mapping({"health_check_interval_s": None, **mapping})
+        texts.extend(_exception_texts(info.value))
+    with pytest.raises(ConfigError) as info:
+        Client.from_env({"HOLYSHEEP_BASE_URL": f"https://u:{SECRET}@a.example/v1"})
+    texts.extend(_exception_texts(info.value))
+    _assert_secret_absent(texts)
+    assert any("did you mean `api_key`?" in text for text in texts)
 
 
 def test_a_server_echoing_the_authorization_header_does_not_leak_the_key(everything):
@@ -181,6 +202,10 @@ def test_the_cli_never_prints_the_key(everything, capsys, tmp_path, monkeypatch)
         only_down.write_text(json.dumps({"api_key": SECRET, "nodes": gw.client_nodes()[1:], "max_retries": 1}))
         bad_key = tmp_path / "bad_key.json"
         bad_key.write_text(json.dumps({"api_key": SECRET + "\r\n", "nodes": gw.client_nodes()}))
+        misspelt = tmp_path / "misspelt.json"
+        misspelt.write_text(json.dumps({"apikey": SECRET, "nodes": gw.client_nodes()}))
+        in_url = tmp_path / "in_url.json"
+        in_url.write_text(json.dumps({"nodes": [{"id": "u", "base_url": f"https://user:{SECRET}@gw.example/v1"}]}))
         insecure = tmp_path / "insecure.json"
         insecure.write_text(json.dumps({"api_key": SECRET, "nodes": [{"id": "r", "base_url": "http://gw.example/v1"}]}))
         runs = [
@@ -193,6 +218,8 @@ def test_the_cli_never_prints_the_key(everything, capsys, tmp_path, monkeypatch)
             (["chat", "hello", "--model", "m", "--json", "--config", str(only_down)], 1),
             (["chat", "hello", "--model", "m", "--json", "--config", str(bad_key)], 1),
             (["chat", "hello", "--model", "m", "--json", "--config", str(insecure)], 1),
+            (["chat", "hello", "--model", "m", "--json", "--config", str(misspelt)], 1),
+            (["health", "--json", "--config", str(in_url)], 1),
             (["chat", "   ", "--model", "m", "--json", "--config", str(good)], 1),
         ]
         try:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import gc
+import gzip
 import ipaddress
 import json
 import ssl
 import threading
+import tracemalloc
+import zlib
 
 import pytest
 
@@ -18,6 +22,8 @@ from holysheep_lb.errors import (
     APIConnectionError,
     APIResponseValidationError,
     APIStatusError,
+    ConfigError,
+    HolySheepError,
     ResponseTooLargeError,
     StreamInterruptedError,
 )
@@ -110,6 +116,14 @@ def test_the_environments_ca_bundle_is_used_when_verify_is_left_on(tls_server, s
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", self_signed[0])
     with _client([{"id": "tls", "base_url": tls_server.base_url}]) as client:
         assert client.chat_completion(MSGS, model="m").text == "hi"
+
+
+@pytest.mark.parametrize("verify", ["", 0, None, "/no/such/bundle.pem"])
+def test_a_verify_value_that_is_not_true_false_or_a_path_is_refused_before_anything_is_sent(tls_server, verify):
+    # verify="" used to switch verification off: the key went to the self-signed node
+    with pytest.raises(ConfigError, match="verify"):
+        _client([{"id": "tls", "base_url": tls_server.base_url}], verify=verify)
+    assert tls_server.requests == []
 
 
 def test_transport_send_raises_a_typed_tls_error(tls_server):
@@ -227,3 +241,120 @@ def test_close_closes_pooled_connections_even_while_an_error_still_holds_the_poo
         finally:
             if gc_was_enabled:
                 gc.enable()
+
+
+# -- proxies from the environment ---------------------------------------------------------------
+
+PROXY_VARIABLES = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy",
+                   "NO_PROXY", "no_proxy")
+LOOPBACK_NODE = {"id": "local", "base_url": "http://127.0.0.1:9/v1"}
+REMOTE_HTTPS_NODE = {"id": "remote", "base_url": "https://gw.example/v1"}
+
+
+@pytest.fixture
+def proxy_env(monkeypatch):
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+    def set_env(**values):
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+    return set_env
+
+
+@pytest.mark.parametrize("env", [
+    {"HTTP_PROXY": "http://proxy.example:3128"},
+    {"http_proxy": "http://proxy.example:3128"},
+    {"ALL_PROXY": "http://proxy.example:3128"},
+    {"all_proxy": "socks5://proxy.example:1080"},
+    {"HTTP_PROXY": "http://proxy.example:3128", "NO_PROXY": "other.example"},
+    {"HTTP_PROXY": "proxy.example:3128"},  # no scheme: requests reads http://
+])
+def test_a_cleartext_proxy_for_an_http_node_is_refused_like_a_cleartext_node(proxy_env, env):
+    proxy_env(**env)
+    with pytest.raises(ConfigError, match="proxy would see the API key") as info:
+        _client([LOOPBACK_NODE])
+    assert "local" in str(info.value) and "allow_insecure_http" in str(info.value)
+    _client([LOOPBACK_NODE], allow_insecure_http=True).close()
+
+
+def test_the_refusal_never_shows_the_proxys_credentials(proxy_env):
+    proxy_env(HTTP_PROXY="http://bob:hunter2@proxy.example:3128")
+    with pytest.raises(ConfigError) as info:
+        _client([LOOPBACK_NODE])
+    for text in (str(info.value), repr(info.value.value), repr(info.value.args)):
+        assert "hunter2" not in text and "bob" not in text
+    assert "proxy.example:3128" in str(info.value)
+
+
+@pytest.mark.parametrize("env, node", [
+    ({"HTTPS_PROXY": "http://proxy.example:3128"}, REMOTE_HTTPS_NODE),  # CONNECT: the key stays inside TLS
+    ({"ALL_PROXY": "http://proxy.example:3128"}, REMOTE_HTTPS_NODE),
+    ({"HTTP_PROXY": "http://proxy.example:3128", "NO_PROXY": "127.0.0.1"}, LOOPBACK_NODE),
+    ({"HTTP_PROXY": "http://localhost:3128"}, LOOPBACK_NODE),
+    ({"HTTP_PROXY": "localhost:3128"}, LOOPBACK_NODE),
+    ({"HTTP_PROXY": "https://proxy.example:3128"}, LOOPBACK_NODE),  # TLS up to the proxy
+])
+def test_proxies_that_keep_the_key_off_cleartext_hops_are_accepted(proxy_env, env, node):
+    proxy_env(**env)
+    _client([node]).close()
+
+
+def test_a_proxy_sees_no_key_when_there_is_none(proxy_env, monkeypatch):
+    monkeypatch.delenv("HOLYSHEEP_API_KEY", raising=False)
+    proxy_env(HTTP_PROXY="http://proxy.example:3128")
+    Client(nodes=[LOOPBACK_NODE], health_check_interval_s=None).close()
+
+
+def test_a_loopback_proxy_is_allowed_and_is_the_one_requests_go_through(proxy_env):
+    with ScriptedServer(http_response(200, OK_BODY)) as proxy:
+        proxy_env(HTTP_PROXY=f"http://127.0.0.1:{proxy.port}")
+        with _client([{"id": "n", "base_url": "http://localhost:9/v1"}]) as client:
+            assert client.chat_completion(MSGS, model="m").text == "hi"
+        assert proxy.requests[0].path == "http://localhost:9/v1/chat/completions"
+
+
+# -- compressed bodies ---------------------------------------------------------------------------
+
+
+@functools.cache
+def _gzip_bomb(decompressed_bytes: int, layers: int) -> bytes:
+    """``decompressed_bytes`` zero bytes gzipped ``layers`` times, built without holding them."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    block = bytes(1 << 20)
+    data = b"".join(packer.compress(block) for _ in range(decompressed_bytes >> 20)) + packer.flush()
+    for _ in range(layers - 1):
+        data = gzip.compress(data, 9)
+    return data
+
+
+BOMB_BYTES = 64 << 20
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_gzip_bomb_never_grows_past_max_response_bytes_in_memory(layers, stream):
+    bomb = _gzip_bomb(BOMB_BYTES, layers)
+    assert len(bomb) < 128 * 1024
+    encoding = ", ".join(["gzip"] * layers)
+    content_type = "text/event-stream" if stream else "application/json"
+    with ScriptedServer(http_response(200, bomb, headers={"Content-Encoding": encoding,
+                                                          "Content-Type": content_type})) as server:
+        with _client([{"id": "bomb", "base_url": server.base_url}], max_response_bytes=CAP) as client:
+            tracemalloc.start()
+            try:
+                with pytest.raises(HolySheepError) as info:
+                    if stream:
+                        client.chat_completion(MSGS, model="m", stream=True).read_text()
+                    else:
+                        client.chat_completion(MSGS, model="m")
+                _, peak_bytes = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            assert client.stats()["in_flight"] == 0
+    error = info.value.last_error if isinstance(info.value, AllAttemptsFailedError) else info.value
+    if stream:
+        assert isinstance(error, (StreamInterruptedError, APIResponseValidationError)), repr(error)
+    else:
+        assert isinstance(error, APIResponseValidationError), repr(error)
+    assert peak_bytes < 32 * CAP, f"{peak_bytes} bytes held at once for a {CAP}-byte cap"
