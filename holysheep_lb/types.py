@@ -95,7 +95,7 @@ class JSONObject(Dict[str, Any]):
             if value is _MISSING:
                 if name in fields:
                     return None
-                raise AttributeError(_no_such_field(self, name)) from None
+                raise _NoSuchField(self, name) from None
             kind = fields.get(name, JSONObject)
             if kind is None:
                 return value
@@ -193,10 +193,24 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _no_such_field(obj: JSONObject, name: str) -> str:
-    message = f"{type(obj).__name__!r} object has no attribute {name!r} (not a key it has, nor a known field)"
-    close = difflib.get_close_matches(name, [k for k in obj.__dir__() if k[:1] != "_"], n=1)
-    return f"{message}; did you mean {close[0]!r}?" if close else message
+class _NoSuchField(AttributeError):
+    """A name that is neither a key nor a known field. The message (with its "did you
+    mean") is composed only when shown: ``getattr(view, name, default)`` probes are cheap."""
+
+    def __init__(self, obj: JSONObject, name: str) -> None:
+        super().__init__(name)
+        self._obj = obj
+        self._name = name
+
+    def __str__(self) -> str:
+        kind = type(self._obj).__name__
+        message = f"{kind!r} object has no attribute {self._name!r} (not a key it has, nor a known field)"
+        candidates = [k for k in self._obj.__dir__() if k[:1] != "_"]
+        close = difflib.get_close_matches(self._name, candidates, n=1)
+        return f"{message}; did you mean {close[0]!r}?" if close else message
+
+    def __reduce__(self) -> Tuple[Any, ...]:  # unpickled as the plain AttributeError it reads as
+        return (AttributeError, (str(self),))
 
 
 # -- chat completions (openai-python's chat_completion*.py, completion_usage.py) ----------

@@ -328,3 +328,18 @@ def test_a_view_class_must_declare_slots():
     with pytest.raises(TypeError, match="must declare __slots__"):
         class Sloppy(JSONObject):  # noqa: F841
             name: str
+
+
+def test_probing_for_a_missing_attribute_is_cheap_and_the_error_still_explains_itself(monkeypatch):
+    import holysheep_lb.types as views
+
+    resp = response()
+    real = views.difflib.get_close_matches
+    monkeypatch.setattr(views.difflib, "get_close_matches", lambda *a, **k: pytest.fail("message composed"))
+    # the client probes answers this way on every call: no "did you mean" is composed for it
+    assert getattr(resp, "defer_outcome", None) is None and not hasattr(resp.choices[0], "delta")
+    monkeypatch.setattr(views.difflib, "get_close_matches", real)
+    with pytest.raises(AttributeError) as info:
+        resp.choices[0].mesage  # noqa: B018
+    assert "did you mean 'message'" in str(info.value)
+    assert "did you mean 'message'" in str(pickle.loads(pickle.dumps(info.value)))
