@@ -23,8 +23,9 @@ Views are built lazily, one level at a time, when an attribute is read: a call t
 only reads by key pays nothing. A view is a one-level copy of the dict or list it
 replaces, stored back into its parent, so the parsed JSON is never copied whole, the
 caller's own dicts (a ``fallback_reply``) are never modified, and a change made through
-a view is seen by key as well. Attributes are read-only; assign by key. Not meant to
-be mutated from several threads at once (like the dicts they are).
+a view is seen by key as well. Attributes are read-only; assign by key. Reading from
+several threads is safe (two threads may build the same view at once: both are equal
+and one is kept); mutating from several threads is not, as for any dict.
 
 ``model_dump()`` returns the plain JSON (dicts and lists, unknown fields kept, a deep
 copy); ``model_dump_json()`` the same as a string.

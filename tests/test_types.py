@@ -343,3 +343,18 @@ def test_probing_for_a_missing_attribute_is_cheap_and_the_error_still_explains_i
         resp.choices[0].mesage  # noqa: B018
     assert "did you mean 'message'" in str(info.value)
     assert "did you mean 'message'" in str(pickle.loads(pickle.dumps(info.value)))
+
+
+def test_threads_reading_one_answer_at_once_all_see_the_same_values():
+    from concurrent.futures import ThreadPoolExecutor
+
+    resp = response()
+
+    def read(_: int) -> tuple:
+        return (resp.choices[0].message.tool_calls[1].function.name, resp.usage.prompt_tokens_details.cached_tokens,
+                resp.x_gateway.route[0].hop, json.dumps(resp))
+
+    with ThreadPoolExecutor(8) as pool:
+        results = set(pool.map(read, range(400)))
+    assert results == {("get_time", 4, "eu-west", json.dumps(completion()))}
+    assert resp == completion()
