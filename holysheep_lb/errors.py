@@ -28,14 +28,15 @@ pybreaker or redis escapes the client::
     ├── ConfigError (also ValueError)    a bad setting, named with its value
     └── InvalidRequestError (also ValueError)  a bad call argument, caught before sending
 
-Status errors carry ``status_code``, ``body``, ``request_id`` and ``node_id``.
+Status errors carry ``status_code``, ``body``, ``request_id`` and ``node_id``, and what
+the server said: ``message``, ``type``, ``param`` and ``code`` from its error body.
 Messages never contain the API key: nothing here is given one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Type, Union
 
 __all__ = [
     "HolySheepError",
@@ -106,7 +107,24 @@ class APIError(HolySheepError):
 
 
 class APIStatusError(APIError):
-    """The node answered with an HTTP error status."""
+    """The node answered with an HTTP error status.
+
+    ``body`` is the error body (the decoded JSON, else its text). What the server said
+    is read from it, in OpenAI's form ``{"error": {"message", "type", "param", "code"}}``,
+    the flat form ``{"message", "type", "param", "code"}`` or a bare string: ``message``
+    (else ``"status N"``), ``type`` and ``param`` (strings) and ``code`` (a string such
+    as ``"context_length_exceeded"``, or a number some gateways send); each None when
+    the server did not say.
+    """
+
+    message: str
+    status_code: int
+    body: Any
+    request_id: Optional[str]
+    headers: Dict[str, str]
+    code: Union[str, int, None] = None
+    type: Optional[str] = None
+    param: Optional[str] = None
 
     def __init__(
         self,
@@ -126,6 +144,8 @@ class APIStatusError(APIError):
         self.headers = dict(headers or {})
         if retryable is not None:
             self.retryable = retryable
+        # read from the body here, not passed in: every way of building the error agrees
+        self.code, self.type, self.param = _error_fields(body)
 
     def __str__(self) -> str:
         parts = [f"HTTP {self.status_code}: {self.message}"]
@@ -388,13 +408,13 @@ def status_error(
     """Build the typed error for an HTTP error status (the one place that maps statuses)."""
     message = _error_message(body, status_code)
     if status_code >= 500:
-        cls: type = InternalServerError
+        cls: Type[APIStatusError] = InternalServerError
     else:
         cls = _STATUS_CLASSES.get(status_code, APIStatusError)
     retryable = status_code >= 500 or status_code in RETRYABLE_STATUSES
     if should_retry is not None:  # the server's x-should-retry wins
         retryable = should_retry
-    kw: dict = dict(
+    kw: Dict[str, Any] = dict(
         status_code=status_code,
         body=body,
         request_id=request_id,
@@ -407,15 +427,38 @@ def status_error(
     return cls(message, **kw)
 
 
+def _error_object(body: Any) -> Optional[Mapping[str, Any]]:
+    """The JSON object describing an error: ``body["error"]``, or the body in the flat form."""
+    if not isinstance(body, Mapping):
+        return None
+    err = body.get("error")
+    if isinstance(err, Mapping):
+        return err
+    if err is None and (isinstance(body.get("message"), str) or body.get("object") == "error"):
+        return body
+    return None
+
+
+def _error_fields(body: Any) -> Tuple[Union[str, int, None], Optional[str], Optional[str]]:
+    """``(code, type, param)`` of an error body; None where it does not say (or says oddly)."""
+    err = _error_object(body)
+    if err is None:
+        return None, None, None
+    code = err.get("code")
+    if isinstance(code, bool) or not isinstance(code, (str, int)):
+        code = None
+    kind, param = err.get("type"), err.get("param")
+    return code, kind if isinstance(kind, str) else None, param if isinstance(param, str) else None
+
+
 def _error_message(body: Any, status_code: int) -> str:
-    if isinstance(body, dict):
+    if isinstance(body, Mapping):
         err = body.get("error")
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            return err["message"][:500]
-        if isinstance(err, str):
-            return err[:500]
-        if isinstance(body.get("message"), str):
-            return body["message"][:500]
+        # OpenAI's form, {"error": "..."}, the flat form, FastAPI-style {"detail": "..."}
+        for text in (err.get("message") if isinstance(err, Mapping) else err, body.get("message"),
+                     body.get("detail")):
+            if isinstance(text, str):
+                return text[:500]
     if isinstance(body, str) and body.strip():
         return body.strip()[:200]
     return f"status {status_code}"

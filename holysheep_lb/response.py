@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 from .errors import Attempt
+from .types import Choice, JSONObject, Usage
 
 __all__ = ["Response"]
 
 
-class Response(dict):
-    """The decoded JSON answer (``resp["choices"][0]["message"]["content"]`` works).
+class Response(JSONObject):
+    """The decoded JSON answer, read by key or by attribute, as in openai-python.
+
+    ``resp["choices"][0]["message"]["content"]`` and ``resp.choices[0].message.content``
+    both work (see :mod:`holysheep_lb.types`: a known field the server omitted reads as
+    None, an unknown name raises AttributeError). ``resp.data[0].embedding`` and
+    ``resp.data[0].id`` read embeddings and models lists. ``model_dump()`` returns the
+    JSON as plain dicts.
 
     Routing metadata rides along as attributes, never as keys, so the dict is exactly
     what the API returned:
@@ -19,7 +26,7 @@ class Response(dict):
     ``attempts``            every attempt of the call, in order (:class:`Attempt`)
     ``latency_ms``          wall time of the whole call, retries and waits included
     ``request_id``          the server's ``x-request-id``, if it sent one
-    ``model``               the model that answered
+    ``model``               the model that answered (the JSON's ``"model"`` when it has one)
     ``fallback``            True when the answer is not from the model asked for
     ``cached``              True when it came from the response cache
     ``extra``               a dict for metadata added by optional features
@@ -27,6 +34,18 @@ class Response(dict):
 
     __slots__ = ("node_id", "region", "attempts", "latency_ms", "request_id", "model",
                  "fallback", "cached", "extra")
+
+    # The top-level fields of a chat completion, an embeddings answer and a models list
+    # (``model`` is the metadata above). ``data`` holds Embedding or Model views, by their
+    # ``object`` tag.
+    id: str
+    object: str
+    created: int
+    choices: List[Choice]
+    usage: Optional[Usage]
+    system_fingerprint: Optional[str]
+    service_tier: Optional[str]
+    data: List[Any]
 
     def __init__(self, data: Dict[str, Any], *, node_id: Optional[str] = None,
                  region: Optional[str] = None, attempts: Tuple[Attempt, ...] = (),
@@ -47,7 +66,7 @@ class Response(dict):
     def text(self) -> Optional[str]:
         """The first choice's message content, or None when there is none."""
         try:
-            return self["choices"][0]["message"]["content"]
+            return cast(Optional[str], self["choices"][0]["message"]["content"])
         except (KeyError, IndexError, TypeError):
             return None
 
@@ -56,7 +75,7 @@ class Response(dict):
                 f"attempts={len(self.attempts)}, latency_ms={self.latency_ms:.1f}, "
                 f"data={dict.__repr__(self)[:200]})")
 
-    def __reduce__(self):  # pickling keeps the metadata (batch results cross processes)
+    def __reduce__(self) -> Tuple[Any, ...]:  # pickling keeps the metadata (batch results cross processes)
         state = {k: getattr(self, k) for k in self.__slots__}
         return (_rebuild, (dict(self), state))
 

@@ -42,6 +42,7 @@ from .nodes import NodeState
 from .selection import Selector
 from .stats import LatencyHistogram
 from .transport import Transport
+from .types import ChatCompletionChunk
 
 __all__ = [
     "SSEEvent",
@@ -189,7 +190,7 @@ def decode_event(event: SSEEvent, node_id: Optional[str] = None) -> Optional[Dic
         code = err.get("code") if isinstance(err, dict) else None
         status = code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599 else 500
         raise status_error(status, obj, node_id=node_id, request_id=None, headers={})
-    return obj
+    return ChatCompletionChunk(obj)
 
 
 # ------------------------------------------------------------------ reading events
@@ -736,8 +737,8 @@ class CannedStream:
         except (KeyError, IndexError, TypeError):
             text = ""
         self._text = text if isinstance(text, str) else str(text)
-        self._chunk = {"object": "chat.completion.chunk", "model": None, "choices": [
-            {"index": 0, "delta": {"role": "assistant", "content": self._text}, "finish_reason": "stop"}]}
+        self._chunk = ChatCompletionChunk({"object": "chat.completion.chunk", "model": None, "choices": [
+            {"index": 0, "delta": {"role": "assistant", "content": self._text}, "finish_reason": "stop"}]})
         self._pending = [self._chunk]
         self.node_id: Optional[str] = None
         self.region: Optional[str] = None
