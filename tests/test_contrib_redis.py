@@ -203,20 +203,16 @@ class GarbageRedis(redis.Redis):
 class _GarbagePipeline:
     def __init__(self, client: GarbageRedis) -> None:
         self._client = client
-        self._queued = 0
 
     def __getattr__(self, name):
-        def queue(*args, **kw):
-            self._queued += 1
-            return self
-        return queue
+        return lambda *args, **kw: self  # queues nothing: execute() answers garbage anyway
 
     def execute(self):
         self._client.commands.append("EXEC")
         return self._client.garbage
 
 
-def _every_operation(state, garbage_client):
+def _every_operation(state):
     """Each public operation of the shared state once; what they returned."""
     bucket = state.rate_limiter_factory("requests", 1.0, 3)
     out = [bucket.try_acquire(), bucket.acquire(1, timeout=5), bucket.adjust(1), bucket.available(),
@@ -239,7 +235,7 @@ def test_garbage_answers_count_as_redis_unreachable_and_fail_open(garbage, clock
     client = GarbageRedis(garbage)
     state = shared_state(client, clock, retry_interval_s=0.5)
     for _ in range(2):
-        out = _every_operation(state, client)
+        out = _every_operation(state)
         clock.advance(1.0)  # past the retry interval: Redis is asked again, and answers garbage again
     assert out[:5] == [True, None, None, 0.0, False]  # the local bucket of 3 decided
     assert client.commands  # Redis was asked, and its answers were refused
