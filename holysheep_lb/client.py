@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -73,6 +74,10 @@ __all__ = ["Client"]
 log = logging.getLogger(__name__)
 
 _LIVE_CLIENTS: "weakref.WeakSet[Client]" = weakref.WeakSet()
+
+# A model name keys breakers, rate limits and spend rows, in Redis too: bounded and printable.
+MAX_MODEL_NAME_CHARS = 256
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def _after_fork_in_child() -> None:
@@ -775,6 +780,11 @@ class Client:
             raise InvalidRequestError("model", None, "is required: pass model=... or set Client(default_model=...)")
         if not isinstance(model, str) or not model.strip():
             raise InvalidRequestError("model", model, "must be a non-empty string")
+        if len(model) > MAX_MODEL_NAME_CHARS:
+            raise InvalidRequestError("model", model, f"must be at most {MAX_MODEL_NAME_CHARS} characters long "
+                                                      f"(got {len(model)})")
+        if _CONTROL_CHARS.search(model):
+            raise InvalidRequestError("model", model, "must not contain control characters")
         return model
 
     # -- introspection -------------------------------------------------------------------

@@ -79,7 +79,7 @@ def test_fail_open_limits_are_held_in_the_process_with_one_warning_per_interval(
     assert len(warnings) == 2
     assert "52 failure(s) since the last warning" in warnings[1].getMessage()
     assert state.status() == {"reachable": False, "down_for_s": 61.0, "failures": 53, "outages": 1,
-                              "fail_open": True, "pending_spend_records": 0}
+                              "slow_answers": 0, "fail_open": True, "pending_spend_records": 0}
 
 
 def test_fail_open_breakers_trip_in_the_process_and_pybreaker_logs_nothing(down, clock, caplog):
@@ -176,3 +176,102 @@ def test_the_redis_client_is_checked_and_a_password_never_shown():
     state = RedisSharedState("redis://user:hunter2@cache:6379/3", prefix="p:")
     assert repr(state) == "<RedisSharedState cache:6379/3 prefix='p:' fail_open=True>"
     state.close()
+
+
+# -- Redis answering garbage ------------------------------------------------------------------
+
+GARBAGE = [b"OK", 7, None, [], [5], [b"x", b"y", b"z"], [1, b"nan", b"1"], [2, b"0", b"0"], {"a": 1},
+           b"\xff\xfe", [b"1", b"0", b"inf"], 1.5]
+
+
+class GarbageRedis(redis.Redis):
+    """A redis-py client whose every command returns ``garbage`` (pipelines too)."""
+
+    def __init__(self, garbage, **kw) -> None:
+        super().__init__(host="127.0.0.1", port=1, **kw)
+        self.garbage = garbage
+        self.commands = []
+
+    def execute_command(self, *args, **options):
+        self.commands.append(args[0])
+        return self.garbage
+
+    def pipeline(self, transaction=True, shard_hint=None):
+        return _GarbagePipeline(self)
+
+
+class _GarbagePipeline:
+    def __init__(self, client: GarbageRedis) -> None:
+        self._client = client
+
+    def __getattr__(self, name):
+        return lambda *args, **kw: self  # queues nothing: execute() answers garbage anyway
+
+    def execute(self):
+        self._client.commands.append("EXEC")
+        return self._client.garbage
+
+
+def _every_operation(state):
+    """Each public operation of the shared state once; what they returned."""
+    bucket = state.rate_limiter_factory("requests", 1.0, 3)
+    out = [bucket.try_acquire(), bucket.acquire(1, timeout=5), bucket.adjust(1), bucket.available(),
+           bucket.snapshot()["shared"]]
+    store = state.spend_store
+    reservation = Reservation("gpt-4.1", "2026-11-26", 10, 10, Decimal("0.0001"))
+    out += [store.try_reserve(reservation, []),
+            store.settle(reservation, input_tokens=10, output_tokens=10, cost_usd=Decimal("0.0001")),
+            store.cancel(Reservation("gpt-4.1", "2026-11-26", 1, 1, Decimal("0.0001"))),
+            store.record_cache_hit("gpt-4.1", "2026-11-26"), store.rows(), store.reserved_usd()]
+    board = BreakerBoard(model_settings=BreakerSettings(fail_max=2, reset_timeout_s=30),
+                         storage_factory=state.breaker_storage)
+    board.admit("model", "gpt-4.1").record(NoHealthyNodeError("down"))
+    out += [board.allows("model", "gpt-4.1"), [b["state"] for b in board.snapshot()]]
+    return out
+
+
+@pytest.mark.parametrize("garbage", GARBAGE, ids=repr)
+def test_garbage_answers_count_as_redis_unreachable_and_fail_open(garbage, clock, caplog):
+    client = GarbageRedis(garbage)
+    state = shared_state(client, clock, retry_interval_s=0.5)
+    for _ in range(2):
+        out = _every_operation(state)
+        clock.advance(1.0)  # past the retry interval: Redis is asked again, and answers garbage again
+    assert out[:5] == [True, None, None, 0.0, False]  # the local bucket of 3 decided
+    assert client.commands  # Redis was asked, and its answers were refused
+    warnings = redis_warnings(caplog)
+    assert len(warnings) == 1, [w.getMessage() for w in warnings]
+    assert "unexpected answer" in warnings[0].getMessage()
+    assert not [r for r in caplog.records if r.name == "holysheep_lb.breakers" and r.levelno >= logging.WARNING]
+    assert state.status()["reachable"] is False
+
+
+@pytest.mark.parametrize("garbage", GARBAGE, ids=repr)
+def test_garbage_answers_fail_closed_with_typed_errors_only(garbage, clock):
+    state = shared_state(GarbageRedis(garbage), clock, fail_open=False)
+    bucket = state.rate_limiter_factory("requests", 1.0, 3)
+    with pytest.raises(SharedStateUnavailableError) as refused:
+        bucket.try_acquire()
+    assert "unexpected answer" in str(refused.value)
+    clock.advance(2.0)
+    with pytest.raises(SharedStateUnavailableError):
+        state.spend_store.try_reserve(Reservation("gpt-4.1", "2026-11-26", 10, 10, Decimal("0.0001")), [])
+    clock.advance(2.0)
+    if garbage is not None:  # None is what GET answers for a breaker never written: closed
+        with pytest.raises(CircuitOpenError):
+            BreakerBoard(storage_factory=state.breaker_storage).admit("model", "gpt-4.1")
+    bucket.adjust(-1)  # recording never raises
+    state.spend_store.record_cache_hit("gpt-4.1", "2026-11-26")
+
+
+@pytest.mark.parametrize("fail_open", [True, False])
+def test_a_client_call_gets_an_answer_or_a_typed_error_from_a_garbage_redis(fail_open, rsps, make_client):
+    rsps.post("https://a.example/v1/chat/completions", json=chat_body())
+    state = RedisSharedState(GarbageRedis([b"x", 3]), fail_open=fail_open)
+    client = make_client([{"id": "a", "base_url": "https://a.example/v1"}], requests_per_minute=60,
+                         tokens_per_minute=100_000, budget={"daily_usd": 10}, **state.client_options())
+    if fail_open:
+        assert client.chat_completion(MSGS, model="gpt-4.1")["choices"]
+    else:
+        with pytest.raises((SharedStateUnavailableError, CircuitOpenError)):
+            client.chat_completion(MSGS, model="gpt-4.1")

@@ -140,6 +140,22 @@ def test_flask_view_answers_with_json_and_closes_its_client_at_exit(flask_app_mo
     assert client.closed
 
 
+def test_flask_view_refuses_a_model_outside_its_allow_list(flask_app_module, gateway):
+    client = Client(nodes=gateway.client_nodes(), default_model="deepseek-v3.2", health_check_interval_s=None)
+    web = flask_app_module.create_app(client).test_client()
+    try:
+        for model in ("no-such-model", "x" * 100_000, 42):
+            resp = web.post("/ask", json={"prompt": "hi", "model": model})
+            assert resp.status_code == 400
+            error = resp.get_json()["error"]
+            assert error["type"] == "invalid_request" and "deepseek-v3.2" in error["message"]
+            assert len(resp.data) < 1000  # the refused name is not echoed back
+        assert gateway.counts() == {"a": 0, "b": 0}
+        assert web.post("/ask", json={"prompt": "hi", "model": "gpt-4.1"}).status_code == 200
+    finally:
+        client.close()
+
+
 def test_flask_view_maps_errors_to_json_statuses(flask_app_module, gateway):
     client = Client(nodes=gateway.client_nodes(), default_model="m", deadline_s=3.0,
                     health_check_interval_s=None)
@@ -209,6 +225,23 @@ def test_django_view_uses_one_lazy_client_from_settings(django_site, gateway):
         assert web.post("/ask", data="not json", content_type="application/json").status_code == 400
         assert web.get("/ask").status_code == 405
     assert client.closed  # leaving override_settings rebuilt the singleton
+
+
+def test_django_view_refuses_a_model_outside_its_allow_list(django_site, gateway):
+    from django.test import Client as DjangoClient
+    from django.test import override_settings
+
+    with override_settings(HOLYSHEEP=django_settings(gateway)):
+        web = DjangoClient()
+        for model in ("no-such-model", "x" * 100_000, ["gpt-4.1"]):
+            resp = web.post("/ask", data={"prompt": "hi", "model": model}, content_type="application/json")
+            assert resp.status_code == 400
+            error = resp.json()["error"]
+            assert error["type"] == "invalid_request" and "deepseek-v3.2" in error["message"]
+            assert len(resp.content) < 1000
+        assert gateway.counts() == {"a": 0, "b": 0}
+        resp = web.post("/ask", data={"prompt": "hi", "model": "gpt-4.1"}, content_type="application/json")
+        assert resp.status_code == 200 and resp.json()["model"] == "gpt-4.1"
 
 
 def test_django_client_singleton_is_built_once_under_a_thread_race(django_site, gateway, monkeypatch):

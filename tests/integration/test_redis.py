@@ -2,7 +2,7 @@
 one rate limit, one breaker and one budget; Redis dies and comes back mid-run.
 
 Without ``redis-server`` these tests skip (saying how to install it), except when the
-environment variable CI is set: then they fail.
+environment variable CI is set: then they fail (fixtures in conftest.py).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -28,25 +27,9 @@ from holysheep_lb.errors import NoHealthyNodeError  # noqa: E402
 from holysheep_lb.pricing import InMemorySpendStore, Limit, PriceTable, Reservation, SpendLedger, SpendRow  # noqa: E402
 from tests.conftest import FakeClock, wait_until  # noqa: E402
 from tests.integration.test_cost_control import MSGS, PER_CALL  # noqa: E402
-from tests.redis_server import INSTALL_HINT, RedisServer  # noqa: E402
+from tests.redis_server import RedisServer  # noqa: E402
 
 JOIN_S = 60
-
-
-@pytest.fixture(scope="module")
-def redis_binary() -> str:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{INSTALL_HINT}. CI is set, so the Redis tests must run, not skip")
-        pytest.skip(INSTALL_HINT)
-    return binary
-
-
-@pytest.fixture(scope="module")
-def redis_server(redis_binary):
-    with RedisServer(redis_binary) as server:
-        yield server
 
 
 @pytest.fixture
@@ -363,7 +346,8 @@ def test_redis_killed_mid_run_calls_go_on_with_one_warning(redis_binary, gateway
         total = sum(done)
         rows = state.spend_store.rows()
         assert state.spend_store.reserved_usd() == 0  # nothing stranded in Redis
-        assert state.redis.exists("kill:ratelimit:requests", "kill:breaker:model:gpt-4.1:pybreaker:state") == 2
+        # the shared state is in use again (a breaker's key is written by each call it records)
+        assert state.redis.exists("kill:ratelimit:requests", "kill:breaker:model:gpt-4.1:pybreaker:fail_counter") == 2
     assert errors == []
     warnings = [r for r in caplog.records if r.name.startswith("holysheep_lb.contrib") and r.levelno >= logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
@@ -437,3 +421,84 @@ def test_spend_settled_through_redis_leaves_the_local_per_model_cap_exact_for_th
     assert Decimal(str(refused.value.spent_usd)) == 10 * PER_CALL
     assert Decimal(str(refused.value.reserved_usd)) == 30 * PER_CALL
     assert all(r >= 0 for r in local_reserved())
+
+
+# -- keys made from caller-chosen names stay bounded -------------------------------------
+
+
+def test_breaker_keys_expire_and_reading_a_breaker_writes_nothing(redis_server, prefix):
+    state = RedisSharedState(redis_server.url, prefix=prefix, breaker_ttl_s=3600)
+    board = BreakerBoard(model_settings=BreakerSettings(fail_max=2, reset_timeout_s=60),
+                         storage_factory=state.breaker_storage)
+    for i in range(300):
+        board.allows("model", f"read-only-{i}")  # reading creates no key
+    assert state.redis.keys(f"{prefix}*") == []
+    for i in range(300):
+        board.admit("model", f"m{i}").record(None if i % 2 else NoHealthyNodeError("down"))
+    for _ in range(2):
+        board.admit("model", "tripped").record(NoHealthyNodeError("down"))
+    with pytest.raises(CircuitOpenError):
+        board.admit("model", "tripped")
+    keys = [k.decode() for k in state.redis.keys(f"{prefix}*")]
+    assert len(keys) == 300 + 4  # a failure counter each; "tripped" also has its state, open time, successes
+    assert {k.rsplit(":", 1)[1] for k in keys} == {"fail_counter", "state", "opened_at", "success_counter"}
+    ttls = [state.redis.ttl(k) for k in keys]
+    assert all(3500 < t <= 3600 for t in ttls), sorted(ttls)[:3]  # every key expires, refreshed on write
+
+
+def test_a_breaker_name_of_any_length_makes_a_short_key(redis_server, prefix):
+    state = RedisSharedState(redis_server.url, prefix=prefix)
+    used_before = state.redis.info("memory")["used_memory"]
+    for i in range(20):
+        storage = state.breaker_storage(f"model:{i}" + "x" * 200_000)
+        storage.increment_counter()
+        assert storage.counter == 1
+    keys = state.redis.keys(f"{prefix}*")
+    assert len(keys) == 20 and max(len(k) for k in keys) < len(prefix) + 120
+    assert state.redis.info("memory")["used_memory"] - used_before < 1_000_000  # 35 MiB before
+
+
+def test_the_client_refuses_overlong_or_control_character_model_names_before_redis(redis_server, prefix,
+                                                                                 gateway_factory):
+    from holysheep_lb import InvalidRequestError
+
+    gw = gateway_factory([{"id": "a"}])
+    state = RedisSharedState(redis_server.url, prefix=prefix)
+    with Client(nodes=gw.client_nodes(), health_check_interval_s=None, requests_per_minute=600,
+                budget={"daily_usd": 10}, **state.client_options()) as client:
+        for bad in ("m" * 257, "x" * 200_000, "gpt-4.1\n", "gpt\x00", "gpt\x7f"):
+            with pytest.raises(InvalidRequestError) as refused:
+                client.chat_completion(MSGS, model=bad, max_tokens=5)
+            assert refused.value.field == "model" and len(str(refused.value)) < 300
+        assert gw.request_count("a") == 0
+        assert [k for k in state.redis.keys(f"{prefix}*") if b"breaker" in k] == []
+        assert client.chat_completion(MSGS, model="m" * 256, max_tokens=5)["choices"]  # the longest allowed
+
+
+def test_the_spend_hashes_name_at_most_max_models_per_day_models(redis_server, prefix):
+    state = RedisSharedState(redis_server.url, prefix=prefix)
+    shared, local = state.spend_store, InMemorySpendStore()
+    day = "2026-11-26"
+    capped = Limit("capped", "day", Decimal("0.001"))
+
+    def capped_call(store) -> None:
+        r = Reservation("capped", day, 1, 1, Decimal("0.0004"))
+        assert store.try_reserve(r, [capped]) is None
+        store.settle(r, input_tokens=1, output_tokens=1, cost_usd=Decimal("0.0004"))
+
+    for store in (shared, local):
+        capped_call(store)
+        for i in range(300):  # 300 caller-chosen names: the first get their own row, the rest one together
+            r = Reservation(f"junk-{i}", day, 1, 1, Decimal("0.000001"))
+            assert store.try_reserve(r, [Limit(None, "day", Decimal("1"))]) is None
+            store.settle(r, input_tokens=1, output_tokens=1, cost_usd=Decimal("0.000001"))
+        capped_call(store)  # a model with its own cap: its cap still holds exactly
+        refused = store.try_reserve(Reservation("capped", day, 1, 1, Decimal("0.0004")), [capped])
+        assert refused is not None and refused.spent_usd == Decimal("0.0008")
+    assert sorted(shared.rows(), key=repr) == sorted(local.rows(), key=repr)
+    assert len(shared.rows()) == 256 + 1
+    day_fields = state.redis.hkeys(f"{prefix}spend:day:{day}")
+    month_fields = state.redis.hkeys(f"{prefix}spend:month:2026-11")
+    assert len(day_fields) < 260 * 5
+    assert sorted(f.decode() for f in month_fields) == ["client:reserved", "client:spent", "model:capped:reserved",
+                                                        "model:capped:spent"]

@@ -18,3 +18,10 @@ HOLYSHEEP = {
     "default_model": os.environ.get("HOLYSHEEP_MODEL", "deepseek-v3.2"),
     "deadline_s": 30.0,
 }
+# The models a request may ask for (ask.views refuses others with a 400): every model
+# name gets its own circuit breaker and spend row, in Redis too with shared state.
+HOLYSHEEP_ALLOWED_MODELS = [
+    name.strip()
+    for name in os.environ.get("HOLYSHEEP_ALLOWED_MODELS", f"{HOLYSHEEP['default_model']},gpt-4.1").split(",")
+    if name.strip()
+]
