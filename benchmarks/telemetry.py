@@ -4,9 +4,10 @@ Each row of CONFIGURATIONS attaches one kind of telemetry to its own Client (4 n
 of a simulated gateway at 0 ms, served from a separate process). Per-call cost: the
 rows' clients are driven in interleaved rounds at 1 and 8 threads; the table shows
 median calls/s, the process's time per call (1 / throughput) and its difference from
-the "none" row: the per-call cost of that telemetry (noise is some µs either way). Scrape cost: one client with 4 nodes and 10 models, every node, model,
-breaker and spend row populated; the median time of one scrape and the size of the
-exposition, per row that can be scraped.
+the "none" row: the per-call cost of that telemetry (noise is some µs either way).
+Scrape cost: one client with 4 nodes and 10 models, every node, model, breaker and
+spend row populated; the median time of one scrape and the size of the exposition,
+per row that can be scraped.
 
 The Prometheus collector reads the client's state only when scraped, so its per-call
 cost should be nil; the "scraped every 0.1 s" row shows that scrapes running beside
@@ -153,7 +154,7 @@ def per_call(gw: GatewayProcess, seconds: float, rounds: int) -> bool:
             us = 1e6 / rate
             print(f"{row.name:<34} {threads:>7} {rate:>9.0f} {us:>8.1f} {us - base_us:>+8.1f}")
     ok = True
-    for name, client in clients.items():
+    for client in clients.values():
         stats = client.stats()
         ok &= stats["failures"] == 0 and stats["in_flight"] == 0
         client.close()

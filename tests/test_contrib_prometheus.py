@@ -4,6 +4,8 @@ units, label sets, breaker states, counters that never go down, bounded labels, 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,7 +28,7 @@ from holysheep_lb.contrib.prometheus import (  # noqa: E402
     families_as_json,
 )
 from holysheep_lb.pricing import OTHER_MODELS, InMemorySpendStore  # noqa: E402
-from tests.conftest import API_KEY, chat_body  # noqa: E402
+from tests.conftest import API_KEY, chat_body, wait_until  # noqa: E402
 
 A = "https://a.example/v1"
 B = "https://b.example/v1"
@@ -346,6 +348,28 @@ def test_a_client_name_with_a_mapping_is_refused(make_client, clock):
     with pytest.raises(ConfigError) as info:
         HolySheepCollector({"a": _client(make_client, clock)}, client_name="b")
     assert info.value.field == "client_name"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_during_a_scrape_can_scrape(rsps, make_client, clock):
+    rsps.post(A + "/chat/completions", json=chat_body())
+    client = _client(make_client, clock)
+    client.chat_completion(MSGS, model="gpt-4.1")
+    collector = HolySheepCollector(client)
+    with collector._totals_lock:  # as if another thread were scraping at fork time
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = 0 if value(scrape(collector)[1], "holysheep_lb_calls_total") == 1 else 2
+            finally:
+                os._exit(code)
+    ended = []
+    if not wait_until(lambda: ended.append(os.waitpid(pid, os.WNOHANG)) or ended[-1][0] == pid, 10.0):
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the child's scrape blocked on a lock held at fork time")
+    assert os.WEXITSTATUS(ended[-1][1]) == 0
 
 
 # -- the core does not need the extra ------------------------------------------------------------

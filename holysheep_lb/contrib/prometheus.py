@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import os
 import threading
 from dataclasses import dataclass
 from decimal import Decimal
@@ -220,8 +221,8 @@ def _read(name: str, client: Client, known_models: FrozenSet[str]) -> _Reading:
     for row in store.rows():
         key = (row.day, row.model if row.model in known_models else OTHER_MODELS)
         sums = spend.setdefault(key, [0.0] * 5)
-        for i, value in enumerate((row.requests, row.cached_requests, row.input_tokens, row.output_tokens,
-                                   row.cost_usd)):
+        values: Tuple[Union[int, Decimal], ...] = (row.requests, row.cached_requests, row.input_tokens, row.output_tokens, row.cost_usd)
+        for i, value in enumerate(values):
             sums[i] += float(value)
     reserved = store.reserved_usd()
     return _Reading(
@@ -248,7 +249,8 @@ class _SpendTotals:
         self._days: Dict[Tuple[str, str], Tuple[float, ...]] = {}
         self._retired: Dict[str, Tuple[float, ...]] = {}
 
-    def update(self, spend: Mapping[Tuple[str, str], Tuple[float, ...]], retain_days: int) -> Dict[str, Tuple[float, ...]]:
+    def update(self, spend: Mapping[Tuple[str, str], Tuple[float, ...]],
+               retain_days: int) -> Dict[str, Tuple[float, ...]]:
         for key, values in spend.items():
             previous = self._days.get(key)
             self._days[key] = values if previous is None else tuple(map(max, previous, values))
@@ -274,7 +276,7 @@ class HolySheepCollector(Collector):
     """A Prometheus collector over one client (``client_name`` labels it) or a mapping of
     names to clients. Register it once: ``registry.register(HolySheepCollector(client))``.
 
-    Thread-safe: concurrent scrapes are fine. ``buckets_s`` are the latency histograms'
+    Thread-safe (concurrent scrapes are fine) and fork-safe. ``buckets_s`` are the latency histograms'
     upper bounds in seconds (strictly ascending). See the module docstring for the rules
     the metrics follow.
     """
@@ -304,6 +306,7 @@ class HolySheepCollector(Collector):
         self._known_models = {name: _known_models(client) for name, client in named.items()}
         self._buckets_s = tuple(float(b) for b in bounds)
         self._bucket_labels = [_le(b) for b in self._buckets_s] + ["+Inf"]
+        self._pid = os.getpid()
         self._totals_lock = threading.Lock()  # guards the two dicts below: bookkeeping only
         self._counter_floor: Dict[Tuple[str, Tuple[str, ...]], float] = {}
         self._spend = {name: _SpendTotals() for name in named}
@@ -316,6 +319,11 @@ class HolySheepCollector(Collector):
         return [_family(spec) for spec in _SPECS.values()]
 
     def collect(self) -> Iterable[Metric]:
+        if self._pid != os.getpid():
+            # a child after fork: a scrape running in another thread of the parent at fork
+            # time left this lock held for good
+            self._pid = os.getpid()
+            self._totals_lock = threading.Lock()
         readings = [_read(name, client, self._known_models[name]) for name, client in self._clients.items()]
         with self._totals_lock:  # no I/O below: the readings are taken
             families = {name: _family(spec) for name, spec in _SPECS.items()}

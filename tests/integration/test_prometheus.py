@@ -218,7 +218,7 @@ def test_every_metric_the_dashboard_queries_exists_in_a_real_exposition(gateway_
     with Client(api_key=KEY, nodes=gw.client_nodes(), health_check_interval_s=0.05, retry_budget_ratio=0.5,
                 hedge_delay_s=0.5, requests_per_minute=6000, cache={"maxsize": 8, "ttl_s": 60},
                 strategy="round_robin") as client:
-        for i in range(12):
+        for _ in range(12):
             try:
                 client.chat_completion(MSGS, model="gpt-4.1", temperature=0)
             except HolySheepError:
@@ -230,7 +230,7 @@ def test_every_metric_the_dashboard_queries_exists_in_a_real_exposition(gateway_
         except HolySheepError:
             pass
         assert wait_until(lambda: all(n["probes"] for n in client.nodes()), 5.0)
-        text, samples = scrape(HolySheepCollector(client))
+        _, samples = scrape(HolySheepCollector(client))
     exposed = {name for name, _ in samples}
     exprs = _dashboard_exprs()
     queried = {m for e in exprs for m in re.findall(r"\bholysheep_lb_[a-z0-9_]+", e)}
