@@ -221,7 +221,8 @@ def _read(name: str, client: Client, known_models: FrozenSet[str]) -> _Reading:
     for row in store.rows():
         key = (row.day, row.model if row.model in known_models else OTHER_MODELS)
         sums = spend.setdefault(key, [0.0] * 5)
-        values: Tuple[Union[int, Decimal], ...] = (row.requests, row.cached_requests, row.input_tokens, row.output_tokens, row.cost_usd)
+        values: Tuple[Union[int, Decimal], ...] = (row.requests, row.cached_requests, row.input_tokens,
+                                                   row.output_tokens, row.cost_usd)
         for i, value in enumerate(values):
             sums[i] += float(value)
     reserved = store.reserved_usd()
@@ -240,9 +241,10 @@ def _read(name: str, client: Client, known_models: FrozenSet[str]) -> _Reading:
 class _SpendTotals:
     """Per-model spend totals over every day ever seen, though the ledger keeps only recent days.
 
-    A (day, model) row is followed (its largest value kept) while the ledger may still
-    hold it; once its day is older than the newest day minus ``retain_days`` its last
-    value moves into a per-model sum. Memory: about retain_days x models entries.
+    A (day, model) row is followed (its largest value kept: a shared store that falls
+    back to this process's rows must not make it drop) while the ledger may still hold
+    it; once its day is older than the newest day minus ``retain_days`` (and a day of
+    margin) its last value moves into a per-model sum. Memory: about retain_days x models.
     """
 
     def __init__(self) -> None:
@@ -276,9 +278,9 @@ class HolySheepCollector(Collector):
     """A Prometheus collector over one client (``client_name`` labels it) or a mapping of
     names to clients. Register it once: ``registry.register(HolySheepCollector(client))``.
 
-    Thread-safe (concurrent scrapes are fine) and fork-safe. ``buckets_s`` are the latency histograms'
-    upper bounds in seconds (strictly ascending). See the module docstring for the rules
-    the metrics follow.
+    Thread-safe (concurrent scrapes are fine) and fork-safe. ``buckets_s`` are the latency
+    histograms' upper bounds in seconds (strictly ascending). See the module docstring for
+    the rules the metrics follow.
     """
 
     def __init__(self, clients: Union[Client, Mapping[str, Client]], *, client_name: Optional[str] = None,
