@@ -3,8 +3,11 @@
 Each row of CONFIGURATIONS attaches one kind of telemetry to its own Client (4 nodes
 of a simulated gateway at 0 ms, served from a separate process). Per-call cost: the
 rows' clients are driven in interleaved rounds at 1 and 8 threads; the table shows
-median calls/s, the process's time per call (1 / throughput) and its difference from
-the "none" row: the per-call cost of that telemetry (noise is some µs either way).
+median calls/s, the process's time per call (1 / throughput), the CPU time this
+process spent per call (the gateway's is not counted), and their differences from the
+"none" row: the per-call cost of that telemetry (noise is some µs either way; the CPU
+column is the steadier one on a busy machine). The "scraped every 0.1 s" row's CPU
+includes the scrapes themselves, spread over the calls.
 Scrape cost: one client with 4 nodes and 10 models, every node, model, breaker and
 spend row populated; the median time of one scrape and the size of the exposition,
 per row that can be scraped.
@@ -29,7 +32,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -76,8 +79,9 @@ CONFIGURATIONS: List[Telemetry] = [
 ]
 
 
-def measure(call: Callable[[], Any], threads: int, seconds: float) -> float:
-    """Calls per second of ``call`` from ``threads`` threads for about ``seconds``."""
+def measure(call: Callable[[], Any], threads: int, seconds: float) -> Tuple[float, float]:
+    """Calls per second of ``call`` from ``threads`` threads for about ``seconds``, and this
+    process's CPU time per call in µs (the gateway runs in another process)."""
     stop = threading.Event()
     counts = [0] * threads
 
@@ -89,6 +93,7 @@ def measure(call: Callable[[], Any], threads: int, seconds: float) -> float:
         counts[k] = n
 
     with ThreadPoolExecutor(threads) as pool:
+        cpu0 = time.process_time()
         futures = [pool.submit(worker, k) for k in range(threads)]
         t0 = time.perf_counter()
         stop.wait(seconds)
@@ -96,7 +101,9 @@ def measure(call: Callable[[], Any], threads: int, seconds: float) -> float:
         for f in futures:
             f.result()
         elapsed = time.perf_counter() - t0
-    return sum(counts) / elapsed
+        cpu = time.process_time() - cpu0
+    calls = sum(counts)
+    return calls / elapsed, cpu * 1e6 / max(1, calls)
 
 
 class _Scraper:
@@ -136,23 +143,30 @@ def per_call(gw: GatewayProcess, seconds: float, rounds: int) -> bool:
         for _ in range(20):
             call()  # warm the pools and the first latency samples
     print(f"\nPer call ({len(NODES)} nodes at 0 ms, medians of {rounds} interleaved rounds of {seconds:g} s)")
-    print(f"{'telemetry':<34} {'threads':>7} {'calls/s':>9} {'µs/call':>8} {'vs none':>8}")
+    print(f"{'telemetry':<34} {'threads':>7} {'calls/s':>9} {'µs/call':>8} {'vs none':>8} {'CPU µs/call':>12} "
+          f"{'vs none':>8}")
     for threads in (1, 8):
         rates: Dict[str, List[float]] = {row.name: [] for row in CONFIGURATIONS}
+        cpus: Dict[str, List[float]] = {row.name: [] for row in CONFIGURATIONS}
         for _ in range(rounds):
             for row in CONFIGURATIONS:
                 scrape = scrapes[row.name]
                 scraper = _Scraper(scrape, row.scrape_every_s) if scrape and row.scrape_every_s else None
                 try:
-                    rates[row.name].append(measure(calls[row.name], threads, seconds))
+                    rate, cpu_us = measure(calls[row.name], threads, seconds)
                 finally:
                     if scraper is not None:
                         scraper.stop()
+                rates[row.name].append(rate)
+                cpus[row.name].append(cpu_us)
         base_us = 1e6 / statistics.median(rates["none"])
+        base_cpu = statistics.median(cpus["none"])
         for row in CONFIGURATIONS:
             rate = statistics.median(rates[row.name])
             us = 1e6 / rate
-            print(f"{row.name:<34} {threads:>7} {rate:>9.0f} {us:>8.1f} {us - base_us:>+8.1f}")
+            cpu_us = statistics.median(cpus[row.name])
+            print(f"{row.name:<34} {threads:>7} {rate:>9.0f} {us:>8.1f} {us - base_us:>+8.1f} {cpu_us:>12.1f} "
+                  f"{cpu_us - base_cpu:>+8.1f}")
     ok = True
     for client in clients.values():
         stats = client.stats()
