@@ -4,6 +4,7 @@
     holysheep-lb chat "Hello" --model M    one call against the configured nodes
     holysheep-lb health                    probe each node's /models
     holysheep-lb bench --plot out.png      compare the routing strategies
+    holysheep-lb metrics --simulate        the Prometheus metrics a client exposes
 
 Nodes come from ``HOLYSHEEP_API_KEY`` and ``HOLYSHEEP_NODES``/``HOLYSHEEP_BASE_URL``, or
 from ``--config file.json`` (a JSON object of Client options). Every command takes
@@ -38,6 +39,7 @@ SIM_MODEL = "deepseek-v3.2"
 SIM_API_KEY = "sk-simulated-gateway"  # never send the user's real key, even to loopback
 DEMO_DEFAULTS = {"requests": 3000, "concurrency": 32, "strategy": "adaptive", "seed": 1}
 BENCH_DEFAULTS = {"requests": 1000, "concurrency": 32, "seed": 1}
+METRICS_SIMULATED_REQUESTS = 20  # calls to the simulator cost nothing; to real nodes they are opt-in
 SEED_CLAIMS = ("The seed article claimed p50 142 -> 38 ms, p95 487 -> 89 ms, p99 1,243 -> 156 ms, "
                "850 -> 3,200 req/s, 2.3% -> 0.12% errors; the table above is measured.")
 
@@ -84,6 +86,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -146,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=_positive_int, default=16, metavar="N")
     p.add_argument("--plot", metavar="PNG", help="draw latency CDFs and percentiles (needs matplotlib)")
     p.set_defaults(handler=cmd_bench, **BENCH_DEFAULTS)
+
+    p = sub.add_parser("metrics", parents=[common, nodes],
+                       help="print the client's Prometheus metrics, optionally after a few calls")
+    p.add_argument("--requests", type=_non_negative_int, metavar="N",
+                   help=f"chat calls to send first (default 0; {METRICS_SIMULATED_REQUESTS} with --simulate)")
+    p.add_argument("--concurrency", type=_positive_int, default=4, metavar="N", help="caller threads (default 4)")
+    p.add_argument("--model", help=f"model id (default: \"default_model\" from --config; {SIM_MODEL} with --simulate)")
+    p.add_argument("--simulate", action="store_true",
+                   help="use the built-in simulated 4-region gateway (no key, no network)")
+    p.set_defaults(handler=cmd_metrics)
     return parser
 
 
@@ -457,6 +479,50 @@ def _plot(figure_class: Any, path: str, results: Sequence[LoadResult]) -> None:
         fig.savefig(path, dpi=110)
     except (OSError, ValueError) as exc:
         raise CLIError(f"cannot write --plot {path}: {exc}") from None
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+
+def cmd_metrics(args: argparse.Namespace, out: Output) -> int:
+    """The Prometheus text exposition (``--json``: the families as data) of a client,
+    after ``--requests`` chat calls."""
+    try:
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        from .contrib.prometheus import HolySheepCollector, families_as_json
+    except ImportError:
+        raise CLIError("metrics needs prometheus_client: pip install 'holysheep-lb[prometheus]'") from None
+    if args.simulate and args.config:
+        raise CLIError("--simulate and --config do not go together: --simulate brings its own nodes")
+    requests = args.requests if args.requests is not None else (METRICS_SIMULATED_REQUESTS if args.simulate else 0)
+
+    def measure(client: Client) -> None:
+        if requests:
+            model = _model(args, client, default=SIM_MODEL if args.simulate else None)
+            with out.progress("calls", requests) as tick:
+                result = run_load(_chat_call(client, "metrics", model), requests=requests,
+                                  concurrency=min(args.concurrency, requests), on_progress=tick)
+            if result.errors:
+                out.note(f"{sum(result.errors.values())} of {requests} calls failed: "
+                         + ", ".join(f"{name} x{n}" for name, n in sorted(result.errors.items())))
+        collector = HolySheepCollector(client)
+        if out.json_mode:
+            out.json({"metrics": families_as_json(collector.collect())})
+            return
+        registry = CollectorRegistry()
+        registry.register(collector)
+        out.write(generate_latest(registry).decode("utf-8"))
+
+    if args.simulate:
+        with SimulatedGateway(seed_regions(), seed=1) as gateway:
+            with _sim_client(gateway.client_nodes(), seed=1, concurrency=args.concurrency,
+                             health_check_interval_s=None) as client:
+                measure(client)
+        return 0
+    with _load_client(args, health_check_interval_s=None) as client:
+        measure(client)
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

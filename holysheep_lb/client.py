@@ -819,6 +819,21 @@ class Client:
             "cache": self._cache.stats() if self._cache is not None else None,
         }
 
+    def latency_histograms(self) -> Dict[str, Any]:
+        """Copies of the fixed-size latency histograms behind ``stats()`` (for exporters).
+
+        ``calls`` (successful calls), ``nodes`` (node id -> successful attempts),
+        ``stream_first_chunk`` and ``stream_total`` (completed streams). Each is a
+        :class:`~holysheep_lb.stats.LatencyHistogram` taken under its lock in
+        microseconds; summarise it (``cumulative_counts``, ``percentile``) afterwards.
+        """
+        self._stream_reaper.reap()
+        nodes = self._selector.latency_histograms()
+        with self._stats_lock:
+            calls = self._call_latency.copy()
+        first_chunk, total = self._stream_stats.histograms()
+        return {"calls": calls, "nodes": nodes, "stream_first_chunk": first_chunk, "stream_total": total}
+
     def breakers(self) -> List[Dict[str, Any]]:
         """Each circuit breaker: state, counters, and ``retry_after_s`` until an open one
         lets a trial call through (after which it may close)."""

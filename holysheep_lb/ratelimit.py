@@ -66,6 +66,10 @@ class TokenBucket:
         self._stamp = clock()
         self._queue: "collections.deque[object]" = collections.deque()  # blocked callers, in order
         self.consumed = 0.0
+        # counted under the lock the bucket takes anyway: free on the path that does not wait
+        self.waits = 0          # acquires that had to block
+        self.waited_s = 0.0     # time they spent blocked
+        self.rejections = 0     # acquires refused (timed out, or more than the capacity)
 
     def __repr__(self) -> str:
         return f"<TokenBucket {self.name} rate_per_s={self.rate_per_s:g} capacity={self.capacity:g}>"
@@ -105,15 +109,21 @@ class TokenBucket:
         Raises :class:`RateLimitExceeded` once ``timeout`` seconds have passed without
         them (``timeout=0`` never blocks), or at once if ``n`` exceeds the capacity.
         """
-        n = self._check(n)
+        try:
+            n = self._check(n)
+        except RateLimitExceeded:
+            with self._tokens_cond:
+                self.rejections += 1
+            raise
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not timeout >= 0):
             raise ValueError(f"timeout must be None or a number >= 0, got {timeout!r}")
         me = object()
         with self._tokens_cond:
-            now = self._clock()
+            now = started = self._clock()
             deadline = None if timeout is None else now + timeout
             self._queue.append(me)
+            waited = False
             try:
                 while True:
                     self._refill(now)
@@ -127,13 +137,18 @@ class TokenBucket:
                     if deadline is not None:
                         left = deadline - now
                         if left <= 0:
+                            self.rejections += 1
                             short = max(0.0, n - self._tokens)
                             raise RateLimitExceeded(self.name, n, short / self.rate_per_s,
                                                     f"timed out after {timeout:g} s")
                         wait_s = left if wait_s is None else min(wait_s, left)
+                    waited = True
                     self._tokens_cond.wait(wait_s)
                     now = self._clock()
             finally:
+                if waited:
+                    self.waits += 1
+                    self.waited_s += max(0.0, now - started)
                 self._queue.remove(me)
                 self._tokens_cond.notify_all()  # the next in line may go now
 
@@ -164,7 +179,8 @@ class TokenBucket:
             self._refill(self._clock())
             return {"rate_per_s": self.rate_per_s, "capacity": self.capacity,
                     "available": round(self._tokens, 3), "waiting": len(self._queue),
-                    "consumed": round(self.consumed, 3)}
+                    "consumed": round(self.consumed, 3), "waits": self.waits,
+                    "waited_s": round(self.waited_s, 6), "rejections": self.rejections}
 
 
 # -- token estimates ---------------------------------------------------------------------

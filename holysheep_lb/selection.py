@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 
 from .errors import ConfigError, NoHealthyNodeError
 from .nodes import EjectionPolicy, NodeState
+from .stats import LatencyHistogram
 
 __all__ = [
     "RoutingStrategy",
@@ -460,6 +461,11 @@ class Selector:
                 return None
             histogram = node.latency.copy()
         return histogram.percentile(q)
+
+    def latency_histograms(self) -> Dict[str, LatencyHistogram]:
+        """Each node's histogram of successful request latency, copied under the lock."""
+        with self._state_lock:
+            return {n.id: n.latency.copy() for n in self.nodes}
 
     def node_stats(self) -> Dict[str, Dict[str, Any]]:
         with self._state_lock:

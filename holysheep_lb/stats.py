@@ -9,7 +9,7 @@ own lock around ``record``/``snapshot``.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from .errors import APIError, APIResponseValidationError, APIStatusError, APITimeoutError
 
@@ -41,6 +41,8 @@ _MIN_MS = 0.1
 _GROWTH = 1.04
 _LOG_GROWTH = math.log(_GROWTH)
 _BUCKETS = 420  # 0.1 ms * 1.04**420 ≈ 14 min; slower samples land in the last bucket
+# Bucket i holds samples below _UPPER_EDGES_MS[i]; the last (overflow) bucket has no edge.
+_UPPER_EDGES_MS = tuple(_MIN_MS * _GROWTH ** i for i in range(_BUCKETS - 1))
 
 
 class LatencyHistogram:
@@ -87,6 +89,35 @@ class LatencyHistogram:
                     return self.max_ms
                 return min(_MIN_MS * (_GROWTH ** index), self.max_ms)
         return self.max_ms
+
+    def cumulative_counts(self, bounds_s: Sequence[float]) -> List[int]:
+        """How many samples lie at or below each bound (seconds, strictly ascending).
+
+        For exporting as a Prometheus/OpenTelemetry histogram with the caller's bounds.
+        A bucket counts under a bound only when its whole range does, so a sample within
+        one bucket width (about 4%) below a bound may be counted under the next bound
+        up; never under a bound it exceeds. Bounds at or above ``max_ms`` count every
+        sample. O(buckets + bounds): call it on a :meth:`copy`, outside the owner's lock.
+        """
+        previous = 0.0
+        for bound in bounds_s:
+            if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound) \
+                    or bound <= previous:
+                raise ValueError(f"bounds_s must be finite numbers > 0 in ascending order, got {list(bounds_s)!r}")
+            previous = bound
+        out: List[int] = []
+        seen = 0
+        index = 0
+        for bound in bounds_s:
+            bound_ms = bound * 1000.0
+            if bound_ms >= self.max_ms:
+                out.append(self.count)  # every sample is at most max_ms: exact
+                continue
+            while index < len(_UPPER_EDGES_MS) and _UPPER_EDGES_MS[index] <= bound_ms:
+                seen += self._counts[index]
+                index += 1
+            out.append(seen)
+        return out
 
     def summary(self) -> Dict[str, Optional[float]]:
         return {

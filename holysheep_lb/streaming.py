@@ -510,6 +510,11 @@ class StreamStats:
                     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                         self._tokens[key] += value
 
+    def histograms(self) -> Tuple[LatencyHistogram, LatencyHistogram]:
+        """Copies of the time-to-first-chunk and total-time (completed streams) histograms."""
+        with self._stats_lock:
+            return self._ttft.copy(), self._total.copy()
+
     def snapshot(self) -> Dict[str, Any]:
         with self._stats_lock:
             return {

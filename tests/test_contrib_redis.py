@@ -82,6 +82,15 @@ def test_fail_open_limits_are_held_in_the_process_with_one_warning_per_interval(
                               "slow_answers": 0, "fail_open": True, "pending_spend_records": 0}
 
 
+def test_fail_open_limits_count_the_refusals_of_the_local_bucket(down, clock):
+    bucket = shared_state(down, clock).rate_limiter_factory("requests", 1.0, 1)
+    bucket.acquire(1, timeout=0)
+    with pytest.raises(RateLimitExceeded):
+        bucket.acquire(1, timeout=0)
+    snap = bucket.snapshot()
+    assert (snap["shared"], snap["waits"], snap["rejections"]) == (False, 0, 1)
+
+
 def test_fail_open_breakers_trip_in_the_process_and_pybreaker_logs_nothing(down, clock, caplog):
     state = shared_state(down, clock)
     board = BreakerBoard(model_settings=BreakerSettings(fail_max=2, reset_timeout_s=30),

@@ -117,6 +117,29 @@ def test_fifty_threads_never_over_issue_and_never_wait_past_their_timeout():
     assert max(waits) < timeout_s + 0.1, f"someone waited {max(waits):.3f} s, past the {timeout_s} s timeout"
 
 
+def test_bucket_counts_waits_and_rejections_but_not_immediate_grants(clock):
+    bucket = TokenBucket(1, 2, clock=clock)
+    bucket.acquire(2, timeout=0)  # granted at once: no wait
+    with pytest.raises(RateLimitExceeded):
+        bucket.acquire(1, timeout=0)  # empty: refused without waiting
+    with pytest.raises(RateLimitExceeded):
+        bucket.acquire(3)  # more than the capacity
+    assert bucket.try_acquire(1) is False  # a try is not a refused acquire
+    snap = bucket.snapshot()
+    assert (snap["waits"], snap["waited_s"], snap["rejections"]) == (0, 0.0, 2)
+
+
+def test_bucket_counts_the_time_a_blocked_acquire_waited():
+    bucket = TokenBucket(50, 1)  # a token every 20 ms, real clock
+    bucket.acquire(1)
+    began = time.monotonic()
+    bucket.acquire(1, timeout=2)
+    waited = time.monotonic() - began
+    snap = bucket.snapshot()
+    assert (snap["waits"], snap["rejections"]) == (1, 0)
+    assert 0.0 < snap["waited_s"] <= waited
+
+
 def test_waiters_are_served_in_arrival_order_and_try_acquire_does_not_overtake():
     bucket = TokenBucket(10, 10)
     bucket.acquire(10, timeout=0)
@@ -213,7 +236,10 @@ def test_rpm_blocks_within_the_deadline_then_raises_without_sending(rsps, make_c
     assert 0.15 <= waited < 1.0, "it waited for tokens until the call's deadline, no longer"
     assert info.value.limiter == "requests"
     assert len(rsps.calls) == 3
-    assert client.stats()["rate_limits"]["requests"]["waiting"] == 0
+    limit = client.stats()["rate_limits"]["requests"]
+    assert limit["waiting"] == 0
+    assert (limit["waits"], limit["rejections"]) == (1, 1)  # it waited, then was refused
+    assert 0.15 <= limit["waited_s"] < 1.0
 
 
 @pytest.mark.parametrize("options, field", [

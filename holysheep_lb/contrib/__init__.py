@@ -2,4 +2,6 @@
 
 - :mod:`holysheep_lb.contrib.redis`: breakers, rate limits and budgets shared by many
   processes on Redis.
+- :mod:`holysheep_lb.contrib.prometheus`: a Prometheus collector that reads a client's
+  state at scrape time (``pip install holysheep_lb[prometheus]``).
 """

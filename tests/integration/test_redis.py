@@ -95,6 +95,8 @@ def test_bucket_script_on_a_fake_clock(redis_server, prefix):
     with pytest.raises(RateLimitExceeded) as never:
         bucket.acquire(5)
     assert never.value.retry_after_s is None  # more than the capacity
+    snap = bucket.snapshot()  # this process's waits and refusals, for stats() and metrics
+    assert (snap["waits"], snap["waited_s"], snap["rejections"]) == (1, 1.0, 2)
 
 
 def test_bucket_time_comes_from_the_redis_server(redis_server, prefix):

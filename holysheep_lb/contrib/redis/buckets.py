@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from ...errors import RateLimitExceeded
@@ -86,12 +87,26 @@ class RedisTokenBucket:
         self._script = script
         self._sleep = sleep
         self._redis_time = redis_time
+        # This process's waits and refusals (the local bucket counts its own while Redis is away)
+        self._counts_lock = threading.Lock()
+        self._waits = 0
+        self._waited_s = 0.0
+        self._rejections = 0
 
     def __repr__(self) -> str:
         return f"<RedisTokenBucket {self.key} rate_per_s={self.rate_per_s:g} capacity={self.capacity:g}>"
 
     def reset_after_fork(self) -> None:
         self._local.reset_after_fork()
+        self._counts_lock = threading.Lock()
+
+    def _count(self, *, waited_s: float = 0.0, rejected: bool = False) -> None:
+        with self._counts_lock:
+            if rejected:
+                self._rejections += 1
+            else:
+                self._waits += 1
+                self._waited_s += waited_s
 
     def _decide(self, n: float, max_wait_s: float, *, force: bool) -> Tuple[bool, float, float]:
         now = "" if self._redis_time is None else repr(float(self._redis_time()))
@@ -115,7 +130,11 @@ class RedisTokenBucket:
 
     def acquire(self, n: float = 1, timeout: Optional[float] = None) -> None:
         """Block until ``n`` tokens are taken; see the class docstring."""
-        n = self._local._check(n)
+        try:
+            n = self._local._check(n)
+        except RateLimitExceeded:
+            self._count(rejected=True)
+            raise
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not timeout >= 0):
             raise ValueError(f"timeout must be None or a number >= 0, got {timeout!r}")
@@ -127,9 +146,11 @@ class RedisTokenBucket:
             self._local.acquire(n, timeout)
             return
         if not granted:
+            self._count(rejected=True)
             raise RateLimitExceeded(self.name, n, wait_s,
                                     f"its turn comes in {wait_s:.3g} s, after the timeout of {timeout:g} s")
         if wait_s > 0:
+            self._count(waited_s=wait_s)
             self._sleep(wait_s)
 
     def try_acquire(self, n: float = 1) -> bool:
@@ -164,7 +185,12 @@ class RedisTokenBucket:
             shared, available = True, self._decide(0.0, 0.0, force=True)[2]
         except Unreachable:
             shared, available = False, self._local.available()
+        local = self._local.snapshot()
+        with self._counts_lock:
+            waits, waited_s, rejections = self._waits, self._waited_s, self._rejections
         return {"rate_per_s": self.rate_per_s, "capacity": self.capacity, "available": round(available, 3),
-                "shared": shared}
+                "shared": shared, "waits": waits + local["waits"],
+                "waited_s": round(waited_s + local["waited_s"], 6),
+                "rejections": rejections + local["rejections"]}
 
 
