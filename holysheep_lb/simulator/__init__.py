@@ -15,16 +15,32 @@ are installed; diagnostics go to ``logging.getLogger(__name__)`` at DEBUG level.
 
 from __future__ import annotations
 
-from .config import FAULTS, MODELS, STREAM_FAULTS, SimNode
-from .content import reply_text, sample_latency_ms
+from .config import (
+    CACHE_USAGE_FORMS,
+    FAULTS,
+    MODEL_FAULTS,
+    MODELS,
+    STREAM_FAULTS,
+    SimModel,
+    SimNode,
+)
+from .content import completion_text, reply_text, sample_latency_ms
 from .gateway import SimulatedGateway
+from .quotas import format_duration
+from .requestlog import SimRequest
 
 __all__ = [
-    "MODELS",
+    "CACHE_USAGE_FORMS",
     "FAULTS",
+    "MODELS",
+    "MODEL_FAULTS",
     "STREAM_FAULTS",
+    "SimModel",
     "SimNode",
+    "SimRequest",
     "SimulatedGateway",
+    "completion_text",
+    "format_duration",
     "reply_text",
     "sample_latency_ms",
 ]

@@ -44,10 +44,14 @@ def _content_text(content: Any) -> str:
 
 
 def reply_text(model: str, messages: Sequence[Mapping[str, Any]], max_tokens: Optional[int] = None) -> str:
-    """The assistant text the simulator returns for a chat request.
+    """The canonical assistant text for a chat request.
 
     ``"[<model>] Echo: <first 200 chars of the last user message>"``; with
-    ``max_tokens`` the whitespace-separated words are truncated to that many."""
+    ``max_tokens`` the whitespace-separated words are truncated to that many.
+    A trailing assistant message (a prefill) is ignored: the canonical text is a
+    function of the conversation without it (see :func:`completion_text`)."""
+    if messages and messages[-1].get("role") == "assistant":
+        messages = messages[:-1]
     chosen: Any = None
     for msg in reversed(messages):
         if msg.get("role") == "user":
@@ -61,6 +65,43 @@ def reply_text(model: str, messages: Sequence[Mapping[str, Any]], max_tokens: Op
         words = text.split()
         if len(words) > max_tokens:
             text = " ".join(words[:max_tokens])
+    return text
+
+
+def completion_text(model: str, messages: Sequence[Mapping[str, Any]], max_tokens: Optional[int] = None) -> str:
+    """The text a chat request is answered with.
+
+    Without a prefill, :func:`reply_text`.  When the last message is an assistant
+    prefill that is a prefix of the canonical text, the rest of the canonical
+    text, so that ``prefill + answer == reply_text(model, messages)``: a client
+    that cuts a stream and continues it elsewhere can rebuild the full answer.
+    The leading ``[<model>] `` tag is not compared, so a continuation on another
+    model completes the first model's text.  A prefill that matches nothing gets
+    the full canonical text.  ``max_tokens`` truncates the answer's words."""
+    if not messages or messages[-1].get("role") != "assistant":
+        return reply_text(model, messages, max_tokens)
+    canonical = reply_text(model, messages)
+    prefill = _content_text(messages[-1].get("content"))
+    body, prefill_body = _untagged(canonical), _untagged(prefill)
+    if canonical.startswith(prefill):
+        rest = canonical[len(prefill) :]
+    elif (prefill_body or prefill_body != prefill) and body.startswith(prefill_body):
+        rest = body[len(prefill_body) :]
+    else:
+        rest = canonical
+    if max_tokens is not None:
+        pieces = _split_pieces(rest)
+        if len(pieces) > max_tokens:
+            rest = "".join(pieces[:max_tokens]).rstrip()
+    return rest
+
+
+def _untagged(text: str) -> str:
+    """``text`` without a leading ``[<model>] `` tag."""
+    if text.startswith("["):
+        end = text.find("] ")
+        if end > 0:
+            return text[end + 2 :]
     return text
 
 

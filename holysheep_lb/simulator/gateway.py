@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import threading
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
-from .config import _FIELD_NAMES, SimNode, _as_node, _validate_field
+from ..errors import ConfigError
+from .config import (
+    SimModel,
+    SimNode,
+    _as_model,
+    _as_node,
+    _check_names,
+    _coerce_node_field,
+)
 from .content import _normalise_path
+from .faults import ModelFaults
+from .requestlog import RequestLog, SimRequest
 from .runtime import _POLL_INTERVAL_S, _NodeRuntime
 
 log = logging.getLogger(__name__)
@@ -31,9 +42,22 @@ class SimulatedGateway:
         *,
         seed: Optional[int] = None,
         host: str = "127.0.0.1",
+        models: Optional[Mapping[str, Union[SimModel, Mapping[str, Any]]]] = None,
+        clock: Callable[[], float] = time.monotonic,
+        request_log_size: int = 10_000,
     ) -> None:
+        """``models`` are model settings on every node; ``clock`` (seconds) times
+        the model fault windows, quotas, prompt-cache TTLs and the request log
+        (waits and latencies use real time); ``request_log_size`` bounds the log."""
+        if isinstance(request_log_size, bool) or not isinstance(request_log_size, int) or request_log_size < 0:
+            raise ConfigError("request_log_size", request_log_size, "must be an int >= 0")
+        if not callable(clock):
+            raise ConfigError("clock", clock, "must be a callable returning seconds")
         self.host = host
         self.seed = seed
+        self.clock = clock
+        self._faults = ModelFaults({m: _as_model(m, spec) for m, spec in (models or {}).items()}, clock)
+        self._requests = RequestLog(clock, request_log_size)
         self.nodes: List[SimNode] = [_as_node(n) for n in nodes]
         if not self.nodes:
             raise ValueError("SimulatedGateway needs at least one node")
@@ -58,6 +82,8 @@ class SimulatedGateway:
                 raise RuntimeError("SimulatedGateway was stopped; create a new one")
             if self._started:
                 return self
+            self._faults.reset()
+            self._requests.reset()
             try:
                 for rt in self._rts.values():
                     rt.reserve(0)
@@ -132,26 +158,42 @@ class SimulatedGateway:
         return [{"id": n.id, "region": n.region, "base_url": self.base_url(n.id)} for n in self.nodes]
 
     # -- runtime configuration ----------------------------------------------
-    def configure(self, node_id: str, **changes: Any) -> None:
-        """Change SimNode fields of a running (or not yet started) node.
+    @property
+    def models(self) -> Dict[str, SimModel]:
+        """The model settings on every node (a node's own ``models`` win)."""
+        return dict(self._faults.models)
 
-        ``fault="refuse"`` closes the listening socket and all established
-        connections (the port stays reserved, so new connections get
-        ECONNREFUSED); setting it back re-listens on the same port.  Clearing
-        ``fault="hang"`` / ``stream_fault="stall_midstream"`` releases requests
-        currently blocked by them."""
+    def configure(self, node_id: Optional[str] = None, *, model: Optional[str] = None, **changes: Any) -> None:
+        """Change a running (or not yet started) gateway.
+
+        ``configure(node_id, **fields)`` changes SimNode fields.  ``fault="refuse"``
+        closes the listening socket and all established connections (the port
+        stays reserved, so new connections get ECONNREFUSED); setting it back
+        re-listens on the same port.  Clearing ``fault="hang"`` /
+        ``stream_fault="stall_midstream"`` / ``hang_after_requests`` releases
+        requests currently blocked by them.
+
+        ``configure(model=name, **fields)`` changes SimModel fields of a model on
+        every node; ``configure(node_id, model=name, **fields)`` on that node only
+        (starting from the model's gateway-wide setting).  Either re-arms the
+        model's fault and releases requests held by its previous setting."""
+        if model is not None:
+            self._configure_model(node_id, model, changes)
+            return
+        if node_id is None:
+            raise ConfigError("node_id", None, "name a node, or a model with model=...")
         rt = self._rt(node_id)
-        unknown = sorted(k for k in changes if k not in _FIELD_NAMES)
-        if unknown:
-            raise ValueError(f"unknown SimNode field(s): {', '.join(unknown)}")
+        _check_names("SimNode", changes)
         if "id" in changes and changes["id"] != rt.cfg.id:
-            raise ValueError("SimNode field 'id' cannot be changed")
-        for name, value in changes.items():
-            _validate_field(name, value)
+            raise ConfigError("SimNode.id", changes["id"], "cannot be changed")
+        values = {name: _coerce_node_field(name, value) for name, value in changes.items()}
         with self._admin:
             with rt.cond:
-                for name, value in changes.items():
+                for name, value in values.items():
                     setattr(rt.cfg, name, value)
+                rt.follow_config(values)
+                if "models" in values:
+                    self._faults.rearm_node(rt.cfg.id, rt.cfg.models)
                 rt.cond.notify_all()
             if self._started and not self._stopped:
                 if rt.cfg.fault == "refuse" and rt.server is not None:
@@ -160,7 +202,27 @@ class SimulatedGateway:
                     if rt.sock is None:
                         rt.reserve(rt.port or 0)
                     rt.listen()
-        log.debug("sim node %s configured: %r", node_id, changes)
+        log.debug("sim node %s configured: %r", node_id, sorted(changes))
+
+    def _configure_model(self, node_id: Optional[str], model: str, changes: Mapping[str, Any]) -> None:
+        _as_model(model, {})  # validates the name
+        _check_names("SimModel", changes)
+        rts = list(self._rts.values()) if node_id is None else [self._rt(node_id)]
+        with self._admin:
+            if node_id is None:
+                base = self._faults.models.get(model, SimModel())
+            else:
+                base = rts[0].cfg.models.get(model) or self._faults.models.get(model, SimModel())
+            value = dataclasses.replace(base, **changes)
+            if node_id is not None:
+                rt = rts[0]
+                with rt.cond:
+                    rt.cfg.models = {**rt.cfg.models, model: value}  # replaced: readers hold no lock
+            self._faults.set_model(node_id, model, value)
+            for rt in rts:
+                with rt.cond:
+                    rt.cond.notify_all()
+        log.debug("sim model %s configured on %s: %r", model, node_id or "every node", sorted(changes))
 
     # -- statistics -----------------------------------------------------------
     def request_count(self, node_id: str, path: Optional[str] = None) -> int:
@@ -179,9 +241,12 @@ class SimulatedGateway:
 
     def outcomes(self, node_id: str, path: Optional[str] = None) -> Dict[str, int]:
         """How the node's answers ended, by outcome: ``ok`` (2xx), ``error_4xx``,
-        ``error_5xx``, ``rate_limited``, ``malformed``, ``reset``, ``hang`` (held, then
-        dropped), ``stream_fault`` or ``dropped`` (the gateway stopped); only answers
-        written without a socket error count.  ``path`` (e.g. ``"/v1/models"``)
+        ``error_5xx``, ``rate_limited`` (any 429), ``malformed``, ``reset``, ``hang``
+        (held, then dropped), ``stream_fault`` or ``dropped`` (the gateway stopped),
+        and for model faults and model limits ``prefill_rejected``,
+        ``context_length_exceeded``, ``content_policy_violation``, ``content_filter``,
+        ``stream_cut``, ``stream_stall``, ``malformed_event``, ``no_done`` and
+        ``error_event``; only answers written without a socket error count.  ``path`` (e.g. ``"/v1/models"``)
         restricts it to one endpoint."""
         rt = self._rt(node_id)
         with rt.lock:
@@ -194,13 +259,42 @@ class SimulatedGateway:
         return result
 
     def reset_counts(self) -> None:
-        """Zero the request and outcome counters and max_concurrency_seen of every node."""
+        """Zero every counter (requests, outcomes, max_concurrency_seen, attempts,
+        cache hits/misses, quota refusals), clear the request log and re-arm the
+        faults: model fault windows and ``fault_attempts`` and the count towards
+        ``hang_after_requests`` start again from now."""
         for rt in self._rts.values():
             with rt.lock:
                 rt.total = 0
                 rt.by_path = {}
                 rt.outcomes = {}
                 rt.max_seen = rt.in_service
+                rt.hang_count = 0
+            rt.cache.reset_counts()
+            rt.quota.reset_counts()
+        self._faults.reset()
+        self._requests.reset()
+
+    def attempts(self, model: Optional[str] = None, *, node_id: Optional[str] = None) -> int:
+        """Requests that named ``model`` (any model when None) on ``node_id`` (any
+        node when None) since start / the last reset_counts()."""
+        if node_id is not None:
+            self._rt(node_id)
+        return self._requests.attempts(model, node_id)
+
+    def request_log(self, *, model: Optional[str] = None, node_id: Optional[str] = None) -> List[SimRequest]:
+        """The last ``request_log_size`` requests (oldest first), optionally of one
+        model and/or node: arrival time, node, model, stream, prefill, outcome."""
+        return self._requests.entries(model, node_id)
+
+    def cache_stats(self, node_id: str) -> Dict[str, int]:
+        """The node's prompt cache: ``hits``, ``misses`` (answered requests with a
+        cacheable prefix) and ``entries`` (live now)."""
+        return self._rt(node_id).cache.stats()
+
+    def quota_stats(self, node_id: str) -> Dict[str, int]:
+        """429s the node's quota sent: ``limited_requests`` (RPM) and ``limited_tokens`` (TPM)."""
+        return self._rt(node_id).quota.stats()
 
     def in_flight(self, node_id: str) -> int:
         """Requests received by the node and not yet finished (incl. queued)."""

@@ -8,11 +8,13 @@ import socket
 import threading
 import time
 from http.server import ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Optional, Tuple
 
 from .config import SimNode
 from .content import sample_latency_ms
 from .handler import _Handler
+from .prompt_cache import PromptCache
+from .quotas import NodeQuota
 
 if TYPE_CHECKING:
     from .gateway import SimulatedGateway
@@ -47,6 +49,29 @@ class _NodeRuntime:
         self.in_flight = 0
         self.in_service = 0
         self.max_seen = 0
+        self.hang_count = 0  # requests since hang_after_requests was armed
+        self.hang_generation = 0  # bumped when hang_after_requests is configured: releases held requests
+        self.cache = PromptCache(gateway.clock)
+        self.quota = NodeQuota(gateway.clock)
+        self.follow_config()
+
+    def follow_config(self, changed: Iterable[str] = ()) -> None:
+        """Bring the cache, the quota and the hang-under-load counter in line with
+        ``cfg`` after the fields ``changed`` were set (call under ``cond``)."""
+        self.cache.configure(self.cfg)
+        self.quota.configure(self.cfg)
+        if "hang_after_requests" in changed:
+            self.hang_count = 0
+            self.hang_generation += 1
+
+    def count_for_hang(self) -> Optional[int]:
+        """Count an arriving request; the hang generation if the node now hangs under load."""
+        with self.lock:
+            limit = self.cfg.hang_after_requests
+            if limit is None:
+                return None
+            self.hang_count += 1
+            return self.hang_generation if self.hang_count > limit else None
 
     # -- counters -------------------------------------------------------------
     def begin(self, path: str) -> None:
@@ -89,16 +114,18 @@ class _NodeRuntime:
                 self.cond.notify_all()
 
     # -- waits ----------------------------------------------------------------
-    def wait_until(self, released: Callable[[], bool], timeout_s: float) -> None:
-        """Block until ``released()``, the gateway stops or ``timeout_s`` passes."""
+    def wait_until(self, released: Callable[[], bool], timeout_s: float) -> bool:
+        """Block until ``released()``, the gateway stops or ``timeout_s`` passes;
+        False if the gateway stopped."""
         stop = self.gateway._stop_event
         deadline = time.monotonic() + max(0.0, float(timeout_s))
         with self.cond:
             while not (stop.is_set() or released()):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return
+                    break
                 self.cond.wait(min(remaining, _MAX_WAIT_SLICE_S))
+        return not stop.is_set()
 
     def sleep(self, seconds: float) -> bool:
         """Sleep, interruptible by stop(); True if the full time elapsed."""
