@@ -9,7 +9,13 @@ import struct
 import pytest
 
 from holysheep_lb.errors import ConfigError
-from holysheep_lb.simulator import SimModel, SimNode, completion_text, format_duration, reply_text
+from holysheep_lb.simulator import (
+    SimModel,
+    SimNode,
+    completion_text,
+    format_duration,
+    reply_text,
+)
 from holysheep_lb.simulator.faults import ModelFaults, fault_window_open
 from holysheep_lb.simulator.plans import embeddings_answer, plan_chat
 from holysheep_lb.simulator.prompt_cache import PromptCache, usage_fields

@@ -61,7 +61,10 @@ class ChatAnswers:
         def _reset(self) -> None: ...
 
     def _chat(self, rt: _NodeRuntime, plan: ChatPlan, decision: Optional[ModelDecision],
-              cache_usage: Dict[str, Any], released: Callable[[], bool]) -> None:
+              cache_usage: Dict[str, Any], released: Callable[[], bool],
+              accepted: Callable[[], None]) -> None:
+        """Answer ``plan``; ``accepted()`` runs once the model takes the prompt (before
+        any byte of the answer), so a request that follows sees its cache entry."""
         model_cfg = decision.model if decision is not None else None
         fault = decision.fault if decision is not None else None
         if model_cfg is not None and plan.prefill and not model_cfg.prefill:
@@ -74,6 +77,7 @@ class ChatAnswers:
             self._send(400, context_length_body(window, plan.prompt_tokens))
             self._outcome = "context_length_exceeded"
             return
+        accepted()
         pieces = plan.pieces()
         finish = "tool_calls" if plan.tool_call is not None else "stop"
         usage = dict(plan.usage(), **cache_usage)

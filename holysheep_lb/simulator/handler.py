@@ -185,11 +185,14 @@ class _Handler(ChatAnswers, BaseHTTPRequestHandler):
             if plan is None:
                 self._send(400, _error_body(str(plan_error or _invalid_json(raw)), "invalid_request_error"))
                 return "error_4xx"
+            key = plan.cache_key
+
+            def cache_commit() -> None:  # when the prompt is accepted, before the answer is written
+                if cache_hit is not None and key is not None:
+                    rt.cache.record(key, cache_hit)
+
             released = _released(rt, decision, plan.model)
-            self._chat(rt, plan, decision, self._cache_usage(rt, plan, cache_hit), released)
-            if cache_hit is not None and self._status == 200:
-                assert plan.cache_key is not None
-                rt.cache.record(plan.cache_key, cache_hit)
+            self._chat(rt, plan, decision, self._cache_usage(rt, plan, cache_hit), released, cache_commit)
         else:
             self._route(method, path, body, raw)
         if self._outcome is not None:

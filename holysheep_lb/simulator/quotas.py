@@ -24,7 +24,7 @@ _SECONDS_PER_MINUTE = 60.0
 def format_duration(seconds: float) -> str:
     """A duration as OpenAI's rate-limit headers write it (Go's ``time.Duration``
     form, at millisecond resolution): ``0s``, ``120ms``, ``1s``, ``1m30.5s``, ``6m0s``."""
-    ms = max(0, int(math.ceil(seconds * 1000.0 - 1e-6)))
+    ms = max(0, math.ceil(seconds * 1000.0 - 1e-6))
     if ms == 0:
         return "0s"
     if ms < 1000:
@@ -63,7 +63,7 @@ class _Bucket:
     def headers(self, kind: str) -> List[Tuple[str, str]]:
         return [
             (f"x-ratelimit-limit-{kind}", str(self.limit)),
-            (f"x-ratelimit-remaining-{kind}", str(max(0, int(math.floor(self.level + 1e-9))))),
+            (f"x-ratelimit-remaining-{kind}", str(max(0, math.floor(self.level + 1e-9)))),
             (f"x-ratelimit-reset-{kind}", format_duration((self.limit - self.level) / self.rate_per_s)),
         ]
 

@@ -30,7 +30,7 @@ class SimRequest:
 
 
 class _Entry:
-    __slots__ = ("t_s", "node_id", "path", "model", "stream", "prefill", "attempt", "outcome", "status", "done_s")
+    __slots__ = ("attempt", "done_s", "model", "node_id", "outcome", "path", "prefill", "status", "stream", "t_s")
 
     def __init__(self, t_s: float, node_id: str, path: str, model: Optional[str], stream: bool,
                  prefill: bool, attempt: int) -> None:

@@ -106,7 +106,7 @@ def test_quota_headers_on_every_answer_and_a_429_when_spent(clock):
             refused = s.post(chat_url(gw), json=body("gpt-4.1"), timeout=TIMEOUT)
             assert refused.status_code == 429 and "Retry-After" not in refused.headers
         assert gw.quota_stats("a") == {"limited_requests": 3, "limited_tokens": 0}
-        assert gw.outcomes("a")["rate_limited"] == 3
+        assert wait_until(lambda: gw.outcomes("a").get("rate_limited") == 3), gw.outcomes("a")
 
 
 def test_token_quota_counts_prompt_and_answer(clock):
@@ -131,7 +131,7 @@ def test_quotas_and_caches_leave_the_seeded_5xx_sequence_unchanged():
     plain = statuses()
     assert statuses(requests_per_minute=10_000, tokens_per_minute=10**7, prompt_cache_entries=4,
                     prompt_cache_min_tokens=10, models={"gpt-4.1": {"context_window_tokens": 10**6}}) == plain
-    assert 200 in plain and 500 <= max(plain)
+    assert 200 in plain and max(plain) >= 500
 
 
 # -- hang under load ----------------------------------------------------------------------------

@@ -12,7 +12,15 @@ import requests
 from holysheep_lb.simulator import SimModel, SimNode, SimulatedGateway, reply_text
 
 from ..conftest import FakeClock, wait_until
-from .sim_helpers import MESSAGES, TIMEOUT, body, chat_url, content_of, parse, read_stream
+from .sim_helpers import (
+    MESSAGES,
+    TIMEOUT,
+    body,
+    chat_url,
+    content_of,
+    parse,
+    read_stream,
+)
 
 PRIMARY = "fb-primary"
 FALLBACK = "fb-ok"
@@ -193,7 +201,7 @@ def test_context_length_exceeded_forced_and_natural(gw, stream):
     resp = post(gw, FALLBACK, stream=stream)
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "context_length_exceeded"
     assert f"However, your messages resulted in {prompt_tokens} tokens" in resp.json()["error"]["message"]
-    assert gw.outcomes("a")["context_length_exceeded"] == 2
+    assert wait_until(lambda: gw.outcomes("a").get("context_length_exceeded") == 2), gw.outcomes("a")
 
 
 def test_content_policy_violation_is_a_400_with_azure_details(gw):
@@ -346,8 +354,9 @@ def test_a_cut_stream_continued_by_prefill_elsewhere_gives_the_canonical_answer(
     plain = post(gw, PRIMARY, "b", messages=continued).json()
     assert partial + plain["choices"][0]["message"]["content"] == TEXT
     assert plain["usage"]["completion_tokens"] == len(TEXT[len(partial):].split())
-    log = gw.request_log(model="fb-noprefill")
-    assert [(r.prefill, r.outcome, r.status) for r in log] == [(True, "prefill_rejected", 400), (False, "ok", 200)]
+    expected = [(True, "prefill_rejected", 400), (False, "ok", 200)]
+    assert wait_until(lambda: [(r.prefill, r.outcome, r.status) for r in gw.request_log(model="fb-noprefill")]
+                      == expected), gw.request_log(model="fb-noprefill")
 
 
 # -- counters and the request log ---------------------------------------------------------------
