@@ -119,9 +119,6 @@ class SimNode:
             setattr(self, f.name, _coerce_node_field(f.name, getattr(self, f.name)))
 
 
-_FIELD_NAMES = tuple(f.name for f in fields(SimNode))
-_MODEL_FIELD_NAMES = tuple(f.name for f in fields(SimModel))
-
 
 # -- validation -------------------------------------------------------------------
 

@@ -126,7 +126,7 @@ class NodeQuota:
             kind, bucket = refused
             self.limited[kind] += 1
             wait_s = bucket.wait_s(needs[kind])
-            used = bucket.limit - max(0, int(math.floor(bucket.level + 1e-9)))
+            used = bucket.limit - max(0, math.floor(bucket.level + 1e-9))
         label = "requests per min (RPM)" if kind == "requests" else "tokens per min (TPM)"
         if wait_s is None:
             message = (f"Request too large on {label}: Limit {bucket.limit}, Requested {int(needs[kind])}. "

@@ -408,3 +408,15 @@ def test_configuring_a_model_is_validated(gw):
     with pytest.raises(ConfigError, match="latency_ms"):  # node fields are not model fields
         gw.configure(model=PRIMARY, latency_ms=5)
     assert gw.models == {}
+
+
+def test_replacing_a_nodes_models_arms_them_afresh(gw):
+    gw.configure("a", models={PRIMARY: {"fault": "reset", "fault_attempts": 1}})
+    with pytest.raises(requests.exceptions.ConnectionError):
+        post(gw, PRIMARY)
+    assert post(gw, PRIMARY).status_code == 200
+    gw.configure("a", models={PRIMARY: SimModel(fault="reset", fault_attempts=1)})  # the same value, re-armed
+    with pytest.raises(requests.exceptions.ConnectionError):
+        post(gw, PRIMARY)
+    gw.configure("a", models={})
+    assert post(gw, PRIMARY).status_code == 200
