@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import pytest
 
-from holysheep_lb import pricing
+from holysheep_lb import budgets, prices, pricing
 from holysheep_lb import Budget, BudgetCap, BudgetExceededError, ConfigError, InvalidRequestError, PriceTable
 from holysheep_lb.pricing import (
     DEFAULT_PRICES,
@@ -87,14 +87,15 @@ def test_prices_and_caps_are_parsed_to_decimal_once_not_per_call(monkeypatch):
     table = PriceTable({"custom": (0.15, 0.6)})
     budget = Budget(daily_usd=5, monthly_usd=100, per_model={"gpt-4.1": {"daily_usd": 1}})
     parsed = []
-    real = pricing.Decimal
+    real = Decimal
 
     def counting(value="0", *args):
         if isinstance(value, str):
             parsed.append(value)
         return real(value, *args)
 
-    monkeypatch.setattr(pricing, "Decimal", counting)
+    for module in (prices, budgets):
+        monkeypatch.setattr(module, "Decimal", counting)
     assert table.exact_cost_usd("gpt-4.1", 1000, 100) == real("0.0028")
     assert table.exact_cost_usd("custom", 1000, 1000) == real("0.00075")
     assert [(lim.model, lim.period, lim.cap_usd) for lim in budget.limits_for("gpt-4.1")] == [
