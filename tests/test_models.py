@@ -192,3 +192,64 @@ def test_router_option_must_be_a_model_router(make_client):
     with pytest.raises(ConfigError) as info:
         make_client(router=lambda messages: "gpt-4.1")
     assert info.value.field == "router"
+
+
+# Prompts built to make a backtracking regex work quadratically (runs of blank lines,
+# whitespace, brackets), each a function of its size in characters.
+ADVERSARIAL_PROMPTS = {
+    "newlines": lambda n: "\n" * n,
+    "space-newline": lambda n: " \n" * (n // 2),
+    "tabs": lambda n: "\t" * n,
+    "tab-newline": lambda n: "\t\n" * (n // 2),
+    "backticks": lambda n: "`" * n,
+    "long-line": lambda n: "x" * n,
+    "call-then-spaces": lambda n: "f()" + " " * n + "x",
+    "brace-then-spaces": lambda n: "{" + " " * n + "x",
+    "open-calls": lambda n: "a(" * (n // 2),
+    "closing-parens": lambda n: "f(" + ") " * (n // 2) + "x",
+    "code-then-blank-lines": lambda n: "def f():\n" + "\n" * n + "    return 1\n",
+}
+
+
+def _best_time_s(fn, arg, *, runs: int, give_up_after_s: float) -> float:
+    """The fastest of ``runs`` timings (noise only ever adds time), stopping early once
+    one run alone is so slow that the answer is clear."""
+    import time
+
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn(arg)
+        best = min(best, time.perf_counter() - t0)
+        if best > give_up_after_s:
+            break
+    return best
+
+
+@pytest.mark.parametrize("shape", sorted(ADVERSARIAL_PROMPTS))
+def test_routing_cost_grows_linearly_with_adversarial_prompts_up_to_200k_characters(shape):
+    make = ADVERSARIAL_PROMPTS[shape]
+
+    def classify(text):
+        return classify_request(RoutingRequest(user(text), {}))
+
+    # Each step is 10x the input; linear work takes ~10x the time. 30x (plus a little for
+    # timer resolution) allows a loaded machine; a quadratic scan takes 100x and fails at
+    # the first step, in well under a second.
+    previous = None
+    for size in (2_000, 20_000, 200_000):
+        bound_s = None if previous is None else 30 * previous + 0.005
+        took = _best_time_s(classify, make(size), runs=5,
+                            give_up_after_s=float("inf") if bound_s is None else 10 * bound_s)
+        if bound_s is not None:
+            assert took <= bound_s, f"{shape}: {size} characters took {took:.4f} s, over 30x {previous:.4f} s"
+        previous = took
+
+
+def test_code_detection_reads_lines_like_before():
+    assert has_code("x = 1\n\n\n  foo(bar)\n\n\n}\n")
+    assert has_code("SELECT a FROM t\r\nreturn x\r\n")
+    assert has_code("\t\tcall(x) ;   \nother(y)  {\n")
+    assert not has_code("just prose (with an aside) and more.\nAnother line (aside) here.\n")
+    assert not has_code("\n" * 1000 + "def")  # "def" without its space is a word, not code
+    assert not has_code("one line()\n" + " \n" * 100)  # one code-like line is not enough
