@@ -67,6 +67,7 @@ from .selection import Selector, make_strategy
 from .stats import LatencyHistogram, failure_kind
 from .streaming import STREAM_HEADERS, CannedStream, ChatStream, OpenedStream, StreamOutcome, StreamReaper, StreamStats, open_stream
 from .transport import Transport
+from .validation import check_count, check_deadline_s, check_json_value
 
 __all__ = ["Client"]
 
@@ -406,6 +407,9 @@ class Client:
             ok = isinstance(input, (list, tuple)) and bool(input) and all(isinstance(i, str) for i in input)
         if not ok:
             raise InvalidRequestError("input", input, "must be a non-empty string or list of strings")
+        check_json_value("input", input)
+        for name, value in params.items():
+            check_json_value(name, value)
         payload = {"model": model, "input": input, **params}
         return self.request("POST", "/embeddings", json=payload, region=region, deadline_s=deadline_s)
 
@@ -444,6 +448,8 @@ class Client:
         if not isinstance(path, str) or not path.startswith("/") or any(c in path for c in "\r\n \t"):
             raise InvalidRequestError("path", path, "must start with '/' and contain no whitespace")
         _validate_call_options(region=region, deadline_s=deadline_s, idempotency_key=idempotency_key)
+        if json is not None:
+            check_json_value("json", json)
         self._ensure_running()
         return self._build(method.upper(), json, deadline_s=deadline_s, idempotency_key=idempotency_key)
 
@@ -853,14 +859,12 @@ def _encode_json(payload: Mapping[str, Any]) -> bytes:
         raise InvalidRequestError("json", payload, "must be a dict")
     try:
         return json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidRequestError("json", type(payload).__name__, f"must be JSON-serialisable ({exc})") from None
 
 
 def _validate_call_options(*, region: Any, deadline_s: Any, idempotency_key: Any) -> None:
-    if deadline_s is not None and (isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float))
-                                   or not deadline_s > 0):
-        raise InvalidRequestError("deadline_s", deadline_s, "must be a number > 0")
+    check_deadline_s(deadline_s)
     if region is not None and not isinstance(region, str):
         raise InvalidRequestError("region", region, "must be a string")
     key = idempotency_key
@@ -881,15 +885,16 @@ def _validate_messages(messages: Any) -> None:
         content = m.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise InvalidRequestError(f"messages[{i}].content", content, "must be a string, a list of parts or None")
+        for key, value in m.items():
+            check_json_value(f"messages[{i}].{key}", value)
 
 
 def _validate_params(params: Mapping[str, Any]) -> None:
     for name in ("max_tokens", "max_completion_tokens", "n"):
-        if name in params and params[name] is not None:
-            v = params[name]
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise InvalidRequestError(name, v, "must be a positive integer")
+        check_count(name, params.get(name))
     if "temperature" in params and params["temperature"] is not None:
         v = params["temperature"]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 2:
             raise InvalidRequestError("temperature", v, "must be a number from 0 to 2")
+    for name, value in params.items():
+        check_json_value(name, value)
