@@ -47,6 +47,7 @@ from .errors import (
     APIError,
     AllAttemptsFailedError,
     Attempt,
+    BudgetExceededError,
     CircuitOpenError,
     ConfigError,
     HolySheepError,
@@ -59,7 +60,7 @@ from .health import HealthChecker
 from .hedging import Hedger
 from .models import AUTO, ModelRouter
 from .nodes import EjectionPolicy, NodeState
-from .pricing import SpendLedger
+from .pricing import Reservation, SpendLedger
 from .ratelimit import RateLimits
 from .response import Response
 from .retry import RETRY_BUDGET_EXHAUSTED, RetryBudget, RetryPolicy
@@ -322,12 +323,18 @@ class Client:
                                            decision=decision, region=region, deadline_s=deadline_s,
                                            idempotency_key=idempotency_key)
 
+        cached = self._cache is not None and self._cache.wanted(params, cache)
+
         def send(chosen: str, costs: CallCosts) -> Response:
             path, payload = "/chat/completions", {"model": chosen, "messages": list(messages), **params}
             # whatever this call spent waiting for an identical one counts against its deadline
             remaining_s = call_deadline - self._clock()
             if remaining_s <= 0:
-                raise AllAttemptsFailedError("deadline exceeded while waiting for an identical call", [])
+                reason = "deadline exceeded before the request was sent"
+                if cached:
+                    reason += " (the call may have waited for an identical call in flight)"
+                self._count_call(False, AllAttemptsFailedError.__name__, self._clock())
+                raise AllAttemptsFailedError(reason, [])
             method, body, headers, deadline = self._build("POST", payload, deadline_s=remaining_s,
                                                           idempotency_key=idempotency_key)
             return self._run_chain(method, path, payload, body, headers, region=region, deadline=deadline,
@@ -350,7 +357,7 @@ class Client:
         ledger = self._ledger
 
         def paid() -> Tuple[Response, bool]:
-            first = ledger.admit(model, messages, params, is_available=self._model_available)
+            first = self._admit(model, messages, params)
             costs = CallCosts(ledger, first, messages, params)
             try:
                 resp = send(first.model, costs)
@@ -376,11 +383,19 @@ class Client:
             resp.extra["cost"] = {**cost_info(None, None), "model": model}
         return resp
 
+    def _admit(self, model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> Reservation:
+        """Reserve the call's estimate; a budget's refusal is a failed call in ``stats()``."""
+        try:
+            return self._ledger.admit(model, messages, params, is_available=self._model_available)
+        except BudgetExceededError as exc:
+            self._count_call(False, type(exc).__name__, self._clock())
+            raise
+
     def _stream_with_costs(self, model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any],
                            *, decision: Any, region: Optional[str], deadline_s: Optional[float],
                            idempotency_key: Optional[str]) -> ChatStream:
         """A stream's cost steps: reserve the estimate now, settle from its usage when it ends."""
-        first = self._ledger.admit(model, messages, params, is_available=self._model_available)
+        first = self._admit(model, messages, params)
         costs = StreamCosts(self._ledger, first, messages, params)
         payload = {"model": first.model, "messages": list(messages), **params}
         payload["stream_options"] = {"include_usage": True, **(params.get("stream_options") or {})}

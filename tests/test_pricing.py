@@ -405,6 +405,17 @@ def test_32_threads_overspend_is_bounded_by_the_estimates_in_flight():
 OK = chat_body("gpt-4.1", 104, 100)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_refused_by_the_budget_at_admission_counts_in_stats(rsps, make_client, stream):
+    client = make_client([{"id": "a", "base_url": A}], budget={"daily_usd": 0.0001}, wall_clock=WallClock())
+    with pytest.raises(BudgetExceededError):
+        client.chat_completion(msgs(400), model="gpt-4.1", max_tokens=100, stream=stream)
+    assert len(rsps.calls) == 0
+    stats = client.stats()
+    assert (stats["calls"], stats["successes"], stats["failures"]) == (1, 0, 1)
+    assert stats["failures_by_error"] == {"BudgetExceededError": 1} and stats["success_rate"] == 0.0
+
+
 def test_client_refuses_over_budget_call_without_sending(rsps, make_client):
     rsps.post(A + "/chat/completions", json=OK)
     client = make_client([{"id": "a", "base_url": A}], budget={"daily_usd": 0.0015}, wall_clock=WallClock())
