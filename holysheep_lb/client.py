@@ -693,6 +693,9 @@ class Client:
 
         circuit_error: Optional[CircuitOpenError] = None
         for attempt_no in range(self._retry.max_retries + 1):
+            if self._closed:  # close() ran during this call: no new attempt, no new connection
+                reason = "the client was closed"
+                break
             if attempt_no:
                 if budget is not None and not budget.try_withdraw():
                     reason = RETRY_BUDGET_EXHAUSTED
