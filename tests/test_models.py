@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import pytest
 
@@ -211,19 +213,29 @@ ADVERSARIAL_PROMPTS = {
 }
 
 
-def _best_time_s(fn, arg, *, runs: int, give_up_after_s: float) -> float:
-    """The fastest of ``runs`` timings (noise only ever adds time), stopping early once
-    one run alone is so slow that the answer is clear."""
-    import time
+_LINEAR_PASS_RE = re.compile(r"\bnowhere-to-be-found\b", re.IGNORECASE)
 
-    best = float("inf")
+
+def _linear_pass(text):
+    """Reference work that is linear in the text and reads it all, like the router does."""
+    return _LINEAR_PASS_RE.search(text), text.count("\n"), text.split()
+
+
+def _relative_cost(fn, text, *, runs: int, give_up_after_s: float) -> float:
+    """fn's time over the linear reference's, on the same text: the fastest of ``runs``
+    interleaved timings of each (noise only ever adds time, and a loaded machine slows
+    both alike), stopping early once fn alone is so slow that the answer is clear."""
+    best_fn = best_ref = float("inf")
     for _ in range(runs):
         t0 = time.perf_counter()
-        fn(arg)
-        best = min(best, time.perf_counter() - t0)
-        if best > give_up_after_s:
+        fn(text)
+        t1 = time.perf_counter()
+        _linear_pass(text)
+        t2 = time.perf_counter()
+        best_fn, best_ref = min(best_fn, t1 - t0), min(best_ref, t2 - t1)
+        if best_fn > give_up_after_s:
             break
-    return best
+    return best_fn / max(best_ref, 1e-7)
 
 
 @pytest.mark.parametrize("shape", sorted(ADVERSARIAL_PROMPTS))
@@ -233,17 +245,18 @@ def test_routing_cost_grows_linearly_with_adversarial_prompts_up_to_200k_charact
     def classify(text):
         return classify_request(RoutingRequest(user(text), {}))
 
-    # Each step is 10x the input; linear work takes ~10x the time. 30x (plus a little for
-    # timer resolution) allows a loaded machine; a quadratic scan takes 100x and fails at
-    # the first step, in well under a second.
+    # Each step is 10x the input. Relative to linear reference work, linear routing costs
+    # about the same at every size; a quadratic scan costs 10x more per step, and fails
+    # at the first step in about a second instead of running for minutes.
     previous = None
     for size in (2_000, 20_000, 200_000):
-        bound_s = None if previous is None else 30 * previous + 0.005
-        took = _best_time_s(classify, make(size), runs=5,
-                            give_up_after_s=float("inf") if bound_s is None else 10 * bound_s)
-        if bound_s is not None:
-            assert took <= bound_s, f"{shape}: {size} characters took {took:.4f} s, over 30x {previous:.4f} s"
-        previous = took
+        text = make(size)
+        cost = _relative_cost(classify, text, runs=5,
+                              give_up_after_s=float("inf") if previous is None else 1.0)
+        if previous is not None:
+            assert cost <= 3 * previous, f"{shape}: at {size} characters routing costs {cost:.1f}x a linear " \
+                                         f"pass, up from {previous:.1f}x at a tenth of the size"
+        previous = cost
 
 
 def test_code_detection_reads_lines_like_before():
