@@ -45,6 +45,7 @@ from .config import (
 from .costs import CallCosts, StreamCosts, cost_info
 from .errors import (
     APIError,
+    APITimeoutError,
     AllAttemptsFailedError,
     Attempt,
     BudgetExceededError,
@@ -500,7 +501,8 @@ class Client:
                 model_body = _encode_json({**json, "model": model})  # type: ignore[dict-item]
             send, finish = steps(model, model_body, model_headers) if steps else (None, None)
             return self._execute(method, path, model_body, model_headers, region=region,
-                                 deadline=deadline, model=model, send=send, finish=finish)
+                                 deadline=deadline, model=model, send=send, finish=finish,
+                                 unanswered=costs.unanswered if costs is not None else None)
 
         started = self._clock()
         # once per call (not per model of a fallback chain): the budgets are ratios of calls
@@ -598,6 +600,7 @@ class Client:
         model: Optional[str],
         send: Optional[Callable[[NodeState, Tuple[float, float]], Any]] = None,
         finish: Optional[Callable[[NodeState, Any, List[Attempt], float, float], Any]] = None,
+        unanswered: Optional[Callable[[], None]] = None,
     ) -> Any:
         """The attempt loop: pick, send, classify, back off, fail over, until ``deadline``.
 
@@ -607,6 +610,7 @@ class Client:
         into the return value and takes over the node's in-flight slot (a stream calls
         ``selector.answered(node, picked_at)`` at its first chunk and a ``release_*`` when
         it ends); by default the slot is released and a :class:`Response` is returned.
+        ``unanswered()`` is told of each attempt that timed out after its request was sent.
         """
         clock = self._clock
         started = clock()
@@ -648,6 +652,8 @@ class Client:
                                         f"{type(exc).__name__}: {exc.message}", kind))
                 if permit is not None:
                     permit.record(exc)
+                if unanswered is not None and isinstance(exc, APITimeoutError) and exc.request_sent:
+                    unanswered()  # the node may still answer it, and the gateway bill it
                 raise
             except BaseException:
                 selector.release_cancelled(node, started=picked[node.id])

@@ -137,6 +137,15 @@ class SpendLedger:
         self.store.settle(nothing_held, input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost)
         return Settled(input_tokens, output_tokens, cost, True)
 
+    def record_unconfirmed(self, reservation: Reservation) -> None:
+        """An attempt for ``reservation`` timed out after its request was sent: the gateway
+        may still answer and bill it, so its estimate counts as spend now, reported as
+        unconfirmed (caps err on the safe side). The reservation stays held: the call's
+        next attempt settles or cancels it as usual."""
+        log.debug("an attempt for %s timed out after sending; its estimate $%s counts as unconfirmed spend",
+                  reservation.model, reservation.amount_usd)
+        self.store.record_unconfirmed(reservation)
+
     def record_cache_hit(self, model: str) -> None:
         self.store.record_cache_hit(model, self.today())
 
@@ -156,7 +165,9 @@ class SpendLedger:
 
         ``since``/``until`` are inclusive UTC days (``"2026-11-26"``); default: every day
         kept. Savings = the same input and output tokens priced at the baseline model,
-        minus what was actually spent. Money is in USD (floats).
+        minus what was actually spent. Money is in USD (floats). ``cost_usd`` and the
+        tokens include ``unconfirmed_usd``: the estimates of ``unconfirmed_calls``,
+        attempts that timed out after their request was sent (see :meth:`record_unconfirmed`).
         """
         baseline = None
         if baseline_model is not None:
@@ -229,13 +240,15 @@ def _budget_error(model: str, wanted: Reservation, refusal: Refusal, *, downgrad
 
 def _sum_rows(rows: Iterable[SpendRow]) -> Dict[str, Any]:
     out: Dict[str, Any] = {"requests": 0, "cached_requests": 0, "input_tokens": 0, "output_tokens": 0,
-                           "cost_usd": _ZERO}
+                           "cost_usd": _ZERO, "unconfirmed_calls": 0, "unconfirmed_usd": _ZERO}
     for r in rows:
         out["requests"] += r.requests
         out["cached_requests"] += r.cached_requests
         out["input_tokens"] += r.input_tokens
         out["output_tokens"] += r.output_tokens
         out["cost_usd"] += r.cost_usd
+        out["unconfirmed_calls"] += r.unconfirmed_calls
+        out["unconfirmed_usd"] += r.unconfirmed_usd
     return out
 
 

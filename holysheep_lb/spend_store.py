@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -27,7 +27,12 @@ OTHER_MODELS = "(other models)"
 
 @dataclass
 class SpendRow:
-    """Spend of one model on one UTC day."""
+    """Spend of one model on one UTC day.
+
+    ``cost_usd`` and the token counts include the estimates of ``unconfirmed_calls``:
+    attempts that timed out after their request was sent, which the gateway may have
+    answered (and billed) all the same; ``unconfirmed_usd`` is their part of the cost.
+    """
 
     day: str
     model: str
@@ -36,6 +41,8 @@ class SpendRow:
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: Decimal = _ZERO
+    unconfirmed_calls: int = 0
+    unconfirmed_usd: Decimal = _ZERO
 
 
 # -- storage -----------------------------------------------------------------------------
@@ -68,6 +75,15 @@ class SpendStore(ABC):
     @abstractmethod
     def rows(self) -> List[SpendRow]:
         """A consistent snapshot of every (day, model) row still kept."""
+
+    def record_unconfirmed(self, reservation: Reservation) -> None:
+        """Count ``reservation``'s estimate as spent by an attempt that timed out after its
+        request was sent; the reservation stays held for the call's next attempt.
+
+        Stores that predate this method record it as one request of that cost.
+        """
+        self.settle(replace(reservation, amount_usd=_ZERO), input_tokens=reservation.input_tokens,
+                    output_tokens=reservation.output_tokens, cost_usd=reservation.amount_usd)
 
     def reserved_usd(self) -> Decimal:
         """The sum of the reservations in flight."""
@@ -122,12 +138,20 @@ class InMemorySpendStore(SpendStore):
         """Record one request whose reservation was held elsewhere (a shared store): no reservation to drop."""
         self._spend(reservation, input_tokens, output_tokens, cost_usd, release_usd=_ZERO)
 
+    def record_unconfirmed(self, reservation: Reservation) -> None:
+        self._spend(reservation, reservation.input_tokens, reservation.output_tokens, reservation.amount_usd,
+                    release_usd=_ZERO, unconfirmed=True)
+
     def _spend(self, reservation: Reservation, input_tokens: int, output_tokens: int, cost_usd: Decimal, *,
-               release_usd: Decimal) -> None:
+               release_usd: Decimal, unconfirmed: bool = False) -> None:
         with self._ledger_lock:
             self._roll_to(reservation.day)
             row = self._row(reservation.day, reservation.model)
-            row.requests += 1
+            if unconfirmed:
+                row.unconfirmed_calls += 1
+                row.unconfirmed_usd += cost_usd
+            else:
+                row.requests += 1
             row.input_tokens += input_tokens
             row.output_tokens += output_tokens
             row.cost_usd += cost_usd

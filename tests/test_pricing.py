@@ -189,7 +189,8 @@ def test_report_per_model_per_day_and_savings_against_baseline():
     report = led.report(baseline_model="gpt-4.1")
     assert report["days"] == ["2026-11-26", "2026-11-27"]
     assert report["totals"] == {"requests": 2, "cached_requests": 1, "input_tokens": 1100,
-                                "output_tokens": 250, "cost_usd": 0.000964}
+                                "output_tokens": 250, "cost_usd": 0.000964,
+                                "unconfirmed_calls": 0, "unconfirmed_usd": 0.0}
     assert report["by_model"]["gpt-4.1"]["cost_usd"] == 0.0006
     assert report["by_model"]["deepseek-v3.2"]["share_of_requests"] == 2 / 3
     assert report["by_model"]["gpt-4.1"]["share_of_cost"] == 600 / 964
@@ -201,6 +202,33 @@ def test_report_per_model_per_day_and_savings_against_baseline():
     only_gpt = led.report(baseline_model="gpt-4.1", until="2026-11-26")
     assert only_gpt["baseline"]["savings_usd"] == 0.0
     assert led.report(since="2026-11-27")["totals"]["requests"] == 1
+
+
+def test_an_attempt_that_timed_out_after_sending_keeps_its_estimate_as_unconfirmed_spend():
+    led = ledger(budget=Budget(daily_usd=0.0025))
+    held = led.admit("gpt-4.1", msgs(400), {"max_tokens": 100})  # 104 in + 100 out: $0.001008
+    led.record_unconfirmed(held)  # the first node timed out after the request was sent
+    assert led.store.reserved_usd() == Decimal("0.001008")  # still held for the next attempt
+    led.settle(held, usage(104, 90))  # another node answered: the gateway billed both
+    report = led.report()
+    assert report["totals"] == {"requests": 1, "cached_requests": 0, "input_tokens": 208, "output_tokens": 190,
+                                "cost_usd": 0.001936, "unconfirmed_calls": 1, "unconfirmed_usd": 0.001008}
+    assert report["by_model"]["gpt-4.1"]["unconfirmed_calls"] == 1
+    assert report["by_day"]["2026-11-26"]["unconfirmed_usd"] == 0.001008
+    assert report["in_flight_reserved_usd"] == 0.0
+    with pytest.raises(BudgetExceededError):  # caps count it: 0.001936 + 0.001008 > 0.0025
+        led.admit("gpt-4.1", msgs(400), {"max_tokens": 100})
+
+
+def test_unconfirmed_spend_counts_against_a_models_own_cap_and_survives_a_failed_call():
+    led = ledger(budget=Budget(per_model={"gpt-4.1": {"daily_usd": 0.0015}}))
+    held = led.admit("gpt-4.1", msgs(400), {"max_tokens": 100})
+    led.record_unconfirmed(held)
+    led.cancel(held)  # every attempt failed: the reservation goes, the unconfirmed spend stays
+    assert led.report()["totals"]["cost_usd"] == 0.001008 and led.store.reserved_usd() == 0
+    with pytest.raises(BudgetExceededError) as info:
+        led.admit("gpt-4.1", msgs(400), {"max_tokens": 100})
+    assert info.value.scope == "gpt-4.1" and info.value.spent_usd == 0.001008
 
 
 def test_report_rejects_unpriced_baseline():
