@@ -45,7 +45,9 @@ def check_count(name: str, value: Any) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_COUNT:
-        shown = value if not isinstance(value, int) or value.bit_length() < 64 else f"<an integer of {len(str(value))} digits>"
+        # repr() of a huge int is slow, and refused past 4300 digits
+        huge = isinstance(value, int) and value.bit_length() >= 64
+        shown = f"<an int of {value.bit_length()} bits>" if huge else value
         raise InvalidRequestError(name, shown, f"must be a positive integer <= {MAX_COUNT}")
 
 

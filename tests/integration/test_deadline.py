@@ -52,7 +52,8 @@ def test_a_node_trickling_its_headers_cannot_hold_a_call_past_its_deadline(per_c
 
 def test_a_node_trickling_over_tls_is_cut_at_the_deadline_too(self_signed):  # noqa: F811
     cert_path, context = self_signed
-    with SlowServer(json_answer(chat_body("m"), head_padding=PADDING), byte_interval_s=TRICKLE_S, tls=context) as server:
+    answer = json_answer(chat_body("m"), head_padding=PADDING)
+    with SlowServer(answer, byte_interval_s=TRICKLE_S, tls=context) as server:
         with _client(server, read_timeout_s=0.3, deadline_s=0.5, verify=cert_path) as client:
             took, error = _timed_failure(lambda: client.chat_completion(MSGS, model="m"))
     assert took < 1.5, took
