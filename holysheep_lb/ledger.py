@@ -219,9 +219,10 @@ def _usage_tokens(usage: Any) -> Optional[Tuple[int, int]]:
         return None
     prompt = usage.get("prompt_tokens")
     completion = usage.get("completion_tokens", 0)
-    for v in (prompt, completion):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            return None
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    if isinstance(prompt, bool) or isinstance(completion, bool) or prompt < 0 or completion < 0:
+        return None
     return prompt, completion
 
 

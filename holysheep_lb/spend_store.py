@@ -211,8 +211,8 @@ class InMemorySpendStore(SpendStore):
             del self._rows[key]
         for old in [d for d in self._models_per_day if d < cutoff]:
             del self._models_per_day[old]
-        for key in [k for k, pair in self._totals.items() if k[0] < cutoff[: len(k[0])] and not pair[1]]:
-            del self._totals[key]
+        for total in [k for k, pair in self._totals.items() if k[0] < cutoff[: len(k[0])] and not pair[1]]:
+            del self._totals[total]
 
 
 def _period_key(day: str, limit: Limit) -> Tuple[str, Optional[str]]:
