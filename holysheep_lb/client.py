@@ -232,7 +232,12 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        """Stop the health thread and close every connection. Idempotent."""
+        """Stop the health thread and close every connection. Idempotent.
+
+        Calls in flight finish the attempt they are making, start no other (they fail
+        with a typed error saying the client was closed) and open no connection; their
+        sockets close as they end.
+        """
         if self._closed:
             return
         self._closed = True

@@ -13,7 +13,7 @@ One daemon thread per process, started on first use and again, lazily, in a chil
 after ``fork()``. Registrations wait in a heap ordered by deadline; the heap's lock is
 held for pushes and pops only, never while a socket is touched, and entries of
 exchanges that ended are purged once they are half the heap, so memory follows the
-exchanges in flight. Per exchange: a heap push, two uncontended locks, no syscall.
+exchanges in flight. Per exchange: a heap push and a few uncontended lock acquisitions.
 
 A watch ends when the transport says so or when its connection goes back to the pool
 or is closed, whichever comes first; a watch that ended never touches its socket
