@@ -15,7 +15,7 @@ from holysheep_lb import Client
 from holysheep_lb.errors import AllAttemptsFailedError, APITimeoutError
 from holysheep_lb.health import HealthChecker
 
-from ..conftest import API_KEY, chat_body
+from ..conftest import API_KEY, chat_body, wait_until
 from .slow_server import SlowServer, json_answer, sse_answer
 from .test_transport_security import self_signed  # noqa: F401 - a fixture
 
@@ -106,3 +106,31 @@ def test_one_slow_node_does_not_delay_the_probes_of_the_others():
     assert recorded["slow"][0] is False and 0.9 <= recorded["slow"][1] < 2.0, recorded  # its 1 s timeout
     assert took < 2.5, took  # ~6 s if the slow node's headers were not bounded
     assert state["slow"]["reason"] == "down" and state["fast"]["usable"]
+
+
+def test_a_node_whose_probe_is_still_running_is_not_probed_twice_at_once():
+    with SlowServer(json_answer({"object": "list", "data": []})) as server:
+        nodes = [{"id": "stuck", "base_url": server.base_url}, {"id": "fine", "base_url": server.base_url}]
+        with Client(api_key=API_KEY, nodes=nodes, health_check_interval_s=None) as client:
+            release = threading.Event()
+            stuck_calls = []
+            stuck = client.selector.by_id["stuck"].transport
+            real_send = stuck.send
+
+            def never_ending_send(*args, **kwargs):  # a probe that outlives its own timeout
+                stuck_calls.append(1)
+                release.wait(5.0)
+                return real_send(*args, **kwargs)
+
+            stuck.send = never_ending_send
+            checker = HealthChecker(client.selector, interval_s=10, timeout_s=0.05, unhealthy_threshold=3,
+                                    healthy_threshold=1)
+            try:
+                checker.probe_all()  # returns after its timeout's margin, the stuck probe still running
+                checker.probe_all()
+            finally:
+                release.set()
+            assert wait_until(lambda: "stuck" not in checker._probing, 5.0)
+            probes = {n["id"]: n["probes"] for n in client.nodes()}
+    assert len(stuck_calls) == 1 and probes == {"stuck": 1, "fine": 2}
+    assert checker.rounds == 2
