@@ -46,8 +46,10 @@ from .config import (
 from .costs import CallCosts, StreamCosts, cost_info
 from .errors import (
     APIError,
+    APITimeoutError,
     AllAttemptsFailedError,
     Attempt,
+    BudgetExceededError,
     CircuitOpenError,
     HolySheepError,
     InvalidRequestError,
@@ -59,7 +61,7 @@ from .health import HealthChecker
 from .hedging import Hedger
 from .models import AUTO, ModelRouter
 from .nodes import EjectionPolicy, NodeState
-from .pricing import SpendLedger
+from .pricing import Reservation, SpendLedger
 from .ratelimit import RateLimits
 from .response import Response
 from .retry import RETRY_BUDGET_EXHAUSTED, RetryBudget, RetryPolicy
@@ -68,6 +70,7 @@ from .stats import LatencyHistogram, failure_kind
 from .suggest import unknown_option
 from .streaming import STREAM_HEADERS, CannedStream, ChatStream, OpenedStream, StreamOutcome, StreamReaper, StreamStats, open_stream
 from .transport import Transport
+from .validation import check_count, check_deadline_s, check_json_value
 
 __all__ = ["Client"]
 
@@ -235,7 +238,12 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        """Stop the health thread and close every connection. Idempotent."""
+        """Stop the health thread and close every connection. Idempotent.
+
+        Calls in flight finish the attempt they are making, start no other (they fail
+        with a typed error saying the client was closed) and open no connection; their
+        sockets close as they end.
+        """
         if self._closed:
             return
         self._closed = True
@@ -327,12 +335,18 @@ class Client:
                                            decision=decision, region=region, deadline_s=deadline_s,
                                            idempotency_key=idempotency_key)
 
+        cached = self._cache is not None and self._cache.wanted(params, cache)
+
         def send(chosen: str, costs: CallCosts) -> Response:
             path, payload = "/chat/completions", {"model": chosen, "messages": list(messages), **params}
             # whatever this call spent waiting for an identical one counts against its deadline
             remaining_s = call_deadline - self._clock()
             if remaining_s <= 0:
-                raise AllAttemptsFailedError("deadline exceeded while waiting for an identical call", [])
+                reason = "deadline exceeded before the request was sent"
+                if cached:
+                    reason += " (the call may have waited for an identical call in flight)"
+                self._count_call(False, AllAttemptsFailedError.__name__, self._clock())
+                raise AllAttemptsFailedError(reason, [])
             method, body, headers, deadline = self._build("POST", payload, deadline_s=remaining_s,
                                                           idempotency_key=idempotency_key)
             return self._run_chain(method, path, payload, body, headers, region=region, deadline=deadline,
@@ -355,7 +369,7 @@ class Client:
         ledger = self._ledger
 
         def paid() -> Tuple[Response, bool]:
-            first = ledger.admit(model, messages, params, is_available=self._model_available)
+            first = self._admit(model, messages, params)
             costs = CallCosts(ledger, first, messages, params)
             try:
                 resp = send(first.model, costs)
@@ -381,11 +395,19 @@ class Client:
             resp.extra["cost"] = {**cost_info(None, None), "model": model}
         return resp
 
+    def _admit(self, model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> Reservation:
+        """Reserve the call's estimate; a budget's refusal is a failed call in ``stats()``."""
+        try:
+            return self._ledger.admit(model, messages, params, is_available=self._model_available)
+        except BudgetExceededError as exc:
+            self._count_call(False, type(exc).__name__, self._clock())
+            raise
+
     def _stream_with_costs(self, model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any],
                            *, decision: Any, region: Optional[str], deadline_s: Optional[float],
                            idempotency_key: Optional[str]) -> ChatStream:
         """A stream's cost steps: reserve the estimate now, settle from its usage when it ends."""
-        first = self._ledger.admit(model, messages, params, is_available=self._model_available)
+        first = self._admit(model, messages, params)
         costs = StreamCosts(self._ledger, first, messages, params)
         payload = {"model": first.model, "messages": list(messages), **params}
         payload["stream_options"] = {"include_usage": True, **(params.get("stream_options") or {})}
@@ -412,6 +434,9 @@ class Client:
             ok = isinstance(input, (list, tuple)) and bool(input) and all(isinstance(i, str) for i in input)
         if not ok:
             raise InvalidRequestError("input", input, "must be a non-empty string or list of strings")
+        check_json_value("input", input)
+        for name, value in params.items():
+            check_json_value(name, value)
         payload = {"model": model, "input": input, **params}
         return self.request("POST", "/embeddings", json=payload, region=region, deadline_s=deadline_s)
 
@@ -450,6 +475,8 @@ class Client:
         if not isinstance(path, str) or not path.startswith("/") or any(c in path for c in "\r\n \t"):
             raise InvalidRequestError("path", path, "must start with '/' and contain no whitespace")
         _validate_call_options(region=region, deadline_s=deadline_s, idempotency_key=idempotency_key)
+        if json is not None:
+            check_json_value("json", json)
         self._ensure_running()
         return self._build(method.upper(), json, deadline_s=deadline_s, idempotency_key=idempotency_key)
 
@@ -485,7 +512,8 @@ class Client:
                 model_body = _encode_json({**json, "model": model})  # type: ignore[dict-item]
             send, finish = steps(model, model_body, model_headers) if steps else (None, None)
             return self._execute(method, path, model_body, model_headers, region=region,
-                                 deadline=deadline, model=model, send=send, finish=finish)
+                                 deadline=deadline, model=model, send=send, finish=finish,
+                                 unanswered=costs.unanswered if costs is not None else None)
 
         started = self._clock()
         # once per call (not per model of a fallback chain): the budgets are ratios of calls
@@ -583,6 +611,7 @@ class Client:
         model: Optional[str],
         send: Optional[Callable[[NodeState, Tuple[float, float]], Any]] = None,
         finish: Optional[Callable[[NodeState, Any, List[Attempt], float, float], Any]] = None,
+        unanswered: Optional[Callable[[], None]] = None,
     ) -> Any:
         """The attempt loop: pick, send, classify, back off, fail over, until ``deadline``.
 
@@ -592,6 +621,7 @@ class Client:
         into the return value and takes over the node's in-flight slot (a stream calls
         ``selector.answered(node, picked_at)`` at its first chunk and a ``release_*`` when
         it ends); by default the slot is released and a :class:`Response` is returned.
+        ``unanswered()`` is told of each attempt that timed out after its request was sent.
         """
         clock = self._clock
         started = clock()
@@ -633,6 +663,8 @@ class Client:
                                         f"{type(exc).__name__}: {exc.message}", kind))
                 if permit is not None:
                     permit.record(exc)
+                if unanswered is not None and isinstance(exc, APITimeoutError) and exc.request_sent:
+                    unanswered()  # the node may still answer it, and the gateway bill it
                 raise
             except BaseException:
                 selector.release_cancelled(node, started=picked[node.id])
@@ -678,6 +710,9 @@ class Client:
 
         circuit_error: Optional[CircuitOpenError] = None
         for attempt_no in range(self._retry.max_retries + 1):
+            if self._closed:  # close() ran during this call: no new attempt, no new connection
+                reason = "the client was closed"
+                break
             if attempt_no:
                 if budget is not None and not budget.try_withdraw():
                     reason = RETRY_BUDGET_EXHAUSTED
@@ -879,14 +914,12 @@ def _encode_json(payload: Mapping[str, Any]) -> bytes:
         raise InvalidRequestError("json", payload, "must be a dict")
     try:
         return json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidRequestError("json", type(payload).__name__, f"must be JSON-serialisable ({exc})") from None
 
 
 def _validate_call_options(*, region: Any, deadline_s: Any, idempotency_key: Any) -> None:
-    if deadline_s is not None and (isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float))
-                                   or not deadline_s > 0):
-        raise InvalidRequestError("deadline_s", deadline_s, "must be a number > 0")
+    check_deadline_s(deadline_s)
     if region is not None and not isinstance(region, str):
         raise InvalidRequestError("region", region, "must be a string")
     key = idempotency_key
@@ -907,15 +940,16 @@ def _validate_messages(messages: Any) -> None:
         content = m.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise InvalidRequestError(f"messages[{i}].content", content, "must be a string, a list of parts or None")
+        for key, value in m.items():
+            check_json_value(f"messages[{i}].{key}", value)
 
 
 def _validate_params(params: Mapping[str, Any]) -> None:
     for name in ("max_tokens", "max_completion_tokens", "n"):
-        if name in params and params[name] is not None:
-            v = params[name]
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise InvalidRequestError(name, v, "must be a positive integer")
+        check_count(name, params.get(name))
     if "temperature" in params and params["temperature"] is not None:
         v = params["temperature"]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 2:
             raise InvalidRequestError("temperature", v, "must be a number from 0 to 2")
+    for name, value in params.items():
+        check_json_value(name, value)

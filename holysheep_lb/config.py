@@ -23,6 +23,7 @@ from .errors import REDACTED, ConfigError
 from .models import ModelRouter
 from .pricing import Budget, PriceTable, SpendStore
 from .suggest import unknown_option
+from .validation import MAX_WAIT_S
 
 __all__ = ["Node", "ClientConfig", "BreakerSettings", "DEFAULT_BASE_URL", "is_loopback_url", "is_cleartext_url",
            "check_proxy", "parse_nodes"]
@@ -57,7 +58,7 @@ def _check_header_text(field_name: str, value: Any, *, secret: bool = False) -> 
 
 
 def _check_number(name: str, value: Any, *, minimum: float = 0.0, strict: bool = False,
-                  allow_none: bool = False) -> None:
+                  allow_none: bool = False, maximum: Optional[float] = None) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -66,6 +67,8 @@ def _check_number(name: str, value: Any, *, minimum: float = 0.0, strict: bool =
         raise ConfigError(name, value, f"must be > {minimum:g}")
     if not strict and value < minimum:
         raise ConfigError(name, value, f"must be >= {minimum:g}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(name, value, f"must be <= {maximum:g} seconds (24 h)")
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:
@@ -363,15 +366,17 @@ class ClientConfig:
         _check_cost_options(self)
         if self.api_key is not None:
             _check_header_text("api_key", self.api_key, secret=True)
+        # Waits are capped at MAX_WAIT_S: a thread cannot wait much past 1e9 s (OverflowError).
         for name in ("connect_timeout_s", "read_timeout_s", "deadline_s",
                      "stream_first_chunk_timeout_s", "stream_stall_timeout_s"):
-            _check_number(name, getattr(self, name), strict=True)
-        for name in ("backoff_base_s", "backoff_cap_s", "retry_after_cap_s", "ejection_base_s",
-                     "ejection_max_s", "slow_start_s"):
+            _check_number(name, getattr(self, name), strict=True, maximum=MAX_WAIT_S)
+        for name in ("backoff_base_s", "backoff_cap_s", "retry_after_cap_s"):
+            _check_number(name, getattr(self, name), maximum=MAX_WAIT_S)
+        for name in ("ejection_base_s", "ejection_max_s", "slow_start_s"):
             _check_number(name, getattr(self, name))
         _check_number("health_check_interval_s", self.health_check_interval_s, strict=True,
-                      allow_none=True)
-        _check_number("health_check_timeout_s", self.health_check_timeout_s, strict=True)
+                      allow_none=True, maximum=MAX_WAIT_S)
+        _check_number("health_check_timeout_s", self.health_check_timeout_s, strict=True, maximum=MAX_WAIT_S)
         _check_int("max_retries", self.max_retries, minimum=0)
         _check_int("pool_maxsize", self.pool_maxsize, minimum=1)
         _check_int("max_response_bytes", self.max_response_bytes, minimum=1024)
@@ -474,8 +479,8 @@ def _check_resilience(cfg: ClientConfig) -> None:
     _check_number("retry_budget_ttl_s", cfg.retry_budget_ttl_s, strict=True)
     delay = cfg.hedge_delay_s
     if delay != "p95" and delay is not None and (isinstance(delay, bool) or not isinstance(delay, (int, float))
-                                                 or not math.isfinite(delay) or delay <= 0):
-        raise ConfigError("hedge_delay_s", delay, "must be None (off), a number of seconds > 0 or 'p95'")
+                                                 or not math.isfinite(delay) or not 0 < delay <= MAX_WAIT_S):
+        raise ConfigError("hedge_delay_s", delay, "must be None (off), a number of seconds in (0, 86400] or 'p95'")
     _check_number("hedge_max_ratio", cfg.hedge_max_ratio, strict=True)
     if cfg.hedge_max_ratio > 1:
         raise ConfigError("hedge_max_ratio", cfg.hedge_max_ratio, "must be > 0 and <= 1")

@@ -5,7 +5,9 @@ budget may downgrade the call). Every other model the chain sends the call to re
 its own estimate against its own caps first, so a fallback answer is priced and recorded
 as the model that gave it, a fallback whose caps refuse is skipped, and spend still
 passes a cap only by what answers exceed their estimates. A model that gives no answer
-gives its reservation back; a canned ``fallback_reply`` costs nothing.
+gives its reservation back; a canned ``fallback_reply`` costs nothing. An attempt that
+timed out after its request was sent keeps its model's estimate as unconfirmed spend
+(:meth:`CallCosts.unanswered`): the gateway may well have answered, and billed, it.
 """
 
 from __future__ import annotations
@@ -47,14 +49,24 @@ class CallCosts:
         self._first: Optional[Reservation] = first
         self._messages = messages
         self._params = params
+        self._sending: Optional[Reservation] = None  # the model the chain sends to now
 
     def reserve(self, model: str) -> Reservation:
         first, self._first = self._first, None
         if first is not None:
             if first.model == model:
+                self._sending = first
                 return first
             self._ledger.cancel(first)  # the chain went past the first model without sending
-        return self._ledger.admit(model, self._messages, self._params, downgrade=False)
+        self._sending = self._ledger.admit(model, self._messages, self._params, downgrade=False)
+        return self._sending
+
+    def unanswered(self) -> None:
+        """An attempt timed out after its request was sent: count the estimate of the model
+        being sent to as unconfirmed spend. May run on a hedged copy's thread."""
+        sending = self._sending
+        if sending is not None:
+            self._ledger.record_unconfirmed(sending)
 
     def cancel(self, held: Reservation) -> None:
         self._ledger.cancel(held)

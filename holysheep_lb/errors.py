@@ -197,7 +197,17 @@ class APIConnectionError(APIError):
 
 
 class APITimeoutError(APIConnectionError):
-    """The node did not connect or answer within the attempt's timeout."""
+    """The node did not connect or answer within the attempt's timeout or the call's deadline.
+
+    ``request_sent`` is True when the request had been sent in full before time ran out
+    (a read timeout, not a connect timeout): the node may still answer it, and bill it.
+    """
+
+    request_sent: bool = False
+
+    def __init__(self, message: str, *, node_id: Optional[str] = None, request_sent: bool = False) -> None:
+        super().__init__(message, node_id=node_id)
+        self.request_sent = request_sent
 
 
 class APIResponseValidationError(APIError):

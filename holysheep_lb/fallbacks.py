@@ -52,6 +52,10 @@ class ModelCosts(Protocol):
         """The model answered: settle its cost and call ``settle_tokens(actual tokens or None)``
         for the rate limits, now or (a stream) when it ends."""
 
+    def unanswered(self) -> None:
+        """An attempt at the model being sent to timed out after its request was sent: the
+        gateway may bill it, so its estimate counts as (unconfirmed) spend."""
+
 
 def _no_tokens(actual_tokens: Optional[int]) -> None:
     """``settle_tokens`` when no rate limit applies."""

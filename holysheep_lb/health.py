@@ -3,8 +3,13 @@
 ``/models`` costs no tokens, unlike health checks that send real completions. A node is
 marked down after ``unhealthy_threshold`` failed probes in a row and up after
 ``healthy_threshold`` good ones (both required, as in Envoy). Probe latency feeds the
-geographic and adaptive strategies. Probes run one node after another, so there is
-never more than one probe per node in flight; each has its own short timeout.
+geographic and adaptive strategies.
+
+A round probes every node at the same time, one short-lived thread per node, so a slow
+node never delays the others' probes; each probe is bounded by ``timeout_s`` from
+connect to its last byte (headers included, see :mod:`holysheep_lb.deadline`). There is
+never more than one probe per node in flight: a node whose probe is somehow still
+running is skipped by the next round.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import logging
 import random
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Set
 
 from .errors import HolySheepError
 from .selection import Selector
@@ -49,26 +54,55 @@ class HealthChecker:
         self._stop = threading.Event()
         self._start_lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
+        self._probing_lock = threading.Lock()  # guards _probing, loop_errors, _Round.left
+        self._probing: Set[str] = set()  # ids of the nodes with a probe in flight
+        self._round = _Round(0)
 
     # -- one round, callable directly (tests drive it without a thread) -------------
 
     def probe_all(self) -> None:
-        """Probe each node once. Never raises: errors are logged and counted."""
-        for node in self.selector.nodes:
-            if self._stop.is_set():
-                return
+        """Probe every node once, all at the same time; return when each probe has ended
+        (at most about ``timeout_s``) or ``stop()`` was called. Never raises: errors are
+        logged and counted."""
+        with self._probing_lock:
+            nodes = [n for n in self.selector.nodes if n.id not in self._probing]
+            self._probing.update(n.id for n in nodes)
+            self._round = this_round = _Round(len(nodes))
+        here = nodes[-1:]  # the last node is probed on this thread: one thread fewer
+        for node in nodes[:-1]:
+            thread = threading.Thread(target=self._probe_in_round, args=(node, this_round),
+                                      name=f"holysheep-lb-probe-{node.id}", daemon=True)
             try:
-                self.probe(node)
-            except Exception:  # noqa: BLE001 - the health thread must survive anything
-                self.loop_errors += 1
-                log.exception("health probe of node %s raised; the checker keeps running", node.id)
+                thread.start()
+            except RuntimeError:  # no thread to be had now: probe it here, after the others
+                here.append(node)
+        for node in here:
+            self._probe_in_round(node, this_round)
+        # each probe's deadline cuts its connection; the margin covers a loaded machine
+        this_round.done.wait(self.timeout_s + 1.0)
         self.rounds += 1
+
+    def _probe_in_round(self, node, this_round: "_Round") -> None:
+        try:
+            if not self._stop.is_set():
+                self.probe(node)
+        except Exception:  # noqa: BLE001 - the health thread must survive anything
+            with self._probing_lock:
+                self.loop_errors += 1
+            log.exception("health probe of node %s raised; the checker keeps running", node.id)
+        finally:
+            with self._probing_lock:
+                self._probing.discard(node.id)
+                this_round.left -= 1
+                if this_round.left <= 0:
+                    this_round.done.set()
 
     def probe(self, node) -> bool:
         """Probe one node and record the result; True when it answered 2xx JSON."""
         started = self.clock()
         try:
-            node.transport.send("GET", "/models", timeout_s=(self.timeout_s, self.timeout_s))
+            node.transport.send("GET", "/models", timeout_s=(self.timeout_s, self.timeout_s),
+                                deadline_s=self.timeout_s)
         except HolySheepError as exc:
             self.selector.record_probe(node, False, None, self.unhealthy_threshold,
                                        self.healthy_threshold, error=_short(exc))
@@ -103,6 +137,7 @@ class HealthChecker:
     def stop(self, timeout_s: float = 1.0) -> None:
         """Stop the thread; waits up to ``timeout_s`` (a probe in flight ends by its timeout)."""
         self._stop.set()
+        self._round.done.set()  # a round waiting for its probes ends now
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout_s)
@@ -112,6 +147,21 @@ class HealthChecker:
         self._thread = None
         self._stop = threading.Event()
         self._start_lock = threading.Lock()
+        self._probing_lock = threading.Lock()
+        self._probing = set()  # the parent's probe threads do not exist here
+        self._round = _Round(0)
+
+
+class _Round:
+    """One round of probes: ``left`` to end (under the checker's lock); ``done`` when none is."""
+
+    __slots__ = ("left", "done")
+
+    def __init__(self, probes: int) -> None:
+        self.left = probes
+        self.done = threading.Event()
+        if probes == 0:
+            self.done.set()
 
 
 def _short(exc: BaseException) -> str:

@@ -80,10 +80,12 @@ _EXPERT_RE = _word_pattern(_EXPERT_WORDS)
 _REASONING_RE = _word_pattern(_REASONING_WORDS)
 _SIMPLE_RE = _word_pattern(_SIMPLE_WORDS)
 _FENCE_RE = re.compile(r"```|~~~")
+# Matched against one stripped line at a time: a pattern that may start at any line and
+# run over blank lines (``^\s*`` with MULTILINE) backtracks quadratically in long runs
+# of whitespace, and ``model="auto"`` prompts come from end users.
 _CODE_LINE_RE = re.compile(
-    r"^\s*(def |class |import |from \S+ import |#include|public |private |function |const |let |var |"
-    r"return\b|for \(|if \(|while \(|SELECT .+ FROM|[\w.]+\(.*\)\s*[;{:]?\s*$|[}{]\s*$)",
-    re.MULTILINE,
+    r"def |class |import |from \S+ import |#include|public |private |function |const |let |var |"
+    r"return\b|for \(|if \(|while \(|SELECT .+ FROM|[\w.]+\(.*\)\s*[;{:]?$|[}{]$"
 )
 
 
@@ -140,8 +142,20 @@ class RoutingDecision:
 
 
 def has_code(text: str) -> bool:
-    """A fenced block, or at least two lines that look like source code."""
-    return bool(_FENCE_RE.search(text)) or len(_CODE_LINE_RE.findall(text)) >= 2
+    """A fenced block, or at least two lines that look like source code.
+
+    Linear in the length of ``text``, whatever its shape.
+    """
+    if _FENCE_RE.search(text):
+        return True
+    found = 0
+    for line in text.split("\n"):
+        line = line.strip()
+        if line and _CODE_LINE_RE.match(line):
+            found += 1
+            if found == 2:
+                return True
+    return False
 
 
 def classify_request(request: RoutingRequest) -> Tuple[str, str]:

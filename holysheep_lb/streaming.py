@@ -284,8 +284,9 @@ def open_stream(
     """
     started = clock()
     node_id = transport.node.id
+    # the deadline covers the status line and headers too, which a socket timeout does not
     response = transport.open(method, path, body=body, headers=headers,
-                              timeout_s=(connect_timeout_s, first_chunk_timeout_s))
+                              timeout_s=(connect_timeout_s, first_chunk_timeout_s), deadline_s=first_chunk_timeout_s)
     try:
         transport.raise_for_error_status(response)
         _check_event_stream(response, node_id)
@@ -296,6 +297,7 @@ def open_stream(
         if event is None:
             raise APIConnectionError("the stream ended before its first chunk", node_id=node_id)
         first = decode_event(event, node_id)
+        transport.end_deadline(response)  # committed: the stall timeout governs from here
     except BaseException:
         _close(response)
         raise

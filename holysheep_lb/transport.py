@@ -24,12 +24,12 @@ from typing import Any, Dict, Iterator, Mapping, NamedTuple, Optional, Tuple, Un
 
 import requests
 import urllib3.exceptions
-from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from urllib3.util.retry import Retry
 
 from . import __version__
 from .config import Node, check_proxy
+from .deadline import Watch, WatchedAdapter, set_current, watch
 from .errors import (
     APIConnectionError,
     APIError,
@@ -64,12 +64,12 @@ def translate_error(exc: BaseException, node_id: str) -> APIError:
     if isinstance(exc, (requests.exceptions.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)):
         return APITimeoutError(f"connect timeout: {text}", node_id=node_id)
     if isinstance(exc, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError, socket.timeout)):
-        return APITimeoutError(f"read timeout: {text}", node_id=node_id)
+        return APITimeoutError(f"read timeout: {text}", node_id=node_id, request_sent=True)
     if isinstance(exc, requests.exceptions.ConnectionError):
         # requests wraps a urllib3 read timeout met while streaming in a ConnectionError
         inner = exc.args[0] if exc.args else None
         if isinstance(inner, urllib3.exceptions.ReadTimeoutError):
-            return APITimeoutError(f"read timeout: {text}", node_id=node_id)
+            return APITimeoutError(f"read timeout: {text}", node_id=node_id, request_sent=True)
         return APIConnectionError(f"connection error: {text}", node_id=node_id)
     if isinstance(exc, (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError)):
         return APIConnectionError(f"connection broken: {text}", node_id=node_id)
@@ -109,6 +109,7 @@ class Transport:
         self._verify = verify
         self.max_response_bytes = max_response_bytes
         self._urls: Dict[str, str] = {}
+        self.closed = False
         self.session = self._new_session()
         check_proxy(node, self.proxy_url, sends_key=bool(self._api_key), allow_insecure_http=allow_insecure_http)
 
@@ -140,7 +141,7 @@ class Transport:
         )
         session.proxies = env.get("proxies") or {}
         session.verify = env.get("verify", self._verify)
-        adapter = HTTPAdapter(
+        adapter = WatchedAdapter(  # connections obey each call's deadline (deadline.py)
             pool_connections=1,
             pool_maxsize=self._pool_maxsize,
             max_retries=Retry(total=0, connect=0, read=0, redirect=0, status=0, raise_on_redirect=False),
@@ -156,13 +157,18 @@ class Transport:
         self.session = self._new_session()
 
     def close(self) -> None:
-        """Close every pooled connection now.
+        """Close every pooled connection now, and open no new one from now on.
 
-        urllib3 >= 2.0.3 leaves closing a cleared pool to the garbage collector
-        (urllib3 issue 3082): while an exception's traceback still references a pool,
-        its sockets would stay open after ``Session.close()``. Close the pools first.
+        Requests in flight end normally; their connections are closed as they are
+        released (a closed pool keeps none). urllib3 >= 2.0.3 leaves closing a cleared
+        pool to the garbage collector (urllib3 issue 3082): while an exception's
+        traceback still references a pool, its sockets would stay open after
+        ``Session.close()``. Close the pools first.
         """
+        self.closed = True
         for adapter in self.session.adapters.values():
+            if isinstance(adapter, WatchedAdapter):
+                adapter.closed = True  # set before the pools close: a racing lookup closes its own
             managers = [adapter.poolmanager, *adapter.proxy_manager.values()]
             for pools in (m.pools for m in managers if m is not None):
                 for key in list(pools.keys()):
@@ -179,10 +185,20 @@ class Transport:
         body: Optional[bytes],
         headers: Optional[Mapping[str, str]],
         timeout_s: Tuple[float, float],
+        deadline_s: Optional[float] = None,
     ) -> requests.Response:
-        """Send a request and return the response with its body unread (streaming)."""
+        """Send a request and return the response with its body unread (streaming).
+
+        ``deadline_s`` bounds the exchange from connect to the last header, and the
+        body's reads until :meth:`end_deadline` (or the response's release): past it
+        the connection is cut and :class:`APITimeoutError` raised.
+        """
+        if self.closed:
+            raise self._closed_error()
+        entry = None if deadline_s is None else watch(deadline_s)
+        set_current(entry)  # read by the connection as it connects and sends (deadline.py)
         try:
-            return self.session.send(
+            response = self.session.send(
                 self._prepare(method, path, body, headers),
                 timeout=timeout_s,
                 allow_redirects=False,
@@ -192,7 +208,42 @@ class Transport:
                 cert=None,
             )
         except Exception as exc:  # noqa: BLE001 - every error is translated, none swallowed
-            raise translate_error(exc, self.node.id) from exc
+            raise self._failure(exc, entry) from exc
+        finally:
+            set_current(None)
+        if entry is not None:
+            response.holysheep_watch = entry  # type: ignore[attr-defined]
+        return response
+
+    def end_deadline(self, response: requests.Response) -> None:
+        """Stop bounding ``response`` by its deadline (a stream past its first chunk).
+
+        Raises :class:`APITimeoutError` if the deadline cut it first.
+        """
+        entry = _watch_of(response)
+        if entry is not None and entry.end():
+            raise self._past_deadline(entry)
+
+    def _failure(self, exc: BaseException, entry: Optional[Watch]) -> APIError:
+        """The typed error for a failed exchange: the deadline's cut and a closed client
+        explain the failure better than what the socket said."""
+        if entry is not None and entry.end():
+            return self._past_deadline(entry)
+        if self.closed:
+            return self._closed_error()
+        return translate_error(exc, self.node.id)
+
+    def _past_deadline(self, entry: Watch) -> APITimeoutError:
+        when = "while the response was arriving" if entry.sent else "before the request was sent"
+        return APITimeoutError(f"the call's deadline passed {when}; the connection was cut",
+                               node_id=self.node.id, request_sent=entry.sent)
+
+    def _closed_error(self) -> APIConnectionError:
+        # final, and held against neither the node nor the model: the client was closed
+        error = APIConnectionError("the client is closed", node_id=self.node.id)
+        error.retryable = False
+        error.local = True  # type: ignore[attr-defined]
+        return error
 
     def _prepare(self, method: str, path: str, body: Optional[bytes],
                  headers: Optional[Mapping[str, str]]) -> requests.PreparedRequest:
@@ -239,12 +290,21 @@ class Transport:
         read, so without it a node trickling its body could hold the caller much longer.
         """
         deadline = None if deadline_s is None else time.monotonic() + deadline_s
-        response = self.open(method, path, body=body, headers=headers, timeout_s=timeout_s)
+        response = self.open(method, path, body=body, headers=headers, timeout_s=timeout_s, deadline_s=deadline_s)
+        entry = _watch_of(response)
         try:
-            raw = self._read_capped(response, deadline)
-        finally:
-            response.close()
-        return self.decode(response, raw)
+            try:
+                raw = self._read_capped(response, deadline)
+            finally:
+                response.close()
+            result = self.decode(response, raw)
+        except APIError as exc:
+            if entry is not None and entry.end():
+                raise self._past_deadline(entry) from exc
+            raise
+        if entry is not None and entry.end():  # a close-delimited body cut short reads as complete
+            raise self._past_deadline(entry)
+        return result
 
     def decode(self, response: requests.Response, raw: bytes) -> HTTPResult:
         """Turn a fully read response into an HTTPResult or a typed error."""
@@ -308,11 +368,11 @@ class Transport:
                 parts.append(chunk)
                 if deadline is not None and time.monotonic() > deadline:
                     raise APITimeoutError("the call's deadline passed while the body was still arriving",
-                                          node_id=self.node.id)
+                                          node_id=self.node.id, request_sent=True)
         except APIError:
             raise
         except Exception as exc:  # noqa: BLE001 - translated, never swallowed
-            raise translate_error(exc, self.node.id) from exc
+            raise self._failure(exc, _watch_of(response)) from exc
         return b"".join(parts)
 
     def raise_for_error_status(self, response: requests.Response, *, body_cap_bytes: int = 64 * 1024) -> None:
@@ -340,17 +400,20 @@ class Transport:
         urllib3 has it, so a close-delimited event stream is not held back to fill a buffer.
         """
         raw = response.raw
+        entry = _watch_of(response)
         try:
             if getattr(raw, "chunked", True) or not hasattr(raw, "read1"):
                 yield from response.iter_content(chunk_size=_READ_CHUNK)
-                return
-            while True:
-                data = raw.read1(_READ_CHUNK, decode_content=True)
-                if not data:
-                    return
-                yield data
+            else:
+                while True:
+                    data = raw.read1(_READ_CHUNK, decode_content=True)
+                    if not data:
+                        break
+                    yield data
         except Exception as exc:  # noqa: BLE001 - translated, never swallowed
-            raise translate_error(exc, self.node.id) from exc
+            raise self._failure(exc, entry) from exc
+        if entry is not None and entry.cut:  # the cut read as the end of the body
+            raise self._past_deadline(entry)
 
     def set_read_timeout(self, response: requests.Response, timeout_s: float) -> None:
         """Change the socket read timeout of an open streaming response (first chunk -> stall)."""
@@ -367,6 +430,10 @@ class Transport:
             yield from response.iter_lines(chunk_size=1024)
         except Exception as exc:  # noqa: BLE001 - translated, never swallowed
             raise translate_error(exc, self.node.id) from exc
+
+
+def _watch_of(response: requests.Response) -> Optional[Watch]:
+    return getattr(response, "holysheep_watch", None)
 
 
 def _try_json(raw: bytes) -> Any:

@@ -396,3 +396,17 @@ def test_the_retry_budget_counts_calls_not_models_tried(rsps, make_client, clock
             client.chat_completion(MSGS, model="gpt-4.1")
     stats = client.stats()
     assert stats["calls"] == 5 and stats["retry_budget"]["calls"] == 5
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_deadline_too_short_to_send_anything_says_so(rsps, make_client, cache):
+    rsps.post(A + "/chat/completions", json={"choices": []})
+    client = make_client([{"id": "a", "base_url": A}], cache=cache)
+    with pytest.raises(AllAttemptsFailedError) as info:
+        client.chat_completion([{"role": "user", "content": "hi"}], model="m", temperature=0, deadline_s=1e-9)
+    message = str(info.value)
+    assert message.startswith("deadline exceeded before the request was sent"), message
+    assert ("identical call" in message) is cache  # only a cached call may have waited for one
+    assert len(rsps.calls) == 0
+    stats = client.stats()
+    assert stats["calls"] == 1 and stats["failures_by_error"] == {"AllAttemptsFailedError": 1}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import pytest
 
@@ -192,3 +194,75 @@ def test_router_option_must_be_a_model_router(make_client):
     with pytest.raises(ConfigError) as info:
         make_client(router=lambda messages: "gpt-4.1")
     assert info.value.field == "router"
+
+
+# Prompts built to make a backtracking regex work quadratically (runs of blank lines,
+# whitespace, brackets), each a function of its size in characters.
+ADVERSARIAL_PROMPTS = {
+    "newlines": lambda n: "\n" * n,
+    "space-newline": lambda n: " \n" * (n // 2),
+    "tabs": lambda n: "\t" * n,
+    "tab-newline": lambda n: "\t\n" * (n // 2),
+    "backticks": lambda n: "`" * n,
+    "long-line": lambda n: "x" * n,
+    "call-then-spaces": lambda n: "f()" + " " * n + "x",
+    "brace-then-spaces": lambda n: "{" + " " * n + "x",
+    "open-calls": lambda n: "a(" * (n // 2),
+    "closing-parens": lambda n: "f(" + ") " * (n // 2) + "x",
+    "code-then-blank-lines": lambda n: "def f():\n" + "\n" * n + "    return 1\n",
+}
+
+
+_LINEAR_PASS_RE = re.compile(r"\bnowhere-to-be-found\b", re.IGNORECASE)
+
+
+def _linear_pass(text):
+    """Reference work that is linear in the text and reads it all, like the router does."""
+    return _LINEAR_PASS_RE.search(text), text.count("\n"), text.split()
+
+
+def _relative_cost(fn, text, *, runs: int, give_up_after_s: float) -> float:
+    """fn's time over the linear reference's, on the same text: the fastest of ``runs``
+    interleaved timings of each (noise only ever adds time, and a loaded machine slows
+    both alike), stopping early once fn alone is so slow that the answer is clear."""
+    best_fn = best_ref = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn(text)
+        t1 = time.perf_counter()
+        _linear_pass(text)
+        t2 = time.perf_counter()
+        best_fn, best_ref = min(best_fn, t1 - t0), min(best_ref, t2 - t1)
+        if best_fn > give_up_after_s:
+            break
+    return best_fn / max(best_ref, 1e-7)
+
+
+@pytest.mark.parametrize("shape", sorted(ADVERSARIAL_PROMPTS))
+def test_routing_cost_grows_linearly_with_adversarial_prompts_up_to_200k_characters(shape):
+    make = ADVERSARIAL_PROMPTS[shape]
+
+    def classify(text):
+        return classify_request(RoutingRequest(user(text), {}))
+
+    # Each step is 10x the input. Relative to linear reference work, linear routing costs
+    # about the same at every size; a quadratic scan costs 10x more per step, and fails
+    # at the first step in about a second instead of running for minutes.
+    previous = None
+    for size in (2_000, 20_000, 200_000):
+        text = make(size)
+        cost = _relative_cost(classify, text, runs=5,
+                              give_up_after_s=float("inf") if previous is None else 1.0)
+        if previous is not None:
+            assert cost <= 3 * previous, f"{shape}: at {size} characters routing costs {cost:.1f}x a linear " \
+                                         f"pass, up from {previous:.1f}x at a tenth of the size"
+        previous = cost
+
+
+def test_code_detection_reads_lines_like_before():
+    assert has_code("x = 1\n\n\n  foo(bar)\n\n\n}\n")
+    assert has_code("SELECT a FROM t\r\nreturn x\r\n")
+    assert has_code("\t\tcall(x) ;   \nother(y)  {\n")
+    assert not has_code("just prose (with an aside) and more.\nAnother line (aside) here.\n")
+    assert not has_code("\n" * 1000 + "def")  # "def" without its space is a word, not code
+    assert not has_code("one line()\n" + " \n" * 100)  # one code-like line is not enough

@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import pytest
 
-from holysheep_lb import pricing
+from holysheep_lb import budgets, prices, pricing
 from holysheep_lb import Budget, BudgetCap, BudgetExceededError, ConfigError, InvalidRequestError, PriceTable
 from holysheep_lb.pricing import (
     DEFAULT_PRICES,
@@ -87,14 +87,15 @@ def test_prices_and_caps_are_parsed_to_decimal_once_not_per_call(monkeypatch):
     table = PriceTable({"custom": (0.15, 0.6)})
     budget = Budget(daily_usd=5, monthly_usd=100, per_model={"gpt-4.1": {"daily_usd": 1}})
     parsed = []
-    real = pricing.Decimal
+    real = Decimal
 
     def counting(value="0", *args):
         if isinstance(value, str):
             parsed.append(value)
         return real(value, *args)
 
-    monkeypatch.setattr(pricing, "Decimal", counting)
+    for module in (prices, budgets):
+        monkeypatch.setattr(module, "Decimal", counting)
     assert table.exact_cost_usd("gpt-4.1", 1000, 100) == real("0.0028")
     assert table.exact_cost_usd("custom", 1000, 1000) == real("0.00075")
     assert [(lim.model, lim.period, lim.cap_usd) for lim in budget.limits_for("gpt-4.1")] == [
@@ -188,7 +189,8 @@ def test_report_per_model_per_day_and_savings_against_baseline():
     report = led.report(baseline_model="gpt-4.1")
     assert report["days"] == ["2026-11-26", "2026-11-27"]
     assert report["totals"] == {"requests": 2, "cached_requests": 1, "input_tokens": 1100,
-                                "output_tokens": 250, "cost_usd": 0.000964}
+                                "output_tokens": 250, "cost_usd": 0.000964,
+                                "unconfirmed_calls": 0, "unconfirmed_usd": 0.0}
     assert report["by_model"]["gpt-4.1"]["cost_usd"] == 0.0006
     assert report["by_model"]["deepseek-v3.2"]["share_of_requests"] == 2 / 3
     assert report["by_model"]["gpt-4.1"]["share_of_cost"] == 600 / 964
@@ -200,6 +202,33 @@ def test_report_per_model_per_day_and_savings_against_baseline():
     only_gpt = led.report(baseline_model="gpt-4.1", until="2026-11-26")
     assert only_gpt["baseline"]["savings_usd"] == 0.0
     assert led.report(since="2026-11-27")["totals"]["requests"] == 1
+
+
+def test_an_attempt_that_timed_out_after_sending_keeps_its_estimate_as_unconfirmed_spend():
+    led = ledger(budget=Budget(daily_usd=0.0025))
+    held = led.admit("gpt-4.1", msgs(400), {"max_tokens": 100})  # 104 in + 100 out: $0.001008
+    led.record_unconfirmed(held)  # the first node timed out after the request was sent
+    assert led.store.reserved_usd() == Decimal("0.001008")  # still held for the next attempt
+    led.settle(held, usage(104, 90))  # another node answered: the gateway billed both
+    report = led.report()
+    assert report["totals"] == {"requests": 1, "cached_requests": 0, "input_tokens": 208, "output_tokens": 190,
+                                "cost_usd": 0.001936, "unconfirmed_calls": 1, "unconfirmed_usd": 0.001008}
+    assert report["by_model"]["gpt-4.1"]["unconfirmed_calls"] == 1
+    assert report["by_day"]["2026-11-26"]["unconfirmed_usd"] == 0.001008
+    assert report["in_flight_reserved_usd"] == 0.0
+    with pytest.raises(BudgetExceededError):  # caps count it: 0.001936 + 0.001008 > 0.0025
+        led.admit("gpt-4.1", msgs(400), {"max_tokens": 100})
+
+
+def test_unconfirmed_spend_counts_against_a_models_own_cap_and_survives_a_failed_call():
+    led = ledger(budget=Budget(per_model={"gpt-4.1": {"daily_usd": 0.0015}}))
+    held = led.admit("gpt-4.1", msgs(400), {"max_tokens": 100})
+    led.record_unconfirmed(held)
+    led.cancel(held)  # every attempt failed: the reservation goes, the unconfirmed spend stays
+    assert led.report()["totals"]["cost_usd"] == 0.001008 and led.store.reserved_usd() == 0
+    with pytest.raises(BudgetExceededError) as info:
+        led.admit("gpt-4.1", msgs(400), {"max_tokens": 100})
+    assert info.value.scope == "gpt-4.1" and info.value.spent_usd == 0.001008
 
 
 def test_report_rejects_unpriced_baseline():
@@ -402,6 +431,17 @@ def test_32_threads_overspend_is_bounded_by_the_estimates_in_flight():
 # -- through the Client -----------------------------------------------------------------------
 
 OK = chat_body("gpt-4.1", 104, 100)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_refused_by_the_budget_at_admission_counts_in_stats(rsps, make_client, stream):
+    client = make_client([{"id": "a", "base_url": A}], budget={"daily_usd": 0.0001}, wall_clock=WallClock())
+    with pytest.raises(BudgetExceededError):
+        client.chat_completion(msgs(400), model="gpt-4.1", max_tokens=100, stream=stream)
+    assert len(rsps.calls) == 0
+    stats = client.stats()
+    assert (stats["calls"], stats["successes"], stats["failures"]) == (1, 0, 1)
+    assert stats["failures_by_error"] == {"BudgetExceededError": 1} and stats["success_rate"] == 0.0
 
 
 def test_client_refuses_over_budget_call_without_sending(rsps, make_client):

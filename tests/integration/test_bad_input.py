@@ -14,7 +14,23 @@ from holysheep_lb.simulator import SimulatedGateway
 from ..conftest import API_KEY
 
 MSGS = [{"role": "user", "content": "hi"}]
+LONE_SURROGATE = "caf\udce9"  # a byte that failed to decode with errors="surrogateescape"
+
+
+def nested(depth: int, leaf: object = "x") -> object:
+    """``[[[...leaf...]]]``, ``depth`` lists deep (built without recursion)."""
+    value = leaf
+    for _ in range(depth):
+        value = [value]
+    return value
+
 REMOTE = {"id": "a", "base_url": "https://a.example/v1"}
+
+def contains_itself() -> dict:
+    value: dict = {"a": 1}
+    value["self"] = value
+    return value
+
 
 # (Client keyword arguments, field the ConfigError must name)
 BAD_SETTINGS = [
@@ -64,6 +80,18 @@ BAD_SETTINGS = [
     ({"hedge_delay_s": -1}, "hedge_delay_s"),
     ({"model_rate_limits": {"m": {"rpm": 1}}}, "model_rate_limits[m]"),
     ({"cache": "yes"}, "cache"),
+    ({"deadline_s": float("inf")}, "deadline_s"),
+    ({"deadline_s": 1e10}, "deadline_s"),  # past what a thread can wait for
+    ({"deadline_s": 86_401}, "deadline_s"),  # more than 24 h
+    ({"read_timeout_s": 1e10}, "read_timeout_s"),
+    ({"connect_timeout_s": 1e300}, "connect_timeout_s"),
+    ({"stream_first_chunk_timeout_s": 1e10}, "stream_first_chunk_timeout_s"),
+    ({"stream_stall_timeout_s": 1e10}, "stream_stall_timeout_s"),
+    ({"health_check_timeout_s": 1e10}, "health_check_timeout_s"),
+    ({"health_check_interval_s": 1e10}, "health_check_interval_s"),
+    ({"backoff_cap_s": 1e10}, "backoff_cap_s"),
+    ({"retry_after_cap_s": 1e10}, "retry_after_cap_s"),
+    ({"hedge_delay_s": 1e10}, "hedge_delay_s"),
     ({"retries": 3}, "retries"),  # a misspelt option is an error, not silently ignored
 ]
 
@@ -121,17 +149,47 @@ BAD_CALLS = [
     (lambda c, s: c.embeddings("hi", model="e" * 100_000), "model"),
     (lambda c, s: c.chat_completion(MSGS, model="m", stream=s, deadline_s=0), "deadline_s"),
     (lambda c, s: c.chat_completion(MSGS, model="m", stream=s, deadline_s=float("nan")), "deadline_s"),
+    (lambda c, s: c.chat_completion(MSGS, model="m", stream=s, deadline_s=float("inf")), "deadline_s"),
+    (lambda c, s: c.chat_completion(MSGS, model="m", stream=s, deadline_s=1e10), "deadline_s"),
+    (lambda c, s: c.chat_completion(MSGS, model="m", stream=s, deadline_s=86_401), "deadline_s"),
+    (lambda c, s: c.models(deadline_s=float("inf")), "deadline_s"),
+    (lambda c, s: c.embeddings("x", model="e", deadline_s=1e10), "deadline_s"),
+    (lambda c, s: c.request("GET", "/models", deadline_s=1e300), "deadline_s"),
     (lambda c, s: c.chat_completion(MSGS, model="m", stream=s, region=3), "region"),
     (lambda c, s: c.chat_completion(MSGS, model="m", stream=s, idempotency_key="k\r\nX-Evil: 1"),
      "idempotency_key"),
     (lambda c, s: c.chat_completion(MSGS, model="m", stream=s, idempotency_key="clé"), "idempotency_key"),
     (lambda c, s: c.chat_completion(MSGS, model="m", stream=s, user=object()), "json"),
     (lambda c, s: c.chat_completion(MSGS, model="m", stream=s, top_p=float("inf")), "json"),
+    (lambda c, s: c.chat_completion(MSGS, model="m", stream=s, max_tokens=10**400), "max_tokens"),
+    (lambda c, s: c.chat_completion(MSGS, model="m", stream=s, max_completion_tokens=2**63), "max_completion_tokens"),
+    (lambda c, s: c.chat_completion(MSGS, model="m", stream=s, n=10**30), "n"),
+    (lambda c, s: c.chat_completion(MSGS, model="m", stream=s, metadata=nested(1000)), "metadata"),
+    (lambda c, s: c.chat_completion(MSGS, model="m", stream=s, tools=[{"function": nested(200)}]), "tools"),
+    (lambda c, s: c.chat_completion([{"role": "user", "content": nested(1000)}], model="m", stream=s),
+     "messages[0].content"),
+    (lambda c, s: c.chat_completion(MSGS + [{"role": "user", "content": [{"type": "text", "text": nested(5000)}]}],
+                                    model="m", stream=s), "messages[1].content"),
+    (lambda c, s: c.chat_completion([{"role": "user", "content": LONE_SURROGATE}], model="m", stream=s,
+                                    temperature=0), "messages[0].content"),
+    (lambda c, s: c.chat_completion([{"role": "user", "content": [{"type": "text", "text": LONE_SURROGATE}]}],
+                                    model="m", stream=s, cache=True), "messages[0].content"),
+    (lambda c, s: c.chat_completion([{"role": "user", "content": "hi", "name": LONE_SURROGATE}], model="m",
+                                    stream=s, cache=True), "messages[0].name"),
+    (lambda c, s: c.chat_completion(MSGS, model="m", stream=s, user=LONE_SURROGATE, cache=True), "user"),
+    (lambda c, s: c.chat_completion(MSGS, model="m", stream=s, metadata={LONE_SURROGATE: "v"}), "metadata"),
+    (lambda c, s: c.chat_completion(MSGS, model="m", stream=s, metadata=contains_itself()), "metadata"),
+    (lambda c, s: c.chat_completion(MSGS, model="m", stream=s, temperature=0, cache=True,
+                                    logit_bias={"1": nested(999)}), "logit_bias"),
     (lambda c, s: c.chat_completion(MSGS, model="m", stream="yes" if s else 1), "stream"),
     (lambda c, s: c.chat_completion(MSGS, model="m", stream=s, cache="yes"), "cache"),
     (lambda c, s: c.embeddings([], model="e"), "input"),
     (lambda c, s: c.embeddings(["ok", 3], model="e"), "input"),
     (lambda c, s: c.embeddings("", model="e"), "input"),
+    (lambda c, s: c.embeddings([LONE_SURROGATE], model="e"), "input"),
+    (lambda c, s: c.embeddings("x", model="e", dimensions=nested(1000)), "dimensions"),
+    (lambda c, s: c.request("POST", "/chat/completions", json={"a": nested(1000)}), "json"),
+    (lambda c, s: c.request("POST", "/chat/completions", json={"a": LONE_SURROGATE}), "json"),
     (lambda c, s: c.request("BREW", "/chat/completions"), "method"),
     (lambda c, s: c.request("POST", "chat/completions"), "path"),
     (lambda c, s: c.request("POST", "/chat completions"), "path"),
@@ -150,7 +208,9 @@ def gateway():
 @pytest.mark.parametrize("call, field", BAD_CALLS, ids=[f for _, f in BAD_CALLS])
 def test_a_bad_call_argument_is_an_invalid_request_naming_the_field_and_sends_nothing(gateway, call, field,
                                                                                        stream):
-    with Client(api_key=API_KEY, nodes=gateway.client_nodes(), health_check_interval_s=None) as client:
+    # the cache and a tokens-per-minute limit on: both read the arguments before anything is sent
+    with Client(api_key=API_KEY, nodes=gateway.client_nodes(), health_check_interval_s=None,
+                cache=True, tokens_per_minute=100_000) as client:
         with pytest.raises(InvalidRequestError) as info:
             call(client, stream)
         assert isinstance(info.value, ValueError)

@@ -76,7 +76,8 @@ RECORD_LUA = """
 -- KEYS: the day's hash, the month's hash, the index of days (a sorted set)
 -- ARGV: model, release (nano-USD), cost (nano-USD), requests, cached requests,
 --       input tokens, output tokens, day number, day, ttl_s, oldest day number kept,
---       how many models a day names, the name of the others' row
+--       how many models a day names, the name of the others' row,
+--       then (optional) unconfirmed attempts and their part of the cost (nano-USD)
 local day, month = KEYS[1], KEYS[2]
 local own = 'model:' .. ARGV[1]
 local release, cost = ARGV[2], ARGV[3]
@@ -108,6 +109,10 @@ end
 for i, field in ipairs({'requests', 'cached', 'input', 'output'}) do
   if ARGV[3 + i] ~= '0' then redis.call('HINCRBY', day, row .. ':' .. field, ARGV[3 + i]) end
 end
+if ARGV[14] and ARGV[14] ~= '0' then
+  redis.call('HINCRBY', day, row .. ':unconfirmed', ARGV[14])
+  redis.call('HINCRBY', day, row .. ':unconfirmed_spent', ARGV[15])
+end
 redis.call('ZADD', KEYS[3], ARGV[8], ARGV[9])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[11])
 for _, key in ipairs(KEYS) do
@@ -118,7 +123,9 @@ return 1
 
 # hash field suffix -> SpendRow attribute
 _ROW_FIELDS = {"requests": "requests", "cached": "cached_requests", "input": "input_tokens",
-               "output": "output_tokens", "spent": "cost_usd"}
+               "output": "output_tokens", "spent": "cost_usd", "unconfirmed": "unconfirmed_calls",
+               "unconfirmed_spent": "unconfirmed_usd"}
+_MONEY_FIELDS = ("cost_usd", "unconfirmed_usd")
 
 
 def _nano(usd: Decimal, rounding: str) -> int:
@@ -242,6 +249,12 @@ class RedisSpendStore(SpendStore):
         self._local.record_cache_hit(model, day)
         self._record(model, day, cached=1)
 
+    def record_unconfirmed(self, reservation: Reservation) -> None:
+        self._local.record_unconfirmed(reservation)  # the reservation itself stays where it is held
+        cost = _nano(reservation.amount_usd, ROUND_HALF_EVEN)
+        self._record(reservation.model, reservation.day, cost=cost, input_tokens=reservation.input_tokens,
+                     output_tokens=reservation.output_tokens, unconfirmed=1, unconfirmed_cost=cost)
+
     def rows(self) -> List[SpendRow]:
         """Every process's spend, from Redis; this process's own while Redis is unreachable."""
         try:
@@ -289,11 +302,12 @@ class RedisSpendStore(SpendStore):
             return self._held_here.pop(id(reservation), None) is reservation
 
     def _record(self, model: str, day: str, *, release: int = 0, cost: int = 0, requests: int = 0,
-                cached: int = 0, input_tokens: int = 0, output_tokens: int = 0) -> None:
+                cached: int = 0, input_tokens: int = 0, output_tokens: int = 0, unconfirmed: int = 0,
+                unconfirmed_cost: int = 0) -> None:
         number = _day_number(day)
         args = (model, str(release), str(cost), str(requests), str(cached), str(input_tokens), str(output_tokens),
                 str(number), day, self._ttl_s, str(number - self.retain_days),
-                str(self._local.max_models_per_day), OTHER_MODELS)
+                str(self._local.max_models_per_day), OTHER_MODELS, str(unconfirmed), str(unconfirmed_cost))
         self._replay_pending()
         try:
             self._link.call(lambda c: _check_done(self._record_script(keys=self._keys(day), args=args, client=c),
@@ -353,7 +367,7 @@ class RedisSpendStore(SpendStore):
                 if attr is None:  # reserved
                     continue
                 row = by_model.setdefault(model, SpendRow(day, model))
-                value = _usd(raw_value, "HGETALL") if attr == "cost_usd" else answer_int(raw_value, "HGETALL",
+                value = _usd(raw_value, "HGETALL") if attr in _MONEY_FIELDS else answer_int(raw_value, "HGETALL",
                                                                                        minimum=0)
                 setattr(row, attr, value)
             rows.extend(r for r in by_model.values() if r.requests or r.cached_requests or r.cost_usd)

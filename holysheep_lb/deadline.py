@@ -1,0 +1,312 @@
+"""A deadline for a whole HTTP exchange, headers included: a watchdog thread that cuts late sockets.
+
+A socket timeout bounds each read, not an exchange: a node that sends its status line
+one byte every half second never trips a one-second read timeout, and would hold a
+call (or a health probe) for as long as it likes. So the transport registers each
+exchange with :func:`watch`; the connection classes below hand the watch their socket
+as soon as it exists (connect, TLS handshake, send, status line, headers, body). If the
+deadline passes first, the watchdog thread shuts the socket down
+(``shutdown(SHUT_RDWR)``): the blocked read returns at once, and the transport, seeing
+:attr:`Watch.cut`, raises :class:`~holysheep_lb.errors.APITimeoutError`.
+
+One daemon thread per process, started on first use and again, lazily, in a child
+after ``fork()``. Registrations wait in a heap ordered by deadline; the heap's lock is
+held for pushes and pops only, never while a socket is touched, and entries of
+exchanges that ended are purged once they are half the heap, so memory follows the
+exchanges in flight. Per exchange: a heap push and a few uncontended lock acquisitions.
+
+A watch ends when the transport says so or when its connection goes back to the pool
+or is closed, whichever comes first; a watch that ended never touches its socket
+again, so a pooled connection is never cut under another exchange.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any, Callable, List, Optional, Tuple
+
+from requests.adapters import HTTPAdapter
+from urllib3 import connection as _connection
+from urllib3 import connectionpool as _connectionpool
+from urllib3 import poolmanager as _poolmanager
+
+__all__ = ["Watch", "Watchdog", "watch", "WatchedAdapter", "TransportClosedError"]
+
+log = logging.getLogger(__name__)
+
+# Ended entries are purged from the heap once there are this many and they are at least
+# half of it: O(1) amortised per exchange, memory proportional to the exchanges in flight.
+_PURGE_MIN = 64
+
+
+class Watch:
+    """One exchange's deadline (``time.monotonic()`` seconds). Thread-safe.
+
+    ``cut`` becomes True when the deadline passed while a socket was attached and the
+    watchdog shut it down. ``sent`` is set by the connection once the request was
+    handed to the socket in full (a timeout after that may have been billed).
+    """
+
+    __slots__ = ("deadline", "sent", "cut", "_sock_lock", "_sock", "_expired", "_ended", "_in_heap", "_owner")
+
+    def __init__(self, deadline: float, owner: "Watchdog") -> None:
+        self.deadline = deadline
+        self.sent = False
+        self.cut = False
+        self._sock_lock = threading.Lock()  # guards _sock, _expired, _ended, cut
+        self._sock: Any = None
+        self._expired = False
+        self._ended = False
+        self._in_heap = True  # guarded by the owner's heap lock
+        self._owner = owner
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    def attach(self, sock: Any) -> None:
+        """Watch ``sock`` (a newer socket of the same exchange replaces the older one)."""
+        with self._sock_lock:
+            if self._ended:
+                return
+            self._sock = sock
+            if self._expired:  # the deadline passed before this socket existed
+                self.cut = True
+                _shutdown(sock)
+
+    def end(self) -> bool:
+        """Stop watching (idempotent); True when the socket was cut for the deadline."""
+        with self._sock_lock:
+            if self._ended:
+                return self.cut
+            self._ended = True
+            self._sock = None
+        self._owner._ended(self)
+        return self.cut
+
+    def _expire(self) -> None:
+        # Runs on the watchdog's thread. The shutdown happens under this watch's own lock,
+        # so once end() has returned, this socket (maybe pooled again) is never touched.
+        with self._sock_lock:
+            if self._ended:
+                return
+            self._expired = True
+            if self._sock is not None:
+                self.cut = True
+                _shutdown(self._sock)
+
+
+def _shutdown(sock: Any) -> None:
+    raw = sock if isinstance(sock, socket.socket) else getattr(sock, "socket", None)  # TLS-in-TLS wrapper
+    if raw is None:
+        return
+    try:
+        # socket.socket's own method: SSLSocket.shutdown would also drop its SSL object
+        # under the feet of the thread blocked in a read on it.
+        socket.socket.shutdown(raw, socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed or never connected: the blocked call fails on its own
+
+
+class Watchdog:
+    """The thread that cuts the sockets of expired watches. One per process (:func:`watch`)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._heap_cond = threading.Condition(threading.Lock())
+        self._heap: List[Tuple[float, int, Watch]] = []
+        self._ended_in_heap = 0
+        self._seq = itertools.count()
+        self._thread: Optional[threading.Thread] = None
+
+    def watch(self, timeout_s: float) -> Watch:
+        """A new watch expiring ``timeout_s`` seconds from now; call ``end()`` when done."""
+        entry = Watch(self._clock() + timeout_s, self)
+        with self._heap_cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="holysheep-lb-deadline", daemon=True)
+                self._thread.start()
+            heapq.heappush(self._heap, (entry.deadline, next(self._seq), entry))
+            if self._heap[0][2] is entry:  # earlier than what the thread waits for
+                self._heap_cond.notify()
+        return entry
+
+    def pending(self) -> int:
+        """Entries in the heap (live and not yet purged): for tests and stats."""
+        with self._heap_cond:
+            return len(self._heap)
+
+    def _ended(self, entry: Watch) -> None:
+        with self._heap_cond:
+            if not entry._in_heap:
+                return
+            self._ended_in_heap += 1
+            if self._ended_in_heap >= _PURGE_MIN and 2 * self._ended_in_heap >= len(self._heap):
+                live = [item for item in self._heap if not item[2].ended]
+                for item in self._heap:
+                    if item[2].ended:
+                        item[2]._in_heap = False
+                heapq.heapify(live)
+                self._heap = live
+                self._ended_in_heap = 0
+
+    def _run(self) -> None:
+        while True:
+            due: List[Watch] = []
+            with self._heap_cond:
+                while not due:
+                    heap = self._heap
+                    now = self._clock()
+                    while heap and (heap[0][2].ended or heap[0][0] <= now):
+                        entry = heapq.heappop(heap)[2]
+                        entry._in_heap = False
+                        if entry.ended:
+                            self._ended_in_heap -= 1
+                        else:
+                            due.append(entry)
+                    if not due:
+                        self._heap_cond.wait(heap[0][0] - now if heap else None)
+            for entry in due:  # outside the heap lock: registrations go on meanwhile
+                entry._expire()
+
+    def _reset_after_fork(self) -> None:
+        self._heap_cond = threading.Condition(threading.Lock())
+        self._heap = []
+        self._ended_in_heap = 0
+        self._thread = None
+
+
+_WATCHDOG = Watchdog()
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_WATCHDOG._reset_after_fork)
+
+
+def watch(timeout_s: float) -> Watch:
+    """Register an exchange that must end within ``timeout_s`` seconds (process-wide watchdog)."""
+    return _WATCHDOG.watch(timeout_s)
+
+
+# -- urllib3 glue: connections that hand their socket to the exchange's watch ----------------
+
+_current = threading.local()  # .watch: the watch of the request this thread is sending
+
+
+def set_current(entry: Optional[Watch]) -> None:
+    """Make ``entry`` the watch of the request this thread sends next (None: none)."""
+    _current.watch = entry
+
+
+class _WatchedConnectionMixin:
+    """Attaches each socket it makes or uses to the sending thread's current watch."""
+
+    sock: Any
+    _holysheep_watch: Optional[Watch] = None
+
+    def _adopt(self, sock: Any = None) -> None:
+        entry: Optional[Watch] = getattr(_current, "watch", None)
+        if entry is None:
+            return
+        if self._holysheep_watch is not entry:
+            if self._holysheep_watch is not None:
+                self._end_watch()  # a previous exchange's watch; closes the socket if it was cut
+            self._holysheep_watch = entry
+        sock = self.sock if sock is None else sock
+        if sock is not None:
+            entry.attach(sock)
+
+    def _end_watch(self) -> None:
+        entry, self._holysheep_watch = self._holysheep_watch, None
+        if entry is not None and entry.end():
+            self.close()  # type: ignore[attr-defined]  # cut: never reuse this socket
+
+    def _new_conn(self) -> Any:
+        sock = super()._new_conn()  # type: ignore[misc]
+        self._adopt(sock)  # the raw socket: covers a TLS handshake trickled byte by byte
+        return sock
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        self._adopt()  # after TLS, the wrapped socket replaces the raw one
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        self._adopt()  # a pooled connection: its socket already exists
+        super().request(*args, **kwargs)  # type: ignore[misc]
+        entry = self._holysheep_watch
+        if entry is not None:
+            entry.sent = True
+
+    def close(self) -> None:
+        entry, self._holysheep_watch = self._holysheep_watch, None
+        if entry is not None:
+            entry.end()
+        super().close()  # type: ignore[misc]
+
+
+class _WatchedHTTPConnection(_WatchedConnectionMixin, _connection.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_WatchedConnectionMixin, _connection.HTTPSConnection):
+    pass
+
+
+class _PoolMixin:
+    def _put_conn(self, conn: Any) -> None:
+        # Back to the pool: the exchange is over, whatever the transport does next.
+        end = getattr(conn, "_end_watch", None)
+        if end is not None:
+            end()
+        super()._put_conn(conn)  # type: ignore[misc]
+
+
+class _WatchedHTTPConnectionPool(_PoolMixin, _connectionpool.HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSConnectionPool(_PoolMixin, _connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection  # type: ignore[assignment]
+
+
+_POOL_CLASSES = {"http": _WatchedHTTPConnectionPool, "https": _WatchedHTTPSConnectionPool}
+
+
+class TransportClosedError(RuntimeError):
+    """Raised by a closed :class:`WatchedAdapter` instead of opening a connection."""
+
+
+class WatchedAdapter(HTTPAdapter):
+    """An ``HTTPAdapter`` whose connections obey the sending thread's watch, and which
+    opens nothing once :attr:`closed` is set (pools created in a race with it are closed)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.closed = False
+        super().__init__(*args, **kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _POOL_CLASSES
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if manager.pool_classes_by_scheme is _poolmanager.pool_classes_by_scheme:  # not SOCKS's own
+            manager.pool_classes_by_scheme = _POOL_CLASSES
+        return manager
+
+    def get_connection_with_tls_context(self, *args: Any, **kwargs: Any) -> Any:
+        return self._checked(super().get_connection_with_tls_context(*args, **kwargs))
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:  # requests < 2.32.2
+        return self._checked(super().get_connection(*args, **kwargs))
+
+    def _checked(self, pool: Any) -> Any:
+        if self.closed:  # close() ran before or while the pool was looked up (or created)
+            pool.close()
+            raise TransportClosedError("the client is closed")
+        return pool
