@@ -39,6 +39,7 @@ from .errors import (
     status_error,
 )
 from .nodes import NodeState
+from .redaction import NO_REDACTION, Redactor
 from .selection import Selector
 from .stats import LatencyHistogram
 from .transport import Transport
@@ -88,12 +89,15 @@ class SSEParser:
     :class:`APIResponseValidationError`: the events completed before it are returned
     first, the error is kept in ``error`` and raised by the next ``feed`` (so it surfaces
     where it occurred, however the bytes were split). More than ``max_bytes`` in all
-    raises :class:`ResponseTooLargeError`. Not thread-safe (one per stream).
+    raises :class:`ResponseTooLargeError`. ``redact`` blanks the API key in what an
+    error quotes. Not thread-safe (one per stream).
     """
 
-    def __init__(self, *, node_id: Optional[str] = None, max_bytes: int = 16 * 1024 * 1024) -> None:
+    def __init__(self, *, node_id: Optional[str] = None, max_bytes: int = 16 * 1024 * 1024,
+                 redact: Redactor = NO_REDACTION) -> None:
         self.node_id = node_id
         self.max_bytes = max_bytes
+        self.redact = redact
         self.bytes_seen = 0
         self._first_line = True
         self._buffer = bytearray()
@@ -151,7 +155,9 @@ class SSEParser:
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise self._garbage(raw, "not UTF-8") from None
+            line = None
+        if line is None:  # raised outside the except: the decode error would carry the raw bytes
+            raise self._garbage(raw, "not UTF-8")
         name, _, value = line.partition(":")
         if value.startswith(" "):
             value = value[1:]
@@ -164,27 +170,34 @@ class SSEParser:
         return None
 
     def _garbage(self, raw: bytes, why: str) -> APIResponseValidationError:
-        return APIResponseValidationError(f"malformed SSE line {raw[:80]!r}: {why}", node_id=self.node_id)
+        quoted = self.redact.raw(raw)[:80]
+        return APIResponseValidationError(f"malformed SSE line {quoted!r}: {why}", node_id=self.node_id)
 
 
-def decode_event(event: SSEEvent, node_id: Optional[str] = None) -> Optional[Dict[str, Any]]:
+def decode_event(event: SSEEvent, node_id: Optional[str] = None, *,
+                 redact: Redactor = NO_REDACTION) -> Optional[Dict[str, Any]]:
     """The chunk dict an event carries; None for ``data: [DONE]``.
 
     Raises :class:`APIResponseValidationError` when the data is not a JSON object, and
     the typed status error (5xx unless the error names a 4xx/5xx code) for an error
-    event, which some gateways send inside a stream instead of an HTTP status.
+    event, which some gateways send inside a stream instead of an HTTP status. What an
+    error keeps of the node's bytes passes through ``redact`` (as HTTP error bodies do).
     """
     if event.data.strip() == "[DONE]":
         return None
     try:
         obj = json.loads(event.data)
+        valid = True
     except (ValueError, RecursionError):
-        raise APIResponseValidationError(f"malformed SSE data (not JSON): {event.data[:80]!r}",
-                                         node_id=node_id) from None
+        valid = False
+    if not valid:  # raised outside the except: a JSONDecodeError's ``doc`` is the unredacted data
+        quoted = redact.text(event.data)[:80]
+        raise APIResponseValidationError(f"malformed SSE data (not JSON): {quoted!r}", node_id=node_id)
     if not isinstance(obj, dict):
         raise APIResponseValidationError(f"malformed SSE data: expected a JSON object, got "
                                          f"{type(obj).__name__}", node_id=node_id)
     if event.event == "error" or (obj.get("error") is not None and "choices" not in obj):
+        obj = redact.value(obj)
         err = obj.get("error")
         code = err.get("code") if isinstance(err, dict) else None
         status = code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599 else 500
@@ -211,6 +224,10 @@ class _EventReader:
         self.deadline = float("inf")
         self._waiting_for = "event"
         self._timeout_s = 0.0
+
+    @property
+    def redact(self) -> Redactor:
+        return self._parser.redact
 
     def expect(self, what: str, timeout_s: float) -> None:
         """The next event must start arriving within ``timeout_s`` from now."""
@@ -283,36 +300,34 @@ def open_stream(
     """
     started = clock()
     node_id = transport.node.id
+    redact = transport.redactor
     response = transport.open(method, path, body=body, headers=headers,
                               timeout_s=(connect_timeout_s, first_chunk_timeout_s))
     try:
         transport.raise_for_error_status(response)
-        _check_event_stream(response, node_id)
-        reader = _EventReader(transport.iter_bytes(response), SSEParser(node_id=node_id, max_bytes=max_bytes),
-                              clock)
+        request_id = redact.header(response.headers.get("x-request-id") or response.headers.get("request-id"))
+        _check_event_stream(response, node_id, request_id)
+        parser = SSEParser(node_id=node_id, max_bytes=max_bytes, redact=redact)
+        reader = _EventReader(transport.iter_bytes(response), parser, clock)
         reader.expect("first chunk", first_chunk_timeout_s - (clock() - started))
         event = reader.next_event()
         if event is None:
             raise APIConnectionError("the stream ended before its first chunk", node_id=node_id)
-        first = decode_event(event, node_id)
+        first = decode_event(event, node_id, redact=redact)
+        now = clock()
     except BaseException:
         _close(response)
         raise
-    now = clock()
-    headers_in = response.headers
-    return OpenedStream(response, reader, first, response.status_code,
-                        headers_in.get("x-request-id") or headers_in.get("request-id"),
-                        (now - started) * 1000.0, now)
+    return OpenedStream(response, reader, first, response.status_code, request_id, (now - started) * 1000.0, now)
 
 
-def _check_event_stream(response: requests.Response, node_id: str) -> None:
+def _check_event_stream(response: requests.Response, node_id: str, request_id: Optional[str]) -> None:
     """A JSON document is not an event stream (a node that ignored ``stream: true``)."""
     media_type = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type == "application/json" or media_type.endswith("+json"):
         raise APIResponseValidationError(
             f"expected text/event-stream, got a {media_type} document", node_id=node_id,
-            status_code=response.status_code,
-            request_id=response.headers.get("x-request-id") or response.headers.get("request-id"))
+            status_code=response.status_code, request_id=request_id)
 
 
 def _close(response: requests.Response) -> None:
@@ -610,7 +625,7 @@ class ChatStream:
         reader.expect("chunk", self._stall_timeout_s)  # from now: time the caller spent is not a stall
         try:
             event = reader.next_event()
-            chunk = None if event is None else decode_event(event, self.node_id)
+            chunk = None if event is None else decode_event(event, self.node_id, redact=reader.redact)
         except APIError as exc:
             self._interrupt(exc, _interrupt_reason(exc))
         if event is None:
@@ -710,7 +725,7 @@ class ChatStream:
         self.latency_ms = (self._clock() - self._lease.started) * 1000.0
 
     def _interrupt(self, exc: APIError, reason: str) -> NoReturn:
-        partial = self.text
+        partial = self._lease.reader.redact.text(self.text)  # an error may be logged: never the key
         chunks = self._lease.chunks
         self._end("interrupted", exc, reason)
         log.debug("stream from node %s interrupted after %d chunks (%s): %s", self.node_id, chunks,

@@ -36,6 +36,7 @@ from .errors import (
     ResponseTooLargeError,
     status_error,
 )
+from .redaction import Redactor
 from .retry import parse_retry_after, parse_should_retry
 
 __all__ = ["Transport", "HTTPResult", "translate_error", "USER_AGENT"]
@@ -102,6 +103,7 @@ class Transport:
     ) -> None:
         self.node = node
         self._api_key = node.api_key or api_key
+        self.redactor = Redactor(self._api_key)  # for every error built from what this node sends
         self._pool_maxsize = pool_maxsize
         self._verify = verify
         self.max_response_bytes = max_response_bytes
@@ -241,33 +243,33 @@ class Transport:
         """Turn a fully read response into an HTTPResult or a typed error."""
         node_id = self.node.id
         headers = response.headers
-        request_id = headers.get("x-request-id") or headers.get("request-id")
+        request_id = self.redactor.header(headers.get("x-request-id") or headers.get("request-id"))
         status = response.status_code
         if status < 200:  # a 1xx is never the final answer to our requests
             raise APIResponseValidationError(f"unexpected informational status {status}", node_id=node_id,
                                              status_code=status, request_id=request_id)
         if status >= 300:
-            if self._api_key:  # a server echoing our Authorization header must not put the key in errors
-                raw = raw.replace(self._api_key.encode("utf-8"), b"[redacted]")
-            body: Any = _try_json(raw)
-            if body is None:
-                body = raw[:2000].decode("utf-8", "replace")
+            # a server echoing our Authorization header must not put the key in errors
+            redact = self.redactor
             raise status_error(
                 status,
-                body,
+                redact.body(raw),
                 node_id=node_id,
                 request_id=request_id,
-                headers=_small_headers(headers),
+                headers=_small_headers(headers, redact),
                 retry_after_s=parse_retry_after(headers),
                 should_retry=parse_should_retry(headers),
             )
+        problem = None
         try:
             data = json.loads(raw)
         except (ValueError, RecursionError) as exc:
+            problem = _describe(exc)
+        if problem is not None:  # raised outside the except: a JSONDecodeError's ``doc`` is the whole body
             raise APIResponseValidationError(
-                f"invalid JSON in a {status} response: {_describe(exc)}",
+                f"invalid JSON in a {status} response: {problem}",
                 node_id=node_id, status_code=status, request_id=request_id,
-            ) from None
+            )
         if not isinstance(data, dict):
             raise APIResponseValidationError(
                 f"expected a JSON object, got {type(data).__name__}",
@@ -360,15 +362,8 @@ class Transport:
             raise translate_error(exc, self.node.id) from exc
 
 
-def _try_json(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-
-
 _KEPT_HEADERS = ("retry-after", "retry-after-ms", "x-request-id", "x-should-retry", "content-type")
 
 
-def _small_headers(headers: Mapping[str, str]) -> Dict[str, str]:
-    return {k: headers[k][:200] for k in _KEPT_HEADERS if k in headers}
+def _small_headers(headers: Mapping[str, str], redact: Redactor) -> Dict[str, str]:
+    return {k: redact.text(headers[k])[:200] for k in _KEPT_HEADERS if k in headers}
