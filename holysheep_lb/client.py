@@ -33,7 +33,7 @@ from . import __version__
 from .batch import BatchResult, run_batch
 from .breakers import BreakerBoard, stream_outcome_hook
 from .breakers import wall_clock as breaker_wall_clock
-from .cache import cache_key, make_cache
+from .cache import cache_key, credentials_fingerprint, make_cache
 from .config import (
     CLIENT_OPTIONS,
     ClientConfig,
@@ -67,6 +67,7 @@ from .selection import Selector, make_strategy
 from .stats import LatencyHistogram, failure_kind
 from .streaming import STREAM_HEADERS, CannedStream, ChatStream, OpenedStream, StreamOutcome, StreamReaper, StreamStats, open_stream
 from .transport import Transport
+from .validation import check_text
 
 __all__ = ["Client"]
 
@@ -197,6 +198,8 @@ class Client:
             self.breaker_allows if self._router.uses_default_availability else self._router.is_available)
         self._ledger = SpendLedger(cfg.prices, store=cfg.spend_store, budget=cfg.budget, wall_clock=wall_clock)
         self._cache = make_cache(cfg.cache, timer=clock)
+        # a cache shared by several clients answers only the ones sending the same credentials
+        self._cache_scope = credentials_fingerprint(cfg.nodes, cfg.api_key)
         self.chat = _Chat(self)
         _LIVE_CLIENTS.add(self)
 
@@ -333,7 +336,7 @@ class Client:
                                    costs=costs)
 
         resp = self._chat_with_costs(decision.model if decision else model, messages, params, send,
-                                     cache=cache, wait_s=max(0.0, call_deadline - self._clock()))
+                                     cache=cache, region=region, wait_s=max(0.0, call_deadline - self._clock()))
         if decision is not None:
             resp.extra["routing"] = decision
             resp.fallback = resp.fallback or decision.fallback
@@ -341,7 +344,7 @@ class Client:
 
     def _chat_with_costs(self, model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any],
                          send: Callable[[str, CallCosts], Response], *, cache: Optional[bool],
-                         wait_s: float) -> Response:
+                         region: Optional[str], wait_s: float) -> Response:
         """The cost steps around ``send``: cache lookup, budget reservation, actual cost.
 
         Each model of the chain is paid for as itself (see :mod:`holysheep_lb.costs`).
@@ -366,7 +369,9 @@ class Client:
         if self._cache is None or not self._cache.wanted(params, cache):
             return paid()[0]
         started = self._clock()
-        resp, hit = self._cache.get_or_call(cache_key(model, messages, params), paid, wait_s=wait_s)
+        key = cache_key(model, messages, params, region=region if region is not None else self.config.default_region,
+                        scope=self._cache_scope)
+        resp, hit = self._cache.get_or_call(key, paid, wait_s=wait_s)
         if hit:
             ledger.record_cache_hit(model)
             resp.cached = True
@@ -774,6 +779,7 @@ class Client:
             raise InvalidRequestError("model", None, "is required: pass model=... or set Client(default_model=...)")
         if not isinstance(model, str) or not model.strip():
             raise InvalidRequestError("model", model, "must be a non-empty string")
+        check_text(model, "model")
         return model
 
     # -- introspection -------------------------------------------------------------------
@@ -863,6 +869,7 @@ def _validate_call_options(*, region: Any, deadline_s: Any, idempotency_key: Any
         raise InvalidRequestError("deadline_s", deadline_s, "must be a number > 0")
     if region is not None and not isinstance(region, str):
         raise InvalidRequestError("region", region, "must be a string")
+    check_text(region, "region")
     key = idempotency_key
     if key is not None and (not isinstance(key, str) or not key or len(key) > 255 or not key.isascii()
                             or any(c in key for c in "\r\n\x00")):
@@ -881,9 +888,12 @@ def _validate_messages(messages: Any) -> None:
         content = m.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise InvalidRequestError(f"messages[{i}].content", content, "must be a string, a list of parts or None")
+    check_text(list(messages), "messages")
 
 
 def _validate_params(params: Mapping[str, Any]) -> None:
+    for name, value in params.items():
+        check_text(value, name)
     for name in ("max_tokens", "max_completion_tokens", "n"):
         if name in params and params[name] is not None:
             v = params[name]
