@@ -736,6 +736,10 @@ class Client:
                               failure_kind(exc), "retrying on another node"
                               if attempt_no < self._retry.max_retries else "no retries left")
                 continue
+            # Success: forget the failed attempts' errors. Their tracebacks hold this frame,
+            # which holds the result: a cycle only the cyclic GC would break, keeping a
+            # dropped stream's node, reservation and breaker trial until it runs.
+            last_error = circuit_error = None
             if finish is not None:
                 node_permit = stream_permits.pop(node.id, None)
                 try:
@@ -755,12 +759,18 @@ class Client:
                             model=data.get("model", model))
         else:
             reason = f"all {len(attempts)} attempts failed"
+        error: HolySheepError
         if circuit_error is not None and not attempts:
-            raise circuit_error
-        error = AllAttemptsFailedError(reason, attempts, last_error)
-        if isinstance(last_error, RateLimitError):
-            error.retry_after_s = last_error.retry_after_s  # type: ignore[attr-defined]
-        raise error from last_error
+            error = circuit_error
+        else:
+            error = AllAttemptsFailedError(reason, attempts, last_error)
+            error.__cause__ = last_error
+            if isinstance(last_error, RateLimitError):
+                error.retry_after_s = last_error.retry_after_s  # type: ignore[attr-defined]
+        try:
+            raise error
+        finally:  # the error's traceback holds this frame: no locals may hold the error back
+            error = last_error = circuit_error = None  # type: ignore[assignment]
 
     def _count_call(self, ok: bool, error_name: Optional[str], started: float) -> float:
         total_ms = (self._clock() - started) * 1000.0

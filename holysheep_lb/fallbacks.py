@@ -125,6 +125,9 @@ class ModelChain:
                           "trying its fallback" if candidate != chain[-1] else "no fallback left")
                 errors.append((candidate, exc))
                 continue
+            # the models that failed are of no more use; their errors' tracebacks hold this
+            # frame, which holds the result (a stream): no cycle for the cyclic GC to break
+            errors.clear()
             if candidate != model:
                 self._count("fallback_answers")
                 if isinstance(result, Response) or hasattr(result, "fallback"):  # a stream too
