@@ -519,9 +519,11 @@ class Client:
         clock = self._clock
 
         def ended(outcome: StreamOutcome) -> None:
-            self._stream_ended(outcome)
-            if on_end is not None:
-                on_end(outcome)
+            try:
+                self._stream_ended(outcome)
+            finally:  # the stream's cost is settled even if counting it was interrupted
+                if on_end is not None:
+                    on_end(outcome)
 
         def steps(model: str, model_body: bytes, model_headers: Dict[str, str]) -> Tuple[Any, Any]:
             def send(node: NodeState, timeout: Tuple[float, float]) -> OpenedStream:
@@ -610,35 +612,44 @@ class Client:
                                            deadline_s=max(0.001, deadline - clock()))
 
         def attempt(node: NodeState, timeout: Tuple[float, float]) -> Tuple[Any, float]:
-            # One attempt. On failure the node is released and the error raised; on
-            # success the caller owns the node's in-flight slot.
+            # One attempt; it owns the node's slot. On failure (or an interrupt) the node
+            # and its breaker permit are released and the error raised; on success the
+            # caller owns the slot.
+            started_at = picked[node.id]
+            permit = result = None
             try:
                 permit = breakers.admit("node", node.id) if breakers.nodes_enabled else None
-            except CircuitOpenError:
-                selector.release_cancelled(node, started=picked[node.id])
-                raise
-            t0 = clock()
-            try:
+                t0 = clock()
                 result = send(node, timeout)
-            except APIError as exc:
                 latency_ms = (clock() - t0) * 1000.0
-                kind = failure_kind(exc)
-                retry_after_s = getattr(exc, "retry_after_s", None)
-                if retry_after_s is not None:  # a node's "Retry-After: 99999999" must not bench it for years
-                    retry_after_s = min(retry_after_s, self._retry.retry_after_cap_s)
-                selector.release_failure(node, kind, latency_ms, started=picked[node.id],
-                                         retry_after_s=retry_after_s)
-                attempts.append(Attempt(node.id, latency_ms, getattr(exc, "status_code", None),
-                                        f"{type(exc).__name__}: {exc.message}", kind))
-                if permit is not None:
-                    permit.record(exc)
+            except APIError as exc:
+                freed = False
+                try:
+                    latency_ms = (clock() - t0) * 1000.0
+                    kind = failure_kind(exc)
+                    retry_after_s = getattr(exc, "retry_after_s", None)
+                    if retry_after_s is not None:  # a node's "Retry-After: 99999999" must not bench it for years
+                        retry_after_s = min(retry_after_s, self._retry.retry_after_cap_s)
+                    freed = True  # a release frees the slot before anything in it can raise
+                    selector.release_failure(node, kind, latency_ms, started=started_at,
+                                             retry_after_s=retry_after_s)
+                    attempts.append(Attempt(node.id, latency_ms, getattr(exc, "status_code", None),
+                                            f"{type(exc).__name__}: {exc.message}", kind))
+                finally:
+                    if not freed:
+                        selector.release_cancelled(node, started=started_at)
+                    if permit is not None:
+                        permit.record(exc)
                 raise
-            except BaseException:
-                selector.release_cancelled(node, started=picked[node.id])
-                if permit is not None:
-                    permit.release()
+            except BaseException:  # refused by the node's breaker, or interrupted: nothing to hold against it
+                try:
+                    if result is not None:
+                        _discard(result)  # it answered, but nobody will read it
+                finally:
+                    selector.release_cancelled(node, started=started_at)
+                    if permit is not None:
+                        permit.release()
                 raise
-            latency_ms = (clock() - t0) * 1000.0
             attempts.append(Attempt(node.id, latency_ms, getattr(result, "status_code", None)))
             if permit is not None:
                 if finish is None:
@@ -658,8 +669,13 @@ class Client:
                 other = selector.pick(exclude=avoid(), region=region, started=hedge_at, fresh_only=True)
             except NoHealthyNodeError:
                 return None
-            picked[other.id] = hedge_at
-            if other.throttled_until > clock():
+            try:
+                picked[other.id] = hedge_at
+                throttled = other.throttled_until > clock()
+            except BaseException:
+                selector.release_cancelled(other, started=hedge_at)
+                raise
+            if throttled:
                 selector.release_cancelled(other, started=hedge_at)
                 return None
             tried.append(other.id)
@@ -690,28 +706,26 @@ class Client:
                     self._sleep(wait_s)
             picked_at = clock()
             node = selector.pick(exclude=avoid(), region=region, started=picked_at)
-            picked[node.id] = picked_at
-            wait_s = node.throttled_until - clock()
-            if wait_s > 0:
-                # every node is throttled: wait for the soonest Retry-After if it fits
-                if wait_s > self._retry.retry_after_cap_s or clock() + wait_s >= deadline:
-                    selector.release_cancelled(node, started=picked_at)
-                    reason = f"every node is throttled for at least {wait_s:.1f} s"
-                    break
-                log.debug("all nodes throttled; waiting %.2f s for node %s", wait_s, node.id)
-                try:
-                    self._sleep(wait_s)
-                except BaseException:  # e.g. KeyboardInterrupt, a worker's soft time limit
-                    selector.release_cancelled(node, started=picked_at)
-                    raise
-            remaining = deadline - clock()
-            if remaining <= 0:
-                selector.release_cancelled(node, started=picked_at)
-                reason = "deadline exceeded"
-                break
-            timeout = (min(self._timeouts[0], remaining), min(self._timeouts[1], remaining))
-            tried.append(node.id)
+            # Until attempt() (or the hedger) takes the node, the finally below releases it
+            # on every way out, an interrupt (KeyboardInterrupt, a soft time limit) included.
+            held: Optional[NodeState] = node
             try:
+                picked[node.id] = picked_at
+                wait_s = node.throttled_until - clock()
+                if wait_s > 0:
+                    # every node is throttled: wait for the soonest Retry-After if it fits
+                    if wait_s > self._retry.retry_after_cap_s or clock() + wait_s >= deadline:
+                        reason = f"every node is throttled for at least {wait_s:.1f} s"
+                        break
+                    log.debug("all nodes throttled; waiting %.2f s for node %s", wait_s, node.id)
+                    self._sleep(wait_s)
+                remaining = deadline - clock()
+                if remaining <= 0:
+                    reason = "deadline exceeded"
+                    break
+                timeout = (min(self._timeouts[0], remaining), min(self._timeouts[1], remaining))
+                tried.append(node.id)
+                held = None  # from here attempt() or the hedger releases it
                 if hedger is not None:
                     node, result, latency_ms = hedger.run(node, timeout, attempt=attempt,
                                                           pick_other=pick_hedge, release=release_unused,
@@ -736,6 +750,9 @@ class Client:
                               failure_kind(exc), "retrying on another node"
                               if attempt_no < self._retry.max_retries else "no retries left")
                 continue
+            finally:
+                if held is not None:  # left before attempt() took it: a break, or an interrupt
+                    selector.release_cancelled(held, started=picked_at)
             # Success: forget the failed attempts' errors. Their tracebacks hold this frame,
             # which holds the result: a cycle only the cyclic GC would break, keeping a
             # dropped stream's node, reservation and breaker trial until it runs.
@@ -743,16 +760,19 @@ class Client:
             if finish is not None:
                 node_permit = stream_permits.pop(node.id, None)
                 try:
+                    # finish() either returns a stream that owns the node, or raises having released it
                     stream = finish(node, result, attempts, started, picked[node.id])
+                    if node_permit is not None:
+                        stream.defer_outcome(stream_outcome_hook(node_permit))
                 except BaseException:
                     if node_permit is not None:
-                        node_permit.release()
+                        node_permit.release()  # nothing if the stream's hook already took it
                     raise
-                if node_permit is not None:
-                    stream.defer_outcome(stream_outcome_hook(node_permit))
                 return stream
-            selector.release_success(node, latency_ms, started=picked[node.id])
-            total_ms = (clock() - started) * 1000.0
+            try:
+                total_ms = (clock() - started) * 1000.0
+            finally:
+                selector.release_success(node, latency_ms, started=picked[node.id])
             data = result.data
             return Response(data, node_id=node.id, region=node.region, attempts=tuple(attempts),
                             latency_ms=total_ms, request_id=result.request_id,
@@ -862,6 +882,15 @@ class Client:
     @property
     def health_checker(self) -> Optional[HealthChecker]:
         return self._health
+
+
+def _discard(result: Any) -> None:
+    """An answer nobody will read (its call was interrupted): close what it holds open."""
+    for owner in (result, getattr(result, "response", None)):
+        close = getattr(owner, "close", None)
+        if callable(close):
+            close()
+            return
 
 
 def _encode_json(payload: Mapping[str, Any]) -> bytes:

@@ -15,6 +15,7 @@ while any lock of that thread is held).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, NamedTup
 
 import requests
 
+from .cleanup import call_each
 from .errors import (
     APIConnectionError,
     APIError,
@@ -425,35 +427,51 @@ class StreamLease:
         hook(*final)
 
     def settle(self, status: str, error: Optional[APIError] = None, reason: Optional[str] = None) -> bool:
-        """Close the connection, release the pick, report the outcome; False if already done."""
+        """Close the connection, release the pick, report the outcome; False if already done.
+
+        Each step runs even if one before it raised (an interrupt, a failing hook), so the
+        connection, the node, the cost (``on_end``) and the breaker permits (outcome
+        hooks) are each released once; the first error is raised afterwards.
+        """
         if os.getpid() != self._pid:
             return False  # inherited across fork(): the pick, socket and outcome are the parent's
         with self._settle_lock:
             if self._settled:
                 return False
             self._settled = True
-        ended = self.abandoned_at if self.abandoned_at is not None else self._clock()
+        ended = self.abandoned_at
         try:
-            _close(self.response)  # fully read: back to the pool for reuse; else the socket closes
-            self.reader.close()
+            if ended is None:
+                ended = self._clock()
         finally:
-            if status == "completed":
-                self._selector.release_success(self.node, self.node_ttft_ms, started=None)
-            elif status == "interrupted":
-                assert error is not None
-                self._selector.release_failure(self.node, self._classify(error),
-                                               (ended - self.attempt_started) * 1000.0, started=None)
-            else:
-                self._selector.release_cancelled(self.node, started=None)
-        self._on_end(StreamOutcome(self.model, self.node.id, status, self.usage, self.chunks,
-                                   self.ttft_ms, (ended - self.started) * 1000.0, self.started, error,
-                                   reason))
+            if ended is None:  # the clock read was interrupted: the first chunk's time does for stats
+                ended = self.attempt_started + self.node_ttft_ms / 1000.0
+            end_s: float = ended
+            outcome = StreamOutcome(self.model, self.node.id, status, self.usage, self.chunks, self.ttft_ms,
+                                    (end_s - self.started) * 1000.0, self.started, error, reason)
+            call_each([
+                lambda: _close(self.response),  # fully read: back to the pool for reuse; else the socket closes
+                self.reader.close,
+                lambda: self._release_node(status, error, end_s),
+                lambda: self._on_end(outcome),
+                lambda: self._run_hooks(status, error),
+            ])
+        return True
+
+    def _release_node(self, status: str, error: Optional[APIError], ended: float) -> None:
+        if status == "completed":
+            self._selector.release_success(self.node, self.node_ttft_ms, started=None)
+        elif status == "interrupted" and error is not None:
+            self._selector.release_failure(self.node, self._classify(error),
+                                           (ended - self.attempt_started) * 1000.0, started=None)
+        else:
+            self._selector.release_cancelled(self.node, started=None)
+
+    def _run_hooks(self, status: str, error: Optional[APIError]) -> None:
         with self._settle_lock:
             self._final = (status, error)
             hooks, self._outcome_hooks = self._outcome_hooks, []
-        for hook in hooks:
-            hook(status, error)
-        return True
+        call_each([functools.partial(hook, status, error) for hook in hooks])
 
 
 class StreamReaper:
@@ -583,8 +601,24 @@ class ChatStream:
         on_end: Callable[[StreamOutcome], None],
         reaper: StreamReaper,
     ) -> None:
-        self._lease = StreamLease(opened, selector=selector, node=node, model=model, started=started,
-                                  picked_at=picked_at, clock=clock, classify=classify, on_end=on_end)
+        try:
+            self._lease = StreamLease(opened, selector=selector, node=node, model=model, started=started,
+                                      picked_at=picked_at, clock=clock, classify=classify, on_end=on_end)
+        except BaseException:  # nothing took the node or the connection: give both back
+            call_each([lambda: _close(opened.response), lambda: selector.release_cancelled(node, started=picked_at)])
+            raise
+        try:
+            self._start(opened, node=node, attempts=attempts, model=model, stall_timeout_s=stall_timeout_s,
+                        clock=clock, reaper=reaper)
+        except BaseException:  # e.g. interrupted while it read a stream that ends at once
+            finalizer = getattr(self, "_finalizer", None)
+            if finalizer is not None:
+                finalizer.detach()
+            self._lease.settle("cancelled")
+            raise
+
+    def _start(self, opened: OpenedStream, *, node: NodeState, attempts: Sequence[Attempt], model: str,
+               stall_timeout_s: float, clock: Callable[[], float], reaper: StreamReaper) -> None:
         self._finalizer = weakref.finalize(self, reaper.adopt, self._lease)
         self._finalizer.atexit = False
         self._clock = clock
