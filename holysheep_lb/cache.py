@@ -24,10 +24,11 @@ import hmac
 import json
 import logging
 import math
+import queue
 import secrets
 import threading
 import time
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 from cachetools import TTLCache
 
@@ -130,6 +131,8 @@ class ResponseCache:
                         self._misses += 1
                     elif not waited:
                         self._waits += 1
+                        wake: "queue.SimpleQueue[None]" = queue.SimpleQueue()
+                        pending.waiters.append(wake)  # type: ignore[union-attr]
             if value is not None:
                 copied = _copy(value)  # outside the lock: stored values are never changed
                 with self._entries_lock:
@@ -144,10 +147,16 @@ class ResponseCache:
             if waited:  # the call waited for left nothing to share (or it vanished): no second wait
                 return self._call_and_store(key, call), False
             remaining = deadline - self._timer()
-            if remaining <= 0 or not pending.done.wait(remaining):
+            woken = remaining > 0
+            if woken:
+                try:
+                    wake.get(timeout=remaining)
+                except queue.Empty:
+                    woken = False
+            if not woken:
                 raise AllAttemptsFailedError("deadline exceeded while waiting for an identical call in flight", ())
             waited = True
-            if not pending.stored:
+            if not pending.stored:  # type: ignore[union-attr]
                 return self._call_and_store(key, call), False
         kept = None
         try:
@@ -169,13 +178,20 @@ class ResponseCache:
         return value
 
     def _finish(self, key: str, pending: _Pending, value: Any) -> None:
-        with self._entries_lock:
-            if value is not None:
-                self._entries[key] = value
-                self._stores += 1
-                pending.stored = True
-            del self._pending[key]
-        pending.done.set()  # wakes every waiter at once
+        waiters: List["queue.SimpleQueue[None]"] = []
+        try:
+            with self._entries_lock:
+                # first: storing reads the timer, and an interrupt there must not leave
+                # the key pending (identical calls would wait for a call that is gone)
+                del self._pending[key]
+                waiters, pending.waiters = pending.waiters, []
+                if value is not None:
+                    self._entries[key] = value
+                    self._stores += 1
+                    pending.stored = True
+        finally:
+            for wake in waiters:  # every waiter at once
+                wake.put(None)
 
     def clear(self) -> None:
         with self._entries_lock:
@@ -195,13 +211,18 @@ class ResponseCache:
 
 
 class _Pending:
-    """One key's call in flight: ``done`` is set when it ends; ``stored`` (set before) if its value was kept."""
+    """One key's call in flight; ``stored`` (set before waking anyone) if its value was kept.
 
-    __slots__ = ("done", "stored")
+    Each waiter sleeps on a queue of its own, woken when the call ends. C-level queues,
+    not an Event: an Event's Python-level Condition can be left holding its lock by an
+    interrupted waiter (KeyboardInterrupt), which would hang the call that wakes them.
+    """
+
+    __slots__ = ("stored", "waiters")
 
     def __init__(self) -> None:
-        self.done = threading.Event()
         self.stored = False
+        self.waiters: List["queue.SimpleQueue[None]"] = []
 
 
 def _copy(value: Any) -> Any:

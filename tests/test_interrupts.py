@@ -112,6 +112,8 @@ def _assert_nothing_held(client) -> None:
     assert [(n.awaiting, n.trial_in_flight) for n in nodes] == [(0, False)] * len(nodes)
     assert client.ledger.store.reserved_usd() == Decimal(0)
     assert [b["trials_in_flight"] for b in client.breakers()] == [0] * len(client.breakers())
+    cache = client._cache
+    assert cache is None or not cache._pending, "an identical call would wait for a call that is gone"
 
 
 def _next_call_works(call: Callable[[], Any]) -> None:
@@ -182,6 +184,20 @@ def test_interrupts_anywhere_in_a_call_that_fails_over_leak_nothing(make_client)
     call = lambda: client.chat_completion(MSGS, model="gpt-4.1", max_tokens=10)  # noqa: E731
     landed = _sweep(client, trip, call, call)
     assert {"a.send (before)", "b.send (after)", "sleep (before)", "rand (after)"} <= set(landed)
+
+
+def test_interrupts_anywhere_in_a_cached_call_leak_nothing(make_client):
+    trip = Tripwire()
+    client = _client(make_client, trip, cache={"maxsize": 4}, **LIMITS)
+    _install_send(client, trip, _first_node_fails)
+    prompts = iter(range(MAX_POINTS * 2))
+
+    def call() -> Any:  # a new prompt each time: the first of its kind, it makes the call
+        return client.chat_completion([{"role": "user", "content": f"hello {next(prompts)}"}], model="gpt-4.1",
+                                      max_tokens=10, temperature=0)
+
+    landed = _sweep(client, trip, call, call)
+    assert "b.send (after)" in landed and client.stats()["cache"]["stores"] >= 1
 
 
 def test_interrupts_anywhere_in_a_model_fallback_leak_nothing(make_client):
