@@ -9,7 +9,8 @@ finished) every node slot, spend reservation, breaker trial and hedge thread mus
 free. A run that makes no progress for ``--stall-s`` seconds is a deadlock: the child
 dumps every thread's stack and exits.
 
-    python benchmarks/interrupts.py [--runs 20] [--interrupts 50] [--seed 1]
+    python benchmarks/interrupts.py [--runs 20] [--interrupts 50] [--seed 1] [--gap-ms 30]
+                                    [--calls hedged:6,stream:3,dropped:1]
 
 Prints one line per run and the totals. Not run by CI (about a minute).
 """
@@ -40,7 +41,14 @@ class SoftTimeLimit(BaseException):
     """What a worker's soft time limit (or KeyboardInterrupt) raises."""
 
 
-def child(interrupts: int, seed: int, stall_s: float) -> Dict[str, Any]:
+def _hedge_threads(client: Client) -> int:
+    hedges = client.stats()["hedges"]
+    if "threads_busy" in hedges:
+        return int(hedges["threads_busy"])
+    return sum(t.name.startswith("holysheep-hedge") for t in threading.enumerate())  # before threads_busy
+
+
+def child(interrupts: int, seed: int, stall_s: float, gap_ms: float, kinds: List[str]) -> Dict[str, Any]:
     rng = random.Random(seed)
     nodes = [{"id": "a", "latency_ms": 20, "p99_latency_ms": 60, "error_rate": 0.2},
              {"id": "b", "latency_ms": 20, "p99_latency_ms": 60},
@@ -56,7 +64,7 @@ def child(interrupts: int, seed: int, stall_s: float) -> Dict[str, Any]:
     main = threading.main_thread().ident
 
     def sender() -> None:
-        while not done.wait(rng.uniform(0.0, 0.03)):
+        while not done.wait(rng.uniform(0.0, gap_ms / 1000.0)):
             if in_call[0]:
                 signal.pthread_kill(main, signal.SIGUSR1)  # type: ignore[arg-type]
 
@@ -67,7 +75,6 @@ def child(interrupts: int, seed: int, stall_s: float) -> Dict[str, Any]:
                         node_breakers={"fail_max": 1000}, breaker={"fail_max": 100000},
                         eject_after_failures=100000, strategy="round_robin", max_retries=2)
         messages = [{"role": "user", "content": "hello"}]
-        kinds = ["hedged"] * 6 + ["stream"] * 3 + ["dropped stream"]
         threading.Thread(target=sender, daemon=True).start()
         last_progress = [time.monotonic()]
 
@@ -104,8 +111,7 @@ def child(interrupts: int, seed: int, stall_s: float) -> Dict[str, Any]:
             last_progress[0] = time.monotonic()
         done.set()
         deadline = time.monotonic() + 10.0
-        while (any(t.name.startswith("holysheep-hedge") for t in threading.enumerate())
-               and time.monotonic() < deadline):
+        while _hedge_threads(client) and time.monotonic() < deadline:
             threading.Event().wait(0.01)
         stats = client.stats()
         result = {
@@ -115,7 +121,7 @@ def child(interrupts: int, seed: int, stall_s: float) -> Dict[str, Any]:
             "node_trials": sum(n.trial_in_flight for n in client.selector.nodes),
             "reserved_usd": str(client.ledger.store.reserved_usd()),
             "breaker_trials": sum(b["trials_in_flight"] for b in client.breakers()),
-            "hedge_threads": sum(t.name.startswith("holysheep-hedge") for t in threading.enumerate()),
+            "hedge_threads": _hedge_threads(client),
         }
         client.close()
     return result
@@ -127,16 +133,21 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--interrupts", type=int, default=50)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--stall-s", type=float, default=20.0)
+    parser.add_argument("--gap-ms", type=float, default=30.0, help="signals come every 0 to this many ms")
+    parser.add_argument("--calls", default="hedged:6,stream:3,dropped:1",
+                        help="the mix of calls: hedged, stream (read to the end), dropped (after one chunk)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.interrupts, args.seed, args.stall_s)))
+        kinds = [kind for part in args.calls.split(",") for kind in [part.split(":")[0]] * int(part.split(":")[1])]
+        print(json.dumps(child(args.interrupts, args.seed, args.stall_s, args.gap_ms, kinds)))
         return 0
     totals = {"interrupts": 0, "calls": 0, "in_flight": 0, "reserved_usd": Decimal(0), "breaker_trials": 0,
               "hedge_threads": 0, "deadlocks": 0, "crashes": 0}
     for run in range(args.runs):
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--interrupts", str(args.interrupts),
-               "--seed", str(args.seed + run), "--stall-s", str(args.stall_s)]
+               "--seed", str(args.seed + run), "--stall-s", str(args.stall_s), "--gap-ms", str(args.gap_ms),
+               "--calls", args.calls]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.stall_s * 10)
         if proc.returncode == 3:
             totals["deadlocks"] += 1

@@ -6,8 +6,8 @@ tokens: hedges are capped at ``hedge_max_ratio`` of calls (default 5%) and each 
 also spends a retry from the retry budget. The delay is a fixed number of seconds, or
 ``"p95"``: the node's observed p95 latency (no hedge until it has 20 samples).
 
-Both copies run on daemon threads, at most ``max_threads`` at a time, and the caller
-waits on a condition. A call never queues for a thread: without a free one, or while
+Both copies run on threads of their own, at most ``max_threads`` at a time
+(``stats()["threads_busy"]``), and the caller waits for the first to finish. A call never queues for a thread: without a free one, or while
 the cap and budget leave no room for a hedge, the attempt runs on the caller's thread,
 unhedged. The losing copy runs to its end on its own thread, bounded by its own
 timeout; its answer is dropped, while its node's bookkeeping (latency, success or
@@ -16,6 +16,7 @@ failure) is still recorded.
 
 from __future__ import annotations
 
+import _thread
 import functools
 import logging
 import queue
@@ -251,15 +252,17 @@ class Hedger:
 
     def _start(self, race: _Race, copy: _Copy, timeout: Tuple[float, float],
                attempt: AttemptFn, release: ReleaseFn) -> bool:
-        """Run one copy on a daemon thread (its thread slot is already taken).
+        """Run one copy on a thread of its own (its thread slot is already taken).
 
         False when no thread can be started: the copy is dropped, its thread slot given
         back, and its node is the caller's again.
         """
-        thread = threading.Thread(target=self._run_copy, args=(race, copy, timeout, attempt, release),
-                                  name=f"holysheep-hedge-{copy.node.id}", daemon=True)
         try:
-            thread.start()
+            # _thread, not threading.Thread: Thread.start() waits on an Event whose
+            # Condition an interrupt of the caller can leave locked, and the new thread
+            # would then hang before it ran the copy, its node never released. Like a
+            # daemon thread, it does not hold up the interpreter's exit.
+            _thread.start_new_thread(self._run_copy, (race, copy, timeout, attempt, release))
         except RuntimeError:  # cannot start a thread now: go without this copy
             with race.lock:
                 copy.state = "dropped"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
+import traceback
 from decimal import Decimal
 from typing import Any, Callable, List, Optional
 
@@ -100,12 +101,13 @@ def _client(make_client, trip: Tripwire, **options):
     return client
 
 
-def _hedge_threads() -> List[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("holysheep-hedge")]
+def _hedge_threads(client) -> int:
+    hedges = client.stats()["hedges"]
+    return 0 if hedges is None else hedges["threads_busy"]
 
 
 def _assert_nothing_held(client) -> None:
-    assert wait_until(lambda: not _hedge_threads(), 5.0), "a hedge thread is still running"
+    assert wait_until(lambda: not _hedge_threads(client), 5.0), "a hedge thread is still running"
     stats = client.stats()  # settles streams dropped by the interrupt
     nodes = client.selector.nodes
     assert stats["in_flight"] == 0, {n.id: n.in_flight for n in nodes}
@@ -272,3 +274,40 @@ def test_the_tripwire_sees_only_the_armed_thread():
     with pytest.raises(Interrupt):
         trip.tick("here")
     assert seen == [None] and trip.fired == "here" and API_KEY
+
+
+def test_a_call_never_enters_a_python_level_condition_on_the_callers_thread(make_client, monkeypatch):
+    """``threading.Condition.__enter__`` is Python code: a KeyboardInterrupt landing in it
+    right after it took its lock leaves the lock held, and the next one to use it hangs
+    (hedged calls deadlocked so: the caller in ``_abandon``, a hedge thread in ``settle``).
+    Events and semaphores are built on Conditions, and so is ``Thread.start()``. Hedged,
+    rate-limited and cached calls use none of them on the caller's thread."""
+    caller = threading.get_ident()
+    entered: List[str] = []
+
+    class Recording(threading.Condition):
+        def __enter__(self):
+            if threading.get_ident() == caller:
+                frame = traceback.extract_stack(limit=3)[0]
+                entered.append(f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} {frame.name}")
+            return super().__enter__()
+
+    hedge_sent = threading.Event()  # the test's own, made before the patch
+    monkeypatch.setattr(threading, "Condition", Recording)
+    trip = Tripwire()
+    client = _client(make_client, trip, hedge_delay_s=0.001, hedge_max_ratio=1.0, retry_budget_ratio=None,
+                     cache=True, requests_per_minute=100_000, tokens_per_minute=10_000_000)
+
+    def slow_primary(node_id: str, payload: Any) -> Any:
+        if node_id == "a":
+            hedge_sent.wait(2.0)
+        else:
+            hedge_sent.set()
+        return chat_body(payload["model"])
+
+    _install_send(client, trip, slow_primary)
+    for prompt in ("one", "two", "two"):  # hedged calls, then a cache hit
+        hedge_sent.clear()
+        client.chat_completion([{"role": "user", "content": prompt}], model="gpt-4.1", temperature=0)
+    assert client.stats()["hedges"]["sent"] >= 1 and client.stats()["cache"]["hits"] == 1
+    assert entered == []
