@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Optional
 
-__all__ = ["call_each"]
+__all__ = ["call_each", "discard"]
 
 
 def call_each(calls: Iterable[Callable[[], Any]]) -> None:
@@ -28,3 +28,13 @@ def call_each(calls: Iterable[Callable[[], Any]]) -> None:
             raise first
         finally:  # its traceback holds this frame: no local may hold the error back
             first = None
+
+
+def discard(result: Any) -> None:
+    """An answer nobody will read (its call was interrupted): close what it holds open
+    (a stream, or an opened response), if anything."""
+    for owner in (result, getattr(result, "response", None)):
+        close = getattr(owner, "close", None)
+        if callable(close):
+            close()
+            return

@@ -34,6 +34,7 @@ from .batch import BatchResult, run_batch
 from .breakers import BreakerBoard, stream_outcome_hook
 from .breakers import wall_clock as breaker_wall_clock
 from .cache import cache_key, credentials_fingerprint, make_cache
+from .cleanup import discard
 from .config import (
     CLIENT_OPTIONS,
     ClientConfig,
@@ -644,7 +645,7 @@ class Client:
             except BaseException:  # refused by the node's breaker, or interrupted: nothing to hold against it
                 try:
                     if result is not None:
-                        _discard(result)  # it answered, but nobody will read it
+                        discard(result)  # it answered, but nobody will read it
                 finally:
                     selector.release_cancelled(node, started=started_at)
                     if permit is not None:
@@ -882,15 +883,6 @@ class Client:
     @property
     def health_checker(self) -> Optional[HealthChecker]:
         return self._health
-
-
-def _discard(result: Any) -> None:
-    """An answer nobody will read (its call was interrupted): close what it holds open."""
-    for owner in (result, getattr(result, "response", None)):
-        close = getattr(owner, "close", None)
-        if callable(close):
-            close()
-            return
 
 
 def _encode_json(payload: Mapping[str, Any]) -> bytes:

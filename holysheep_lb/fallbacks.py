@@ -28,7 +28,7 @@ import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from .breakers import NO_PERMIT, BreakerBoard, Permit, stream_outcome_hook, verdict
-from .cleanup import call_each
+from .cleanup import call_each, discard
 from .errors import BudgetExceededError, CircuitOpenError, ConfigError, HolySheepError
 from .ratelimit import RateLimits, estimate_tokens, usage_tokens
 from .response import Response
@@ -182,7 +182,7 @@ class ModelChain:
             # Interrupted (KeyboardInterrupt...) with the answer in hand: nobody will read
             # it. A stream is closed (its node and hooks released); the permit is given
             # back if nothing recorded it; a reservation still held is the costs' close().
-            call_each([getattr(result, "close", _nothing), permit.release])
+            call_each([functools.partial(discard, result), permit.release])
             raise
         return result
 
