@@ -10,7 +10,7 @@ HTTP error bodies (``Transport.decode``) and every stream decode path alike.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional, Union
+from typing import Any, List, Optional, Union
 
 __all__ = ["REDACTED", "Redactor", "NO_REDACTION"]
 
@@ -20,7 +20,8 @@ _REDACTED_RAW = REDACTED.encode()
 # A body cut short by a read cap may end inside the key: its first characters are
 # blanked too, from this many on (fewer say nothing about the key).
 _MIN_TAIL_CHARS = 6
-_MAX_DEPTH = 32  # decoded error bodies deeper than this are kept as redacted JSON text
+_MAX_DEPTH = 32  # in decoded error bodies, what lies deeper is replaced by _TOO_DEEP
+_TOO_DEEP = "[nested too deep]"
 
 
 class Redactor:
@@ -65,14 +66,15 @@ class Redactor:
         """A decoded JSON value with the secret blanked in every string, keys included.
 
         Works on the decoded value as well as on the bytes: a JSON-escaped key
-        (``\\u0073k-...``) only shows once decoded.
+        (``\\u0073k-...``) only shows once decoded. Containers nested deeper than 32
+        levels are replaced by ``"[nested too deep]"``.
         """
         if not self._text:
             return value
         if isinstance(value, str):
             return self.text(value)
         if _depth >= _MAX_DEPTH and isinstance(value, (dict, list)):
-            return self.text(json.dumps(value, ensure_ascii=False)[:2000])
+            return _TOO_DEEP  # not walked (nor encoded: that could exhaust the stack)
         if isinstance(value, dict):
             return {self.text(k) if isinstance(k, str) else k: self.value(v, _depth + 1) for k, v in value.items()}
         if isinstance(value, list):
@@ -90,6 +92,26 @@ class Redactor:
         if decoded is None:
             return self.text(raw.decode("utf-8", "replace"))[:max_text_chars]
         return self.value(decoded)
+
+    def found_in(self, exc: BaseException) -> bool:
+        """Whether the secret shows anywhere in ``exc``: its text, its chain, exceptions in its args."""
+        if not self._text:
+            return False
+        pending: List[Any] = [exc]
+        seen = set()
+        while pending:
+            item = pending.pop()
+            if not isinstance(item, BaseException) or id(item) in seen:
+                continue
+            seen.add(id(item))
+            try:
+                text = f"{item!s} {item!r}"
+            except Exception:  # noqa: BLE001 - an exception that cannot describe itself: assume the worst
+                return True
+            if self._text in text:
+                return True
+            pending.extend([item.__cause__, item.__context__, *item.args])
+        return False
 
     def header(self, value: Optional[str]) -> Optional[str]:
         """A header value kept in an error (a request id), redacted; None stays None."""

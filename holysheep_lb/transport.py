@@ -36,7 +36,7 @@ from .errors import (
     ResponseTooLargeError,
     status_error,
 )
-from .redaction import Redactor
+from .redaction import NO_REDACTION, Redactor
 from .retry import parse_retry_after, parse_should_retry
 
 __all__ = ["Transport", "HTTPResult", "translate_error", "USER_AGENT"]
@@ -55,11 +55,23 @@ class HTTPResult(NamedTuple):
     request_id: Optional[str]
 
 
-def translate_error(exc: BaseException, node_id: str) -> APIError:
-    """Map a requests/urllib3/socket exception to our tree. The only such mapping."""
+def translate_error(exc: BaseException, node_id: str, redact: Redactor = NO_REDACTION) -> APIError:
+    """Map a requests/urllib3/socket exception to our tree. The only such mapping.
+
+    The result's ``__cause__`` is ``exc``, unless ``exc`` quotes the API key: a node can
+    echo it where the HTTP framing is parsed (a status line, a chunk size), and urllib3
+    quotes those. Raise the result outside the ``except`` block, so that such an
+    exception is not kept as its ``__context__`` either.
+    """
     if isinstance(exc, APIError):
         return exc
-    text = _describe(exc)
+    error = _translate(exc, node_id, _describe(exc, redact))
+    if not redact.found_in(exc):
+        error.__cause__ = exc
+    return error
+
+
+def _translate(exc: BaseException, node_id: str, text: str) -> APIError:
     if isinstance(exc, (requests.exceptions.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)):
         return APITimeoutError(f"connect timeout: {text}", node_id=node_id)
     if isinstance(exc, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError, socket.timeout)):
@@ -84,8 +96,8 @@ def translate_error(exc: BaseException, node_id: str) -> APIError:
     return local
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
+def _describe(exc: BaseException, redact: Redactor = NO_REDACTION) -> str:
+    text = redact.text(str(exc) or type(exc).__name__)
     return text if len(text) <= 300 else text[:297] + "..."
 
 
@@ -185,7 +197,8 @@ class Transport:
                 cert=None,
             )
         except Exception as exc:  # noqa: BLE001 - every error is translated, none swallowed
-            raise translate_error(exc, self.node.id) from exc
+            error = translate_error(exc, self.node.id, self.redactor)
+        raise error  # outside the except block (see translate_error)
 
     def _prepare(self, method: str, path: str, body: Optional[bytes],
                  headers: Optional[Mapping[str, str]]) -> requests.PreparedRequest:
@@ -305,8 +318,10 @@ class Transport:
         except APIError:
             raise
         except Exception as exc:  # noqa: BLE001 - translated, never swallowed
-            raise translate_error(exc, self.node.id) from exc
-        return b"".join(parts)
+            error = translate_error(exc, self.node.id, self.redactor)
+        else:
+            return b"".join(parts)
+        raise error  # outside the except block (see translate_error)
 
     def raise_for_error_status(self, response: requests.Response, *, body_cap_bytes: int = 64 * 1024) -> None:
         """For a non-2xx streaming response: read at most ``body_cap_bytes``, close it, raise the typed error."""
@@ -317,7 +332,7 @@ class Transport:
             raw = response.raw.read(body_cap_bytes, decode_content=True) or b""
         except Exception as exc:  # noqa: BLE001 - the status is the news; the read error is chained
             raw = b""
-            read_error = translate_error(exc, self.node.id)
+            read_error = translate_error(exc, self.node.id, self.redactor)
         finally:
             response.close()
         try:
@@ -343,7 +358,8 @@ class Transport:
                     return
                 yield data
         except Exception as exc:  # noqa: BLE001 - translated, never swallowed
-            raise translate_error(exc, self.node.id) from exc
+            error = translate_error(exc, self.node.id, self.redactor)
+        raise error  # outside the except block (see translate_error)
 
     def set_read_timeout(self, response: requests.Response, timeout_s: float) -> None:
         """Change the socket read timeout of an open streaming response (first chunk -> stall)."""
@@ -358,8 +374,10 @@ class Transport:
         """Yield raw lines of a streaming body, translating errors; the caller closes it."""
         try:
             yield from response.iter_lines(chunk_size=1024)
+            return
         except Exception as exc:  # noqa: BLE001 - translated, never swallowed
-            raise translate_error(exc, self.node.id) from exc
+            error = translate_error(exc, self.node.id, self.redactor)
+        raise error  # outside the except block (see translate_error)
 
 
 _KEPT_HEADERS = ("retry-after", "retry-after-ms", "x-request-id", "x-should-retry", "content-type")

@@ -35,3 +35,12 @@ def test_stream_decoding_quotes_server_bytes_only_redacted():
     with pytest.raises(APIResponseValidationError) as info:
         SSEParser(redact=redact).feed(b"data: \xff " + KEY.encode() + b"\n")
     assert KEY not in str(info.value) and info.value.__context__ is None
+
+
+def test_a_deeply_nested_error_body_is_cut_not_walked_to_the_end():
+    deep = b"[" * 900 + b"]" * 900  # decodable, but walking (or re-encoding) it could exhaust the stack
+    body = Redactor(KEY).body(deep)
+    depth = 0
+    while isinstance(body, list):
+        body, depth = body[0], depth + 1
+    assert (depth, body) == (32, "[nested too deep]")

@@ -272,3 +272,25 @@ def test_a_node_echoing_the_key_inside_a_stream_does_not_leak_it(everything):
     # the errors still say what happened, with the key blanked out
     assert "[redacted]" in str(errors["error object first"]) and "bad key" in str(errors["error event midway"].__cause__)
     assert errors["key in the text, then cut"].partial_text == "Bearer [redacted]"
+
+
+def _leaky_framing_script(request):
+    """A node that puts the echoed Authorization header where the HTTP framing is parsed."""
+    said = request.headers.get("authorization", "").encode()
+    if json.loads(request.body or b"{}").get("messages", [{}])[0].get("content") == "status line":
+        return said + b" 200 OK\r\nContent-Length: 2\r\n\r\n{}"  # not HTTP: the status line is quoted
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + said + b"\r\n")  # a chunk size that is not a number: quoted too
+
+
+def test_a_node_echoing_the_key_in_its_http_framing_does_not_leak_it(everything):
+    with ScriptedServer(_leaky_framing_script) as server:
+        with Client(api_key=SECRET, nodes=[{"id": "echo", "base_url": server.base_url}], max_retries=0,
+                    health_check_interval_s=None, breaker=None, eject_after_failures=1000) as client:
+            kinds = []
+            for content, stream in (("status line", False), ("status line", True), ("chunk", False), ("chunk", True)):
+                with pytest.raises(HolySheepError) as info:
+                    client.chat_completion([{"role": "user", "content": content}], model="m", stream=stream)
+                everything.extend(_exception_texts(info.value))
+                kinds.extend(a.kind for a in info.value.attempts)
+    assert kinds == ["connect"] * 4
