@@ -2,7 +2,11 @@
 
 Only deterministic calls are cached by default (``temperature == 0``); a call may ask
 with ``cache=True`` or refuse with ``cache=False``. The key is the SHA-256 of the
-canonical JSON (sorted keys) of the model, the messages and the parameters. Errors are
+canonical JSON (sorted keys) of what decides the answer: the model, the messages, the
+parameters, the call's region, and a fingerprint of the client's credentials and nodes.
+One ``ResponseCache`` shared by several clients therefore serves an answer only to a
+client with the same API key(s), node URLs and node headers; the fingerprint is a
+keyed one-way hash (HMAC-SHA-256 with a secret drawn once per process), never the key. Errors are
 never cached, nor is an answer that cannot be deep-copied (it is returned, with a
 warning). Identical calls that arrive while the first one is in flight wait for it
 instead of paying again; if it fails or its answer is not kept (a downgraded or
@@ -16,33 +20,58 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import hmac
 import json
 import logging
 import math
+import queue
+import secrets
 import threading
 import time
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 from cachetools import TTLCache
 
 from .errors import AllAttemptsFailedError, ConfigError, InvalidRequestError
 from .suggest import unknown_option
 
-__all__ = ["ResponseCache", "cache_key", "check_cache_option", "make_cache"]
+__all__ = ["ResponseCache", "cache_key", "credentials_fingerprint", "check_cache_option", "make_cache"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-def cache_key(model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> str:
-    """SHA-256 of the canonical JSON of the call (same call, same key; any change, new key)."""
+# Keys the credentials' fingerprint: it means nothing outside this process (or its forks),
+# so a fingerprint seen somewhere cannot be checked against guessed keys.
+_FINGERPRINT_SECRET = secrets.token_bytes(32)
+
+
+def credentials_fingerprint(nodes: Sequence[Any], api_key: Optional[str]) -> str:
+    """A one-way fingerprint of what a client sends to whom: each node's id, URL, the key
+    it gets (its own or the client's) and its extra headers. Never contains the key."""
+    material = [[n.id, n.base_url, n.api_key or api_key or "", sorted(n.headers.items())] for n in nodes]
+    text = json.dumps(material, separators=(",", ":"), ensure_ascii=False)
+    return hmac.new(_FINGERPRINT_SECRET, text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+
+
+def cache_key(model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any], *,
+              region: Optional[str] = None, scope: str = "") -> str:
+    """SHA-256 of the canonical JSON of the call (same call, same key; any change, new key).
+
+    ``scope`` is the client's :func:`credentials_fingerprint`; ``region`` the call's.
+    Raises only :class:`InvalidRequestError` (a client validates its arguments first).
+    """
+    call = {"model": model, "messages": list(messages), "params": dict(params), "region": region, "scope": scope}
     try:
-        text = json.dumps({"model": model, "messages": list(messages), "params": dict(params)},
-                          sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidRequestError("params", type(params).__name__, f"must be JSON-serialisable ({exc})") from None
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+        data = json.dumps(call, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False).encode("utf-8")
+        problem = None
+    except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
+        problem = f"must be JSON-serialisable text ({type(exc).__name__})"
+    if problem is not None:  # outside the except: the encoder's error would carry the arguments
+        raise InvalidRequestError("params", type(params).__name__, problem)
+    return hashlib.sha256(data).hexdigest()
 
 
 class ResponseCache:
@@ -103,6 +132,8 @@ class ResponseCache:
                         self._misses += 1
                     elif not waited:
                         self._waits += 1
+                        wake: "queue.SimpleQueue[None]" = queue.SimpleQueue()
+                        pending.waiters.append(wake)  # type: ignore[union-attr]
             if value is not None:
                 copied = _copy(value)  # outside the lock: stored values are never changed
                 with self._entries_lock:
@@ -117,10 +148,16 @@ class ResponseCache:
             if waited:  # the call waited for left nothing to share (or it vanished): no second wait
                 return self._call_and_store(key, call), False
             remaining = deadline - self._timer()
-            if remaining <= 0 or not pending.done.wait(remaining):
+            woken = remaining > 0
+            if woken:
+                try:
+                    wake.get(timeout=remaining)
+                except queue.Empty:
+                    woken = False
+            if not woken:
                 raise AllAttemptsFailedError("deadline exceeded while waiting for an identical call in flight", ())
             waited = True
-            if not pending.stored:
+            if not pending.stored:  # type: ignore[union-attr]
                 return self._call_and_store(key, call), False
         kept = None
         try:
@@ -142,13 +179,20 @@ class ResponseCache:
         return value
 
     def _finish(self, key: str, pending: _Pending, value: Any) -> None:
-        with self._entries_lock:
-            if value is not None:
-                self._entries[key] = value
-                self._stores += 1
-                pending.stored = True
-            del self._pending[key]
-        pending.done.set()  # wakes every waiter at once
+        waiters: List["queue.SimpleQueue[None]"] = []
+        try:
+            with self._entries_lock:
+                # first: storing reads the timer, and an interrupt there must not leave
+                # the key pending (identical calls would wait for a call that is gone)
+                del self._pending[key]
+                waiters, pending.waiters = pending.waiters, []
+                if value is not None:
+                    self._entries[key] = value
+                    self._stores += 1
+                    pending.stored = True
+        finally:
+            for wake in waiters:  # every waiter at once
+                wake.put(None)
 
     def clear(self) -> None:
         with self._entries_lock:
@@ -168,13 +212,18 @@ class ResponseCache:
 
 
 class _Pending:
-    """One key's call in flight: ``done`` is set when it ends; ``stored`` (set before) if its value was kept."""
+    """One key's call in flight; ``stored`` (set before waking anyone) if its value was kept.
 
-    __slots__ = ("done", "stored")
+    Each waiter sleeps on a queue of its own, woken when the call ends. C-level queues,
+    not an Event: an Event's Python-level Condition can be left holding its lock by an
+    interrupted waiter (KeyboardInterrupt), which would hang the call that wakes them.
+    """
+
+    __slots__ = ("stored", "waiters")
 
     def __init__(self) -> None:
-        self.done = threading.Event()
         self.stored = False
+        self.waiters: List["queue.SimpleQueue[None]"] = []
 
 
 def _copy(value: Any) -> Any:

@@ -34,7 +34,8 @@ from . import __version__
 from .batch import BatchResult, run_batch
 from .breakers import BreakerBoard, stream_outcome_hook
 from .breakers import wall_clock as breaker_wall_clock
-from .cache import cache_key, make_cache
+from .cache import cache_key, credentials_fingerprint, make_cache
+from .cleanup import discard
 from .config import (
     CLIENT_OPTIONS,
     ClientConfig,
@@ -206,6 +207,8 @@ class Client:
             self.breaker_allows if self._router.uses_default_availability else self._router.is_available)
         self._ledger = SpendLedger(cfg.prices, store=cfg.spend_store, budget=cfg.budget, wall_clock=wall_clock)
         self._cache = make_cache(cfg.cache, timer=clock)
+        # a cache shared by several clients answers only the ones sending the same credentials
+        self._cache_scope = credentials_fingerprint(cfg.nodes, cfg.api_key)
         self.chat = _Chat(self)
         _LIVE_CLIENTS.add(self)
 
@@ -353,7 +356,7 @@ class Client:
                                    costs=costs)
 
         resp = self._chat_with_costs(decision.model if decision else model, messages, params, send,
-                                     cache=cache, wait_s=max(0.0, call_deadline - self._clock()))
+                                     cache=cache, region=region, wait_s=max(0.0, call_deadline - self._clock()))
         if decision is not None:
             resp.extra["routing"] = decision
             resp.fallback = resp.fallback or decision.fallback
@@ -361,7 +364,7 @@ class Client:
 
     def _chat_with_costs(self, model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any],
                          send: Callable[[str, CallCosts], Response], *, cache: Optional[bool],
-                         wait_s: float) -> Response:
+                         region: Optional[str], wait_s: float) -> Response:
         """The cost steps around ``send``: cache lookup, budget reservation, actual cost.
 
         Each model of the chain is paid for as itself (see :mod:`holysheep_lb.costs`).
@@ -386,7 +389,9 @@ class Client:
         if self._cache is None or not self._cache.wanted(params, cache):
             return paid()[0]
         started = self._clock()
-        resp, hit = self._cache.get_or_call(cache_key(model, messages, params), paid, wait_s=wait_s)
+        key = cache_key(model, messages, params, region=region if region is not None else self.config.default_region,
+                        scope=self._cache_scope)
+        resp, hit = self._cache.get_or_call(key, paid, wait_s=wait_s)
         if hit:
             ledger.record_cache_hit(model)
             resp.cached = True
@@ -548,9 +553,11 @@ class Client:
         clock = self._clock
 
         def ended(outcome: StreamOutcome) -> None:
-            self._stream_ended(outcome)
-            if on_end is not None:
-                on_end(outcome)
+            try:
+                self._stream_ended(outcome)
+            finally:  # the stream's cost is settled even if counting it was interrupted
+                if on_end is not None:
+                    on_end(outcome)
 
         def steps(model: str, model_body: bytes, model_headers: Dict[str, str]) -> Tuple[Any, Any]:
             def send(node: NodeState, timeout: Tuple[float, float]) -> OpenedStream:
@@ -641,37 +648,46 @@ class Client:
                                            deadline_s=max(0.001, deadline - clock()))
 
         def attempt(node: NodeState, timeout: Tuple[float, float]) -> Tuple[Any, float]:
-            # One attempt. On failure the node is released and the error raised; on
-            # success the caller owns the node's in-flight slot.
+            # One attempt; it owns the node's slot. On failure (or an interrupt) the node
+            # and its breaker permit are released and the error raised; on success the
+            # caller owns the slot.
+            started_at = picked[node.id]
+            permit = result = None
             try:
                 permit = breakers.admit("node", node.id) if breakers.nodes_enabled else None
-            except CircuitOpenError:
-                selector.release_cancelled(node, started=picked[node.id])
-                raise
-            t0 = clock()
-            try:
+                t0 = clock()
                 result = send(node, timeout)
-            except APIError as exc:
                 latency_ms = (clock() - t0) * 1000.0
-                kind = failure_kind(exc)
-                retry_after_s = getattr(exc, "retry_after_s", None)
-                if retry_after_s is not None:  # a node's "Retry-After: 99999999" must not bench it for years
-                    retry_after_s = min(retry_after_s, self._retry.retry_after_cap_s)
-                selector.release_failure(node, kind, latency_ms, started=picked[node.id],
-                                         retry_after_s=retry_after_s)
-                attempts.append(Attempt(node.id, latency_ms, getattr(exc, "status_code", None),
-                                        f"{type(exc).__name__}: {exc.message}", kind))
-                if permit is not None:
-                    permit.record(exc)
-                if unanswered is not None and isinstance(exc, APITimeoutError) and exc.request_sent:
-                    unanswered()  # the node may still answer it, and the gateway bill it
+            except APIError as exc:
+                freed = False
+                try:
+                    latency_ms = (clock() - t0) * 1000.0
+                    kind = failure_kind(exc)
+                    retry_after_s = getattr(exc, "retry_after_s", None)
+                    if retry_after_s is not None:  # a node's "Retry-After: 99999999" must not bench it for years
+                        retry_after_s = min(retry_after_s, self._retry.retry_after_cap_s)
+                    freed = True  # a release frees the slot before anything in it can raise
+                    selector.release_failure(node, kind, latency_ms, started=started_at,
+                                             retry_after_s=retry_after_s)
+                    attempts.append(Attempt(node.id, latency_ms, getattr(exc, "status_code", None),
+                                            f"{type(exc).__name__}: {exc.message}", kind))
+                finally:
+                    if not freed:
+                        selector.release_cancelled(node, started=started_at)
+                    if permit is not None:
+                        permit.record(exc)
+                    if unanswered is not None and isinstance(exc, APITimeoutError) and exc.request_sent:
+                        unanswered()  # the node may still answer it, and the gateway bill it
                 raise
-            except BaseException:
-                selector.release_cancelled(node, started=picked[node.id])
-                if permit is not None:
-                    permit.release()
+            except BaseException:  # refused by the node's breaker, or interrupted: nothing to hold against it
+                try:
+                    if result is not None:
+                        discard(result)  # it answered, but nobody will read it
+                finally:
+                    selector.release_cancelled(node, started=started_at)
+                    if permit is not None:
+                        permit.release()
                 raise
-            latency_ms = (clock() - t0) * 1000.0
             attempts.append(Attempt(node.id, latency_ms, getattr(result, "status_code", None)))
             if permit is not None:
                 if finish is None:
@@ -691,8 +707,13 @@ class Client:
                 other = selector.pick(exclude=avoid(), region=region, started=hedge_at, fresh_only=True)
             except NoHealthyNodeError:
                 return None
-            picked[other.id] = hedge_at
-            if other.throttled_until > clock():
+            try:
+                picked[other.id] = hedge_at
+                throttled = other.throttled_until > clock()
+            except BaseException:
+                selector.release_cancelled(other, started=hedge_at)
+                raise
+            if throttled:
                 selector.release_cancelled(other, started=hedge_at)
                 return None
             tried.append(other.id)
@@ -726,28 +747,26 @@ class Client:
                     self._sleep(wait_s)
             picked_at = clock()
             node = selector.pick(exclude=avoid(), region=region, started=picked_at)
-            picked[node.id] = picked_at
-            wait_s = node.throttled_until - clock()
-            if wait_s > 0:
-                # every node is throttled: wait for the soonest Retry-After if it fits
-                if wait_s > self._retry.retry_after_cap_s or clock() + wait_s >= deadline:
-                    selector.release_cancelled(node, started=picked_at)
-                    reason = f"every node is throttled for at least {wait_s:.1f} s"
-                    break
-                log.debug("all nodes throttled; waiting %.2f s for node %s", wait_s, node.id)
-                try:
-                    self._sleep(wait_s)
-                except BaseException:  # e.g. KeyboardInterrupt, a worker's soft time limit
-                    selector.release_cancelled(node, started=picked_at)
-                    raise
-            remaining = deadline - clock()
-            if remaining <= 0:
-                selector.release_cancelled(node, started=picked_at)
-                reason = "deadline exceeded"
-                break
-            timeout = (min(self._timeouts[0], remaining), min(self._timeouts[1], remaining))
-            tried.append(node.id)
+            # Until attempt() (or the hedger) takes the node, the finally below releases it
+            # on every way out, an interrupt (KeyboardInterrupt, a soft time limit) included.
+            held: Optional[NodeState] = node
             try:
+                picked[node.id] = picked_at
+                wait_s = node.throttled_until - clock()
+                if wait_s > 0:
+                    # every node is throttled: wait for the soonest Retry-After if it fits
+                    if wait_s > self._retry.retry_after_cap_s or clock() + wait_s >= deadline:
+                        reason = f"every node is throttled for at least {wait_s:.1f} s"
+                        break
+                    log.debug("all nodes throttled; waiting %.2f s for node %s", wait_s, node.id)
+                    self._sleep(wait_s)
+                remaining = deadline - clock()
+                if remaining <= 0:
+                    reason = "deadline exceeded"
+                    break
+                timeout = (min(self._timeouts[0], remaining), min(self._timeouts[1], remaining))
+                tried.append(node.id)
+                held = None  # from here attempt() or the hedger releases it
                 if hedger is not None:
                     node, result, latency_ms = hedger.run(node, timeout, attempt=attempt,
                                                           pick_other=pick_hedge, release=release_unused,
@@ -772,31 +791,47 @@ class Client:
                               failure_kind(exc), "retrying on another node"
                               if attempt_no < self._retry.max_retries else "no retries left")
                 continue
+            finally:
+                if held is not None:  # left before attempt() took it: a break, or an interrupt
+                    selector.release_cancelled(held, started=picked_at)
+            # Success: forget the failed attempts' errors. Their tracebacks hold this frame,
+            # which holds the result: a cycle only the cyclic GC would break, keeping a
+            # dropped stream's node, reservation and breaker trial until it runs.
+            last_error = circuit_error = None
             if finish is not None:
                 node_permit = stream_permits.pop(node.id, None)
                 try:
+                    # finish() either returns a stream that owns the node, or raises having released it
                     stream = finish(node, result, attempts, started, picked[node.id])
+                    if node_permit is not None:
+                        stream.defer_outcome(stream_outcome_hook(node_permit))
                 except BaseException:
                     if node_permit is not None:
-                        node_permit.release()
+                        node_permit.release()  # nothing if the stream's hook already took it
                     raise
-                if node_permit is not None:
-                    stream.defer_outcome(stream_outcome_hook(node_permit))
                 return stream
-            selector.release_success(node, latency_ms, started=picked[node.id])
-            total_ms = (clock() - started) * 1000.0
+            try:
+                total_ms = (clock() - started) * 1000.0
+            finally:
+                selector.release_success(node, latency_ms, started=picked[node.id])
             data = result.data
             return Response(data, node_id=node.id, region=node.region, attempts=tuple(attempts),
                             latency_ms=total_ms, request_id=result.request_id,
                             model=data.get("model", model))
         else:
             reason = f"all {len(attempts)} attempts failed"
+        error: HolySheepError
         if circuit_error is not None and not attempts:
-            raise circuit_error
-        error = AllAttemptsFailedError(reason, attempts, last_error)
-        if isinstance(last_error, RateLimitError):
-            error.retry_after_s = last_error.retry_after_s  # type: ignore[attr-defined]
-        raise error from last_error
+            error = circuit_error
+        else:
+            error = AllAttemptsFailedError(reason, attempts, last_error)
+            error.__cause__ = last_error
+            if isinstance(last_error, RateLimitError):
+                error.retry_after_s = last_error.retry_after_s  # type: ignore[attr-defined]
+        try:
+            raise error
+        finally:  # the error's traceback holds this frame: no locals may hold the error back
+            error = last_error = circuit_error = None  # type: ignore[assignment]
 
     def _count_call(self, ok: bool, error_name: Optional[str], started: float) -> float:
         total_ms = (self._clock() - started) * 1000.0
@@ -820,6 +855,7 @@ class Client:
                                                       f"(got {len(model)})")
         if _CONTROL_CHARS.search(model):
             raise InvalidRequestError("model", model, "must not contain control characters")
+        check_json_value("model", model)
         return model
 
     # -- introspection -------------------------------------------------------------------
@@ -922,6 +958,7 @@ def _validate_call_options(*, region: Any, deadline_s: Any, idempotency_key: Any
     check_deadline_s(deadline_s)
     if region is not None and not isinstance(region, str):
         raise InvalidRequestError("region", region, "must be a string")
+    check_json_value("region", region)
     key = idempotency_key
     if key is not None and (not isinstance(key, str) or not key or len(key) > 255 or not key.isascii()
                             or any(c in key for c in "\r\n\x00")):

@@ -13,7 +13,7 @@ timed out after its request was sent keeps its model's estimate as unconfirmed s
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .pricing import Reservation, Settled, SpendLedger
 from .ratelimit import usage_tokens
@@ -38,15 +38,19 @@ def cost_info(reservation: Optional[Reservation], settled: Optional[Settled]) ->
 class CallCosts:
     """The chain's ``ModelCosts`` for one call answered at once (a :class:`Response`).
 
-    ``first`` is the reservation the client made for the chain's first model. Call
-    :meth:`close` when the chain is done: it gives ``first`` back if the chain never
-    sent to that model (its breaker was open). Used by the calling thread only.
+    ``first`` is the reservation the client made for the chain's first model. Every
+    reservation is settled or cancelled exactly once; call :meth:`close` when the chain
+    is done (in a ``finally``): it gives back whatever is still held, ``first`` if the
+    chain never sent to that model (its breaker was open), or a reservation whose call
+    was interrupted (KeyboardInterrupt) before it was settled. Used by the calling
+    thread only.
     """
 
     def __init__(self, ledger: SpendLedger, first: Reservation, messages: Sequence[Mapping[str, Any]],
                  params: Mapping[str, Any]) -> None:
         self._ledger = ledger
         self._first: Optional[Reservation] = first
+        self._held: List[Reservation] = [first]  # reserved, not yet settled nor cancelled
         self._messages = messages
         self._params = params
         self._sending: Optional[Reservation] = None  # the model the chain sends to now
@@ -57,9 +61,11 @@ class CallCosts:
             if first.model == model:
                 self._sending = first
                 return first
-            self._ledger.cancel(first)  # the chain went past the first model without sending
-        self._sending = self._ledger.admit(model, self._messages, self._params, downgrade=False)
-        return self._sending
+            self.cancel(first)  # the chain went past the first model without sending
+        held = self._ledger.admit(model, self._messages, self._params, downgrade=False)
+        self._held.append(held)
+        self._sending = held
+        return held
 
     def unanswered(self) -> None:
         """An attempt timed out after its request was sent: count the estimate of the model
@@ -68,17 +74,29 @@ class CallCosts:
         if sending is not None:
             self._ledger.record_unconfirmed(sending)
 
+    def _take(self, held: Reservation) -> bool:
+        """Whether ``held`` was still held (it no longer is): settle or cancel it once."""
+        for i, reservation in enumerate(self._held):
+            if reservation is held:  # by identity: two calls may hold equal estimates
+                del self._held[i]
+                return True
+        return False
+
     def cancel(self, held: Reservation) -> None:
-        self._ledger.cancel(held)
+        if self._take(held):
+            self._ledger.cancel(held)
 
     def answered(self, held: Reservation, result: Any, settle_tokens: SettleTokens) -> None:
-        settle_tokens(usage_tokens(result))
-        result.extra["cost"] = cost_info(held, self._ledger.settle(held, result.get("usage")))
+        try:
+            if self._take(held):
+                result.extra["cost"] = cost_info(held, self._ledger.settle(held, result.get("usage")))
+        finally:  # the rate limits hear the usage even if the spend step was interrupted
+            settle_tokens(usage_tokens(result))
 
     def close(self) -> None:
-        first, self._first = self._first, None
-        if first is not None:
-            self._ledger.cancel(first)
+        self._first = None
+        while self._held:
+            self.cancel(self._held[-1])
 
 
 class StreamCosts(CallCosts):
@@ -92,6 +110,8 @@ class StreamCosts(CallCosts):
         self._open: Optional[Tuple[Reservation, SettleTokens]] = None
 
     def answered(self, held: Reservation, result: Any, settle_tokens: SettleTokens) -> None:
+        if not self._take(held):
+            return
         if getattr(result, "state", "open") == "open":
             self._open = (held, settle_tokens)  # settled by ended()
         else:  # the stream already ended while it was opened: ended() found nothing to settle
@@ -104,5 +124,7 @@ class StreamCosts(CallCosts):
             self._settle(*pending, outcome.usage)
 
     def _settle(self, held: Reservation, settle_tokens: SettleTokens, usage: Any) -> None:
-        settle_tokens(usage_tokens({"usage": usage}))
-        self._ledger.settle(held, usage)
+        try:
+            self._ledger.settle(held, usage)
+        finally:
+            settle_tokens(usage_tokens({"usage": usage}))

@@ -21,12 +21,14 @@ a model it already tried.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from .breakers import NO_PERMIT, BreakerBoard, Permit, stream_outcome_hook, verdict
+from .cleanup import call_each, discard
 from .errors import BudgetExceededError, CircuitOpenError, ConfigError, HolySheepError
 from .ratelimit import RateLimits, estimate_tokens, usage_tokens
 from .response import Response
@@ -59,6 +61,10 @@ class ModelCosts(Protocol):
 
 def _no_tokens(actual_tokens: Optional[int]) -> None:
     """``settle_tokens`` when no rate limit applies."""
+
+
+def _nothing() -> None:
+    """A release step with nothing to release."""
 
 
 class ModelChain:
@@ -129,6 +135,9 @@ class ModelChain:
                           "trying its fallback" if candidate != chain[-1] else "no fallback left")
                 errors.append((candidate, exc))
                 continue
+            # the models that failed are of no more use; their errors' tracebacks hold this
+            # frame, which holds the result (a stream): no cycle for the cyclic GC to break
+            errors.clear()
             if candidate != model:
                 self._count("fallback_answers")
                 if isinstance(result, Response) or hasattr(result, "fallback"):  # a stream too
@@ -156,25 +165,29 @@ class ModelChain:
         try:
             result = execute(model)
         except BaseException as exc:
-            if isinstance(exc, HolySheepError):
-                permit.record(exc)
-            else:
-                permit.release()
-            if reservation is not None:
-                reservation.cancel()
-            if costs is not None:
-                costs.cancel(held)
+            call_each([
+                functools.partial(permit.record, exc) if isinstance(exc, HolySheepError) else permit.release,
+                (lambda: reservation.cancel()) if reservation is not None else _nothing,  # type: ignore[union-attr]
+                functools.partial(costs.cancel, held) if costs is not None else _nothing,
+            ])
             raise
-        defer = getattr(result, "defer_outcome", None)
-        if defer is not None:  # a stream: its breaker outcome is known only when it ends
-            defer(stream_outcome_hook(permit))
-        else:
-            permit.record(None)
-        settle_tokens = reservation.settle if reservation is not None else _no_tokens
-        if costs is not None:
-            costs.answered(held, result, settle_tokens)
-        else:
-            settle_tokens(usage_tokens(result))
+        try:
+            defer = getattr(result, "defer_outcome", None)
+            if defer is not None:  # a stream: its breaker outcome is known only when it ends
+                defer(stream_outcome_hook(permit))
+            else:
+                permit.record(None)
+            settle_tokens = reservation.settle if reservation is not None else _no_tokens
+            if costs is not None:
+                costs.answered(held, result, settle_tokens)
+            else:
+                settle_tokens(usage_tokens(result))
+        except BaseException:
+            # Interrupted (KeyboardInterrupt...) with the answer in hand: nobody will read
+            # it. A stream is closed (its node and hooks released); the permit is given
+            # back if nothing recorded it; a reservation still held is the costs' close().
+            call_each([functools.partial(discard, result), permit.release])
+            raise
         return result
 
     def _give_up(self, model: str, payload: Optional[Mapping[str, Any]],

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import queue
 import threading
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple
@@ -45,10 +46,15 @@ class Limiter(Protocol):
 class TokenBucket:
     """A thread-safe token bucket: ``rate_per_s`` tokens a second, at most ``capacity``.
 
-    ``acquire`` blocks on a ``threading.Condition`` (no busy-waiting) and serves
-    callers first come, first served: a large request is not starved by small ones,
-    and ``try_acquire`` never overtakes a blocked caller. It starts full. ``clock``
-    is injectable (tests pass a fake one with ``try_acquire``/``acquire(timeout=0)``).
+    ``acquire`` blocks (no busy-waiting) and serves callers first come, first served:
+    a large request is not starved by small ones, and ``try_acquire`` never overtakes a
+    blocked caller. It starts full. ``clock`` is injectable (tests pass a fake one with
+    ``try_acquire``/``acquire(timeout=0)``).
+
+    Interrupt-safe: a blocked caller sleeps on a C-level queue of its own, outside the
+    bucket's plain lock, which is held for arithmetic only. (A ``threading.Condition``
+    can be left holding its lock by a KeyboardInterrupt landing inside its Python-level
+    ``__enter__`` or ``wait``, which would hang every caller of the bucket.)
     """
 
     def __init__(self, rate_per_s: float, capacity: float, *,
@@ -61,10 +67,11 @@ class TokenBucket:
         self.capacity = float(capacity)
         self.name = name
         self._clock = clock
-        self._tokens_cond = threading.Condition(threading.Lock())
+        self._tokens_lock = threading.Lock()
         self._tokens = self.capacity
         self._stamp = clock()
-        self._queue: "collections.deque[object]" = collections.deque()  # blocked callers, in order
+        # blocked callers in arrival order, each sleeping on its own queue until woken
+        self._queue: "collections.deque[queue.SimpleQueue[None]]" = collections.deque()
         self.consumed = 0.0
         # counted under the lock the bucket takes anyway: free on the path that does not wait
         self.waits = 0          # acquires that had to block
@@ -76,7 +83,7 @@ class TokenBucket:
 
     def reset_after_fork(self) -> None:
         """The parent's blocked callers do not exist in a child; neither does their lock."""
-        self._tokens_cond = threading.Condition(threading.Lock())
+        self._tokens_lock = threading.Lock()
         self._queue.clear()
 
     def _refill(self, now: float) -> None:
@@ -95,8 +102,9 @@ class TokenBucket:
     def try_acquire(self, n: float = 1) -> bool:
         """Take ``n`` tokens if they are there and nobody is waiting; never blocks."""
         n = self._check(n)
-        with self._tokens_cond:
-            self._refill(self._clock())
+        now = self._clock()
+        with self._tokens_lock:
+            self._refill(now)
             if self._queue or self._tokens + _EPSILON < n:
                 return False
             self._tokens -= n
@@ -112,20 +120,21 @@ class TokenBucket:
         try:
             n = self._check(n)
         except RateLimitExceeded:
-            with self._tokens_cond:
+            with self._tokens_lock:
                 self.rejections += 1
             raise
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not timeout >= 0):
             raise ValueError(f"timeout must be None or a number >= 0, got {timeout!r}")
-        me = object()
-        with self._tokens_cond:
-            now = started = self._clock()
-            deadline = None if timeout is None else now + timeout
+        me: "queue.SimpleQueue[None]" = queue.SimpleQueue()
+        now = started = self._clock()
+        deadline = None if timeout is None else now + timeout
+        with self._tokens_lock:
             self._queue.append(me)
-            waited = False
-            try:
-                while True:
+        waited = False
+        try:
+            while True:
+                with self._tokens_lock:
                     self._refill(now)
                     wait_s: Optional[float] = None  # not first in line: wait to be woken
                     if self._queue[0] is me:
@@ -134,49 +143,60 @@ class TokenBucket:
                             self.consumed += n
                             return
                         wait_s = (n - self._tokens) / self.rate_per_s
-                    if deadline is not None:
-                        left = deadline - now
-                        if left <= 0:
+                    short = max(0.0, n - self._tokens)
+                if deadline is not None:
+                    left = deadline - now
+                    if left <= 0:
+                        with self._tokens_lock:
                             self.rejections += 1
-                            short = max(0.0, n - self._tokens)
-                            raise RateLimitExceeded(self.name, n, short / self.rate_per_s,
-                                                    f"timed out after {timeout:g} s")
-                        wait_s = left if wait_s is None else min(wait_s, left)
-                    waited = True
-                    self._tokens_cond.wait(wait_s)
-                    now = self._clock()
-            finally:
+                        raise RateLimitExceeded(self.name, n, short / self.rate_per_s,
+                                                f"timed out after {timeout:g} s")
+                    wait_s = left if wait_s is None else min(wait_s, left)
+                waited = True
+                try:
+                    me.get(timeout=wait_s)  # no lock held while asleep
+                except queue.Empty:
+                    pass
+                now = self._clock()
+        finally:
+            with self._tokens_lock:
                 if waited:
                     self.waits += 1
                     self.waited_s += max(0.0, now - started)
                 self._queue.remove(me)
-                self._tokens_cond.notify_all()  # the next in line may go now
+                head = self._queue[0] if self._queue else None
+            if head is not None:
+                head.put(None)  # the next in line may go now
 
     def adjust(self, delta: float) -> None:
         """Take ``delta`` more tokens (the bucket may go into debt) or give ``-delta`` back."""
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta):
             raise ValueError(f"delta must be a finite number, got {delta!r}")
-        with self._tokens_cond:
-            self._refill(self._clock())
+        now = self._clock()
+        with self._tokens_lock:
+            self._refill(now)
             self._tokens = min(self.capacity, self._tokens - delta)
             self.consumed += delta
-            if delta < 0:
-                self._tokens_cond.notify_all()
+            head = self._queue[0] if delta < 0 and self._queue else None
+        if head is not None:
+            head.put(None)  # tokens came back: the first in line may go now
 
     def available(self) -> float:
         """Tokens in the bucket now (negative while in debt)."""
-        with self._tokens_cond:
-            self._refill(self._clock())
+        now = self._clock()
+        with self._tokens_lock:
+            self._refill(now)
             return self._tokens
 
     def waiting(self) -> int:
         """How many callers are blocked in :meth:`acquire`."""
-        with self._tokens_cond:
+        with self._tokens_lock:
             return len(self._queue)
 
     def snapshot(self) -> Dict[str, Any]:
-        with self._tokens_cond:
-            self._refill(self._clock())
+        now = self._clock()
+        with self._tokens_lock:
+            self._refill(now)
             return {"rate_per_s": self.rate_per_s, "capacity": self.capacity,
                     "available": round(self._tokens, 3), "waiting": len(self._queue),
                     "consumed": round(self.consumed, 3), "waits": self.waits,

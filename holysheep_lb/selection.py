@@ -304,6 +304,10 @@ class Selector:
     ``pick`` increments the chosen node's in-flight count; every pick must be paired
     with exactly one ``release_*``, given the same ``started`` as the pick (or None
     after ``answered``).
+
+    Interrupt-safe: ``pick`` and ``answered`` change nothing if the clock (or whatever
+    interrupts it) raises; a ``release_*`` frees the slot (in flight, awaiting, half-open
+    trial) before it calls anything, so once called it never strands the node.
     """
 
     def __init__(
@@ -388,6 +392,17 @@ class Selector:
     def _is_trial(node: NodeState, started: Optional[float]) -> bool:
         return started is not None and node.trial_in_flight and node.trial_started == started
 
+    def _free(self, node: NodeState, started: Optional[float]) -> bool:
+        """Give back an attempt's slot, awaiting mark and trial (under the lock, calling
+        nothing); returns whether it was the node's half-open trial."""
+        node.in_flight -= 1
+        is_trial = self._is_trial(node, started)
+        if is_trial:
+            node.end_trial()  # record_* below ends it too; done first in case they raise
+        if started is not None:
+            node.stop_waiting(started)
+        return is_trial
+
     def answered(self, node: NodeState, started: float) -> None:
         """The attempt got its first byte (a stream): it stays in flight but no longer waits.
 
@@ -395,20 +410,18 @@ class Selector:
         to the later ``release_*`` of that attempt.
         """
         with self._state_lock:
+            now = self.clock()
             node.stop_waiting(started)
             readmitted = self._is_trial(node, started) and node.ejected_until is not None
             if readmitted:
-                node.readmit(self.clock())
+                node.readmit(now)
         if readmitted:
             log.info("node %s re-admitted after a successful trial request", node.id)
 
     def release_success(self, node: NodeState, latency_ms: float, *,
                         started: Optional[float]) -> None:
         with self._state_lock:
-            node.in_flight -= 1
-            is_trial = self._is_trial(node, started)
-            if started is not None:
-                node.stop_waiting(started)
+            is_trial = self._free(node, started)
             readmitted = node.record_success(latency_ms, self.clock(), is_trial)
         if readmitted:
             log.info("node %s re-admitted after a successful trial request", node.id)
@@ -416,10 +429,7 @@ class Selector:
     def release_failure(self, node: NodeState, kind: str, latency_ms: float, *,
                         started: Optional[float], retry_after_s: Optional[float] = None) -> None:
         with self._state_lock:
-            node.in_flight -= 1
-            is_trial = self._is_trial(node, started)
-            if started is not None:
-                node.stop_waiting(started)
+            is_trial = self._free(node, started)
             ejected_for = node.record_failure(kind, latency_ms, self.clock(), self.ejection,
                                               self.rand(), retry_after_s, is_trial)
             streak = node.times_ejected
@@ -430,11 +440,7 @@ class Selector:
     def release_cancelled(self, node: NodeState, *, started: Optional[float]) -> None:
         """The attempt ended without an outcome about the node (caller stopped reading)."""
         with self._state_lock:
-            node.in_flight -= 1
-            if self._is_trial(node, started):
-                node.end_trial()
-            if started is not None:
-                node.stop_waiting(started)
+            self._free(node, started)
 
     def record_probe(self, node: NodeState, ok: bool, latency_ms: Optional[float],
                      unhealthy_threshold: int, healthy_threshold: int,

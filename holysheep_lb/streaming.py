@@ -1,32 +1,19 @@
-"""Streaming chat completions: an SSE parser and the stream object ``stream=True`` returns.
+"""The stream object ``chat_completion(..., stream=True)`` returns, and its canned twin.
 
-Until its first chunk a stream is an ordinary attempt of the client's attempt loop
-(failover, backoff, deadline): :func:`open_stream` is that attempt. Once the first
-chunk has reached the caller the call is committed (as in gRPC): a broken stream raises
-:class:`~holysheep_lb.errors.StreamInterruptedError` with the partial text and is never
-retried.
-
-Each stream holds one node pick and one pooled connection. :class:`StreamLease`
-releases both exactly once, whether the stream completes, breaks, is closed, or is
-garbage-collected; in the last case the release is handed to a :class:`StreamReaper`
-and done by the client's next call, never inside the garbage collector (which may run
-while any lock of that thread is held).
+Once the first chunk has reached the caller the call is committed (as in gRPC): a
+broken stream raises :class:`~holysheep_lb.errors.StreamInterruptedError` with the
+partial text and is never retried. Parsing and opening live in :mod:`holysheep_lb.sse`,
+what a stream holds and how it ends in :mod:`holysheep_lb.stream_lease`; every name
+they define is importable from here too.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import queue
-import threading
 import weakref
-from collections import deque
-from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, NamedTuple, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, NoReturn, Optional, Sequence, Tuple
 
-import requests
-
+from .cleanup import call_each
 from .errors import (
     APIConnectionError,
     APIError,
@@ -36,13 +23,21 @@ from .errors import (
     Attempt,
     ResponseTooLargeError,
     StreamInterruptedError,
-    status_error,
 )
 from .nodes import NodeState
 from .selection import Selector
-from .stats import LatencyHistogram
-from .transport import Transport
+from .sse import (
+    STREAM_HEADERS,
+    EventReader,
+    OpenedStream,
+    SSEEvent,
+    SSEParser,
+    close_response,
+    decode_event,
+    open_stream,
+)
 from .types import ChatCompletionChunk
+from .stream_lease import StreamLease, StreamOutcome, StreamReaper, StreamStats
 
 __all__ = [
     "SSEEvent",
@@ -55,481 +50,15 @@ __all__ = [
     "StreamReaper",
     "StreamStats",
     "ChatStream",
+    "CannedStream",
     "STREAM_HEADERS",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Request headers of a streaming call. ``identity``: a compressing proxy may buffer
-#: an event stream to fill its compression window, delaying every chunk.
-STREAM_HEADERS = {"Accept": "text/event-stream", "Accept-Encoding": "identity"}
-
-_FIELDS_IGNORED = frozenset({"id", "retry"})
-_BOM = b"\xef\xbb\xbf"
+_EventReader = EventReader  # its former name
 _DRAIN_TIMEOUT_S = 1.0  # after [DONE], how long to wait for the end of the body
 _DRAIN_MAX_BYTES = 64 * 1024
-
-
-# --------------------------------------------------------------------------- SSE
-
-
-class SSEEvent(NamedTuple):
-    """One server-sent event: its ``event:`` type (None when absent) and joined ``data:``."""
-
-    event: Optional[str]
-    data: str
-
-
-class SSEParser:
-    """Incremental parser of a ``text/event-stream`` body; strict about garbage.
-
-    Lines end in LF or CRLF. Comment lines (``:`` keepalives) and ``id``/``retry``
-    fields are skipped; ``data`` lines are joined with newlines; a blank line ends an
-    event. A line that is neither, or is not UTF-8, is an
-    :class:`APIResponseValidationError`: the events completed before it are returned
-    first, the error is kept in ``error`` and raised by the next ``feed`` (so it surfaces
-    where it occurred, however the bytes were split). More than ``max_bytes`` in all
-    raises :class:`ResponseTooLargeError`. Not thread-safe (one per stream).
-    """
-
-    def __init__(self, *, node_id: Optional[str] = None, max_bytes: int = 16 * 1024 * 1024) -> None:
-        self.node_id = node_id
-        self.max_bytes = max_bytes
-        self.bytes_seen = 0
-        self._first_line = True
-        self._buffer = bytearray()
-        self._data: List[str] = []
-        self._event: Optional[str] = None
-        self.error: Optional[APIResponseValidationError] = None
-
-    def feed(self, chunk: bytes) -> List[SSEEvent]:
-        """Add bytes; return the events they completed (possibly none)."""
-        if self.error is not None:
-            raise self.error
-        self.bytes_seen += len(chunk)
-        if self.bytes_seen > self.max_bytes:
-            raise ResponseTooLargeError(f"stream exceeds max_response_bytes={self.max_bytes}",
-                                        node_id=self.node_id)
-        buf = self._buffer
-        buf += chunk
-        events: List[SSEEvent] = []
-        start = 0
-        while True:
-            end = buf.find(b"\n", start)
-            if end < 0:
-                break
-            line = bytes(buf[start:end])
-            if self._first_line:  # a BOM may come split over reads: strip it from the whole first line
-                self._first_line = False
-                if line.startswith(_BOM):
-                    line = line[len(_BOM):]
-            start = end + 1
-            try:
-                event = self._line(line[:-1] if line.endswith(b"\r") else line)
-            except APIResponseValidationError as exc:
-                self.error = exc
-                buf.clear()
-                if not events:
-                    raise
-                return events
-            if event is not None:
-                events.append(event)
-        if start:
-            del buf[:start]
-        return events
-
-    def _line(self, raw: bytes) -> Optional[SSEEvent]:
-        if not raw:
-            if not self._data:
-                self._event = None
-                return None
-            event = SSEEvent(self._event, "\n".join(self._data))
-            self._data = []
-            self._event = None
-            return event
-        if raw.startswith(b":"):
-            return None
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise self._garbage(raw, "not UTF-8") from None
-        name, _, value = line.partition(":")
-        if value.startswith(" "):
-            value = value[1:]
-        if name == "data":
-            self._data.append(value)
-        elif name == "event":
-            self._event = value or None
-        elif name not in _FIELDS_IGNORED:
-            raise self._garbage(raw, "not an SSE field")
-        return None
-
-    def _garbage(self, raw: bytes, why: str) -> APIResponseValidationError:
-        return APIResponseValidationError(f"malformed SSE line {raw[:80]!r}: {why}", node_id=self.node_id)
-
-
-def decode_event(event: SSEEvent, node_id: Optional[str] = None) -> Optional[Dict[str, Any]]:
-    """The chunk dict an event carries; None for ``data: [DONE]``.
-
-    Raises :class:`APIResponseValidationError` when the data is not a JSON object, and
-    the typed status error (5xx unless the error names a 4xx/5xx code) for an error
-    event, which some gateways send inside a stream instead of an HTTP status.
-    """
-    if event.data.strip() == "[DONE]":
-        return None
-    try:
-        obj = json.loads(event.data)
-    except (ValueError, RecursionError):
-        raise APIResponseValidationError(f"malformed SSE data (not JSON): {event.data[:80]!r}",
-                                         node_id=node_id) from None
-    if not isinstance(obj, dict):
-        raise APIResponseValidationError(f"malformed SSE data: expected a JSON object, got "
-                                         f"{type(obj).__name__}", node_id=node_id)
-    if event.event == "error" or (obj.get("error") is not None and "choices" not in obj):
-        err = obj.get("error")
-        code = err.get("code") if isinstance(err, dict) else None
-        status = code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599 else 500
-        raise status_error(status, obj, node_id=node_id, request_id=None, headers={})
-    return ChatCompletionChunk(obj)
-
-
-# ------------------------------------------------------------------ reading events
-
-
-class _EventReader:
-    """Events of one open response, with a clock-checked deadline for the next event.
-
-    The socket timeout bounds each read; this deadline also catches a node that keeps
-    the connection alive with comments but sends no event.
-    """
-
-    def __init__(self, chunks: Iterator[bytes], parser: SSEParser, clock: Callable[[], float]) -> None:
-        self._chunks = chunks
-        self._parser = parser
-        self._clock = clock
-        self._pending: Deque[SSEEvent] = deque()
-        self._eof = False
-        self.deadline = float("inf")
-        self._waiting_for = "event"
-        self._timeout_s = 0.0
-
-    def expect(self, what: str, timeout_s: float) -> None:
-        """The next event must start arriving within ``timeout_s`` from now."""
-        self._waiting_for = what
-        self._timeout_s = timeout_s
-        self.deadline = self._clock() + timeout_s
-
-    def next_event(self) -> Optional[SSEEvent]:
-        """The next event, or None at the end of the body. Raises typed APIErrors."""
-        while not self._pending:
-            if self._parser.error is not None:
-                raise self._parser.error
-            if self._eof:
-                return None
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                self._eof = True
-                return None
-            self._pending.extend(self._parser.feed(chunk))
-            if not self._pending and self._clock() > self.deadline:
-                raise APITimeoutError(f"no {self._waiting_for} within {self._timeout_s:g} s",
-                                      node_id=self._parser.node_id)
-        return self._pending.popleft()
-
-    def drain(self, max_bytes: int) -> bool:
-        """Read what is left of the body (after [DONE]); True when it ended cleanly."""
-        seen = 0
-        for chunk in self._chunks:
-            seen += len(chunk)
-            if seen > max_bytes:
-                return False
-        self._eof = True
-        return True
-
-    def close(self) -> None:
-        close = getattr(self._chunks, "close", None)
-        if close is not None:
-            close()
-
-
-class OpenedStream(NamedTuple):
-    """A response whose first chunk has arrived: the result of one streaming attempt."""
-
-    response: requests.Response
-    reader: _EventReader
-    first_chunk: Optional[Dict[str, Any]]  # None: the stream was empty ([DONE] at once)
-    status_code: int
-    request_id: Optional[str]
-    ttft_ms: float        # this attempt's time to first chunk: the node's latency sample
-    first_chunk_at: float  # clock() when it arrived
-
-
-def open_stream(
-    transport: Transport,
-    method: str,
-    path: str,
-    *,
-    body: Optional[bytes],
-    headers: Optional[Mapping[str, str]],
-    connect_timeout_s: float,
-    first_chunk_timeout_s: float,
-    clock: Callable[[], float],
-    max_bytes: int,
-) -> OpenedStream:
-    """One streaming attempt: send, check the status, read until the first chunk.
-
-    Every failure is a typed, retryable-as-usual APIError (connection errors, 5xx, 429,
-    malformed SSE, no first chunk within ``first_chunk_timeout_s``), and the response is
-    closed before it propagates. Blocks; holds no lock.
-    """
-    started = clock()
-    node_id = transport.node.id
-    # the deadline covers the status line and headers too, which a socket timeout does not
-    response = transport.open(method, path, body=body, headers=headers,
-                              timeout_s=(connect_timeout_s, first_chunk_timeout_s), deadline_s=first_chunk_timeout_s)
-    try:
-        transport.raise_for_error_status(response)
-        _check_event_stream(response, node_id)
-        reader = _EventReader(transport.iter_bytes(response), SSEParser(node_id=node_id, max_bytes=max_bytes),
-                              clock)
-        reader.expect("first chunk", first_chunk_timeout_s - (clock() - started))
-        event = reader.next_event()
-        if event is None:
-            raise APIConnectionError("the stream ended before its first chunk", node_id=node_id)
-        first = decode_event(event, node_id)
-        transport.end_deadline(response)  # committed: the stall timeout governs from here
-    except BaseException:
-        _close(response)
-        raise
-    now = clock()
-    headers_in = response.headers
-    return OpenedStream(response, reader, first, response.status_code,
-                        headers_in.get("x-request-id") or headers_in.get("request-id"),
-                        (now - started) * 1000.0, now)
-
-
-def _check_event_stream(response: requests.Response, node_id: str) -> None:
-    """A JSON document is not an event stream (a node that ignored ``stream: true``)."""
-    media_type = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media_type == "application/json" or media_type.endswith("+json"):
-        raise APIResponseValidationError(
-            f"expected text/event-stream, got a {media_type} document", node_id=node_id,
-            status_code=response.status_code,
-            request_id=response.headers.get("x-request-id") or response.headers.get("request-id"))
-
-
-def _close(response: requests.Response) -> None:
-    try:
-        response.close()
-    except Exception:  # noqa: BLE001 - closing a broken socket; the stream's outcome is already known
-        log.debug("error while closing a stream's response", exc_info=True)
-
-
-# ----------------------------------------------------------------- lease and outcome
-
-
-@dataclass(frozen=True)
-class StreamOutcome:
-    """How a stream ended, passed once to the client's ``on_end`` hook.
-
-    ``status`` is ``"completed"`` ([DONE] received), ``"interrupted"`` (broke after the
-    first chunk; ``error`` is the cause, ``reason`` as in StreamInterruptedError) or
-    ``"cancelled"`` (closed early, or dropped). ``model`` is the model asked for;
-    ``usage`` is the server's token usage when it reported one. Times are from the start
-    of the call, failed attempts and backoff included.
-    """
-
-    model: str
-    node_id: str
-    status: str
-    usage: Optional[Dict[str, Any]]
-    chunks: int
-    ttft_ms: float
-    total_ms: float
-    started: float
-    error: Optional[APIError] = None
-    reason: Optional[str] = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status != "interrupted"
-
-
-class StreamLease:
-    """What an open stream holds: a node pick and a connection. Settled exactly once.
-
-    It does not reference its :class:`ChatStream`, so a dropped stream can be
-    garbage-collected while its lease waits in the reaper.
-    """
-
-    def __init__(
-        self,
-        opened: OpenedStream,
-        *,
-        selector: Selector,
-        node: NodeState,
-        model: str,
-        started: float,
-        picked_at: float,
-        clock: Callable[[], float],
-        classify: Callable[[APIError], str],
-        on_end: Callable[[StreamOutcome], None],
-    ) -> None:
-        # The first chunk is here: the node answered. It stays in flight until the
-        # stream ends, but no longer counts as a request waiting for its answer.
-        selector.answered(node, picked_at)
-        self.response = opened.response
-        self.reader = opened.reader
-        self.node = node
-        self.model = model
-        self.started = started
-        self.node_ttft_ms = opened.ttft_ms
-        self.attempt_started = opened.first_chunk_at - opened.ttft_ms / 1000.0
-        self.ttft_ms = (opened.first_chunk_at - started) * 1000.0
-        self.usage: Optional[Dict[str, Any]] = None
-        self.chunks = 0
-        self.abandoned_at: Optional[float] = None
-        self._selector = selector
-        self._clock = clock
-        self._classify = classify
-        self._on_end = on_end
-        self._pid = os.getpid()
-        self._settle_lock = threading.Lock()
-        self._settled = False
-        self._final: Optional[Tuple[str, Optional[APIError]]] = None
-        self._outcome_hooks: List[Callable[[str, Optional[APIError]], None]] = []
-
-    @property
-    def settled(self) -> bool:
-        return self._settled
-
-    def defer_outcome(self, hook: Callable[[str, Optional[APIError]], None]) -> None:
-        """Call ``hook(status, error)`` once the stream has ended (at once if it has)."""
-        with self._settle_lock:
-            final = self._final
-            if final is None:
-                self._outcome_hooks.append(hook)
-                return
-        hook(*final)
-
-    def settle(self, status: str, error: Optional[APIError] = None, reason: Optional[str] = None) -> bool:
-        """Close the connection, release the pick, report the outcome; False if already done."""
-        if os.getpid() != self._pid:
-            return False  # inherited across fork(): the pick, socket and outcome are the parent's
-        with self._settle_lock:
-            if self._settled:
-                return False
-            self._settled = True
-        ended = self.abandoned_at if self.abandoned_at is not None else self._clock()
-        try:
-            _close(self.response)  # fully read: back to the pool for reuse; else the socket closes
-            self.reader.close()
-        finally:
-            if status == "completed":
-                self._selector.release_success(self.node, self.node_ttft_ms, started=None)
-            elif status == "interrupted":
-                assert error is not None
-                self._selector.release_failure(self.node, self._classify(error),
-                                               (ended - self.attempt_started) * 1000.0, started=None)
-            else:
-                self._selector.release_cancelled(self.node, started=None)
-        self._on_end(StreamOutcome(self.model, self.node.id, status, self.usage, self.chunks,
-                                   self.ttft_ms, (ended - self.started) * 1000.0, self.started, error,
-                                   reason))
-        with self._settle_lock:
-            self._final = (status, error)
-            hooks, self._outcome_hooks = self._outcome_hooks, []
-        for hook in hooks:
-            hook(status, error)
-        return True
-
-
-class StreamReaper:
-    """Settles leases of streams that were garbage-collected without being closed.
-
-    :meth:`adopt` runs inside the garbage collector, where taking any lock could
-    deadlock: it only records the time and puts the lease on a lock-free queue.
-    :meth:`reap` settles them; the client calls it at the start of every call and in
-    ``stats()``/``close()``. Thread-safe.
-    """
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self._orphans: "queue.SimpleQueue[StreamLease]" = queue.SimpleQueue()
-
-    def adopt(self, lease: StreamLease) -> None:
-        lease.abandoned_at = self._clock()
-        self._orphans.put(lease)
-
-    def reap(self) -> int:
-        """Settle every orphaned lease as cancelled; returns how many."""
-        reaped = 0
-        while True:
-            try:
-                lease = self._orphans.get_nowait()
-            except queue.Empty:
-                return reaped
-            try:
-                if lease.settle("cancelled"):
-                    reaped += 1
-            except Exception:  # noqa: BLE001 - one bad hook must not strand the other leases
-                log.exception("error while releasing an abandoned stream on node %s", lease.node.id)
-
-
-class StreamStats:
-    """Counts of stream outcomes, time-to-first-chunk and total-time histograms, tokens.
-
-    Thread-safe (its own lock); fixed memory.
-    """
-
-    def __init__(self) -> None:
-        self._stats_lock = threading.Lock()
-        self._by_status = {"completed": 0, "interrupted": 0, "cancelled": 0}
-        self._interrupted_by_reason: Dict[str, int] = {}
-        self._ttft = LatencyHistogram()
-        self._total = LatencyHistogram()
-        self._tokens = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-        self._with_usage = 0
-
-
-    def reset_after_fork(self) -> None:
-        """A lock held by another thread at fork time would stay held in the child."""
-        self._stats_lock = threading.Lock()
-    def record(self, outcome: StreamOutcome) -> None:
-        usage = outcome.usage if isinstance(outcome.usage, dict) else None
-        reason = outcome.reason or "other"
-        with self._stats_lock:
-            self._by_status[outcome.status] = self._by_status.get(outcome.status, 0) + 1
-            if outcome.status == "interrupted" and len(self._interrupted_by_reason) < 16:
-                self._interrupted_by_reason[reason] = self._interrupted_by_reason.get(reason, 0) + 1
-            self._ttft.record(outcome.ttft_ms)
-            if outcome.status == "completed":
-                self._total.record(outcome.total_ms)
-            if usage is not None:
-                self._with_usage += 1
-                for key in self._tokens:
-                    value = usage.get(key)
-                    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                        self._tokens[key] += value
-
-    def histograms(self) -> Tuple[LatencyHistogram, LatencyHistogram]:
-        """Copies of the time-to-first-chunk and total-time (completed streams) histograms."""
-        with self._stats_lock:
-            return self._ttft.copy(), self._total.copy()
-
-    def snapshot(self) -> Dict[str, Any]:
-        with self._stats_lock:
-            return {
-                **self._by_status,
-                "interrupted_by_reason": dict(self._interrupted_by_reason),
-                "time_to_first_chunk": self._ttft.summary(),
-                "total_time": self._total.summary(),
-                "streams_with_usage": self._with_usage,
-                "usage": dict(self._tokens),
-            }
-
-
-# ------------------------------------------------------------------------- stream
 
 
 def _interrupt_reason(exc: APIError) -> str:
@@ -576,8 +105,24 @@ class ChatStream:
         on_end: Callable[[StreamOutcome], None],
         reaper: StreamReaper,
     ) -> None:
-        self._lease = StreamLease(opened, selector=selector, node=node, model=model, started=started,
-                                  picked_at=picked_at, clock=clock, classify=classify, on_end=on_end)
+        try:
+            self._lease = StreamLease(opened, selector=selector, node=node, model=model, started=started,
+                                      picked_at=picked_at, clock=clock, classify=classify, on_end=on_end)
+        except BaseException:  # nothing took the node or the connection: give both back
+            call_each([lambda: close_response(opened.response), lambda: selector.release_cancelled(node, started=picked_at)])
+            raise
+        try:
+            self._start(opened, node=node, attempts=attempts, model=model, stall_timeout_s=stall_timeout_s,
+                        clock=clock, reaper=reaper)
+        except BaseException:  # e.g. interrupted while it read a stream that ends at once
+            finalizer = getattr(self, "_finalizer", None)
+            if finalizer is not None:
+                finalizer.detach()
+            self._lease.settle("cancelled")
+            raise
+
+    def _start(self, opened: OpenedStream, *, node: NodeState, attempts: Sequence[Attempt], model: str,
+               stall_timeout_s: float, clock: Callable[[], float], reaper: StreamReaper) -> None:
         self._finalizer = weakref.finalize(self, reaper.adopt, self._lease)
         self._finalizer.atexit = False
         self._clock = clock
@@ -618,7 +163,7 @@ class ChatStream:
         reader.expect("chunk", self._stall_timeout_s)  # from now: time the caller spent is not a stall
         try:
             event = reader.next_event()
-            chunk = None if event is None else decode_event(event, self.node_id)
+            chunk = None if event is None else decode_event(event, self.node_id, redact=reader.redact)
         except APIError as exc:
             self._interrupt(exc, _interrupt_reason(exc))
         if event is None:
@@ -718,7 +263,7 @@ class ChatStream:
         self.latency_ms = (self._clock() - self._lease.started) * 1000.0
 
     def _interrupt(self, exc: APIError, reason: str) -> NoReturn:
-        partial = self.text
+        partial = self._lease.reader.redact.text(self.text)  # an error may be logged: never the key
         chunks = self._lease.chunks
         self._end("interrupted", exc, reason)
         log.debug("stream from node %s interrupted after %d chunks (%s): %s", self.node_id, chunks,

@@ -38,6 +38,7 @@ from .errors import (
     ResponseTooLargeError,
     status_error,
 )
+from .redaction import NO_REDACTION, Redactor
 from .retry import parse_retry_after, parse_should_retry
 
 __all__ = ["Transport", "HTTPResult", "translate_error", "USER_AGENT"]
@@ -56,11 +57,23 @@ class HTTPResult(NamedTuple):
     request_id: Optional[str]
 
 
-def translate_error(exc: BaseException, node_id: str) -> APIError:
-    """Map a requests/urllib3/socket exception to our tree. The only such mapping."""
+def translate_error(exc: BaseException, node_id: str, redact: Redactor = NO_REDACTION) -> APIError:
+    """Map a requests/urllib3/socket exception to our tree. The only such mapping.
+
+    The result's ``__cause__`` is ``exc``, unless ``exc`` quotes the API key: a node can
+    echo it where the HTTP framing is parsed (a status line, a chunk size), and urllib3
+    quotes those. Raise the result outside the ``except`` block, so that such an
+    exception is not kept as its ``__context__`` either.
+    """
     if isinstance(exc, APIError):
         return exc
-    text = _describe(exc)
+    error = _translate(exc, node_id, _describe(exc, redact))
+    if not redact.found_in(exc):
+        error.__cause__ = exc
+    return error
+
+
+def _translate(exc: BaseException, node_id: str, text: str) -> APIError:
     if isinstance(exc, (requests.exceptions.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)):
         return APITimeoutError(f"connect timeout: {text}", node_id=node_id)
     if isinstance(exc, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError, socket.timeout)):
@@ -85,8 +98,8 @@ def translate_error(exc: BaseException, node_id: str) -> APIError:
     return local
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
+def _describe(exc: BaseException, redact: Redactor = NO_REDACTION) -> str:
+    text = redact.text(str(exc) or type(exc).__name__)
     return text if len(text) <= 300 else text[:297] + "..."
 
 
@@ -105,6 +118,7 @@ class Transport:
     ) -> None:
         self.node = node
         self._api_key = node.api_key or api_key
+        self.redactor = Redactor(self._api_key)  # for every error built from what this node sends
         self._pool_maxsize = pool_maxsize
         self._verify = verify
         self.max_response_bytes = max_response_bytes
@@ -208,9 +222,13 @@ class Transport:
                 cert=None,
             )
         except Exception as exc:  # noqa: BLE001 - every error is translated, none swallowed
-            raise self._failure(exc, entry) from exc
+            error = self._failure(exc, entry)
+        else:
+            error = None
         finally:
             set_current(None)
+        if error is not None:
+            raise error  # outside the except block (see translate_error)
         if entry is not None:
             response.holysheep_watch = entry  # type: ignore[attr-defined]
         return response
@@ -231,7 +249,7 @@ class Transport:
             return self._past_deadline(entry)
         if self.closed:
             return self._closed_error()
-        return translate_error(exc, self.node.id)
+        return translate_error(exc, self.node.id, self.redactor)
 
     def _past_deadline(self, entry: Watch) -> APITimeoutError:
         when = "while the response was arriving" if entry.sent else "before the request was sent"
@@ -310,33 +328,33 @@ class Transport:
         """Turn a fully read response into an HTTPResult or a typed error."""
         node_id = self.node.id
         headers = response.headers
-        request_id = headers.get("x-request-id") or headers.get("request-id")
+        request_id = self.redactor.header(headers.get("x-request-id") or headers.get("request-id"))
         status = response.status_code
         if status < 200:  # a 1xx is never the final answer to our requests
             raise APIResponseValidationError(f"unexpected informational status {status}", node_id=node_id,
                                              status_code=status, request_id=request_id)
         if status >= 300:
-            if self._api_key:  # a server echoing our Authorization header must not put the key in errors
-                raw = raw.replace(self._api_key.encode("utf-8"), b"[redacted]")
-            body: Any = _try_json(raw)
-            if body is None:
-                body = raw[:2000].decode("utf-8", "replace")
+            # a server echoing our Authorization header must not put the key in errors
+            redact = self.redactor
             raise status_error(
                 status,
-                body,
+                redact.body(raw),
                 node_id=node_id,
                 request_id=request_id,
-                headers=_small_headers(headers),
+                headers=_small_headers(headers, redact),
                 retry_after_s=parse_retry_after(headers),
                 should_retry=parse_should_retry(headers),
             )
+        problem = None
         try:
             data = json.loads(raw)
         except (ValueError, RecursionError) as exc:
+            problem = _describe(exc)
+        if problem is not None:  # raised outside the except: a JSONDecodeError's ``doc`` is the whole body
             raise APIResponseValidationError(
-                f"invalid JSON in a {status} response: {_describe(exc)}",
+                f"invalid JSON in a {status} response: {problem}",
                 node_id=node_id, status_code=status, request_id=request_id,
-            ) from None
+            )
         if not isinstance(data, dict):
             raise APIResponseValidationError(
                 f"expected a JSON object, got {type(data).__name__}",
@@ -372,8 +390,10 @@ class Transport:
         except APIError:
             raise
         except Exception as exc:  # noqa: BLE001 - translated, never swallowed
-            raise self._failure(exc, _watch_of(response)) from exc
-        return b"".join(parts)
+            error = self._failure(exc, _watch_of(response))
+        else:
+            return b"".join(parts)
+        raise error  # outside the except block (see translate_error)
 
     def raise_for_error_status(self, response: requests.Response, *, body_cap_bytes: int = 64 * 1024) -> None:
         """For a non-2xx streaming response: read at most ``body_cap_bytes``, close it, raise the typed error."""
@@ -384,7 +404,7 @@ class Transport:
             raw = response.raw.read(body_cap_bytes, decode_content=True) or b""
         except Exception as exc:  # noqa: BLE001 - the status is the news; the read error is chained
             raw = b""
-            read_error = translate_error(exc, self.node.id)
+            read_error = translate_error(exc, self.node.id, self.redactor)
         finally:
             response.close()
         try:
@@ -411,9 +431,12 @@ class Transport:
                         break
                     yield data
         except Exception as exc:  # noqa: BLE001 - translated, never swallowed
-            raise self._failure(exc, entry) from exc
-        if entry is not None and entry.cut:  # the cut read as the end of the body
-            raise self._past_deadline(entry)
+            error = self._failure(exc, entry)
+        else:
+            if entry is not None and entry.cut:  # the cut read as the end of the body
+                raise self._past_deadline(entry)
+            return
+        raise error  # outside the except block (see translate_error)
 
     def set_read_timeout(self, response: requests.Response, timeout_s: float) -> None:
         """Change the socket read timeout of an open streaming response (first chunk -> stall)."""
@@ -428,8 +451,10 @@ class Transport:
         """Yield raw lines of a streaming body, translating errors; the caller closes it."""
         try:
             yield from response.iter_lines(chunk_size=1024)
+            return
         except Exception as exc:  # noqa: BLE001 - translated, never swallowed
-            raise translate_error(exc, self.node.id) from exc
+            error = translate_error(exc, self.node.id, self.redactor)
+        raise error  # outside the except block (see translate_error)
 
 
 def _watch_of(response: requests.Response) -> Optional[Watch]:
@@ -446,5 +471,5 @@ def _try_json(raw: bytes) -> Any:
 _KEPT_HEADERS = ("retry-after", "retry-after-ms", "x-request-id", "x-should-retry", "content-type")
 
 
-def _small_headers(headers: Mapping[str, str]) -> Dict[str, str]:
-    return {k: headers[k][:200] for k in _KEPT_HEADERS if k in headers}
+def _small_headers(headers: Mapping[str, str], redact: Redactor) -> Dict[str, str]:
+    return {k: redact.text(headers[k])[:200] for k in _KEPT_HEADERS if k in headers}

@@ -52,31 +52,35 @@ def check_count(name: str, value: Any) -> None:
 
 
 def check_json_value(name: str, value: Any) -> None:
-    """Raise InvalidRequestError(``name``) for a value nested too deeply or holding a lone surrogate.
+    """Raise InvalidRequestError for a value nested too deeply or holding a lone surrogate.
 
-    Iterative (a deep value cannot exhaust the stack here) and linear in the size of
-    the value; a value that contains itself is reported as too deep. Other JSON
-    problems (types, NaN) are left to the encoder, which names them too.
+    The error names where: ``name`` followed by the path to the bad text, such as
+    ``messages[1].content[0].text`` (or ``... key`` for a dict key). Iterative (a deep
+    value cannot exhaust the stack here) and linear in the size of the value; a value
+    that contains itself is reported as too deep. Other JSON problems (types, NaN) are
+    left to the encoder, which names them too.
     """
     if isinstance(value, str):  # the common case, and the cheap one
         _check_text(name, value)
         return
     if not isinstance(value, (Mapping, list, tuple)):
         return
-    stack: List[Tuple[Any, int]] = [(value, 1)]
+    stack: List[Tuple[Any, int, str]] = [(value, 1, name)]
     while stack:
-        item, depth = stack.pop()
+        item, depth, path = stack.pop()
         if depth > MAX_JSON_DEPTH:
             raise InvalidRequestError(name, f"<nested more than {MAX_JSON_DEPTH} levels deep>",
                                       f"must nest at most {MAX_JSON_DEPTH} levels of objects and arrays")
-        children = item.items() if isinstance(item, Mapping) else enumerate(item)
+        mapping = isinstance(item, Mapping)
+        children = item.items() if mapping else enumerate(item)
         for key, child in children:
-            if isinstance(key, str):
-                _check_text(name, key)
+            if isinstance(key, str) and not key.isascii():
+                _check_text(f"{path} key", key)
             if isinstance(child, str):
-                _check_text(name, child)
+                if not child.isascii():
+                    _check_text(f"{path}.{key}" if mapping else f"{path}[{key}]", child)
             elif isinstance(child, (Mapping, list, tuple)):
-                stack.append((child, depth + 1))
+                stack.append((child, depth + 1, f"{path}.{key}" if mapping else f"{path}[{key}]"))
 
 
 def _check_text(name: str, text: str) -> None:

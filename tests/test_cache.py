@@ -9,8 +9,9 @@ import time
 import pytest
 import responses
 
-from holysheep_lb import BadRequestError, ConfigError, ResponseCache
-from holysheep_lb.cache import cache_key
+from holysheep_lb import AuthenticationError, BadRequestError, ConfigError, InvalidRequestError, ResponseCache
+from holysheep_lb.cache import cache_key, credentials_fingerprint
+from holysheep_lb.config import Node
 
 from .conftest import FakeClock, chat_body
 
@@ -321,6 +322,82 @@ def test_auto_calls_share_the_cache_of_the_routed_model(rsps, make_client):
 
 def test_cache_option_must_be_a_bool(make_client):
     client = make_client([{"id": "a", "base_url": A}], cache=True)
-    from holysheep_lb import InvalidRequestError
     with pytest.raises(InvalidRequestError):
         client.chat_completion(MSGS, model="gpt-4.1", cache="yes")
+
+
+# -- what the key covers ----------------------------------------------------------------------
+
+US = "https://us.example/v1"
+EU = "https://eu.example/v1"
+REGIONAL = [{"id": "us", "base_url": US, "region": "us"}, {"id": "eu", "base_url": EU, "region": "eu"}]
+
+
+def test_a_call_for_another_region_is_not_answered_from_the_first_regions_cache(rsps, make_client):
+    rsps.post(US + "/chat/completions", json=chat_body("gpt-4.1"))
+    rsps.post(EU + "/chat/completions", json=chat_body("gpt-4.1"))
+    client = make_client(REGIONAL, strategy="geographic", cache=True)
+    assert client.chat_completion(MSGS, model="gpt-4.1", temperature=0, region="us").node_id == "us"
+    eu = client.chat_completion(MSGS, model="gpt-4.1", temperature=0, region="eu")
+    assert (eu.cached, eu.node_id) == (False, "eu")
+    again = client.chat_completion(MSGS, model="gpt-4.1", temperature=0, region="eu")
+    assert again.cached and [c.request.url.split("/")[2] for c in rsps.calls] == ["us.example", "eu.example"]
+
+
+def test_a_shared_cache_serves_only_clients_with_the_same_key_and_nodes(rsps, make_client):
+    def answer(request):
+        if request.headers["Authorization"] != "Bearer sk-good-key-000000":
+            return 401, {}, json.dumps({"error": {"message": "invalid api key"}})
+        return 200, {}, json.dumps(chat_body("gpt-4.1"))
+
+    rsps.add_callback(responses.POST, A + "/chat/completions", callback=answer)
+    rsps.add_callback(responses.POST, US + "/chat/completions", callback=answer)
+    shared = ResponseCache()
+    nodes = [{"id": "a", "base_url": A}]
+    good = make_client(nodes, api_key="sk-good-key-000000", cache=shared)
+    assert good.chat_completion(MSGS, model="gpt-4.1", temperature=0).cached is False
+    twin = make_client(nodes, api_key="sk-good-key-000000", cache=shared)
+    assert twin.chat_completion(MSGS, model="gpt-4.1", temperature=0).cached is True  # same key, same nodes
+    refused = make_client(nodes, api_key="sk-revoked-key-111111", cache=shared)
+    with pytest.raises(AuthenticationError):
+        refused.chat_completion(MSGS, model="gpt-4.1", temperature=0)
+    per_node = make_client([{"id": "a", "base_url": A, "api_key": "sk-revoked-key-111111"}],
+                           api_key="sk-good-key-000000", cache=shared)
+    with pytest.raises(AuthenticationError):
+        per_node.chat_completion(MSGS, model="gpt-4.1", temperature=0)
+    elsewhere = make_client([{"id": "a", "base_url": US}], api_key="sk-good-key-000000", cache=shared)
+    assert elsewhere.chat_completion(MSGS, model="gpt-4.1", temperature=0).cached is False
+    assert len(rsps.calls) == 4
+
+
+def test_the_key_holds_a_fingerprint_of_the_credentials_never_the_key():
+    fingerprint = credentials_fingerprint([Node(id="a", base_url=A)], "sk-secret-abc-123456")
+    assert "sk-secret" not in fingerprint and len(fingerprint) == 64
+    assert fingerprint == credentials_fingerprint([Node(id="a", base_url=A)], "sk-secret-abc-123456")
+    assert fingerprint != credentials_fingerprint([Node(id="a", base_url=A)], "sk-secret-abc-123457")
+    assert fingerprint != credentials_fingerprint([Node(id="a", base_url=A, headers={"X-Tenant": "t2"})],
+                                                  "sk-secret-abc-123456")
+    base = cache_key("m", MSGS, {}, scope=fingerprint)
+    assert base != cache_key("m", MSGS, {}, scope=fingerprint, region="eu")
+    assert base != cache_key("m", MSGS, {}, scope="other")
+
+
+@pytest.mark.parametrize("cache", [True, None])
+@pytest.mark.parametrize("call, field", [
+    ({"messages": [{"role": "user", "content": "caf\udce9"}]}, "messages[0].content"),
+    ({"messages": [MSGS[0], {"role": "user", "content": [{"type": "text", "text": "\ud83d"}]}]},
+     "messages[1].content[0].text"),
+    ({"messages": MSGS, "user": "\udfff"}, "user"),
+    ({"messages": MSGS, "stop": ["ok", "\ud800"]}, "stop[1]"),
+    ({"messages": MSGS, "model": "gpt\ud800"}, "model"),
+])
+def test_a_lone_surrogate_is_a_clear_invalid_request_error_with_or_without_the_cache(
+        rsps, make_client, call, field, cache):
+    client = make_client([{"id": "a", "base_url": A}], cache=cache)
+    call = {"model": "gpt-4.1", **call}
+    with pytest.raises(InvalidRequestError, match="surrogate") as info:
+        client.chat_completion(temperature=0, **call)
+    assert info.value.field == field
+    with pytest.raises(InvalidRequestError):
+        cache_key(call["model"], call["messages"], {k: v for k, v in call.items() if k not in ("model", "messages")})
+    assert len(rsps.calls) == 0

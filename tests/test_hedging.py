@@ -176,7 +176,7 @@ def test_no_hedge_without_retry_budget(selector, clock):
 
 def test_without_a_free_thread_the_attempt_runs_inline(selector):
     hedger = _hedger(selector, max_threads=1)
-    assert hedger._threads.acquire(blocking=False)  # the only thread slot is busy
+    assert hedger._take_thread()  # the only thread slot is busy
     ran_on = []
 
     def attempt(node, timeout):
@@ -226,13 +226,13 @@ def test_a_pick_that_raises_gives_back_the_thread_cap_and_budget(selector, clock
     for _ in range(3):  # more rounds than thread slots: a leak would show by round 3
         hedger.deposit()
         budget.deposit()
-        threads_before = hedger._threads._value
+        threads_before = hedger.stats()["threads_busy"]
         gate.clear()
         threading.Timer(0.05, gate.set).start()
         with pytest.raises(RuntimeError, match="storage down"):
             hedger.run(selector.pick(exclude=["b"]), TIMEOUT, attempt=script, release=_release(selector),
                        pick_other=broken_pick, deadline=time.monotonic() + 10)
         _wait_for(lambda: _in_flight(selector) == {"a": 0, "b": 0})
-        _wait_for(lambda: hedger._threads._value == threads_before)
+        _wait_for(lambda: hedger.stats()["threads_busy"] == threads_before)
     assert hedger.stats()["sent"] == 0
     assert budget.can_withdraw(), "the budget withdrawn for the hedge was refunded"

@@ -471,3 +471,77 @@ def test_a_stream_that_ends_as_it_opens_is_settled_once(rsps, make_client, clock
     assert report["totals"]["requests"] == 1 and report["totals"]["output_tokens"] == 100  # the estimate
     assert report["in_flight_reserved_usd"] == 0.0
     assert client.stats()["rate_limits"]["tokens"]["available"] == 600 - 106  # no usage: the estimate stays
+
+
+# ------------------------------------------------------------ dropped streams without the GC
+
+
+@pytest.fixture
+def no_gc():
+    """Reference counting only: whatever a cycle holds stays held."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _held(client):
+    """What a call holds until its stream ends: in-flight picks, spend reservations, breaker trials."""
+    stats = client.stats()  # reaps dropped streams first
+    trials = sum(b["trials_in_flight"] for b in client.breakers())
+    return stats["in_flight"], client.ledger.store.reserved_usd(), trials
+
+
+def _scripted(rsps, plan):
+    """Each node answers from its own list of (status, body), the last one repeating."""
+    def reply(node_id):
+        def answer(request):
+            queue = plan[node_id]
+            status, body = queue.pop(0) if len(queue) > 1 else queue[0]
+            content_type = "text/event-stream" if status == 200 else "application/json"
+            return status, {"Content-Type": content_type}, body
+        return answer
+    for node_id, url in (("a", A), ("b", B)):
+        rsps.add_callback(responses.POST, url + "/chat/completions", callback=reply(node_id))
+
+
+FAIL = (500, b'{"error": {"message": "boom"}}')
+STREAM = (200, GOOD)
+
+
+def test_a_dropped_stream_whose_call_had_a_failed_attempt_is_released_without_the_gc(rsps, make_client, clock,
+                                                                                         no_gc):
+    _scripted(rsps, {"a": [FAIL], "b": [STREAM]})
+    client = _client(make_client, clock, node_breakers={"fail_max": 5})
+    for _ in range(3):
+        stream = client.chat_completion(MSGS, model="gpt-4.1", stream=True)
+        assert [a.ok for a in stream.attempts] == [False, True]
+        next(stream)
+        del stream
+        assert _held(client) == (0, Decimal(0), 0)
+    assert client.stats()["streams"]["cancelled"] == 3
+
+
+def test_a_dropped_stream_answered_by_a_fallback_model_is_released_without_the_gc(rsps, make_client, clock, no_gc):
+    _gpt_down_others_stream(rsps)
+    client = _client(make_client, clock, fallbacks={"gpt-4.1": ["gemini-2.5-flash"]}, max_retries=1)
+    stream = client.chat_completion(MSGS, model="gpt-4.1", stream=True)
+    next(stream)
+    del stream
+    assert _held(client) == (0, Decimal(0), 0)
+
+
+def test_a_dropped_half_open_trial_stream_does_not_keep_the_model_refusing(rsps, make_client, clock, no_gc):
+    _scripted(rsps, {"a": [FAIL, FAIL, FAIL, STREAM], "b": [FAIL, STREAM]})
+    client = _client(make_client, clock, max_retries=1, breaker={"fail_max": 1, "reset_timeout_s": 10})
+    with pytest.raises(AllAttemptsFailedError):
+        client.chat_completion(MSGS, model="gpt-4.1", stream=True)  # a, b fail: the breaker opens
+    clock.advance(11)
+    trial = client.chat_completion(MSGS, model="gpt-4.1", stream=True)  # a fails, b streams: the trial
+    assert [a.ok for a in trial.attempts] == [False, True]
+    next(trial)
+    del trial
+    assert _held(client) == (0, Decimal(0), 0)
+    client.chat_completion(MSGS, model="gpt-4.1", stream=True).close()  # no CircuitOpenError

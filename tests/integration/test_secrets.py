@@ -241,3 +241,83 @@ def test_the_cli_never_prints_the_key(everything, capsys, tmp_path, monkeypatch)
                 if handler not in root_handlers:  # -vv's basicConfig, if it installed one
                     logging.getLogger().removeHandler(handler)
     assert any("DEBUG" in text or "hello" in text for text in everything)
+
+
+def _sse_answer(*events: bytes, status: int = 200, headers=None) -> bytes:
+    return http_response(status, b"".join(events), headers={"Content-Type": "text/event-stream", **(headers or {})})
+
+
+_CHUNK = b'data: {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "Hi "}}]}\n\n'
+
+
+def _leaky_stream_script(request):
+    """A node echoing the Authorization header in every place a stream can carry an error."""
+    said = request.headers.get("authorization", "").encode()
+    escaped = json.dumps(said.decode(), ensure_ascii=False).replace("s", "\\u0073").encode()  # JSON-escaped key
+    scenario = json.loads(request.body)["messages"][0]["content"]
+    message = b'{"error": {"message": "bad key: ' + said + b'"}}'
+    return {
+        "error event first": _sse_answer(b"event: error\ndata: " + message + b"\n\n"),
+        "error object first": _sse_answer(b'data: {"error": {"message": "key ' + said + b'", "code": 401}}\n\n'),
+        "escaped error first": _sse_answer(b'data: {"error": {"message": ' + escaped + b'}}\n\n'),
+        "error event midway": _sse_answer(_CHUNK, b"event: error\ndata: " + message + b"\n\n"),
+        "garbage line first": _sse_answer(b"Authorization: " + said + b"\n\n"),
+        "garbage line midway": _sse_answer(_CHUNK, b"Authorization: " + said + b"\n\n"),
+        "not json first": _sse_answer(b"data: " + said + b"\n\n"),
+        "not json midway": _sse_answer(_CHUNK, b"data: " + said + b"\n\n"),
+        "key in the text, then cut": _sse_answer(
+            _CHUNK.replace(b"Hi ", said), b"data: {]\n\n"),
+        "error status, key in the request id": http_response(
+            503, b"busy", headers={"x-request-id": said.decode()}),
+        "error status, cut inside the key": http_response(
+            500, b"x" * (64 * 1024 - 20) + said, headers={"Content-Type": "text/plain"}),
+    }[scenario]
+
+
+def test_a_node_echoing_the_key_inside_a_stream_does_not_leak_it(everything):
+    with ScriptedServer(_leaky_stream_script) as server:
+        with Client(api_key=SECRET, nodes=[{"id": "echo", "base_url": server.base_url}], max_retries=0,
+                    health_check_interval_s=None, breaker=None, eject_after_failures=1000) as client:
+            errors = {}
+            for scenario in ("error event first", "error object first", "escaped error first",
+                             "error event midway", "garbage line first", "garbage line midway",
+                             "not json first", "not json midway", "key in the text, then cut",
+                             "error status, key in the request id", "error status, cut inside the key"):
+                with pytest.raises(HolySheepError) as info:
+                    client.chat_completion([{"role": "user", "content": scenario}], model="m",
+                                           stream=True).read_text()
+                errors[scenario] = info.value
+                everything.extend(_exception_texts(info.value))
+    assert {name: type(exc).__name__ for name, exc in errors.items()} == {
+        "error event first": "AllAttemptsFailedError", "error object first": "AuthenticationError",
+        "escaped error first": "AllAttemptsFailedError", "error event midway": "StreamInterruptedError",
+        "garbage line first": "AllAttemptsFailedError", "garbage line midway": "StreamInterruptedError",
+        "not json first": "AllAttemptsFailedError", "not json midway": "StreamInterruptedError",
+        "key in the text, then cut": "StreamInterruptedError",
+        "error status, key in the request id": "AllAttemptsFailedError",
+        "error status, cut inside the key": "AllAttemptsFailedError"}
+    # the errors still say what happened, with the key blanked out
+    assert "[redacted]" in str(errors["error object first"]) and "bad key" in str(errors["error event midway"].__cause__)
+    assert errors["key in the text, then cut"].partial_text == "Bearer [redacted]"
+
+
+def _leaky_framing_script(request):
+    """A node that puts the echoed Authorization header where the HTTP framing is parsed."""
+    said = request.headers.get("authorization", "").encode()
+    if json.loads(request.body or b"{}").get("messages", [{}])[0].get("content") == "status line":
+        return said + b" 200 OK\r\nContent-Length: 2\r\n\r\n{}"  # not HTTP: the status line is quoted
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + said + b"\r\n")  # a chunk size that is not a number: quoted too
+
+
+def test_a_node_echoing_the_key_in_its_http_framing_does_not_leak_it(everything):
+    with ScriptedServer(_leaky_framing_script) as server:
+        with Client(api_key=SECRET, nodes=[{"id": "echo", "base_url": server.base_url}], max_retries=0,
+                    health_check_interval_s=None, breaker=None, eject_after_failures=1000) as client:
+            kinds = []
+            for content, stream in (("status line", False), ("status line", True), ("chunk", False), ("chunk", True)):
+                with pytest.raises(HolySheepError) as info:
+                    client.chat_completion([{"role": "user", "content": content}], model="m", stream=stream)
+                everything.extend(_exception_texts(info.value))
+                kinds.extend(a.kind for a in info.value.attempts)
+    assert kinds == ["connect"] * 4
