@@ -66,7 +66,7 @@ from _failure_scoring import (  # noqa: E402
     unmet,
 )
 
-from holysheep_lb import Client, HolySheepError, __version__  # noqa: E402
+from holysheep_lb import Client, HolySheepError, Response, __version__  # noqa: E402
 from holysheep_lb.config import BreakerSettings, ClientConfig  # noqa: E402
 from holysheep_lb.simulator import SimModel, SimNode, SimulatedGateway, failover_bench_models, reply_text  # noqa: E402
 from holysheep_lb.simulator.catalogue import PROMPT  # noqa: E402
@@ -213,7 +213,11 @@ def stream_call(client: Client, model: str) -> CallResult:
     usage: Optional[Dict[str, Any]] = None
     try:
         stream = client.chat_completion(MESSAGES, model=model, stream=True)
+        if isinstance(stream, Response):
+            return CallResult("error", time.monotonic() - started, clean=False,
+                              error="stream=True returned a Response, not a stream")
         try:
+            chunk: Dict[str, Any]
             for chunk in stream:
                 if isinstance(chunk.get("model"), str) and chunk["model"]:
                     reported = chunk["model"]
@@ -236,6 +240,8 @@ def plain_call(client: Client, model: str) -> CallResult:
     started = time.monotonic()
     try:
         resp = client.chat_completion(MESSAGES, model=model)
+        if not isinstance(resp, Response):
+            return CallResult("error", time.monotonic() - started, clean=False, error="a stream, not a Response")
         content = resp["choices"][0]["message"]["content"] or ""
     except Exception as exc:
         return _failure(exc, started, "")
@@ -398,6 +404,11 @@ def run(args: argparse.Namespace, command: str) -> Dict[str, Any]:
         doc["configurations"][config.name] = {"note": config.note, "options": options, "rows": rows,
                                               "summary": summarise(r["verdict"] for r in rows)}
         print_table(config, options, rows)
+    print("\ntotals (pass / partial / safe / fail):")
+    for config in args.configurations:
+        s = doc["configurations"][config.name]["summary"]
+        counts = " / ".join(f"{s[v]:>2}" for v in ("pass", "partial", "safe", "fail"))
+        print(f"  {config.name:<8} {counts}   {config.note}")
     left = abandoned.join(STOP_TIMEOUT_S)
     doc["abandoned_calls_still_running"] = left
     if left:
