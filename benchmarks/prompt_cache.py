@@ -116,7 +116,7 @@ def run_row(label: str, requests: int, prompts: List[str], plan: List[Tuple[int,
 
         def send(prompt_index: int, user: str) -> Any:
             messages = [{"role": "system", "content": prompts[prompt_index]}, {"role": "user", "content": user}]
-            extra = {affinity: f"system-prompt-{prompt_index}"} if affinity else {}
+            extra: Dict[str, Any] = {affinity: f"system-prompt-{prompt_index}"} if affinity else {}
             return client.chat_completion(messages, model=MODEL, **extra)
 
         warm_order = random.Random(3).sample(range(PROMPTS), PROMPTS)

@@ -10,7 +10,9 @@ capacity  capacities 4, 4, 8, 16, 32 threads (= total capacity), ideal = 32 / la
           time-boxed runs, throughput over whole seconds. Three tables: each node's
           weight set to its capacity as an operator would (50 ms); no weights at 50 ms;
           no weights at 200 ms. Targets: adaptive >= 0.97 of ideal with weights and
-          >= 0.95 without; least_connections >= 0.85 with weights.
+          >= 0.95 without; least_connections >= 0.85 with weights. An "oracle" row
+          (threads pinned per node, as many as its capacity) shows what this machine
+          reaches with perfect routing.
 failover  4 equal nodes for 10 s; one refuses connections from 3 s, another hangs
           from 6 s. Target: 0 caller errors; no second below 60% of normal throughput.
 hang      4 equal nodes, 16 threads, client defaults but read_timeout_s=5; one node
@@ -35,7 +37,9 @@ import statistics
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -146,6 +150,37 @@ def scenario_regions(n: int, quick: bool = False) -> Dict[str, Any]:
 CAPACITIES = [4, 4, 8, 16]
 
 
+def oracle_run(nodes: List[Dict[str, Any]], duration_s: float) -> LoadResult:
+    """Perfect routing, for reference: each node gets threads of its own, as many as its
+    capacity (one single-node client each). What this machine reaches when no strategy
+    is in the way; the per-call overhead keeps it somewhat below the ideal."""
+    clients = [Client(nodes=[nd], health_check_interval_s=1.0, read_timeout_s=2.0) for nd in nodes]
+    stop = threading.Event()
+    try:
+        calls = [lambda i, c=c: c.chat_completion(MSGS, model="gpt-4.1") for c in clients]
+        for call, cap in zip(calls, CAPACITIES):
+            run_load(call, requests=cap * 2, concurrency=cap)
+        timer = threading.Timer(duration_s, stop.set)
+        with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+            futures = [pool.submit(run_load, call, requests=10 ** 7, concurrency=cap, stop=stop)
+                       for call, cap in zip(calls, CAPACITIES)]
+            timer.start()
+            parts = [f.result() for f in futures]
+        timer.cancel()
+    finally:
+        for c in clients:
+            c.close()
+    merged = LoadResult(label="oracle (threads = capacity)")
+    for part in parts:  # started within a few ms of each other: their seconds line up
+        merged.calls += part.calls
+        merged.errors.update(part.errors)
+        merged.latencies_ms.extend(part.latencies_ms)
+        merged.node_share.update(part.node_share)
+        merged.per_second.update(part.per_second)
+        merged.wall_s = max(merged.wall_s, part.wall_s)
+    return merged
+
+
 def capacity_table(latency_ms: float, weights: bool, strategies: List[str], duration_s: float) -> List[Dict[str, Any]]:
     """One time-boxed run per strategy on nodes of CAPACITIES at ``latency_ms``."""
     # ids without "-": the table abbreviates an id to what comes before its first "-"
@@ -157,9 +192,12 @@ def capacity_table(latency_ms: float, weights: bool, strategies: List[str], dura
     with GatewayProcess(spec) as gw:
         # Operators declare a node's capacity as its weight (as with nginx upstreams).
         nodes = [dict(nd, weight=c) for nd, c in zip(gw.client_nodes, CAPACITIES)] if weights else gw.client_nodes
-        for s in strategies:
-            # a little past the last whole second, so that second is complete
-            result = drive(gw, nodes, s, 0, threads, timeline=[(duration_s + 0.05, lambda: None)], strategy=s)
+        # each run a little past the last whole second, so that second is complete
+        end = [(duration_s + 0.05, lambda: None)]
+        runs = [partial(oracle_run, gw.client_nodes, duration_s + 0.05)]
+        runs += [partial(drive, gw, nodes, s, 0, threads, end, strategy=s) for s in strategies]
+        for run in runs:
+            result = run()
             r = result.summary()
             r["table"] = kind
             r["steady_rps"] = round(steady_rps(result, duration_s), 1)
@@ -333,12 +371,17 @@ def scenario_hang(n: int, quick: bool = False) -> Dict[str, Any]:
 QUOTAS_RPM = [600, 600, 1200, 2400]
 
 
-def quota_row(gw: GatewayProcess, strategy: str, rate_per_s: float, duration_s: float) -> Dict[str, Any]:
+def quota_row(gw: GatewayProcess, spec: List[Dict[str, Any]], strategy: str, rate_per_s: float,
+              duration_s: float) -> Dict[str, Any]:
     """One open-loop run from spent quotas; the gateway's 429s by node and the callers' errors."""
     paced: List[PacedResult] = []
 
     def start_spent() -> None:
+        for nd in spec:  # spent at full speed, or the first node refills while the last is spent
+            gw.configure(nd["id"], latency_ms=0, p99_latency_ms=None)
         spend_quotas([nd["base_url"] for nd in gw.client_nodes])
+        for nd in spec:
+            gw.configure(nd["id"], latency_ms=nd["latency_ms"], p99_latency_ms=nd["p99_latency_ms"])
         gw.reset_counts()
 
     def open_loop(call: Callable[[int], Any], label: str) -> LoadResult:
@@ -364,7 +407,7 @@ def scenario_quotas(n: int, quick: bool = False) -> Dict[str, Any]:
             for i, q in enumerate(quotas)]
     rate_per_s = 0.75 * sum(quotas) / 60.0
     with GatewayProcess(spec) as gw:
-        rows = [quota_row(gw, s, rate_per_s, duration_s) for s in ("round_robin", "adaptive")]
+        rows = [quota_row(gw, spec, s, rate_per_s, duration_s) for s in ("round_robin", "adaptive")]
     by = {r["label"]: r for r in rows}
     checks = {
         "adaptive: 0 server-side 429s": by["adaptive"]["server_429s"] == 0,

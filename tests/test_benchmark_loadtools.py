@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _loadtools import full_seconds, run_paced, spend_quotas, steady_rps, worst_second_ratio  # noqa: E402
 from _simproc import GatewayProcess  # noqa: E402
 
-from .conftest import FakeClock  # noqa: E402
+from .conftest import FakeClock, wait_until  # noqa: E402
 
 
 def test_run_paced_starts_calls_on_a_fixed_schedule_whatever_the_answers():
@@ -90,9 +90,10 @@ def test_gateway_process_answers_old_and_new_commands():
                               json={"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}]})
         assert reply.headers["x-ratelimit-remaining-requests"] == "59"
         gw.configure("a", latency_ms=1)
+        # the gateway records an answer just after sending it
+        assert wait_until(lambda: gw.outcomes("a") == {"ok": 1}, timeout_s=5)
         assert gw.counts() == {"a": 1}
         assert gw.request_count("a", "/v1/chat/completions") == 1
-        assert gw.outcomes("a") == {"ok": 1}
         assert gw.cache_stats("a") == {"hits": 0, "misses": 0, "entries": 0}  # "hi" alone has no prefix
         assert gw.quota_stats("a") == {"limited_requests": 0, "limited_tokens": 0}
         assert gw.max_concurrency_seen("a") == 1
