@@ -35,6 +35,7 @@ from .errors import (
     APIError,
     APIResponseValidationError,
     APITimeoutError,
+    ConfigError,
     ResponseTooLargeError,
     status_error,
 )
@@ -124,8 +125,15 @@ class Transport:
         self.max_response_bytes = max_response_bytes
         self._urls: Dict[str, str] = {}
         self.closed = False
+        self._allow_insecure_http = allow_insecure_http
+        self._refused: Optional[ConfigError] = None  # set when a child's proxy would see the key
         self.session = self._new_session()
-        check_proxy(node, self.proxy_url, sends_key=bool(self._api_key), allow_insecure_http=allow_insecure_http)
+        self._check_proxy()
+
+    def _check_proxy(self) -> None:
+        # node headers may carry credentials too (a gateway's own key header)
+        check_proxy(self.node, self.proxy_url, sends_key=bool(self._api_key or self.node.headers),
+                    allow_insecure_http=self._allow_insecure_http)
 
     @property
     def proxy_url(self) -> Optional[str]:
@@ -167,8 +175,19 @@ class Transport:
         return session
 
     def reset_after_fork(self) -> None:
-        """Forget the parent's connections: sockets must not be shared across processes."""
+        """Forget the parent's connections: sockets must not be shared across processes.
+
+        The proxy is read from the environment again, and checked again: a child whose
+        environment sends the key to a cleartext proxy refuses every request with the
+        same :class:`ConfigError` the constructor would raise (a fork handler cannot raise).
+        """
         self.session = self._new_session()
+        try:
+            self._check_proxy()
+        except ConfigError as exc:
+            self._refused = exc
+        else:
+            self._refused = None
 
     def close(self) -> None:
         """Close every pooled connection now, and open no new one from now on.
@@ -209,6 +228,8 @@ class Transport:
         """
         if self.closed:
             raise self._closed_error()
+        if self._refused is not None:
+            raise self._refused
         entry = None if deadline_s is None else watch(deadline_s)
         set_current(entry)  # read by the connection as it connects and sends (deadline.py)
         try:

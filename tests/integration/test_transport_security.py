@@ -358,3 +358,24 @@ def test_a_gzip_bomb_never_grows_past_max_response_bytes_in_memory(layers, strea
     else:
         assert isinstance(error, APIResponseValidationError), repr(error)
     assert peak_bytes < 32 * CAP, f"{peak_bytes} bytes held at once for a {CAP}-byte cap"
+
+
+def test_node_headers_count_as_credentials_for_the_proxy_check(proxy_env, monkeypatch):
+    monkeypatch.delenv("HOLYSHEEP_API_KEY", raising=False)
+    proxy_env(HTTP_PROXY="http://proxy.example:3128")
+    node = {**LOOPBACK_NODE, "headers": {"X-Api-Key": "sk-in-a-header"}}
+    with pytest.raises(ConfigError, match="proxy would see the API key") as info:
+        Client(nodes=[node], health_check_interval_s=None)
+    assert "sk-in-a-header" not in str(info.value)
+
+
+def test_a_child_whose_environment_adds_a_cleartext_proxy_refuses_to_send(proxy_env):
+    client = _client([LOOPBACK_NODE], max_retries=0)
+    try:
+        proxy_env(HTTP_PROXY="http://proxy.example:3128")  # as if the child's environment said so
+        client._reset_after_fork()
+        with pytest.raises(ConfigError, match="proxy would see the API key"):
+            client.chat_completion([{"role": "user", "content": "hi"}], model="m")
+        assert client.stats()["in_flight"] == 0
+    finally:
+        client.close()
