@@ -663,7 +663,7 @@ class Client:
                 try:
                     latency_ms = (clock() - t0) * 1000.0
                     kind = failure_kind(exc)
-                    retry_after_s = getattr(exc, "retry_after_s", None)
+                    retry_after_s = exc.retry_after_s
                     if retry_after_s is not None:  # a node's "Retry-After: 99999999" must not bench it for years
                         retry_after_s = min(retry_after_s, self._retry.retry_after_cap_s)
                     freed = True  # a release frees the slot before anything in it can raise
@@ -784,7 +784,7 @@ class Client:
             except APIError as exc:
                 last_error = exc
                 if not exc.retryable:
-                    exc.attempts = tuple(attempts)  # type: ignore[attr-defined]
+                    exc.attempts = tuple(attempts)
                     raise
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("attempt %d on node %s failed (%s); %s", attempt_no + 1, exc.node_id,
@@ -824,10 +824,9 @@ class Client:
         if circuit_error is not None and not attempts:
             error = circuit_error
         else:
-            error = AllAttemptsFailedError(reason, attempts, last_error)
+            error = AllAttemptsFailedError(reason, attempts, last_error, retry_after_s=(
+                last_error.retry_after_s if isinstance(last_error, RateLimitError) else None))
             error.__cause__ = last_error
-            if isinstance(last_error, RateLimitError):
-                error.retry_after_s = last_error.retry_after_s  # type: ignore[attr-defined]
         try:
             raise error
         finally:  # the error's traceback holds this frame: no locals may hold the error back

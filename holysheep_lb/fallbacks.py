@@ -198,7 +198,7 @@ class ModelChain:
         if failures:  # a model that was sent to first, else a budget's refusal
             error = sent[-1] if sent else failures[-1]
         else:  # every model's breaker is open: say when the soonest one may let a call through
-            error = min((e for _, e in errors), key=lambda e: e.retry_after_s)  # type: ignore[attr-defined]
+            error = min((e for _, e in errors), key=lambda e: e.retry_after_s or 0.0)
         if self._fallback_reply is not None:
             data = self._fallback_reply(model, payload, error)
             if not isinstance(data, Mapping):
@@ -210,7 +210,7 @@ class ModelChain:
             resp.extra.update(canned=True, requested_model=model,  # JSON-safe: strings, not exceptions
                               model_errors={m: f"{type(e).__name__}: {e}" for m, e in errors})
             return resp
-        error.model_errors = dict(errors)  # type: ignore[attr-defined]
+        error.model_errors = dict(errors)
         raise error
 
     def _count(self, name: str) -> None:
