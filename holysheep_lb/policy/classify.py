@@ -126,6 +126,7 @@ class Outcome:
     breaker: str = "none"                # "success", "failure" or "none" for a circuit breaker
     status_code: Optional[int] = None
     stream_reason: Optional[str] = None  # how a stream cut by this error is described
+    detail: str = ""                     # what refused the call, for a circuit breaker's refusal
 
     @property
     def final(self) -> bool:
@@ -224,7 +225,8 @@ def classify(error: Optional[BaseException]) -> Outcome:
     retry_after_s = error.retry_after_s if isinstance(error, HolySheepError) else None
     return _outcome(kind, retryable=retryable, breaker=breaker, web_status=_web_status(error, kind),
                     retry_after_s=retry_after_s, status_code=getattr(error, "status_code", None),
-                    stream_reason=stream_interrupt_reason(error) if isinstance(error, APIError) else None)
+                    stream_reason=stream_interrupt_reason(error) if isinstance(error, APIError) else None,
+                    detail=str(error) if kind == "circuit_open" else "")
 
 
 def _all_failed_verdict(error: AllAttemptsFailedError) -> str:
