@@ -19,7 +19,8 @@ from . import __version__
 from . import introspect
 from .batch import BatchResult, run_batch
 from .call.args import validate_call_options, validate_messages, validate_model, validate_params, validate_request
-from .call.build import build_parts, build_pipelines, policy_from_config
+from .call.alias import Chat
+from .call.build import build_parts, build_pipelines, policy_from_config, reset_after_fork
 from .call.chain import request_parts
 from .call.context import CallContext
 from .call.events import response_end
@@ -48,21 +49,6 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class _Completions:
-    def __init__(self, client: "Client") -> None:
-        self._client = client
-
-    def create(self, *, model: Optional[str] = None, messages: Sequence[Mapping[str, Any]],
-               **params: Any) -> Any:
-        """OpenAI-style alias of :meth:`Client.chat_completion`."""
-        return self._client.chat_completion(messages, model=model, **params)
-
-
-class _Chat:
-    def __init__(self, client: "Client") -> None:
-        self.completions = _Completions(client)
 
 
 class Client:
@@ -129,7 +115,7 @@ class Client:
             self.breaker_allows if self._router.uses_default_availability else self._router.is_available)
         self._pipes = build_pipelines(cfg, parts, sleep=sleep, is_available=self._model_available,
                                       stream_ended=lambda outcome: self._stream_ended(outcome))
-        self.chat = _Chat(self)
+        self.chat = Chat(self)
         _LIVE_CLIENTS.add(self)
 
     # -- construction helpers ---------------------------------------------------------
@@ -188,22 +174,8 @@ class Client:
         return self._closed
 
     def _reset_after_fork(self) -> None:
-        parts = self._parts
         self._pid = os.getpid()
-        parts.tally.reset_after_fork()
-        self._selector.reset_lock_after_fork()
-        for node in self._selector.nodes:
-            node.in_flight = 0  # the parent's calls do not exist in this process
-            node.awaiting = 0
-            node.awaiting_started_sum = 0.0
-            node.end_trial()
-            node.transport.reset_after_fork()
-        parts.chain.reset_after_fork()
-        for part in (parts.retry_budget, parts.hedger, parts.health, parts.cache):
-            if part is not None:
-                part.reset_after_fork()
-        parts.ledger.reset_after_fork()
-        parts.stream_stats.reset_after_fork()
+        reset_after_fork(self._parts)
 
     def _ensure_running(self) -> None:
         if self._closed:

@@ -167,7 +167,8 @@ def test_the_chain_stage_falls_back_to_the_next_model_with_its_own_body(clock):
     parts = _parts(clock, fallbacks={"m1": ["m2"]})
     loop = FakeLoop(["m1"])
     rec = Recorder()
-    stage = ChainStage(chain=parts.chain, next=loop, tally=parts.tally, retry_budget=None, hedger=None)  # type: ignore[arg-type]
+    stage = ChainStage(chain=parts.chain, next=loop, tally=parts.tally,  # type: ignore[arg-type]
+                       retry_budget=None, hedger=None)
     payload = {"model": "m1", "messages": MSGS}
     body, headers = request_parts("POST", payload, "key-1")
     resp = stage.run(_ctx(clock, rec, model="m1", payload=payload, body=body, headers=headers))
@@ -185,7 +186,8 @@ def test_the_chain_stage_does_not_fall_back_on_a_callers_error(clock):
             raise BadRequestError("bad", status_code=400)
 
     loop = Rejecting([])
-    stage = ChainStage(chain=parts.chain, next=loop, tally=parts.tally, retry_budget=None, hedger=None)  # type: ignore[arg-type]
+    stage = ChainStage(chain=parts.chain, next=loop, tally=parts.tally,  # type: ignore[arg-type]
+                       retry_budget=None, hedger=None)
     payload = {"model": "m1", "messages": MSGS}
     body, headers = request_parts("POST", payload, None)
     with pytest.raises(BadRequestError):

@@ -29,9 +29,9 @@ from ..errors import (
     RateLimitError,
 )
 from ..nodes import NodeState
-from ..observe import AttemptEvent
+from ..observe import AttemptEvent, Decision
 from ..policy.classify import classify, throttled
-from ..policy.retry import RETRY, STOP, WAIT, RetryPolicy
+from ..policy.retry import RETRY, RETRY_BUDGET_EXHAUSTED, STOP, WAIT, RetryPolicy
 from ..response import Response
 from ..selection import Selector
 from .context import CallContext
@@ -245,6 +245,8 @@ class AttemptStage:
                     selector.release_cancelled(held, started=picked_at)
             if decision.action != RETRY:
                 reason = decision.reason
+                if ctx.observers and reason == RETRY_BUDGET_EXHAUSTED:
+                    ctx.emit("decided", Decision("retry_budget_exhausted", {"model": ctx.model}))
                 break
             ctx.retries += 1
             wait_s = decision.wait_s

@@ -28,7 +28,7 @@ from .hedge import HedgeStage
 from .stream import StreamSender, StreamStage
 from .tally import CallTally
 
-__all__ = ["Parts", "Pipelines", "build_parts", "build_pipelines", "policy_from_config"]
+__all__ = ["Parts", "Pipelines", "build_parts", "build_pipelines", "policy_from_config", "reset_after_fork"]
 
 
 def policy_from_config(cfg: ClientConfig) -> RetryPolicy:
@@ -148,3 +148,21 @@ def build_pipelines(cfg: ClientConfig, parts: Parts, *, sleep: Callable[[float],
     stream = StreamStage(ledger=parts.ledger, is_available=is_available, tally=parts.tally,
                          record_end=stream_ended, next=ChainStage(next=stream_loop, **chain))  # type: ignore[arg-type]
     return Pipelines(request=request, chat=chat, stream=stream)
+
+
+def reset_after_fork(parts: Parts) -> None:
+    """In a forked child: fresh locks and sessions; the parent's calls do not exist here."""
+    parts.tally.reset_after_fork()
+    parts.selector.reset_lock_after_fork()
+    for node in parts.selector.nodes:
+        node.in_flight = 0  # the parent's calls do not exist in this process
+        node.awaiting = 0
+        node.awaiting_started_sum = 0.0
+        node.end_trial()
+        node.transport.reset_after_fork()
+    parts.chain.reset_after_fork()
+    for part in (parts.retry_budget, parts.hedger, parts.health, parts.cache):
+        if part is not None:
+            part.reset_after_fork()
+    parts.ledger.reset_after_fork()
+    parts.stream_stats.reset_after_fork()

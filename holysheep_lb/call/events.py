@@ -16,8 +16,7 @@ def _tokens(usage: Any, name: str) -> Optional[int]:
 
 def response_end(result: Any, now: float, node_url: Optional[str] = None) -> CallEnd:
     """``call_ended`` for a call answered at once (a Response, or a canned stream)."""
-    data = getattr(result, "data", None)
-    data = data if isinstance(data, Mapping) else {}
+    data: Mapping[str, Any] = result if isinstance(result, Mapping) else {}  # a Response is its JSON dict
     choices = data.get("choices")
     reasons: Tuple[str, ...] = ()
     if isinstance(choices, list):
