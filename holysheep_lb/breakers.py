@@ -33,9 +33,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 import pybreaker
 
 from .config import BreakerSettings
-from .errors import AllAttemptsFailedError, APIError, CircuitOpenError, NoHealthyNodeError
-from .retry import RETRY_BUDGET_EXHAUSTED
-from .stats import SYSTEM_FAILURE_KINDS, failure_kind
+from .errors import CircuitOpenError
+from .policy.classify import breaker_verdict
 
 __all__ = ["Breaker", "BreakerBoard", "Permit", "StorageFactory", "stream_outcome_hook", "verdict", "wall_clock"]
 
@@ -61,24 +60,9 @@ def wall_clock(clock: Callable[[], float]) -> Callable[[], float]:
 
 
 def verdict(error: Optional[BaseException]) -> str:
-    """How a call's outcome counts for a breaker: "success", "failure" or "none"."""
-    if error is None:
-        return "success"
-    if isinstance(error, NoHealthyNodeError):
-        return "failure"
-    if isinstance(error, AllAttemptsFailedError):
-        if error.reason == RETRY_BUDGET_EXHAUSTED:
-            # The client's own retry budget stopped it before the other nodes were tried:
-            # that says nothing about the model (else one bad node of several, under a
-            # burst, opens the model's breaker for every caller).
-            return "none"
-        return "failure" if any(a.kind in SYSTEM_FAILURE_KINDS for a in error.attempts) else "none"
-    if isinstance(error, APIError):
-        kind = failure_kind(error)
-        if kind in SYSTEM_FAILURE_KINDS:
-            return "failure"
-        return "success" if kind == "status_4xx" else "none"
-    return "none"
+    """How a call's outcome counts for a breaker: "success", "failure" or "none"
+    (:func:`holysheep_lb.policy.classify.classify` decides)."""
+    return breaker_verdict(error)
 
 
 class Permit:

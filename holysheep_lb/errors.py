@@ -30,6 +30,10 @@ pybreaker or redis escapes the client::
 
 Status errors carry ``status_code``, ``body``, ``request_id`` and ``node_id``, and what
 the server said: ``message``, ``type``, ``param`` and ``code`` from its error body.
+Every attribute an error carries is declared on its class with a default (``attempts``,
+``retry_after_s``, ``model_errors``, ``local``, ``request_sent``...), never attached later.
+What an error *means* (retryable, counts against the node...) is decided in
+:mod:`holysheep_lb.policy.classify`.
 Messages never contain the API key: nothing here is given one.
 """
 
@@ -78,7 +82,15 @@ def _rebuild(cls: type, args: Tuple[Any, ...], state: Dict[str, Any]) -> BaseExc
 
 
 class HolySheepError(Exception):
-    """Base of every error raised by holysheep_lb."""
+    """Base of every error raised by holysheep_lb.
+
+    ``retry_after_s`` is how long to wait before trying again, when known (None
+    otherwise); ``model_errors`` maps each model of a fallback chain that failed or was
+    skipped to its error, on the error a chain raises (None elsewhere).
+    """
+
+    retry_after_s: Optional[float] = None
+    model_errors: Optional[Dict[str, "HolySheepError"]] = None
 
     def __reduce__(self) -> Tuple[Any, ...]:
         # Unpickling calls cls(*args) by default, which fails for every subclass whose
@@ -90,15 +102,29 @@ class HolySheepError(Exception):
 class APIError(HolySheepError):
     """A failure while talking to one node.
 
-    ``retryable`` says whether another attempt (on another node) may succeed.
+    ``retryable`` says whether another attempt (on another node) may succeed; ``local``
+    that it failed in this process before any node was involved (final, held against
+    neither the node nor the model); ``attempts`` lists the call's attempts when the
+    error ended the call (a final error), else it is empty.
     """
 
     retryable: bool = True
+    local: bool = False
+    attempts: Tuple["Attempt", ...] = ()
+    message: str
+    node_id: Optional[str]
 
-    def __init__(self, message: str, *, node_id: Optional[str] = None) -> None:
+    def __init__(self, message: str, *, node_id: Optional[str] = None, retryable: Optional[bool] = None,
+                 local: bool = False, attempts: Sequence["Attempt"] = ()) -> None:
         super().__init__(message)
         self.message = message
         self.node_id = node_id
+        if retryable is not None:
+            self.retryable = retryable
+        if local:
+            self.local = True
+        if attempts:
+            self.attempts = tuple(attempts)
 
     def __str__(self) -> str:
         if self.node_id:
@@ -137,13 +163,11 @@ class APIStatusError(APIError):
         headers: Optional[Mapping[str, str]] = None,
         retryable: Optional[bool] = None,
     ) -> None:
-        super().__init__(message, node_id=node_id)
+        super().__init__(message, node_id=node_id, retryable=retryable)
         self.status_code = status_code
         self.body = body
         self.request_id = request_id
         self.headers = dict(headers or {})
-        if retryable is not None:
-            self.retryable = retryable
         # read from the body here, not passed in: every way of building the error agrees
         self.code, self.type, self.param = _error_fields(body)
 
@@ -180,6 +204,7 @@ class RateLimitError(APIStatusError):
     """429 from a node. ``retry_after_s`` is the node's Retry-After, if it sent one."""
 
     retryable = True
+    retry_after_s: Optional[float] = None
 
     def __init__(self, message: str, *, retry_after_s: Optional[float] = None, **kw: Any) -> None:
         super().__init__(message, **kw)
@@ -205,8 +230,9 @@ class APITimeoutError(APIConnectionError):
 
     request_sent: bool = False
 
-    def __init__(self, message: str, *, node_id: Optional[str] = None, request_sent: bool = False) -> None:
-        super().__init__(message, node_id=node_id)
+    def __init__(self, message: str, *, node_id: Optional[str] = None, request_sent: bool = False,
+                 retryable: Optional[bool] = None) -> None:
+        super().__init__(message, node_id=node_id, retryable=retryable)
         self.request_sent = request_sent
 
 
@@ -214,6 +240,8 @@ class APIResponseValidationError(APIError):
     """The node answered 2xx with something that is not a JSON object."""
 
     retryable = True
+    status_code: Optional[int] = None
+    request_id: Optional[str] = None
 
     def __init__(
         self,
@@ -243,6 +271,9 @@ class StreamInterruptedError(APIError):
     """
 
     retryable = False
+    reason: str
+    partial_text: str
+    chunks: int
 
     def __init__(self, message: str, *, reason: str, partial_text: str, chunks: int,
                  node_id: Optional[str] = None) -> None:
@@ -276,17 +307,28 @@ class Attempt:
 
 
 class AllAttemptsFailedError(HolySheepError):
-    """Every attempt of a call failed. ``attempts`` lists each one; ``last_error`` is the last."""
+    """Every attempt of a call failed. ``attempts`` lists each one; ``last_error`` is the last.
+
+    ``retry_after_s`` is the last attempt's Retry-After when it was throttled (a 429).
+    """
+
+    reason: str
+    attempts: Tuple[Attempt, ...] = ()
+    last_error: Optional[BaseException] = None
 
     def __init__(
         self,
         reason: str,
         attempts: Sequence[Attempt],
         last_error: Optional[BaseException] = None,
+        *,
+        retry_after_s: Optional[float] = None,
     ) -> None:
         self.reason = reason
-        self.attempts: Tuple[Attempt, ...] = tuple(attempts)
+        self.attempts = tuple(attempts)
         self.last_error = last_error
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
         listing = "; ".join(str(a) for a in self.attempts) or "no attempt was made"
         super().__init__(f"{reason}: {len(self.attempts)} attempt(s): {listing}")
 
@@ -301,6 +343,9 @@ class CircuitOpenError(HolySheepError):
     ``breaker`` names it (``"model:gpt-4.1"`` or ``"node:us-east-1"``); ``retry_after_s``
     is how long until it lets a trial call through (0 when trial calls are running now).
     """
+
+    breaker: str
+    retry_after_s: float = 0.0
 
     def __init__(self, breaker: str, retry_after_s: float, detail: str = "") -> None:
         self.breaker = breaker
@@ -324,6 +369,8 @@ class RateLimitExceeded(HolySheepError):
         self.retry_after_s = retry_after_s
         msg = f"client-side rate limit {limiter!r} cannot admit {requested:g} now"
         super().__init__(f"{msg}: {detail}" if detail else msg)
+
+
 class BudgetExceededError(HolySheepError):
     """A call's estimated cost would pass a spend cap; nothing was sent.
 
@@ -400,8 +447,7 @@ _STATUS_CLASSES = {
     429: RateLimitError,
 }
 
-# 408 and 409 are worth another attempt (openai-python does the same); every other
-# 4xx is the caller's mistake and is final.
+# Kept for importers; what a status means is decided in policy/classify.py.
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
 
 
@@ -415,15 +461,16 @@ def status_error(
     retry_after_s: Optional[float] = None,
     should_retry: Optional[bool] = None,
 ) -> APIStatusError:
-    """Build the typed error for an HTTP error status (the one place that maps statuses)."""
+    """Build the typed error for an HTTP error status (the one place that maps statuses to
+    classes; whether it is retryable is :func:`~holysheep_lb.policy.classify.classify_status`'s answer)."""
     message = _error_message(body, status_code)
     if status_code >= 500:
         cls: Type[APIStatusError] = InternalServerError
     else:
         cls = _STATUS_CLASSES.get(status_code, APIStatusError)
-    retryable = status_code >= 500 or status_code in RETRYABLE_STATUSES
-    if should_retry is not None:  # the server's x-should-retry wins
-        retryable = should_retry
+    from .policy.classify import classify_status  # it imports this module: resolved at call time
+
+    retryable = classify_status(status_code, should_retry=should_retry).retryable
     kw: Dict[str, Any] = dict(
         status_code=status_code,
         body=body,

@@ -27,9 +27,11 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
-from .breakers import NO_PERMIT, BreakerBoard, Permit, stream_outcome_hook, verdict
+from .breakers import NO_PERMIT, BreakerBoard, Permit, stream_outcome_hook
 from .cleanup import call_each, discard
 from .errors import BudgetExceededError, CircuitOpenError, ConfigError, HolySheepError
+from .policy.classify import classify
+from .policy.retry import NEXT_MODEL, RetryPolicy
 from .ratelimit import RateLimits, estimate_tokens, usage_tokens
 from .response import Response
 
@@ -73,8 +75,9 @@ class ModelChain:
     def __init__(self, *, breakers: Optional[BreakerBoard] = None, limits: Optional[RateLimits] = None,
                  fallbacks: Optional[Mapping[str, Sequence[str]]] = None,
                  fallback_reply: Optional[FallbackReply] = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, policy: Optional[RetryPolicy] = None) -> None:
         self.breakers = breakers
+        self.policy = policy if policy is not None else RetryPolicy()
         self.limits = limits if limits is not None and limits.enabled else None
         self._fallbacks = {m: tuple(c) for m, c in (fallbacks or {}).items()}
         self._fallback_reply = fallback_reply
@@ -129,7 +132,7 @@ class ModelChain:
                 errors.append((candidate, exc))
                 continue
             except HolySheepError as exc:
-                if verdict(exc) != "failure":
+                if self.policy.decide(classify(exc), None, scope="model").action != NEXT_MODEL:
                     raise  # the caller's error, throttling or the deadline: no fallback helps
                 log.debug("model %s failed (%s); %s", candidate, type(exc).__name__,
                           "trying its fallback" if candidate != chain[-1] else "no fallback left")
@@ -198,7 +201,7 @@ class ModelChain:
         if failures:  # a model that was sent to first, else a budget's refusal
             error = sent[-1] if sent else failures[-1]
         else:  # every model's breaker is open: say when the soonest one may let a call through
-            error = min((e for _, e in errors), key=lambda e: e.retry_after_s)  # type: ignore[attr-defined]
+            error = min((e for _, e in errors), key=lambda e: e.retry_after_s or 0.0)
         if self._fallback_reply is not None:
             data = self._fallback_reply(model, payload, error)
             if not isinstance(data, Mapping):
@@ -210,7 +213,7 @@ class ModelChain:
             resp.extra.update(canned=True, requested_model=model,  # JSON-safe: strings, not exceptions
                               model_errors={m: f"{type(e).__name__}: {e}" for m, e in errors})
             return resp
-        error.model_errors = dict(errors)  # type: ignore[attr-defined]
+        error.model_errors = dict(errors)
         raise error
 
     def _count(self, name: str) -> None:

@@ -11,31 +11,10 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional, Sequence
 
-from .errors import APIError, APIResponseValidationError, APIStatusError, APITimeoutError
+# What a failure means is decided in policy/classify.py; these names stay importable here.
+from .policy.classify import FAILURE_KINDS, SYSTEM_FAILURE_KINDS, failure_kind
 
 __all__ = ["LatencyHistogram", "FAILURE_KINDS", "SYSTEM_FAILURE_KINDS", "failure_kind"]
-
-# The kinds an attempt can fail by; ``stats()`` reports a count for each.
-FAILURE_KINDS = ("connect", "timeout", "status_5xx", "status_429", "status_4xx", "invalid_response",
-                 "local")
-# The kinds that say a node or model is broken. A 429 is throttling and a 4xx is the
-# caller's fault: neither ejects a node or trips a breaker.
-SYSTEM_FAILURE_KINDS = frozenset({"connect", "timeout", "status_5xx", "invalid_response"})
-
-
-def failure_kind(exc: APIError) -> str:
-    """The stats/ejection bucket of a failed attempt ("local": it failed in this process)."""
-    if getattr(exc, "local", False):
-        return "local"
-    if isinstance(exc, APIStatusError):
-        if exc.status_code == 429:
-            return "status_429"
-        return "status_5xx" if exc.status_code >= 500 else "status_4xx"
-    if isinstance(exc, APITimeoutError):
-        return "timeout"
-    if isinstance(exc, APIResponseValidationError):
-        return "invalid_response"
-    return "connect"
 
 _MIN_MS = 0.1
 _GROWTH = 1.04

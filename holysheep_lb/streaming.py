@@ -17,14 +17,11 @@ from .cleanup import call_each
 from .errors import (
     APIConnectionError,
     APIError,
-    APIResponseValidationError,
-    APIStatusError,
-    APITimeoutError,
     Attempt,
-    ResponseTooLargeError,
     StreamInterruptedError,
 )
 from .nodes import NodeState
+from .policy.classify import stream_interrupt_reason
 from .selection import Selector
 from .sse import (
     STREAM_HEADERS,
@@ -61,16 +58,7 @@ _DRAIN_TIMEOUT_S = 1.0  # after [DONE], how long to wait for the end of the body
 _DRAIN_MAX_BYTES = 64 * 1024
 
 
-def _interrupt_reason(exc: APIError) -> str:
-    if isinstance(exc, APITimeoutError):
-        return "stall"
-    if isinstance(exc, ResponseTooLargeError):
-        return "too_large"
-    if isinstance(exc, APIResponseValidationError):
-        return "malformed"
-    if isinstance(exc, APIStatusError):
-        return "server_error"
-    return "reset"
+_interrupt_reason = stream_interrupt_reason  # its former name; policy/classify.py decides
 
 
 class ChatStream:

@@ -39,6 +39,7 @@ from .errors import (
     ResponseTooLargeError,
     status_error,
 )
+from .policy.classify import local_failure
 from .redaction import NO_REDACTION, Redactor
 from .retry import parse_retry_after, parse_should_retry
 
@@ -93,10 +94,7 @@ def _translate(exc: BaseException, node_id: str, text: str) -> APIError:
         return APIConnectionError(f"{type(exc).__name__}: {text}", node_id=node_id)
     # Anything else failed in this process before the node was involved (e.g. a value
     # http.client cannot encode): final, and not held against the node or the model.
-    local = APIConnectionError(f"could not send the request: {type(exc).__name__}: {text}", node_id=node_id)
-    local.retryable = False
-    local.local = True  # type: ignore[attr-defined]
-    return local
+    return local_failure(f"could not send the request: {type(exc).__name__}: {text}", node_id)
 
 
 def _describe(exc: BaseException, redact: Redactor = NO_REDACTION) -> str:
@@ -279,10 +277,7 @@ class Transport:
 
     def _closed_error(self) -> APIConnectionError:
         # final, and held against neither the node nor the model: the client was closed
-        error = APIConnectionError("the client is closed", node_id=self.node.id)
-        error.retryable = False
-        error.local = True  # type: ignore[attr-defined]
-        return error
+        return local_failure("the client is closed", self.node.id)
 
     def _prepare(self, method: str, path: str, body: Optional[bytes],
                  headers: Optional[Mapping[str, str]]) -> requests.PreparedRequest:

@@ -15,17 +15,8 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, NamedTuple
 
-from .errors import (
-    AllAttemptsFailedError,
-    BadRequestError,
-    BudgetExceededError,
-    HolySheepError,
-    InvalidRequestError,
-    NotFoundError,
-    RateLimitError,
-    RateLimitExceeded,
-    UnprocessableEntityError,
-)
+from .errors import HolySheepError
+from .policy.classify import classify
 
 __all__ = ["ErrorResponse", "error_response"]
 
@@ -36,33 +27,37 @@ class ErrorResponse(NamedTuple):
     headers: Dict[str, str]
 
 
+_WORDING = {
+    429: ("rate_limited", "Too many requests to the AI service; retry later."),
+    422: ("rejected", "The AI service rejected this request."),
+    503: ("unavailable", "The AI service is unavailable; retry later."),
+}
+
+
 def _rate_limited(exc: HolySheepError) -> bool:
-    # a node's 429, the client's own rate limit, or a spend cap: all say "later"
-    if isinstance(exc, (RateLimitError, RateLimitExceeded, BudgetExceededError)):
-        return True
-    # every attempt failed and the last one was throttled: the gateway is rate limiting us
-    return isinstance(exc, AllAttemptsFailedError) and isinstance(exc.last_error, RateLimitError)
+    """A node's 429, the client's own rate limit, or a spend cap: all say "later"."""
+    return classify(exc).web_status == 429
 
 
 def error_response(exc: HolySheepError) -> ErrorResponse:
     """429 for rate limits and spend budgets, 400 for a bad call argument, 422 when the AI
     service rejected the request itself (a final 400/404/422: retrying cannot help),
     503 otherwise (unavailable, or our own credentials refused: an operator's problem).
+    The status is :func:`~holysheep_lb.policy.classify.classify`'s ``web_status``.
 
     A known wait becomes a ``Retry-After`` header (whole seconds, rounded up) and
     ``retry_after_s`` in the body.
     """
-    headers: Dict[str, str] = {}
-    if _rate_limited(exc):
-        status, kind, message = 429, "rate_limited", "Too many requests to the AI service; retry later."
-    elif isinstance(exc, InvalidRequestError):
-        status, kind, message = 400, "invalid_request", str(exc)
-    elif isinstance(exc, (BadRequestError, NotFoundError, UnprocessableEntityError)):
-        status, kind, message = 422, "rejected", "The AI service rejected this request."
+    outcome = classify(exc)
+    status = outcome.web_status
+    if status == 400:
+        kind, message = "invalid_request", str(exc)
     else:
-        status, kind, message = 503, "unavailable", "The AI service is unavailable; retry later."
+        status = status if status in _WORDING else 503
+        kind, message = _WORDING[status]
+    headers: Dict[str, str] = {}
     body: Dict[str, Any] = {"error": {"type": kind, "message": message}}
-    retry_after_s = getattr(exc, "retry_after_s", None)
+    retry_after_s = outcome.retry_after_s
     if (status not in (400, 422) and isinstance(retry_after_s, (int, float)) and math.isfinite(retry_after_s)
             and retry_after_s > 0):
         headers["Retry-After"] = str(math.ceil(retry_after_s))

@@ -1,0 +1,88 @@
+"""CallContext: everything one call carries through the pipeline, instead of long
+parameter lists and closures. One per call (and a copy per model of its fallback chain);
+used by the calling thread, and by hedged copies only for the thread-safe list appends
+of ``attempts`` and ``tried``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set
+
+from ..errors import Attempt
+from ..observe import CallInfo, ObserverSet
+from ..policy.retry import RetryBudget
+
+__all__ = ["CallContext"]
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass
+class CallContext:
+    """One call's request, limits and progress.
+
+    ``deadline`` is on ``clock``. ``attempts``/``tried``/``picked``/``retries`` belong to
+    the model being sent to (:meth:`for_model` starts them afresh). ``info`` is the
+    observers' view of the call (None when nobody observes). It implements
+    :class:`~holysheep_lb.policy.retry.RetryContext` for the retry policy.
+    """
+
+    operation: str                                   # "chat", "embeddings", "models" or "request"
+    method: str
+    path: str
+    deadline: float
+    clock: Callable[[], float]
+    rand: Callable[[], float]
+    model: Optional[str] = None                      # the model being sent to (None: not a model call)
+    payload: Optional[Mapping[str, Any]] = None      # the JSON body as a dict
+    body: Optional[bytes] = None
+    headers: Dict[str, str] = field(default_factory=dict)
+    messages: Optional[Sequence[Mapping[str, Any]]] = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    region: Optional[str] = None
+    idempotency_key: Optional[str] = None
+    stream: bool = False
+    costs: Any = None                                # the chain's ModelCosts, if any
+    retry_budget: Optional[RetryBudget] = None
+    observers: Optional[ObserverSet] = None
+    info: Optional[CallInfo] = None
+    affinity_key: Optional[str] = None               # for routing that keeps a conversation on one node
+    is_closed: Callable[[], bool] = _never
+    on_end: Optional[Callable[[Any], None]] = None   # a stream's end hook (stats, costs, observers)
+    started: float = 0.0
+    # the model being sent to: its attempts so far
+    attempts: List[Attempt] = field(default_factory=list)
+    tried: List[str] = field(default_factory=list)   # node ids tried for this model
+    picked: Dict[str, float] = field(default_factory=dict)  # node id -> when its attempt was picked
+    hedges: Set[str] = field(default_factory=set)   # node ids picked for a hedged copy
+    permits: Dict[str, Any] = field(default_factory=dict)  # node id -> node-breaker permit a stream holds
+    retries: int = 0
+    untried: Callable[[], bool] = _never             # whether a node this model has not tried may be used
+
+    def for_model(self, model: Optional[str], body: Optional[bytes], headers: Dict[str, str]) -> "CallContext":
+        """A copy for one model of the chain: its own body, headers and attempts."""
+        return dataclasses.replace(self, model=model, body=body, headers=headers, attempts=[], tried=[],
+                                   picked={}, hedges=set(), permits={}, retries=0,
+                                   untried=_never)
+
+    # -- RetryContext ---------------------------------------------------------------------------
+
+    def now(self) -> float:
+        return self.clock()
+
+    def random(self) -> float:
+        return self.rand()
+
+    def closed(self) -> bool:
+        return self.is_closed()
+
+    def nodes_left(self) -> bool:
+        return self.untried()
+
+    def emit(self, event: str, *args: Any) -> None:
+        """Tell the observers (callers check ``ctx.observers`` first, to build nothing otherwise)."""
+        if self.observers and self.info is not None:
+            self.observers.emit(event, self.info, *args)

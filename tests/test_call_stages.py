@@ -1,0 +1,218 @@
+"""The call pipeline's stages, each against a fake next stage: no HTTP, a fake clock."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import pytest
+
+from holysheep_lb import AllAttemptsFailedError, BadRequestError, InternalServerError
+from holysheep_lb.call.attempts import AttemptStage, NodeAttempt
+from holysheep_lb.call.build import Parts, build_parts
+from holysheep_lb.call.chain import ChainStage, request_parts
+from holysheep_lb.call.context import CallContext
+from holysheep_lb.call.costs import CostsStage
+from holysheep_lb.config import ClientConfig, parse_nodes
+from holysheep_lb.observe import CallObserver, ObserverSet, CallInfo
+from holysheep_lb.policy.retry import RetryPolicy
+from holysheep_lb.response import Response
+
+from .conftest import API_KEY, FakeClock
+
+NODES = [{"id": n, "base_url": f"https://{n}.example/v1"} for n in "abc"]
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+class Recorder(CallObserver):
+    def __init__(self) -> None:
+        self.events: List[tuple] = []
+
+    def attempt_ended(self, call, attempt):
+        self.events.append(("attempt", attempt.node_id, attempt.outcome, attempt.next_step))
+
+    def decided(self, call, decision):
+        self.events.append(("decided", decision.kind, dict(decision.detail)))
+
+
+def _parts(clock: FakeClock, **options: Any) -> Parts:
+    options.setdefault("health_check_interval_s", None)
+    cfg = ClientConfig(nodes=parse_nodes(NODES), api_key=API_KEY, **options)
+    return build_parts(cfg, policy=RetryPolicy(3, 0.1, 1.0, 60.0), clock=clock, rand=lambda: 0.5,
+                       wall_clock=lambda: 1.8e9, owner=object())
+
+
+def _ctx(clock: FakeClock, observer: Optional[CallObserver] = None, **fields: Any) -> CallContext:
+    ctx = CallContext("chat", "POST", "/chat/completions", clock() + 30.0, clock, lambda: 0.5, **fields)
+    if observer is not None:
+        ctx.observers = ObserverSet([observer])
+        ctx.info = CallInfo("chat", ctx.model)
+    return ctx
+
+
+class FakeAttempt:
+    """The stage after the loop: answers or fails per node id, releasing like the real one."""
+
+    def __init__(self, parts: Parts, outcomes: Dict[str, Any]) -> None:
+        self.parts = parts
+        self.outcomes = outcomes
+        self.seen: List[str] = []
+
+    def run(self, ctx, node, timeout):
+        self.seen.append(node.id)
+        outcome = self.outcomes[node.id]
+        if isinstance(outcome, Exception):
+            self.parts.selector.release_failure(node, "status_5xx", 1.0, started=ctx.picked[node.id])
+            raise outcome
+        return node, outcome, 1.0
+
+
+class FakeSender:
+    streams = False
+
+    def __init__(self, parts: Parts) -> None:
+        self.parts = parts
+
+    def send(self, ctx, node, timeout):  # pragma: no cover - the fake attempt never sends
+        raise AssertionError("not called")
+
+    def finish(self, ctx, node, result, latency_ms, permit):
+        self.parts.selector.release_success(node, latency_ms, started=ctx.picked[node.id])
+        return (node.id, result)
+
+
+def _loop(parts: Parts, nxt: Any, sleeps: List[float]) -> AttemptStage:
+    return AttemptStage(selector=parts.selector, breakers=parts.breakers, policy=parts.policy, next=nxt,
+                        sender=FakeSender(parts), timeouts=(1.0, 5.0), sleep=sleeps.append)
+
+
+def test_the_attempt_loop_fails_over_after_the_policys_backoff(clock):
+    parts = _parts(clock, strategy="round_robin")
+    fake = FakeAttempt(parts, {"a": InternalServerError("down", status_code=503), "b": "answer", "c": "answer"})
+    sleeps: List[float] = []
+    node_id, result = _loop(parts, fake, sleeps).run(_ctx(clock, model="m"))
+    assert result == "answer" and fake.seen == ["a", node_id] and node_id != "a"
+    assert sleeps == [0.05]  # backoff_s(1) = 0.1 * 0.5
+    assert all(n.in_flight == 0 for n in parts.selector.nodes)
+
+
+def test_the_attempt_loop_raises_a_final_error_at_once_with_the_attempts(clock):
+    parts = _parts(clock)
+    fake = FakeAttempt(parts, {n: BadRequestError("bad", status_code=400) for n in "abc"})
+    ctx = _ctx(clock, model="m")
+    with pytest.raises(BadRequestError) as info:
+        _loop(parts, fake, []).run(ctx)
+    assert len(fake.seen) == 1 and info.value.attempts == tuple(ctx.attempts)
+
+
+def test_the_attempt_loop_stops_when_the_policy_says_so(clock):
+    parts = _parts(clock)
+    fake = FakeAttempt(parts, {n: InternalServerError("down", status_code=503) for n in "abc"})
+    sleeps: List[float] = []
+    with pytest.raises(AllAttemptsFailedError, match="all 0 attempts failed") as info:
+        _loop(parts, fake, sleeps).run(_ctx(clock, model="m"))  # the fake records no Attempt
+    assert len(fake.seen) == 4 and len(sleeps) == 3  # max_retries=3
+    assert isinstance(info.value.last_error, InternalServerError)
+
+
+class FakeSend:
+    streams = False
+
+    def __init__(self, parts: Parts, fail: Dict[str, Exception]) -> None:
+        self.parts = parts
+        self.fail = fail
+
+    def send(self, ctx, node, timeout):
+        if node.id in self.fail:
+            raise self.fail[node.id]
+        return type("Result", (), {"status_code": 200})()
+
+    def finish(self, ctx, node, result, latency_ms, permit):  # pragma: no cover
+        raise AssertionError("not called")
+
+
+def test_a_node_attempt_records_classifies_and_releases(clock):
+    parts = _parts(clock)
+    rec = Recorder()
+    attempt = NodeAttempt(selector=parts.selector, breakers=parts.breakers, policy=parts.policy,
+                          sender=FakeSend(parts, {"a": InternalServerError("down", status_code=502)}))
+    ctx = _ctx(clock, rec, model="m")
+    a, b = parts.selector.nodes[0], parts.selector.nodes[1]
+    for node in (a, b):
+        parts.selector.pick(exclude=[n.id for n in parts.selector.nodes if n is not node], started=clock())
+        ctx.picked[node.id] = clock()
+    with pytest.raises(InternalServerError):
+        attempt.run(ctx, a, (1.0, 1.0))
+    attempt.run(ctx, b, (1.0, 1.0))
+    assert [(x.node_id, x.kind, x.status_code) for x in ctx.attempts] == [("a", "status_5xx", 502), ("b", None, 200)]
+    assert rec.events == [("attempt", "a", "status_5xx", "retry"), ("attempt", "b", "ok", None)]
+    assert a.in_flight == 0 and a.failures["status_5xx"] == 1 and b.in_flight == 1  # the caller owns b's slot
+
+
+class FakeLoop:
+    """The attempt loop of each model: fails the models in ``broken``."""
+
+    def __init__(self, broken: List[str]) -> None:
+        self.broken = broken
+        self.models: List[Optional[str]] = []
+
+    def run(self, ctx: CallContext) -> Any:
+        self.models.append(ctx.model)
+        if ctx.model in self.broken:
+            from holysheep_lb import Attempt
+            raise AllAttemptsFailedError("all 1 attempts failed", [Attempt("a", 1.0, 503, "x", "status_5xx")])
+        return Response({"model": ctx.model, "choices": []}, model=ctx.model)
+
+
+def test_the_chain_stage_falls_back_to_the_next_model_with_its_own_body(clock):
+    parts = _parts(clock, fallbacks={"m1": ["m2"]})
+    loop = FakeLoop(["m1"])
+    rec = Recorder()
+    stage = ChainStage(chain=parts.chain, next=loop, tally=parts.tally,  # type: ignore[arg-type]
+                       retry_budget=None, hedger=None)
+    payload = {"model": "m1", "messages": MSGS}
+    body, headers = request_parts("POST", payload, "key-1")
+    resp = stage.run(_ctx(clock, rec, model="m1", payload=payload, body=body, headers=headers))
+    assert loop.models == ["m1", "m2"] and resp.fallback and resp.extra["requested_model"] == "m1"
+    assert rec.events == [("decided", "fallback", {"from": "m1", "to": "m2"})]
+    assert parts.tally.snapshot()["successes"] == 1
+
+
+def test_the_chain_stage_does_not_fall_back_on_a_callers_error(clock):
+    parts = _parts(clock, fallbacks={"m1": ["m2"]})
+
+    class Rejecting(FakeLoop):
+        def run(self, ctx):
+            self.models.append(ctx.model)
+            raise BadRequestError("bad", status_code=400)
+
+    loop = Rejecting([])
+    stage = ChainStage(chain=parts.chain, next=loop, tally=parts.tally,  # type: ignore[arg-type]
+                       retry_budget=None, hedger=None)
+    payload = {"model": "m1", "messages": MSGS}
+    body, headers = request_parts("POST", payload, None)
+    with pytest.raises(BadRequestError):
+        stage.run(_ctx(clock, model="m1", payload=payload, body=body, headers=headers))
+    assert loop.models == ["m1"] and parts.tally.snapshot()["failures"] == {"BadRequestError": 1}
+
+
+def test_the_costs_stage_answers_an_identical_call_from_the_cache(clock):
+    parts = _parts(clock, cache={"ttl_s": 60}, prices={"m": (1.0, 2.0)})
+    sent: List[CallContext] = []
+
+    class Next:
+        def run(self, ctx):
+            sent.append(ctx)
+            resp = Response({"model": "m", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}},
+                            model="m")
+            ctx.costs.answered(ctx.costs.reserve("m"), resp, lambda tokens: None)
+            return resp
+
+    rec = Recorder()
+    stage = CostsStage(ledger=parts.ledger, cache=parts.cache, cache_scope="s", default_region=None,
+                       is_available=lambda m: True, tally=parts.tally, next=Next())  # type: ignore[arg-type]
+    params = {"temperature": 0}
+    first = stage.run(_ctx(clock, model="m", messages=MSGS, params=params))
+    second = stage.run(_ctx(clock, rec, model="m", messages=MSGS, params=params))
+    assert len(sent) == 1 and sent[0].payload == {"model": "m", "messages": MSGS, "temperature": 0}
+    assert not first.cached and second.cached and second.extra["cost"]["cost_usd"] == 0.0
+    assert rec.events == [("decided", "cache_hit", {"model": "m"})]
