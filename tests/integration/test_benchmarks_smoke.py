@@ -50,6 +50,9 @@ def test_hang_scenario_measures_each_second_while_a_node_hangs_under_load(tmp_pa
     assert "reproduce: python benchmarks/strategies.py --requests 2000 --scenario hang --quick" in run["stdout"]
 
 
+ORACLE = "oracle (threads = capacity)"  # what perfect routing reaches on this machine
+
+
 def test_capacity_scenario_compares_with_and_without_weights_at_two_latencies(tmp_path):
     run = run_benchmark(tmp_path, "strategies.py", "--scenario", "capacity")
     tables = {}
@@ -57,9 +60,9 @@ def test_capacity_scenario_compares_with_and_without_weights_at_two_latencies(tm
         tables.setdefault(row["table"], []).append(row["label"])
         assert row["steady_rps"] > 0
     assert tables == {
-        "weights = capacities, 50 ms": ["round_robin", "weighted", "least_connections", "adaptive"],
-        "no weights, 50 ms": ["round_robin", "least_connections", "adaptive"],
-        "no weights, 200 ms": ["round_robin", "least_connections", "adaptive"],
+        "weights = capacities, 50 ms": [ORACLE, "round_robin", "weighted", "least_connections", "adaptive"],
+        "no weights, 50 ms": [ORACLE, "round_robin", "least_connections", "adaptive"],
+        "no weights, 200 ms": [ORACLE, "round_robin", "least_connections", "adaptive"],
     }
     assert len(target_lines(run["stdout"])) == 4
     assert "ideal 160 req/s" in run["stdout"] and "ideal 640 req/s" in run["stdout"]
