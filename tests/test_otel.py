@@ -15,11 +15,6 @@ import pytest
 
 pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed: pip install -e '.[test]'")
 
-from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
-from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
 from opentelemetry.trace import SpanKind, StatusCode  # noqa: E402
 
 from holysheep_lb.contrib import otel  # noqa: E402
@@ -33,6 +28,7 @@ from holysheep_lb.contrib.otel import (  # noqa: E402
 from holysheep_lb.errors import AllAttemptsFailedError, Attempt, ConfigError  # noqa: E402
 from holysheep_lb.observe import AttemptEvent, CallEnd, CallInfo, CallObserver, Decision  # noqa: E402
 from holysheep_lb.response import Response  # noqa: E402
+from tests.otel_support import Telemetry as SDKTelemetry  # noqa: E402
 
 URL_A = "http://127.0.0.1:8101/v1"
 URL_B = "https://eu.gateway.example/v1"
@@ -42,45 +38,13 @@ KEY = "sk-test-SECRET-never-log-me-1234567890"
 T0 = 1000.0
 
 
-class Telemetry:
+class Telemetry(SDKTelemetry):
     def __init__(self, **kw):
-        self.spans_out = InMemorySpanExporter()
-        self.tracer_provider = TracerProvider()
-        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans_out))
-        self.reader = InMemoryMetricReader()
-        self.meter_provider = MeterProvider(metric_readers=[self.reader])
+        super().__init__()
         self.observer = OTelObserver(self.tracer_provider, self.meter_provider, **kw)
-
-    def spans(self):
-        return list(self.spans_out.get_finished_spans())
-
-    def call_span(self):
-        calls = [s for s in self.spans() if s.kind == SpanKind.CLIENT]
-        assert len(calls) == 1, [s.name for s in self.spans()]
-        return calls[0]
 
     def attempt_spans(self):
         return [s for s in self.spans() if s.name.startswith("attempt ")]
-
-    def metrics(self):
-        data = self.reader.get_metrics_data()
-        found = {}
-        for rm in data.resource_metrics if data else ():
-            for sm in rm.scope_metrics:
-                for metric in sm.metrics:
-                    found[metric.name] = metric
-        return found
-
-    def points(self, name):
-        metric = self.metrics().get(name)
-        return list(metric.data.data_points) if metric else []
-
-    def exported_text(self):
-        """Everything exported, as text: spans as JSON and every metric point's attributes."""
-        text = "\n".join(s.to_json() for s in self.spans())
-        for metric in self.metrics().values():
-            text += "\n" + metric.name + "".join(str(dict(p.attributes)) for p in metric.data.data_points)
-        return text
 
 
 def chat_call(model="gpt-4.1", stream=False, **params):
