@@ -471,7 +471,27 @@ def test_the_span_ends_even_when_recording_the_metrics_fails(monkeypatch):
     with pytest.raises(RuntimeError, match="exporter bug"):  # ObserverSet logs and counts it
         t.observer.call_ended(call, ok_end())
     assert [s.name for s in t.spans()] == ["chat gpt-4.1"]
-    assert call.state == {}
+    monkeypatch.undo()
+    t.observer.call_ended(call, ok_end())  # a call's span ends once
+    assert [s.name for s in t.spans()] == ["chat gpt-4.1"]
+
+
+def test_a_losing_hedge_that_reports_after_the_call_ended_is_still_a_child_span():
+    t = Telemetry()
+    call = chat_call()
+    t.observer.call_started(call)
+    t.observer.decided(call, Decision("hedge"))
+    t.observer.attempt_ended(call, attempt("b", URL_B, hedge=True))
+    t.observer.call_ended(call, ok_end())
+    t.observer.attempt_ended(call, attempt("a", URL_A, outcome="cancelled", latency_s=0.75))
+    t.observer.decided(call, Decision("rescue"))  # too late for the ended span: counted nowhere, no warning
+    span = t.call_span()
+    late = t.attempt_spans()[-1]
+    assert (late.name, late.parent.span_id) == ("attempt a", span.context.span_id)
+    assert late.attributes["holysheep_lb.attempt.outcome"] == "cancelled"
+    assert span.attributes["holysheep_lb.attempts"] == 1  # as many as had ended when the call did
+    assert [e.name for e in span.events] == ["holysheep_lb.hedge"]
+    assert sum(p.value for p in t.points("holysheep_lb.client.attempts")) == 2
 
 
 def test_two_observers_on_one_call_keep_separate_state():

@@ -209,15 +209,30 @@ def _spend_usd(result: Any) -> Optional[float]:
 
 
 class _CallState:
-    """What the observer keeps for one call between its events (in ``CallInfo.state``)."""
+    """What the observer keeps for one call between its events (in ``CallInfo.state``).
 
-    __slots__ = ("span", "base", "attempts", "first_chunk_at")
+    It stays there after the call ended: a hedged copy that loses may report its attempt
+    later, from its own thread, and still becomes a child span of the call."""
+
+    __slots__ = ("span", "base", "attempts", "first_chunk_at", "ended", "lock")
 
     def __init__(self, span: Span, base: Dict[str, AttributeValue]) -> None:
         self.span = span
         self.base = base                 # the metric attributes known at the start
         self.attempts = 0
         self.first_chunk_at: Optional[float] = None
+        self.ended = False
+        self.lock = threading.Lock()     # guards attempts and ended: hedged copies report from their threads
+
+    def count_attempt(self) -> None:
+        with self.lock:
+            self.attempts += 1
+
+    def end(self) -> bool:
+        """True the first time only: a call's span ends once."""
+        with self.lock:
+            first, self.ended = not self.ended, True
+            return first
 
 
 class OTelObserver(CallObserver):
@@ -301,7 +316,7 @@ class OTelObserver(CallObserver):
         state = call.state.get(self._key)
         if not isinstance(state, _CallState):
             return  # the call started before this observer was added
-        state.attempts += 1
+        state.count_attempt()
         attrs: Dict[str, AttributeValue] = {"holysheep_lb.node.id": attempt.node_id,
                                             "holysheep_lb.attempt.outcome": attempt.outcome,
                                             "holysheep_lb.attempt.latency_s": attempt.latency_s,
@@ -331,9 +346,10 @@ class OTelObserver(CallObserver):
         if not isinstance(state, _CallState):
             return
         kind = decision.kind
-        attrs = {f"holysheep_lb.{key}": _detail_value(value) for key, value in decision.detail.items()
-                 if isinstance(key, str)}
-        state.span.add_event(f"holysheep_lb.{kind}", attributes=attrs)
+        if not state.ended:  # an ended span takes no more events
+            attrs = {f"holysheep_lb.{key}": _detail_value(value) for key, value in decision.detail.items()
+                     if isinstance(key, str)}
+            state.span.add_event(f"holysheep_lb.{kind}", attributes=attrs)
         if kind == "fallback":
             self._fallbacks.add(1, state.base)
         elif kind == "hedge":
@@ -349,8 +365,8 @@ class OTelObserver(CallObserver):
             state.first_chunk_at = at
 
     def call_ended(self, call: CallInfo, end: CallEnd) -> None:
-        state = call.state.pop(self._key, None)
-        if not isinstance(state, _CallState):
+        state = call.state.get(self._key)
+        if not isinstance(state, _CallState) or not state.end():
             return
         span, metric_attrs = state.span, dict(state.base)
         try:
