@@ -489,6 +489,7 @@ def test_a_losing_hedge_that_reports_after_the_call_ended_is_still_a_child_span(
     late = t.attempt_spans()[-1]
     assert (late.name, late.parent.span_id) == ("attempt a", span.context.span_id)
     assert late.attributes["holysheep_lb.attempt.outcome"] == "cancelled"
+    assert late.status.status_code == StatusCode.UNSET  # cancelled, not failed
     assert span.attributes["holysheep_lb.attempts"] == 1  # as many as had ended when the call did
     assert [e.name for e in span.events] == ["holysheep_lb.hedge"]
     assert sum(p.value for p in t.points("holysheep_lb.client.attempts")) == 2

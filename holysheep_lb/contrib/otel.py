@@ -88,6 +88,7 @@ TIME_PER_CHUNK_BUCKETS_S: Tuple[float, ...] = (0.01, 0.025, 0.05, 0.075, 0.1, 0.
 
 _GENAI_OPERATIONS = frozenset({"chat", "embeddings"})
 _BUDGET_DECISIONS = frozenset({"budget_refused", "retry_budget_exhausted"})
+_NOT_FAILURES = frozenset({"ok", "cancelled"})  # a losing hedge is cancelled, not failed
 _MAX_DETAIL_CHARS = 256
 
 # request parameter -> (attribute, accepted type)
@@ -333,7 +334,7 @@ class OTelObserver(CallObserver):
         span = self._tracer.start_span(f"attempt {attempt.node_id}", context=_trace.set_span_in_context(state.span),
                                        kind=SpanKind.INTERNAL, attributes=attrs,
                                        start_time=end_ns - int(max(0.0, attempt.latency_s) * 1e9))
-        if attempt.outcome != "ok":
+        if attempt.outcome not in _NOT_FAILURES:
             span.set_status(Status(StatusCode.ERROR, attempt.error_type or attempt.outcome))
         span.end(end_time=end_ns)
         self._attempts.add(1, {"holysheep_lb.node.id": attempt.node_id,
