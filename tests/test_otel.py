@@ -123,6 +123,19 @@ def test_the_answering_nodes_explicit_port_is_reported():
     assert t.call_span().attributes["server.port"] == 8101
 
 
+def test_without_a_base_url_on_call_ended_the_answering_nodes_address_comes_from_its_attempt():
+    t = Telemetry()
+    call = chat_call()
+    t.observer.call_started(call)
+    t.observer.attempt_ended(call, attempt("a", URL_A, outcome="connect", next_step="retry"))
+    t.observer.attempt_ended(call, attempt("b", URL_B))
+    t.observer.call_ended(call, ok_end(base_url=None, node_id="b"))
+    assert (t.call_span().attributes["server.address"], t.call_span().attributes["server.port"]) == (
+        "eu.gateway.example", 443)
+    [duration] = t.points("gen_ai.client.operation.duration")
+    assert duration.attributes["server.address"] == "eu.gateway.example"
+
+
 def test_an_embeddings_call_is_named_embeddings_and_carries_its_dimensions():
     t = Telemetry()
     call = CallInfo(operation="embeddings", model="text-embedding-3-small",

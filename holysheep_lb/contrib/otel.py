@@ -215,19 +215,28 @@ class _CallState:
     It stays there after the call ended: a hedged copy that loses may report its attempt
     later, from its own thread, and still becomes a child span of the call."""
 
-    __slots__ = ("span", "base", "attempts", "first_chunk_at", "ended", "lock")
+    __slots__ = ("span", "base", "attempts", "node_urls", "first_chunk_at", "ended", "lock")
 
     def __init__(self, span: Span, base: Dict[str, AttributeValue]) -> None:
         self.span = span
         self.base = base                 # the metric attributes known at the start
         self.attempts = 0
+        self.node_urls: Dict[str, str] = {}  # node id -> base URL, from the attempts (one per node tried)
         self.first_chunk_at: Optional[float] = None
         self.ended = False
-        self.lock = threading.Lock()     # guards attempts and ended: hedged copies report from their threads
+        self.lock = threading.Lock()     # guards the above: hedged copies report from their threads
 
-    def count_attempt(self) -> None:
+    def count_attempt(self, node_id: str, base_url: str) -> None:
         with self.lock:
             self.attempts += 1
+            self.node_urls[node_id] = base_url
+
+    def answering_url(self, end: CallEnd) -> Optional[str]:
+        """The answering node's URL: the event's, else that of the attempt on its node."""
+        if end.base_url or not end.node_id:
+            return end.base_url
+        with self.lock:
+            return self.node_urls.get(end.node_id)
 
     def end(self) -> bool:
         """True the first time only: a call's span ends once."""
@@ -317,7 +326,7 @@ class OTelObserver(CallObserver):
         state = call.state.get(self._key)
         if not isinstance(state, _CallState):
             return  # the call started before this observer was added
-        state.count_attempt()
+        state.count_attempt(attempt.node_id, attempt.base_url)
         attrs: Dict[str, AttributeValue] = {"holysheep_lb.node.id": attempt.node_id,
                                             "holysheep_lb.attempt.outcome": attempt.outcome,
                                             "holysheep_lb.attempt.latency_s": attempt.latency_s,
@@ -389,7 +398,7 @@ class OTelObserver(CallObserver):
 
     def _end_attributes(self, state: _CallState, end: CallEnd) -> Dict[str, AttributeValue]:
         attrs: Dict[str, AttributeValue] = {"holysheep_lb.attempts": state.attempts}
-        attrs.update(server_of(end.base_url))
+        attrs.update(server_of(state.answering_url(end)))
         if end.node_id:
             attrs["holysheep_lb.node.id"] = end.node_id
         if end.response_model:
