@@ -16,10 +16,22 @@ The Prometheus collector reads the client's state only when scraped, so its per-
 cost should be nil; the "scraped every 0.1 s" row shows that scrapes running beside
 the calls do not slow them either (locks are held for microseconds, no lock during I/O).
 
+The OpenTelemetry rows (``holysheep_lb.contrib.otel``) do work on the call path: a span
+per call and per attempt and a few histogram and counter updates. "otel on (SDK,
+in-memory exporter)" is the real SDK with a SimpleSpanProcessor exporting every span
+into memory as it ends (cleared between measurements) and an in-memory metric reader;
+"otel, API only (no-op providers)" is the observer alone, with the API's no-op tracer
+and meter (what an installed but unconfigured OpenTelemetry costs). Both need a Client
+that fires call events (``client.add_observer``); the output says when it fires none,
+and then those rows measure nothing.
+
 To add a kind of telemetry, append a ``Telemetry`` row: ``attach(client)`` wires it up
 and returns a scrape function (or None when there is nothing to scrape).
 
-    python benchmarks/telemetry.py [--seconds 1] [--rounds 5] [--scrapes 200]
+The last table feeds one call's events straight to the OpenTelemetry observer (no client,
+no network): its cost per call wherever the client fires the events.
+
+    python benchmarks/telemetry.py [--seconds 1] [--rounds 5] [--scrapes 200] [--observer-calls 2000]
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ import statistics
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -56,6 +69,7 @@ class Telemetry:
     name: str
     attach: Callable[[Client], Optional[Scrape]]
     scrape_every_s: Optional[float] = None
+    between_rounds: Optional[Callable[[Client], None]] = None
 
 
 def _none(client: Client) -> Optional[Scrape]:
@@ -72,11 +86,85 @@ def _prometheus(client: Client) -> Optional[Scrape]:
     return lambda: generate_latest(registry)
 
 
+class _OTelPipeline:
+    """An instrumented client's in-memory SDK pipeline (None parts for the no-op providers)."""
+
+    def __init__(self, exporter: Any, reader: Any) -> None:
+        self.exporter = exporter
+        self.reader = reader
+        self.calls_seen = 0
+        self.error: Optional[str] = None
+
+
+_OTEL: "weakref.WeakKeyDictionary[Client, _OTelPipeline]" = weakref.WeakKeyDictionary()
+
+
+def _instrument(client: Client, tracer_provider: Any, meter_provider: Any, pipeline: _OTelPipeline) -> None:
+    from holysheep_lb.contrib.otel import instrument
+
+    _OTEL[client] = pipeline
+    try:
+        instrument(client, tracer_provider, meter_provider)
+    except TypeError as exc:  # a Client that takes no observers yet
+        pipeline.error = str(exc)
+
+
+def _otel_sdk(client: Client) -> Optional[Scrape]:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    _instrument(client, tracer_provider, MeterProvider(metric_readers=[reader]), _OTelPipeline(exporter, reader))
+    return None  # OpenTelemetry pushes through its exporters: nothing to scrape here
+
+
+def _otel_noop(client: Client) -> Optional[Scrape]:
+    from opentelemetry.metrics import NoOpMeterProvider
+    from opentelemetry.trace import NoOpTracerProvider
+
+    _instrument(client, NoOpTracerProvider(), NoOpMeterProvider(), _OTelPipeline(None, None))
+    return None
+
+
+def _otel_between_rounds(client: Client) -> None:
+    """Count the calls the exporter saw, then empty it (memory stays bounded)."""
+    pipeline = _OTEL.get(client)
+    if pipeline is not None and pipeline.exporter is not None:
+        spans = pipeline.exporter.get_finished_spans()
+        pipeline.calls_seen += sum(1 for span in spans if span.parent is None)
+        pipeline.exporter.clear()
+
+
 CONFIGURATIONS: List[Telemetry] = [
     Telemetry("none", _none),
     Telemetry("prometheus collector", _prometheus),
     Telemetry("prometheus, scraped every 0.1 s", _prometheus, scrape_every_s=0.1),
+    Telemetry("otel on (SDK, in-memory exporter)", _otel_sdk, between_rounds=_otel_between_rounds),
+    Telemetry("otel, API only (no-op providers)", _otel_noop),
 ]
+
+
+def _events_note(clients: Dict[str, Client]) -> List[str]:
+    """Lines that say whether the OpenTelemetry rows measured anything."""
+    notes = []
+    for name, client in clients.items():
+        pipeline = _OTEL.get(client)
+        if pipeline is None:
+            continue
+        if pipeline.error is not None:
+            notes.append(f"NOTE {name}: not instrumented ({pipeline.error}); this row is a plain client, "
+                         "not meaningful")
+        elif pipeline.exporter is not None and pipeline.calls_seen == 0:
+            notes.append(f"NOTE {name}: the client fired no call events (observers are not wired into the "
+                         "Client yet): the otel rows measure an observer that is never called, not meaningful")
+        elif pipeline.exporter is not None:
+            notes.append(f"{name}: {pipeline.calls_seen} call spans exported")
+    return notes
 
 
 def measure(call: Callable[[], Any], threads: int, seconds: float) -> Tuple[float, float]:
@@ -143,8 +231,8 @@ def per_call(gw: GatewayProcess, seconds: float, rounds: int) -> bool:
         for _ in range(20):
             call()  # warm the pools and the first latency samples
     print(f"\nPer call ({len(NODES)} nodes at 0 ms, medians of {rounds} interleaved rounds of {seconds:g} s)")
-    print(f"{'telemetry':<34} {'threads':>7} {'calls/s':>9} {'µs/call':>8} {'vs none':>8} {'CPU µs/call':>12} "
-          f"{'vs none':>8}")
+    print(f"{'telemetry':<34} {'threads':>7} {'calls/s':>9} {'µs/call':>8} {'vs none':>8} {'ratio':>6} "
+          f"{'CPU µs/call':>12} {'vs none':>8} {'ratio':>6}")
     for threads in (1, 8):
         rates: Dict[str, List[float]] = {row.name: [] for row in CONFIGURATIONS}
         cpus: Dict[str, List[float]] = {row.name: [] for row in CONFIGURATIONS}
@@ -159,14 +247,21 @@ def per_call(gw: GatewayProcess, seconds: float, rounds: int) -> bool:
                         scraper.stop()
                 rates[row.name].append(rate)
                 cpus[row.name].append(cpu_us)
+                if row.between_rounds is not None:
+                    row.between_rounds(clients[row.name])
         base_us = 1e6 / statistics.median(rates["none"])
         base_cpu = statistics.median(cpus["none"])
         for row in CONFIGURATIONS:
             rate = statistics.median(rates[row.name])
             us = 1e6 / rate
             cpu_us = statistics.median(cpus[row.name])
-            print(f"{row.name:<34} {threads:>7} {rate:>9.0f} {us:>8.1f} {us - base_us:>+8.1f} {cpu_us:>12.1f} "
-                  f"{cpu_us - base_cpu:>+8.1f}")
+            print(f"{row.name:<34} {threads:>7} {rate:>9.0f} {us:>8.1f} {us - base_us:>+8.1f} {us / base_us:>6.2f} "
+                  f"{cpu_us:>12.1f} {cpu_us - base_cpu:>+8.1f} {cpu_us / base_cpu:>6.2f}")
+    for row in CONFIGURATIONS:
+        if row.between_rounds is not None:
+            row.between_rounds(clients[row.name])  # the warm-up and the last round
+    for line in _events_note(clients):
+        print(line)
     ok = True
     for client in clients.values():
         stats = client.stats()
@@ -199,17 +294,64 @@ def per_scrape(gw: GatewayProcess, scrapes: int) -> None:
         client.close()
 
 
+def per_observer_call(calls: int) -> None:
+    """The OpenTelemetry observer alone: one call's events (start, one attempt, end) fed
+    straight to it, no client and no network; what each call costs wherever it is wired."""
+    try:
+        from opentelemetry.metrics import NoOpMeterProvider
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        from opentelemetry.trace import NoOpTracerProvider
+
+        from holysheep_lb.contrib.otel import OTelObserver
+        from holysheep_lb.observe import AttemptEvent, CallEnd, CallInfo
+    except ImportError as exc:
+        print(f"\nObserver alone: skipped ({exc})")
+        return
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    observers = {"otel on (SDK, in-memory exporter)": OTelObserver(
+                     tracer_provider, MeterProvider(metric_readers=[InMemoryMetricReader()])),
+                 "otel, API only (no-op providers)": OTelObserver(NoOpTracerProvider(), NoOpMeterProvider())}
+    attempt = AttemptEvent(node_id="node-0", base_url="http://127.0.0.1:8101/v1", model="model-0", outcome="ok",
+                           latency_s=0.01, status_code=200)
+    end = CallEnd(node_id="node-0", base_url="http://127.0.0.1:8101/v1", response_model="model-0",
+                  response_id="chatcmpl-1", finish_reasons=("stop",), input_tokens=12, output_tokens=30,
+                  ended_at=1.02)
+    print(f"\nObserver alone (events of one call with one attempt fed directly, median of 5 x {calls} calls)")
+    print(f"{'telemetry':<34} {'µs/call':>8}")
+    for name, observer in observers.items():
+        runs = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                call = CallInfo(operation="chat", model="model-0", params={"max_tokens": 64}, messages=MSGS,
+                                started_at=1.0)
+                observer.call_started(call)
+                observer.attempt_ended(call, attempt)
+                observer.call_ended(call, end)
+            runs.append((time.perf_counter() - t0) * 1e6 / calls)
+            exporter.clear()
+        print(f"{name:<34} {statistics.median(runs):>8.1f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=1.0, help="length of one measurement")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per thread count")
     ap.add_argument("--scrapes", type=int, default=200, help="scrapes timed per row")
+    ap.add_argument("--observer-calls", type=int, default=2000, help="calls fed to the observer alone, per run")
     args = ap.parse_args()
     with GatewayProcess(NODES) as gw:
         ok = per_call(gw, args.seconds, args.rounds)
         per_scrape(gw, args.scrapes)
+    per_observer_call(args.observer_calls)
     print(f"\nreproduce: python benchmarks/telemetry.py --seconds {args.seconds:g} --rounds {args.rounds} "
-          f"--scrapes {args.scrapes}")
+          f"--scrapes {args.scrapes} --observer-calls {args.observer_calls}")
     return 0 if ok else 1
 
 

@@ -4,4 +4,6 @@
   processes on Redis.
 - :mod:`holysheep_lb.contrib.prometheus`: a Prometheus collector that reads a client's
   state at scrape time (``pip install holysheep_lb[prometheus]``).
+- :mod:`holysheep_lb.contrib.otel`: OpenTelemetry spans and metrics after the GenAI
+  semantic conventions, ``instrument(client)`` (``pip install holysheep_lb[otel]``).
 """
