@@ -16,9 +16,6 @@ from holysheep_lb import Client, HolySheepError  # noqa: E402
 from holysheep_lb.contrib.otel import instrument  # noqa: E402
 from tests.otel_support import Telemetry  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not hasattr(Client, "add_observer"),
-                                reason="the Client does not fire call events yet (no add_observer)")
-
 MODEL = "gpt-4.1"
 PROMPT = "tell me about the quarterly numbers"
 MSGS = [{"role": "user", "content": PROMPT}]
