@@ -317,7 +317,11 @@ class ClientConfig:
     backoff_base_s: float = 0.05
     backoff_cap_s: float = 2.0
     retry_after_cap_s: float = 60.0
-    pool_maxsize: int = 32
+    # Keep-alive connections kept per node. urllib3 opens a connection only when none is
+    # idle, so a pool holds as many as the node had requests in flight at once (sockets
+    # are bounded by the callers' concurrency), up to this cap; above it each extra
+    # connection is closed after use ("Connection pool is full") and reopened next time.
+    pool_maxsize: int = 256
     max_response_bytes: int = 16 * 1024 * 1024
     stream_first_chunk_timeout_s: float = 30.0
     stream_stall_timeout_s: float = 60.0
