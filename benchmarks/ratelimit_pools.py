@@ -76,8 +76,8 @@ def drive(bucket: TokenBucket, clock: _Clock, sizes: List[float], step_s: float 
 def rule_rows(per_minute: float, sizes: List[float], whole: bool) -> List[Tuple[str, Dict[str, float]]]:
     rows = []
     clock = _Clock()
-    rows.append(("0.1: capacity = a minute", drive(TokenBucket(per_minute / 60, per_minute, clock=clock), clock,
-                                                    sizes)))
+    old = TokenBucket(per_minute / 60, per_minute, clock=clock)
+    rows.append(("0.1: capacity = a minute", drive(old, clock, sizes)))
     for burst_s in (1.0, 10.0):
         clock = _Clock()
         rate, burst = minute_bucket_shape(per_minute, burst_s, whole=whole)
