@@ -300,7 +300,9 @@ class ClientConfig:
     ``fallbacks={"model": ["next", ...]}`` and ``fallback_reply(model, payload, error)``;
     ``requests_per_minute``/``tokens_per_minute``, ``model_rate_limits={"model":
     {"requests_per_minute": ..., "tokens_per_minute": ...}}`` and
-    ``rate_limiter_factory(name, rate_per_s, capacity)``; ``retry_budget_ratio`` (None:
+    ``rate_limiter_factory(name, rate_per_s, capacity)``; ``rate_limit_burst_s`` (each
+    limit's burst in seconds of its rate: no limit admits more than its number in any 60 s
+    window, see :mod:`holysheep_lb.ratelimit`); ``retry_budget_ratio`` (None:
     off), ``retry_budget_min_per_s``, ``retry_budget_ttl_s``; ``hedge_delay_s`` (seconds
     or ``"p95"``; None: off), ``hedge_max_ratio``, ``hedge_max_threads``.
     """
@@ -315,7 +317,11 @@ class ClientConfig:
     backoff_base_s: float = 0.05
     backoff_cap_s: float = 2.0
     retry_after_cap_s: float = 60.0
-    pool_maxsize: int = 32
+    # Keep-alive connections kept per node. urllib3 opens a connection only when none is
+    # idle, so a pool holds as many as the node had requests in flight at once (sockets
+    # are bounded by the callers' concurrency), up to this cap; above it each extra
+    # connection is closed after use ("Connection pool is full") and reopened next time.
+    pool_maxsize: int = 256
     max_response_bytes: int = 16 * 1024 * 1024
     stream_first_chunk_timeout_s: float = 30.0
     stream_stall_timeout_s: float = 60.0
@@ -347,6 +353,7 @@ class ClientConfig:
     tokens_per_minute: Optional[float] = None
     model_rate_limits: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     rate_limiter_factory: Optional[Callable[[str, float, float], Any]] = None
+    rate_limit_burst_s: float = 1.0  # each limit's burst, in seconds of its rate (see ratelimit.py)
     # retry budget (see retry.py); ratio None turns it off
     retry_budget_ratio: Optional[float] = 0.2
     retry_budget_min_per_s: float = 1.0
@@ -462,6 +469,11 @@ def _check_resilience(cfg: ClientConfig) -> None:
     put("fallbacks", MappingProxyType(chains))
     for name in ("requests_per_minute", "tokens_per_minute"):
         _check_number(name, getattr(cfg, name), strict=True, allow_none=True)
+    burst_s = cfg.rate_limit_burst_s
+    if isinstance(burst_s, bool) or not isinstance(burst_s, (int, float)) or not 0 < burst_s <= 30:
+        raise ConfigError("rate_limit_burst_s", burst_s,
+                          "must be a number of seconds in (0, 30]: the burst a limit lets through at once, "
+                          "as seconds of its rate (a larger burst leaves less than half the minute's pace)")
     limits: Dict[str, Mapping[str, float]] = {}
     for model, spec in model_map("model_rate_limits", cfg.model_rate_limits).items():
         allowed = ("requests_per_minute", "tokens_per_minute")

@@ -4,8 +4,38 @@ These limits are the caller's own quota (a provider's requests or tokens per min
 enforced before anything is sent; a 429 from a node is a different thing
 (:class:`~holysheep_lb.errors.RateLimitError`).
 
+The rule of a per-minute limit
+------------------------------
+``requests_per_minute=N`` (and ``tokens_per_minute=N``, and each model's limits) never
+admit more than ``N`` in any 60 s window, wherever the window starts: the first minute
+included, whatever the threads do. Each limit is a token bucket whose capacity is the
+*burst* ``B`` (``rate_limit_burst_s`` seconds' worth of the limit, one second by default;
+at least one request for a request limit) and whose refill is ``(N - B) / 60`` per second,
+so any 60 s window holds at most what was in the bucket at its start (``<= B``) plus a
+minute of refill (``N - B``): ``N``. The sustained pace is ``N - B`` a minute (98% of ``N``
+with the default burst); a larger burst trades pace for headroom. Providers that enforce a
+minute over shorter windows (Azure OpenAI: 1 to 10 s) see at most ``B`` at once.
+
+A single call larger than the burst (a big token estimate) is not refused: while nobody
+takes from it the bucket keeps filling past ``B`` (up to ``N``), the call goes once it
+holds enough, and the bucket then starts from ``B`` minus the call, in debt, so the
+callers after it wait for the refill. In symbols, with ``E`` the bucket's level (refill
+uncapped since the last take), a take of ``n <= N`` waits for ``E >= n`` and leaves
+``min(B, E) - n``; summing over the takes in any window of 60 s gives at most
+``B + 60 * (N - B) / 60 = N``. Calls larger than the burst lower the pace (each needs
+the bucket to have idled ``(n - B) / rate``): set the burst to cover your usual call. A
+call above ``N`` can never be admitted and is refused at once. A new bucket (or process)
+starts as if it had been idle for a minute.
+
+Settling usage (``adjust``): a call that used more tokens than estimated takes the
+difference afterwards (the bucket may go into debt, delaying the next callers); one
+that used fewer gives the difference back, which refills the bucket up to ``B`` (never
+past it): given-back tokens never add to a burst.
+
 A limiter is any object with three methods, so a process-shared implementation
-(Redis) can replace :class:`TokenBucket` through ``Client(rate_limiter_factory=...)``:
+(Redis, with the same rule) can replace :class:`TokenBucket` through
+``Client(rate_limiter_factory=...)``, called as ``factory(name, rate_per_s, capacity)``
+with the refill rate and the burst above (``capacity + 60 * rate_per_s`` is the limit):
 
 ``acquire(n=1, timeout=None)``  block until ``n`` tokens are taken, or raise
                                  :class:`~holysheep_lb.errors.RateLimitExceeded`
@@ -26,7 +56,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple
 
 from .errors import RateLimitExceeded
 
-__all__ = ["Limiter", "TokenBucket", "RateLimits", "Reservation", "estimate_tokens", "usage_tokens"]
+__all__ = ["Limiter", "TokenBucket", "RateLimits", "Reservation", "estimate_tokens", "usage_tokens",
+           "minute_bucket_shape"]
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +74,41 @@ class Limiter(Protocol):
     def adjust(self, delta: float) -> None: ...
 
 
+def _check_positive(label: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"TokenBucket {label} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def minute_bucket_shape(per_minute: float, burst_s: float, *, whole: bool) -> Tuple[float, float]:
+    """(refill rate per second, burst) of a limit of ``per_minute`` (see the module docstring).
+
+    The burst is ``burst_s`` seconds' worth; ``whole`` (a request limit) makes it at least
+    one, so that single requests keep the full pace, yet below the limit (a refill of zero
+    would never admit again).
+    """
+    per_minute = _check_positive("per_minute", per_minute)
+    burst = per_minute * _check_positive("burst_s", burst_s) / 60.0
+    if whole:
+        burst = max(burst, 1.0)
+    if burst >= per_minute:
+        burst = per_minute / 2.0
+    return (per_minute - burst) / 60.0, burst
+
+
 class TokenBucket:
-    """A thread-safe token bucket: ``rate_per_s`` tokens a second, at most ``capacity``.
+    """A thread-safe token bucket: ``rate_per_s`` tokens a second, at most ``capacity``
+    at once.
+
+    ``max_take`` (default: ``capacity``) is the largest single take. Above ``capacity``,
+    the bucket fills past its capacity while nobody takes from it, and each take first
+    cuts it back to ``capacity``: this is the per-minute rule of the module docstring,
+    which bounds any 60 s window to ``capacity + 60 * rate_per_s`` when ``max_take`` is
+    that sum. With the default it is a classic bucket. It starts holding ``max_take``.
 
     ``acquire`` blocks (no busy-waiting) and serves callers first come, first served:
     a large request is not starved by small ones, and ``try_acquire`` never overtakes a
-    blocked caller. It starts full. ``clock`` is injectable (tests pass a fake one with
+    blocked caller. ``clock`` is injectable (tests pass a fake one with
     ``try_acquire``/``acquire(timeout=0)``).
 
     Interrupt-safe: a blocked caller sleeps on a C-level queue of its own, outside the
@@ -57,18 +117,19 @@ class TokenBucket:
     ``__enter__`` or ``wait``, which would hang every caller of the bucket.)
     """
 
-    def __init__(self, rate_per_s: float, capacity: float, *,
+    def __init__(self, rate_per_s: float, capacity: float, *, max_take: Optional[float] = None,
                  clock: Callable[[], float] = time.monotonic, name: str = "bucket") -> None:
-        for label, value in (("rate_per_s", rate_per_s), ("capacity", capacity)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value <= 0:
-                raise ValueError(f"TokenBucket {label} must be a finite number > 0, got {value!r}")
-        self.rate_per_s = float(rate_per_s)
-        self.capacity = float(capacity)
+        self.rate_per_s = _check_positive("rate_per_s", rate_per_s)
+        self.capacity = _check_positive("capacity", capacity)
+        self.max_take = self.capacity if max_take is None else _check_positive("max_take", max_take)
+        if self.max_take < self.capacity:
+            raise ValueError(f"TokenBucket max_take must be >= capacity ({self.capacity:g}), got {max_take!r}")
         self.name = name
         self._clock = clock
         self._tokens_lock = threading.Lock()
-        self._tokens = self.capacity
+        # The level, refilled uncapped (up to max_take) since the last take; a take cuts
+        # it to the capacity first (see _take).
+        self._tokens = self.max_take
         self._stamp = clock()
         # blocked callers in arrival order, each sleeping on its own queue until woken
         self._queue: "collections.deque[queue.SimpleQueue[None]]" = collections.deque()
@@ -76,10 +137,11 @@ class TokenBucket:
         # counted under the lock the bucket takes anyway: free on the path that does not wait
         self.waits = 0          # acquires that had to block
         self.waited_s = 0.0     # time they spent blocked
-        self.rejections = 0     # acquires refused (timed out, or more than the capacity)
+        self.rejections = 0     # acquires refused (timed out, or more than max_take)
 
     def __repr__(self) -> str:
-        return f"<TokenBucket {self.name} rate_per_s={self.rate_per_s:g} capacity={self.capacity:g}>"
+        return (f"<TokenBucket {self.name} rate_per_s={self.rate_per_s:g} capacity={self.capacity:g}"
+                + ("" if self.max_take == self.capacity else f" max_take={self.max_take:g}") + ">")
 
     def reset_after_fork(self) -> None:
         """The parent's blocked callers do not exist in a child; neither does their lock."""
@@ -88,15 +150,20 @@ class TokenBucket:
 
     def _refill(self, now: float) -> None:
         if now > self._stamp:
-            self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate_per_s)
+            self._tokens = min(self.max_take, self._tokens + (now - self._stamp) * self.rate_per_s)
             self._stamp = now
+
+    def _take(self, n: float) -> None:
+        """Take ``n`` (a grant, or debt): the level first drops to the capacity. Under the lock."""
+        self._tokens = min(self.capacity, self._tokens) - n
+        self.consumed += n
 
     def _check(self, n: float) -> float:
         if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
             raise ValueError(f"token count must be a finite number > 0, got {n!r}")
-        if n > self.capacity:
+        if n > self.max_take:
             raise RateLimitExceeded(self.name, n, None,
-                                    f"more than the limit's capacity of {self.capacity:g}")
+                                    f"more than the limit's maximum of {self.max_take:g} at once")
         return float(n)
 
     def try_acquire(self, n: float = 1) -> bool:
@@ -107,15 +174,14 @@ class TokenBucket:
             self._refill(now)
             if self._queue or self._tokens + _EPSILON < n:
                 return False
-            self._tokens -= n
-            self.consumed += n
+            self._take(n)
             return True
 
     def acquire(self, n: float = 1, timeout: Optional[float] = None) -> None:
         """Block until ``n`` tokens are taken (in arrival order).
 
         Raises :class:`RateLimitExceeded` once ``timeout`` seconds have passed without
-        them (``timeout=0`` never blocks), or at once if ``n`` exceeds the capacity.
+        them (``timeout=0`` never blocks), or at once if ``n`` exceeds ``max_take``.
         """
         try:
             n = self._check(n)
@@ -139,8 +205,7 @@ class TokenBucket:
                     wait_s: Optional[float] = None  # not first in line: wait to be woken
                     if self._queue[0] is me:
                         if self._tokens + _EPSILON >= n:
-                            self._tokens -= n
-                            self.consumed += n
+                            self._take(n)
                             return
                         wait_s = (n - self._tokens) / self.rate_per_s
                     short = max(0.0, n - self._tokens)
@@ -169,14 +234,18 @@ class TokenBucket:
                 head.put(None)  # the next in line may go now
 
     def adjust(self, delta: float) -> None:
-        """Take ``delta`` more tokens (the bucket may go into debt) or give ``-delta`` back."""
+        """Take ``delta`` more tokens (the bucket may go into debt) or give ``-delta`` back
+        (refilling up to the capacity, never past it)."""
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta):
             raise ValueError(f"delta must be a finite number, got {delta!r}")
         now = self._clock()
         with self._tokens_lock:
             self._refill(now)
-            self._tokens = min(self.capacity, self._tokens - delta)
-            self.consumed += delta
+            if delta >= 0:
+                self._take(delta)
+            else:
+                self._tokens = max(self._tokens, min(self.capacity, self._tokens - delta))
+                self.consumed += delta
             head = self._queue[0] if delta < 0 and self._queue else None
         if head is not None:
             head.put(None)  # tokens came back: the first in line may go now
@@ -197,7 +266,7 @@ class TokenBucket:
         now = self._clock()
         with self._tokens_lock:
             self._refill(now)
-            return {"rate_per_s": self.rate_per_s, "capacity": self.capacity,
+            return {"rate_per_s": self.rate_per_s, "capacity": self.capacity, "max_take": self.max_take,
                     "available": round(self._tokens, 3), "waiting": len(self._queue),
                     "consumed": round(self.consumed, 3), "waits": self.waits,
                     "waited_s": round(self.waited_s, 6), "rejections": self.rejections}
@@ -299,20 +368,22 @@ class RateLimits:
 
     Each model a call tries takes one request and its estimated tokens from the client's
     limits and from that model's limits (in that order, each blocking within the call's
-    deadline). A limit's burst capacity is one minute's worth.
+    deadline). Each limit admits at most its number in any 60 s window, with bursts of
+    ``burst_s`` seconds' worth (see the module docstring).
     """
 
     def __init__(self, *, requests_per_minute: Optional[float] = None,
                  tokens_per_minute: Optional[float] = None,
                  per_model: Optional[Mapping[str, Mapping[str, float]]] = None,
-                 factory: Optional[LimiterFactory] = None,
+                 factory: Optional[LimiterFactory] = None, burst_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         def make(name: str, per_minute: Optional[float]) -> Optional[Limiter]:
             if per_minute is None:
                 return None
+            rate_per_s, burst = minute_bucket_shape(per_minute, burst_s, whole=name.startswith("requests"))
             if factory is not None:
-                return factory(name, per_minute / 60.0, float(per_minute))
-            return TokenBucket(per_minute / 60.0, per_minute, clock=clock, name=name)
+                return factory(name, rate_per_s, burst)
+            return TokenBucket(rate_per_s, burst, max_take=float(per_minute), clock=clock, name=name)
 
         self._client = (make("requests", requests_per_minute), make("tokens", tokens_per_minute))
         self._models: Dict[str, Tuple[Optional[Limiter], Optional[Limiter]]] = {

@@ -4,9 +4,13 @@ This is the only module that touches requests/urllib3 exceptions: ``translate_er
 turns every one of them into our tree (most specific class first), so callers above
 it see :mod:`holysheep_lb.errors` only.
 
-Per-node sessions are built for thread pools: the connection pool holds
-``pool_maxsize`` keep-alive connections, urllib3's own retries are off (the client
-retries on *another* node instead), redirects are never followed (an Authorization
+Per-node sessions are built for thread pools: each node's pool keeps as many keep-alive
+connections as that node had requests in flight at once, up to ``pool_maxsize`` (256 by
+default). urllib3 opens a connection only when none is idle, so the sockets stay bounded
+by the callers' own concurrency, and a pool never closes a connection it will want again
+a moment later (the old default of 32 made 96 threads over 2 nodes close and reopen
+connections all the time, logging "Connection pool is full"). urllib3's own retries are
+off (the client retries on *another* node instead), redirects are never followed (an Authorization
 header must not travel to another host), and ``trust_env`` is off: proxies and the CA
 bundle are read from the environment once per node here instead of on every request.
 A proxy that would read the API key in cleartext is refused at construction

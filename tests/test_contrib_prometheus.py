@@ -207,8 +207,7 @@ def test_an_ejected_node_is_unusable_with_its_reason(rsps, make_client, clock):
 def test_rate_limit_waits_and_refusals_are_counted(rsps, make_client):
     rsps.post(A + "/chat/completions", json=chat_body())
     client = make_client([{"id": "a", "base_url": A}], requests_per_minute=2)
-    client.chat_completion(MSGS, model="gpt-4.1")
-    client.chat_completion(MSGS, model="gpt-4.1")
+    client.chat_completion(MSGS, model="gpt-4.1")  # the burst of one request; the next is due in 60 s
     began = time.monotonic()
     with pytest.raises(RateLimitExceeded):
         client.chat_completion(MSGS, model="gpt-4.1", deadline_s=0.05)  # waits, then is refused
@@ -296,7 +295,8 @@ def test_error_labels_are_library_exception_names_only(make_client, clock, monke
 def test_the_api_key_appears_nowhere_in_any_exposition(rsps, make_client, clock):
     rsps.post(A + "/chat/completions", status=401, json={"error": {"message": f"bad key {API_KEY}"}})
     rsps.post(B + "/chat/completions", json=chat_body())
-    client = _client(make_client, clock, breaker={"fail_max": 1}, requests_per_minute=100)
+    client = _client(make_client, clock, breaker={"fail_max": 1}, requests_per_minute=100,
+                     rate_limit_burst_s=30)  # a burst of 50: the three calls go at once
     for _ in range(3):
         try:
             client.chat_completion(MSGS, model="gpt-4.1")

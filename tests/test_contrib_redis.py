@@ -152,11 +152,10 @@ def test_a_client_keeps_answering_with_redis_down(down, rsps, make_client):
     state = RedisSharedState(down)  # real clocks: the local bucket blocks on a Condition
     client = make_client([{"id": "a", "base_url": "https://a.example/v1"}], requests_per_minute=2,
                          deadline_s=0.1, budget={"daily_usd": 10}, **state.client_options())
-    for _ in range(2):
-        assert client.chat_completion(MSGS, model="gpt-4.1")["choices"]
-    with pytest.raises(RateLimitExceeded):  # the local bucket of 2 per minute holds
+    assert client.chat_completion(MSGS, model="gpt-4.1")["choices"]
+    with pytest.raises(RateLimitExceeded):  # the local bucket of 2 per minute holds: a burst of 1
         client.chat_completion(MSGS, model="gpt-4.1")
-    assert client.cost_report()["totals"]["requests"] == 2
+    assert client.cost_report()["totals"]["requests"] == 1
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -284,3 +283,18 @@ def test_a_client_call_gets_an_answer_or_a_typed_error_from_a_garbage_redis(fail
     else:
         with pytest.raises((SharedStateUnavailableError, CircuitOpenError)):
             client.chat_completion(MSGS, model="gpt-4.1")
+
+
+# -- the per-minute rule (ratelimit branch) ---------------------------------------------------
+
+
+def test_a_shared_minute_limit_may_hold_more_than_its_burst_while_idle_but_not_more_than_a_minute(clock):
+    # factory(name, rate, burst): the bucket admits at most burst + 60 * rate in any minute,
+    # so Redis may report up to that much (an idle bucket), never more
+    idle = shared_state(GarbageRedis([1, b"0", b"63"]), clock).rate_limiter_factory("requests", 1.0, 3)
+    assert idle.max_take == 63.0
+    assert idle.try_acquire() is True
+    assert idle.snapshot()["shared"] is True
+    over = shared_state(GarbageRedis([1, b"0", b"63.5"]), clock).rate_limiter_factory("requests", 1.0, 3)
+    assert over.try_acquire() is True  # refused as garbage: the local bucket decided
+    assert over.snapshot()["shared"] is False

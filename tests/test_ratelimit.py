@@ -204,13 +204,14 @@ def test_tpm_is_reserved_from_the_estimate_and_reconciled_from_usage(rsps, make_
 
     client = make_client([{"id": "a", "base_url": A}], clock=clock, sleep=clock.sleep,
                          tokens_per_minute=600, model_rate_limits={"m": {"tokens_per_minute": 1200}},
+                         rate_limit_burst_s=30,  # bursts of 300 and 600 tokens: the call fits
                          rate_limiter_factory=lambda name, rate, cap: Recorder(rate, cap, clock=clock, name=name))
     client.chat_completion(MSGS, model="m", max_tokens=100)
     assert seen == [("tokens", "acquire", 114), ("tokens:m", "acquire", 114),
                     ("tokens", "adjust", 30 - 114), ("tokens:m", "adjust", 30 - 114)]
     limits = client.stats()["rate_limits"]
-    assert limits["tokens"]["available"] == 600 - 30
-    assert limits["tokens:m"]["available"] == 1200 - 30
+    assert limits["tokens"]["available"] == 300 - 30  # the burst, less what the call used
+    assert limits["tokens:m"]["available"] == 600 - 30
 
 
 def test_a_failed_call_gives_its_token_estimate_back_but_not_its_request(rsps, make_client, clock):
@@ -220,22 +221,21 @@ def test_a_failed_call_gives_its_token_estimate_back_but_not_its_request(rsps, m
     with pytest.raises(AllAttemptsFailedError):
         client.chat_completion(MSGS, model="m", max_tokens=100)
     limits = client.stats()["rate_limits"]
-    assert limits["tokens"]["available"] == 600
-    assert limits["requests"]["available"] == 9
+    assert limits["tokens"]["available"] == 10  # the whole burst (600/60) is back, no more
+    assert limits["requests"]["available"] == 0  # the burst of one request was used
 
 
 def test_rpm_blocks_within_the_deadline_then_raises_without_sending(rsps, make_client):
     rsps.post(A + "/chat/completions", json=OK)
     client = make_client([{"id": "a", "base_url": A}], requests_per_minute=3)
-    for _ in range(3):
-        client.chat_completion(MSGS, model="m")
+    client.chat_completion(MSGS, model="m")  # the burst: one request; the next is due in 30 s
     began = time.monotonic()
     with pytest.raises(RateLimitExceeded) as info:
         client.chat_completion(MSGS, model="m", deadline_s=0.2)
     waited = time.monotonic() - began
     assert 0.15 <= waited < 1.0, "it waited for tokens until the call's deadline, no longer"
     assert info.value.limiter == "requests"
-    assert len(rsps.calls) == 3
+    assert len(rsps.calls) == 1
     limit = client.stats()["rate_limits"]["requests"]
     assert limit["waiting"] == 0
     assert (limit["waits"], limit["rejections"]) == (1, 1)  # it waited, then was refused
@@ -249,6 +249,10 @@ def test_rpm_blocks_within_the_deadline_then_raises_without_sending(rsps, make_c
     ({"model_rate_limits": {"m": {"tokens_per_minute": -1}}}, "model_rate_limits[m].tokens_per_minute"),
     ({"model_rate_limits": [("m", 1)]}, "model_rate_limits"),
     ({"rate_limiter_factory": "redis"}, "rate_limiter_factory"),
+    ({"rate_limit_burst_s": 0}, "rate_limit_burst_s"),
+    ({"rate_limit_burst_s": 60}, "rate_limit_burst_s"),
+    ({"rate_limit_burst_s": "1"}, "rate_limit_burst_s"),
+    ({"rate_limit_burst_s": True}, "rate_limit_burst_s"),
 ])
 def test_rate_limit_settings_are_validated(make_client, options, field):
     with pytest.raises(ConfigError) as info:

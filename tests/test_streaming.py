@@ -455,22 +455,22 @@ def test_a_fallback_stream_is_paid_as_the_model_that_streamed(rsps, make_client,
 
 def test_a_streams_token_rate_reservation_is_settled_from_its_usage(rsps, make_client, clock):
     _stream_post(rsps, A)
-    client = _client(make_client, clock, tokens_per_minute=600)
+    client = _client(make_client, clock, tokens_per_minute=600, rate_limit_burst_s=30)  # a burst of 300
     stream = client.chat_completion(MSGS, model="m", stream=True, max_tokens=100)
-    assert client.stats()["rate_limits"]["tokens"]["available"] == 600 - 106  # 6 prompt + 100 estimated
+    assert client.stats()["rate_limits"]["tokens"]["available"] == 300 - 106  # 6 prompt + 100 estimated
     stream.read_text()
-    assert client.stats()["rate_limits"]["tokens"]["available"] == 600 - 9  # USAGE total_tokens
+    assert client.stats()["rate_limits"]["tokens"]["available"] == 300 - 9  # USAGE total_tokens
 
 
 def test_a_stream_that_ends_as_it_opens_is_settled_once(rsps, make_client, clock):
     _stream_post(rsps, A, body=sse())  # nothing but [DONE]: the stream ends before it is returned
-    client = _client(make_client, clock, tokens_per_minute=600)
+    client = _client(make_client, clock, tokens_per_minute=600, rate_limit_burst_s=30)  # a burst of 300
     stream = client.chat_completion(MSGS, model="gpt-4.1", stream=True, max_tokens=100)
     assert stream.state == "completed" and stream.read_text() == ""
     report = client.cost_report()
     assert report["totals"]["requests"] == 1 and report["totals"]["output_tokens"] == 100  # the estimate
     assert report["in_flight_reserved_usd"] == 0.0
-    assert client.stats()["rate_limits"]["tokens"]["available"] == 600 - 106  # no usage: the estimate stays
+    assert client.stats()["rate_limits"]["tokens"]["available"] == 300 - 106  # no usage: the estimate stays
 
 
 # ------------------------------------------------------------ dropped streams without the GC

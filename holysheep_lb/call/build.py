@@ -86,7 +86,8 @@ def build_parts(cfg: ClientConfig, *, policy: RetryPolicy, clock: Callable[[], f
                             node_settings=cfg.node_breakers, storage_factory=cfg.breaker_storage,
                             clock=breaker_wall_clock(clock))
     limits = RateLimits(requests_per_minute=cfg.requests_per_minute, tokens_per_minute=cfg.tokens_per_minute,
-                        per_model=cfg.model_rate_limits, factory=cfg.rate_limiter_factory, clock=clock)
+                        per_model=cfg.model_rate_limits, factory=cfg.rate_limiter_factory,
+                        burst_s=cfg.rate_limit_burst_s, clock=clock)
     chain = ModelChain(breakers=breakers, limits=limits, fallbacks=cfg.fallbacks,
                        fallback_reply=cfg.fallback_reply, clock=clock, policy=policy)
     retry_budget = None

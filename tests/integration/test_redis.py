@@ -90,11 +90,11 @@ def test_bucket_script_on_a_fake_clock(redis_server, prefix):
     assert bucket.available() == 4.0
     bucket.adjust(6)
     assert bucket.available() == -2.0
-    # the key expires once the bucket would be full again (3 s) plus a second
-    assert 3000 < state.redis.pttl(f"{prefix}ratelimit:requests") <= 4000
+    # the key expires once the bucket holds a whole minute again (126 / 2 s) plus a second
+    assert 63000 < state.redis.pttl(f"{prefix}ratelimit:requests") <= 64000
     with pytest.raises(RateLimitExceeded) as never:
-        bucket.acquire(5)
-    assert never.value.retry_after_s is None  # more than the capacity
+        bucket.acquire(125)
+    assert never.value.retry_after_s is None  # more than a minute's worth (4 + 60 * 2)
     snap = bucket.snapshot()  # this process's waits and refusals, for stats() and metrics
     assert (snap["waits"], snap["waited_s"], snap["rejections"]) == (1, 1.0, 2)
 
@@ -366,9 +366,10 @@ def test_the_shared_limits_are_back_when_redis_returns(redis_binary, gateway_fac
         # one makes "back" a step of the test rather than a race with the real clock.
         state_clock = FakeClock()
         state = RedisSharedState(server.url, prefix="back:", retry_interval_s=1.0, clock=state_clock)
-        other_process = RedisSharedState(server.url, prefix="back:").rate_limiter_factory("requests", 0.1, 6)
+        # the Client's limit of 6 a minute with a burst of 30 s: a burst of 3, refilled 3 a minute
+        other_process = RedisSharedState(server.url, prefix="back:").rate_limiter_factory("requests", 0.05, 3)
         with Client(nodes=gw.client_nodes(), health_check_interval_s=None, requests_per_minute=6, deadline_s=1.0,
-                    **state.client_options()) as client:
+                    rate_limit_burst_s=30, **state.client_options()) as client:
 
             def calls(n: int):
                 out = []
@@ -381,13 +382,13 @@ def test_the_shared_limits_are_back_when_redis_returns(redis_binary, gateway_fac
                 return out
 
             assert calls(2) == ["ok", "ok"]
-            # shared (the bucket refills 0.1 token/s: 0.3 allows 3 s of a loaded machine)
-            assert other_process.available() == pytest.approx(4, abs=0.3)
+            # shared (the bucket refills 0.05 token/s: 0.3 allows 6 s of a loaded machine)
+            assert other_process.available() == pytest.approx(1, abs=0.3)
             server.kill()
-            assert calls(3) == ["ok"] * 3  # this process's own bucket: 3 of 6 left
-            server.start()  # empty: a full shared bucket of 6, not the local 3
+            assert calls(3) == ["ok"] * 3  # this process's own bucket: a fresh burst of 3
+            server.start()  # empty: a fresh shared bucket (its burst of 3), not the local one (spent)
             state_clock.advance(1.0)  # the retry interval has passed: the next call tries Redis
-            assert calls(7) == ["ok"] * 6 + ["limited"]
+            assert calls(4) == ["ok"] * 3 + ["limited"]
             assert state.status()["reachable"]
             assert other_process.available() == pytest.approx(0, abs=0.3)
 
@@ -504,3 +505,77 @@ def test_the_spend_hashes_name_at_most_max_models_per_day_models(redis_server, p
     assert len(day_fields) < 260 * 5
     assert sorted(f.decode() for f in month_fields) == ["client:reserved", "client:spent", "model:capped:reserved",
                                                         "model:capped:spent"]
+
+
+# -- the per-minute rule, shared (ratelimit branch) ----------------------------------------
+
+
+def _fullest_window(events, window_s):
+    events = sorted(events)
+    best = total = 0.0
+    j = 0
+    for i in range(len(events)):
+        total += events[i][1]
+        while events[i][0] - events[j][0] > window_s:
+            total -= events[j][1]
+            j += 1
+        best = max(best, total)
+    return best
+
+
+def test_a_shared_rpm_holds_over_every_60_s_window_with_32_threads_on_a_fake_clock(redis_server, prefix):
+    clock = FakeClock(5000.0)
+    # a generous op timeout: 32 threads on a shared machine must not push the test onto local buckets
+    state = RedisSharedState(redis_server.url, prefix=prefix, redis_time=clock, sleep=clock.sleep,
+                             op_timeout_s=30.0, socket_timeout_s=30.0)
+    per_minute, threads, rounds = 120, 32, 4 * 150  # 150 s in 0.25 s steps
+    # two "processes" (two limiters on one key), as the Client makes them: burst 2, refill 118/min
+    limiters = [state.rate_limiter_factory("requests", 118 / 60.0, 2.0) for _ in range(2)]
+    start, done = threading.Barrier(threads + 1), threading.Barrier(threads + 1)
+    grants, grants_lock = [], threading.Lock()
+
+    def worker(i):
+        for _ in range(rounds):
+            start.wait(JOIN_S)
+            for _ in range(2):
+                if limiters[i % 2].try_acquire():
+                    with grants_lock:
+                        grants.append((clock(), 1))
+            done.wait(JOIN_S)
+
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for _ in range(rounds):
+        start.wait(JOIN_S)
+        done.wait(JOIN_S)
+        clock.advance(0.25)
+    for t in pool:
+        t.join(JOIN_S)
+    assert not any(t.is_alive() for t in pool)
+    assert state.status()["reachable"], "every decision was Redis's"
+    assert _fullest_window(grants, 60.0) <= per_minute
+    assert len(grants) >= 2 + 118 / 60.0 * 149.75 - 2  # the pace: burst + refill, nothing lost
+    first_second = [g for g in grants if g[0] < 5001.0]
+    assert len(first_second) <= 2 + 118 / 60.0  # a fresh limit lets its burst through, not a minute
+
+
+def test_a_shared_token_limit_prepays_a_call_larger_than_its_burst(redis_server, prefix):
+    clock = FakeClock(1000.0)
+    state = RedisSharedState(redis_server.url, prefix=prefix, redis_time=clock, sleep=clock.sleep)
+    bucket = state.rate_limiter_factory("tokens", 5900 / 60.0, 100.0)  # 6000 a minute, burst 100
+    assert bucket.max_take == pytest.approx(6000.0)
+    bucket.acquire(1000, timeout=0)  # idle for a minute (a new key): goes at once, in debt
+    assert bucket.available() == pytest.approx(100 - 1000)
+    bucket.acquire(50, timeout=60)  # granted now, due once the debt is repaid
+    assert clock.sleeps == [pytest.approx(950 / (5900 / 60.0))]
+    assert bucket.available() == pytest.approx(0.0, abs=1e-6)
+    clock.advance(60)
+    assert bucket.available() == pytest.approx(5900.0)  # refilled past the burst while idle
+    bucket.adjust(-500)  # a give-back never adds to an idle bucket
+    assert bucket.available() == pytest.approx(5900.0)
+    assert bucket.try_acquire(2000)
+    assert bucket.available() == pytest.approx(100 - 2000)  # cut to the burst, then taken
+    clock.advance(10)
+    bucket.adjust(-5000)  # given back up to the burst only
+    assert bucket.available() == pytest.approx(100.0)

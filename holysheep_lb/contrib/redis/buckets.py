@@ -21,18 +21,23 @@ __all__ = ["BUCKET_LUA", "RedisTokenBucket"]
 
 # Numbers go back as strings: Redis truncates Lua numbers to integers.
 BUCKET_LUA = """
--- One decision of a token bucket shared by many processes (holysheep_lb).
--- KEYS[1]: the bucket, a hash {tokens, stamp}; a missing bucket is full.
+-- One decision of a token bucket shared by many processes (holysheep_lb), with the rule of
+-- holysheep_lb.ratelimit: the level refills uncapped (up to max_take) while nobody takes,
+-- and each take first cuts it to the capacity (the burst), so a per-minute limit admits at
+-- most capacity + 60 * rate (its number) in any 60 s window.
+-- KEYS[1]: the bucket, a hash {tokens, stamp}; a missing bucket holds max_take.
 -- ARGV: rate per second, capacity, n, max wait in seconds (< 0: no limit),
---       force ('1': take n even into debt, or give -n back; used to correct estimates),
---       now in seconds ('': the server's clock, TIME)
+--       force ('1': take n even into debt, or give -n back up to the capacity; 0 reads),
+--       now in seconds ('': the server's clock, TIME), max_take
 -- Returns {granted 1/0, seconds the caller must wait before going, tokens left}.
 -- A granted caller's tokens are taken now, even before they are due, so callers are
--- served in the order they reach Redis; it sleeps the returned wait and goes.
+-- served in the order they reach Redis; it sleeps the returned wait and goes. The take
+-- leaves the level it would leave when due, less the refill until then.
 if redis.replicate_commands then redis.replicate_commands() end
 local rate, capacity, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local max_wait = tonumber(ARGV[4])
 local now = tonumber(ARGV[6])
+local max_take = tonumber(ARGV[7]) or capacity
 if now == nil then
   local t = redis.call('TIME')
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -40,10 +45,10 @@ end
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
 local tokens, stamp = tonumber(state[1]), tonumber(state[2])
 if tokens == nil or stamp == nil then
-  tokens, stamp = capacity, now
+  tokens, stamp = max_take, now
 end
 if now > stamp then
-  tokens = math.min(capacity, tokens + (now - stamp) * rate)
+  tokens = math.min(max_take, tokens + (now - stamp) * rate)
   stamp = now
 end
 local wait = 0
@@ -54,10 +59,16 @@ if ARGV[5] ~= '1' then
   if max_wait >= 0 and wait > max_wait then
     return {0, string.format('%.17g', wait), string.format('%.17g', tokens)}
   end
+  tokens = math.min(capacity, math.max(tokens, n)) - n - wait * rate
+elseif n > 0 then
+  tokens = math.min(capacity, tokens) - n
+elseif n < 0 then
+  tokens = math.max(tokens, math.min(capacity, tokens - n))
+else
+  return {1, '0', string.format('%.17g', tokens)}
 end
-tokens = math.min(capacity, tokens - n)
 redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'stamp', string.format('%.17g', stamp))
-redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - tokens) / rate * 1000) + 1000)
+redis.call('PEXPIRE', KEYS[1], math.ceil((max_take - tokens) / rate * 1000) + 1000)
 return {1, string.format('%.17g', wait), string.format('%.17g', tokens)}
 """.replace("EPSILON", repr(_EPSILON))
 
@@ -65,8 +76,9 @@ return {1, string.format('%.17g', wait), string.format('%.17g', tokens)}
 class RedisTokenBucket:
     """A token bucket held in Redis and shared by every process that uses its key.
 
-    The same methods as :class:`~holysheep_lb.ratelimit.TokenBucket`, each one Lua
-    script in one round trip. ``acquire(n, timeout)`` takes its tokens at once when they
+    The same methods and rule as :class:`~holysheep_lb.ratelimit.TokenBucket` (``max_take``
+    included: a per-minute limit admits at most its number in any 60 s window, across
+    every process), each one Lua script in one round trip. ``acquire(n, timeout)`` takes its tokens at once when they
     will be due within ``timeout`` (else raises
     :class:`~holysheep_lb.errors.RateLimitExceeded` at once, taking nothing) and then
     sleeps until they are due: one bounded sleep, no polling. While Redis is unreachable
@@ -77,12 +89,14 @@ class RedisTokenBucket:
 
     def __init__(self, link: RedisLink, script: Any, *, key: str, name: str, rate_per_s: float,
                  capacity: float, sleep: Callable[[float], None], clock: Callable[[], float],
-                 redis_time: Optional[Callable[[], float]] = None) -> None:
-        self._local = TokenBucket(rate_per_s, capacity, clock=clock, name=name)  # validates both
+                 redis_time: Optional[Callable[[], float]] = None, max_take: Optional[float] = None) -> None:
+        # validates all three
+        self._local = TokenBucket(rate_per_s, capacity, max_take=max_take, clock=clock, name=name)
         self.name = name
         self.key = key
         self.rate_per_s = self._local.rate_per_s
         self.capacity = self._local.capacity
+        self.max_take = self._local.max_take
         self._link = link
         self._script = script
         self._sleep = sleep
@@ -94,7 +108,8 @@ class RedisTokenBucket:
         self._rejections = 0
 
     def __repr__(self) -> str:
-        return f"<RedisTokenBucket {self.key} rate_per_s={self.rate_per_s:g} capacity={self.capacity:g}>"
+        return (f"<RedisTokenBucket {self.key} rate_per_s={self.rate_per_s:g} capacity={self.capacity:g}"
+                + ("" if self.max_take == self.capacity else f" max_take={self.max_take:g}") + ">")
 
     def reset_after_fork(self) -> None:
         self._local.reset_after_fork()
@@ -111,7 +126,7 @@ class RedisTokenBucket:
     def _decide(self, n: float, max_wait_s: float, *, force: bool) -> Tuple[bool, float, float]:
         now = "" if self._redis_time is None else repr(float(self._redis_time()))
         args = (repr(self.rate_per_s), repr(self.capacity), repr(float(n)), repr(float(max_wait_s)),
-                "1" if force else "0", now)
+                "1" if force else "0", now, repr(self.max_take))
         return self._link.call(lambda client: self._checked(
             self._script(keys=(self.key,), args=args, client=client), max_wait_s, force=force))
 
@@ -122,7 +137,7 @@ class RedisTokenBucket:
         granted = answer_int(granted_raw, "the rate limit script")
         wait_s = answer_float(wait_raw, "the rate limit script")
         tokens = answer_float(tokens_raw, "the rate limit script")
-        if (granted not in (0, 1) or wait_s < 0 or tokens > self.capacity + _EPSILON
+        if (granted not in (0, 1) or wait_s < 0 or tokens > self.max_take + _EPSILON
                 or (force and (not granted or wait_s != 0))
                 or (granted and max_wait_s >= 0 and wait_s > max_wait_s + _EPSILON)):
             raise UnexpectedAnswer("the rate limit script", reply)
@@ -188,9 +203,8 @@ class RedisTokenBucket:
         local = self._local.snapshot()
         with self._counts_lock:
             waits, waited_s, rejections = self._waits, self._waited_s, self._rejections
-        return {"rate_per_s": self.rate_per_s, "capacity": self.capacity, "available": round(available, 3),
+        return {"rate_per_s": self.rate_per_s, "capacity": self.capacity, "max_take": self.max_take,
+                "available": round(available, 3),
                 "shared": shared, "waits": waits + local["waits"],
                 "waited_s": round(waited_s + local["waited_s"], 6),
                 "rejections": rejections + local["rejections"]}
-
-

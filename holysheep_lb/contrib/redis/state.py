@@ -145,13 +145,16 @@ class RedisSharedState:
     def rate_limiter_factory(self, name: str, rate_per_s: float, capacity: float) -> RedisTokenBucket:
         """``Client(rate_limiter_factory=...)``: the shared bucket of limit ``name``.
 
-        Every process should give a limit the same rate and capacity.
+        Every process should give a limit the same rate and capacity. The Client's limits
+        are per minute: the bucket admits at most ``capacity + 60 * rate_per_s`` in any
+        60 s window (see :mod:`holysheep_lb.ratelimit`).
         """
         if not isinstance(name, str) or not name:
             raise ConfigError("rate limit name", name, "must be a non-empty string")
         limiter = RedisTokenBucket(self._link, self._bucket_script, key=f"{self.prefix}ratelimit:{name}",
                                    name=name, rate_per_s=rate_per_s, capacity=capacity, sleep=self._sleep,
-                                   clock=self._clock, redis_time=self._redis_time)
+                                   clock=self._clock, redis_time=self._redis_time,
+                                   max_take=capacity + 60.0 * rate_per_s)  # ratelimit branch: the minute rule
         self._limiters.add(limiter)
         return limiter
 
