@@ -246,8 +246,11 @@ def _judge(name: str, client_args: FrozenSet[str]) -> Optional[str]:
     if name in CLIENT_ONLY_ARGUMENTS:
         return f"is an openai-python client option this client does not take per call: {CLIENT_ONLY_ARGUMENTS[name]}"
     best = closest_name(name, client_args)
-    if best is not None and best != name and _close(name, best):
+    if best is not None and best != name and (_close(name, best) or name.startswith("extra_")):
         return f"unknown argument; did you mean `{best}`? (it would have been sent to the server as a body field)"
+    if name.startswith("extra_"):  # openai-python's family of per-call options, never an API parameter
+        known = ", ".join(f"`{a}`" for a in sorted(client_args) if a.startswith("extra_"))
+        return f"unknown argument (this call takes {known})"
     return None
 
 
