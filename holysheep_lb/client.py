@@ -76,6 +76,11 @@ class Client:
     :class:`~holysheep_lb.observe.CallObserver` objects told about every call.
     ``clock``, ``sleep``, ``rand`` and ``wall_clock`` (epoch seconds: which UTC day
     spend is counted on) exist for tests.
+
+    openai-python's surface is here too (:mod:`holysheep_lb.openai_api`):
+    ``client.chat.completions.create(...)``, ``client.embeddings.create(...)`` and
+    ``client.models.list()``, with per-call ``timeout``, ``extra_headers``,
+    ``extra_query`` and ``extra_body``.
     """
 
     chat: Chat

@@ -19,6 +19,8 @@ import pytest
 import holysheep_lb
 from holysheep_lb import AllAttemptsFailedError, APITimeoutError, BadRequestError, Client, InvalidRequestError
 from holysheep_lb.simulator import SimModel, SimNode, SimulatedGateway, reply_text
+from holysheep_lb.streaming import CannedStream, ChatStream
+from holysheep_lb.types import ChatCompletionChunk
 
 from ..conftest import API_KEY
 from .scripted_server import Request, ScriptedServer, http_response
@@ -265,3 +267,14 @@ def test_a_bad_request_from_the_stub_keeps_its_code_on_the_old_spelling_too(make
         with pytest.raises(BadRequestError) as info:
             client.chat_completion(TOO_LONG, MODEL)
     assert info.value.code == "context_length_exceeded" and info.value.param == "messages"
+
+
+def test_both_stream_kinds_are_what_the_stream_overload_promises(make_client):
+    canned = CannedStream({"choices": [{"message": {"content": "sorry"}}]}, latency_ms=1.0, extra={})
+    assert isinstance(canned, holysheep_lb.ChatCompletionStream)
+    assert [c.choices[0].delta.content for c in canned] == ["sorry"]
+    with ScriptedServer(stub_answer) as stub:
+        client = make_client([{"id": "stub", "base_url": stub.base_url}])
+        with client.chat.completions.create(model=MODEL, messages=QUESTION, stream=True) as stream:
+            assert isinstance(stream, holysheep_lb.ChatCompletionStream) and isinstance(stream, ChatStream)
+            assert all(isinstance(c, ChatCompletionChunk) for c in stream) and stream.text == "stub answer"
