@@ -278,3 +278,18 @@ def test_both_stream_kinds_are_what_the_stream_overload_promises(make_client):
         with client.chat.completions.create(model=MODEL, messages=QUESTION, stream=True) as stream:
             assert isinstance(stream, holysheep_lb.ChatCompletionStream) and isinstance(stream, ChatStream)
             assert all(isinstance(c, ChatCompletionChunk) for c in stream) and stream.text == "stub answer"
+
+
+def test_a_cached_answer_is_not_served_to_a_call_with_its_own_headers_or_query(make_client):
+    with ScriptedServer(stub_answer) as stub:
+        client = make_client([{"id": "stub", "base_url": stub.base_url}], cache=True)
+        create = client.chat.completions.create
+        for _ in range(2):
+            create(model=MODEL, messages=QUESTION, temperature=0)
+        assert len(stub.requests) == 1  # the second came from the cache
+        assert not create(model=MODEL, messages=QUESTION, temperature=0, extra_headers=TRACE).cached
+        assert not create(model=MODEL, messages=QUESTION, temperature=0, extra_query=QUERY).cached
+        assert create(model=MODEL, messages=QUESTION, temperature=0, extra_body=METADATA).cached is False
+        assert create(model=MODEL, messages=QUESTION, temperature=0, extra_body=METADATA).cached  # body: keyed
+        assert create(model=MODEL, messages=QUESTION, temperature=0, extra_headers=TRACE, cache=True).cached
+        assert len(stub.requests) == 4
