@@ -25,7 +25,9 @@ def _client_params():
 
 
 def test_every_config_option_is_a_keyword_parameter_of_client_and_nothing_else():
-    assert set(_client_params()) == set(_config_fields())
+    missing = set(_config_fields()) - set(_client_params())
+    assert not missing, f"add these ClientConfig options to Client.__init__ (same type and default): {missing}"
+    assert set(_client_params()) == set(_config_fields()), "Client.__init__ has options ClientConfig lacks"
     params = inspect.signature(Client.__init__).parameters
     assert list(params)[:3] == ["self", "api_key", "nodes"]
     assert params["api_key"].annotation == "Optional[str]" and params["api_key"].default is None
@@ -36,9 +38,9 @@ def test_each_parameter_has_the_type_and_the_default_of_its_option():
     fields, params = _config_fields(), _client_params()
     for name, f in fields.items():
         p = params[name]
-        assert p.annotation == f.type, name
+        assert p.annotation == f.type, f"Client.__init__'s {name} must be typed {f.type} as in ClientConfig"
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        assert p.default == default, name
+        assert p.default == default, f"Client.__init__'s {name} must default to {default!r} as in ClientConfig"
 
 
 def test_the_defaults_build_the_same_config_as_the_dataclass(make_client):
