@@ -42,6 +42,7 @@ from .errors import (  # noqa: E402
 )
 from .ratelimit import TokenBucket  # noqa: E402
 from .models import AUTO, ModelRouter, RoutingDecision, RoutingRequest  # noqa: E402
+from .openai_api import ChatCompletionStream, ModelsPage  # noqa: E402
 from .pricing import Budget, BudgetCap, InMemorySpendStore, ModelPrice, PriceTable, SpendStore  # noqa: E402
 from .response import Response  # noqa: E402
 from .selection import RoutingStrategy, Strategy  # noqa: E402
@@ -59,6 +60,8 @@ __all__ = [
     "Response",
     "CannedStream",
     "ChatStream",
+    "ChatCompletionStream",
+    "ModelsPage",
     "RoutingStrategy",
     "Strategy",
     "AUTO",

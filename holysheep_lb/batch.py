@@ -52,8 +52,9 @@ def run_batch(
     pool = ThreadPoolExecutor(max_workers=min(max_workers, total), thread_name_prefix="holysheep-batch")
     pending: Dict[Future, int] = {}
     try:
+        call: Callable[..., Any] = client.chat_completion  # any of its overloads
         for index, kwargs in enumerate(items):
-            pending[pool.submit(client.chat_completion, **kwargs)] = index
+            pending[pool.submit(call, **kwargs)] = index
         done_count = 0
         while pending:
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)

@@ -13,33 +13,42 @@ from __future__ import annotations
 import os
 import time
 import weakref
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from types import MappingProxyType
+from typing import (Any, Callable, Dict, Iterable, List, Literal, Mapping, NoReturn, Optional, Sequence, Tuple,
+                    Union, overload)
 
 from . import __version__
 from . import introspect
 from .batch import BatchResult, run_batch
 from .call.args import validate_call_options, validate_messages, validate_model, validate_params, validate_request
-from .call.alias import Chat
 from .call.build import build_parts, build_pipelines, policy_from_config, reset_after_fork
 from .call.chain import request_parts
 from .call.context import CallContext
 from .call.events import response_end
-from .config import CLIENT_OPTIONS, ClientConfig, config_from_env, config_from_mapping, parse_nodes, API_KEY_ENV
+from .config import (API_KEY_ENV, CLIENT_OPTIONS, BreakerSettings, ClientConfig, config_from_env,
+                     config_from_mapping, parse_nodes)
 from .errors import ConfigError, HolySheepError, InvalidRequestError
 from .health import HealthChecker
 from .models import AUTO, ModelRouter
 from .observe import CallEnd, CallInfo, CallObserver, ObserverSet
-from .pricing import SpendLedger
+from .openai_api import Chat, ChatCompletionStream, Embeddings, Models
+from .pricing import SpendLedger, SpendStore
 from .policy.retry import RetryPolicy
+from .request_options import RequestOptions, Timeout, check_call_params, request_options
 from .response import Response
 from .selection import Selector
 from .suggest import unknown_option
-from .streaming import CannedStream, ChatStream, StreamOutcome
+from .streaming import ChatStream, StreamOutcome
 from .validation import check_json_value
 
 __all__ = ["Client"]
 
 _LIVE_CLIENTS: "weakref.WeakSet[Client]" = weakref.WeakSet()
+_EMPTY: Mapping[str, Any] = MappingProxyType({})  # the default of the mapping options (immutable)
+# chat_completion's own arguments (not sent as body fields), and the body fields it builds
+_CHAT_ARGS = frozenset({"messages", "model", "stream", "region", "deadline_s", "idempotency_key", "cache",
+                        "timeout", "extra_headers", "extra_query", "extra_body"})
+_CHAT_BUILT = frozenset({"model", "messages", "stream"})
 
 
 def _after_fork_in_child() -> None:
@@ -67,24 +76,88 @@ class Client:
     :class:`~holysheep_lb.observe.CallObserver` objects told about every call.
     ``clock``, ``sleep``, ``rand`` and ``wall_clock`` (epoch seconds: which UTC day
     spend is counted on) exist for tests.
+
+    openai-python's surface is here too (:mod:`holysheep_lb.openai_api`):
+    ``client.chat.completions.create(...)``, ``client.embeddings.create(...)`` and
+    ``client.models.list()``, with per-call ``timeout``, ``extra_headers``,
+    ``extra_query`` and ``extra_body``.
     """
 
+    chat: Chat
+    embeddings: Embeddings
+    models: Models
+
+    # Every ClientConfig field is a keyword parameter here, with the same type and default
+    # (tests/test_client_signature.py fails when the two drift apart).
     def __init__(
         self,
         api_key: Optional[str] = None,
         nodes: Optional[Sequence[Any]] = None,
         *,
+        strategy: Any = "adaptive",
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 60.0,
+        deadline_s: float = 120.0,
+        max_retries: int = 3,
+        backoff_base_s: float = 0.05,
+        backoff_cap_s: float = 2.0,
+        retry_after_cap_s: float = 60.0,
+        pool_maxsize: int = 32,
+        max_response_bytes: int = 16 * 1024 * 1024,
+        stream_first_chunk_timeout_s: float = 30.0,
+        stream_stall_timeout_s: float = 60.0,
+        default_model: Optional[str] = None,
+        default_region: Optional[str] = None,
+        verify: Union[bool, str] = True,
+        allow_insecure_http: bool = False,
+        panic_threshold: float = 0.5,
+        eject_after_failures: int = 5,
+        ejection_base_s: float = 30.0,
+        ejection_max_s: float = 300.0,
+        slow_start_s: float = 0.0,
+        health_check_interval_s: Optional[float] = 10.0,
+        health_check_timeout_s: float = 2.0,
+        unhealthy_threshold: int = 3,
+        healthy_threshold: int = 2,
+        breaker: Optional[BreakerSettings] = BreakerSettings(),
+        model_breakers: Mapping[str, BreakerSettings] = _EMPTY,
+        node_breakers: Optional[BreakerSettings] = None,
+        breaker_storage: Optional[Callable[[str], Any]] = None,
+        fallbacks: Mapping[str, Tuple[str, ...]] = _EMPTY,
+        fallback_reply: Optional[Callable[..., Mapping[str, Any]]] = None,
+        requests_per_minute: Optional[float] = None,
+        tokens_per_minute: Optional[float] = None,
+        model_rate_limits: Mapping[str, Mapping[str, float]] = _EMPTY,
+        rate_limiter_factory: Optional[Callable[[str, float, float], Any]] = None,
+        retry_budget_ratio: Optional[float] = 0.2,
+        retry_budget_min_per_s: float = 1.0,
+        retry_budget_ttl_s: float = 10.0,
+        hedge_delay_s: Union[None, float, str] = None,
+        hedge_max_ratio: float = 0.05,
+        hedge_max_threads: int = 64,
+        prices: Any = None,
+        router: Optional[ModelRouter] = None,
+        budget: Any = None,
+        spend_store: Optional[SpendStore] = None,
+        cache: Any = None,
+        # not ClientConfig options: objects the client works with
         retry: Optional[RetryPolicy] = None,
         observers: Optional[Sequence[CallObserver]] = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         rand: Optional[Callable[[], float]] = None,
         wall_clock: Callable[[], float] = time.time,
-        **options: Any,
+        **unknown: NoReturn,  # a type checker rejects any other name; at run time: "did you mean"
     ) -> None:
-        unknown = sorted(set(options) - CLIENT_OPTIONS - {"nodes", "api_key"})
-        if unknown:  # by name only: the value of a misspelt api_key is the key
-            raise unknown_option(None, unknown[0], CLIENT_OPTIONS, what="Client option",
+        given = locals()
+        options = {name: given[name] for name in CLIENT_OPTIONS if name in given and name not in ("nodes", "api_key")}
+        # An option added to ClientConfig but not yet to this signature still works (the
+        # drift test says to add it); any other name is refused, by name only: the value
+        # of a misspelt api_key is the key.
+        options.update((name, value) for name, value in unknown.items() if name in CLIENT_OPTIONS)
+        refused = sorted(set(unknown) - CLIENT_OPTIONS)
+        if refused:
+            raise unknown_option(None, refused[0], CLIENT_OPTIONS, what="Client option",
                                  reference="see help(holysheep_lb.ClientConfig) for every option")
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise ConfigError("retry", type(retry).__name__, "must be a holysheep_lb.RetryPolicy (or a subclass)")
@@ -116,6 +189,8 @@ class Client:
         self._pipes = build_pipelines(cfg, parts, sleep=sleep, is_available=self._model_available,
                                       stream_ended=lambda outcome: self._stream_ended(outcome))
         self.chat = Chat(self)
+        self.embeddings = Embeddings(self)
+        self.models = Models(self)
         _LIVE_CLIENTS.add(self)
 
     # -- construction helpers ---------------------------------------------------------
@@ -187,37 +262,85 @@ class Client:
 
     # -- public calls ---------------------------------------------------------------------
 
+    @overload
+    def chat_completion(self, messages: Sequence[Mapping[str, Any]], model: Optional[str] = None, *,
+                        stream: Literal[True], region: Optional[str] = None, deadline_s: Optional[float] = None,
+                        idempotency_key: Optional[str] = None, cache: Optional[bool] = None,
+                        timeout: Optional[Timeout] = None, extra_headers: Optional[Mapping[str, str]] = None,
+                        extra_query: Optional[Mapping[str, Any]] = None,
+                        extra_body: Optional[Mapping[str, Any]] = None, **params: Any) -> ChatCompletionStream: ...
+
+    @overload
+    def chat_completion(self, messages: Sequence[Mapping[str, Any]], model: Optional[str] = None, *,
+                        stream: Optional[Literal[False]] = None, region: Optional[str] = None,
+                        deadline_s: Optional[float] = None, idempotency_key: Optional[str] = None,
+                        cache: Optional[bool] = None, timeout: Optional[Timeout] = None,
+                        extra_headers: Optional[Mapping[str, str]] = None,
+                        extra_query: Optional[Mapping[str, Any]] = None,
+                        extra_body: Optional[Mapping[str, Any]] = None, **params: Any) -> Response: ...
+
+    @overload
+    def chat_completion(self, messages: Sequence[Mapping[str, Any]], model: Optional[str] = None, *,
+                        stream: Optional[bool], region: Optional[str] = None, deadline_s: Optional[float] = None,
+                        idempotency_key: Optional[str] = None, cache: Optional[bool] = None,
+                        timeout: Optional[Timeout] = None, extra_headers: Optional[Mapping[str, str]] = None,
+                        extra_query: Optional[Mapping[str, Any]] = None,
+                        extra_body: Optional[Mapping[str, Any]] = None,
+                        **params: Any) -> Union[Response, ChatCompletionStream]: ...
+
     def chat_completion(
         self,
         messages: Sequence[Mapping[str, Any]],
         model: Optional[str] = None,
         *,
+        stream: Optional[bool] = None,
         region: Optional[str] = None,
         deadline_s: Optional[float] = None,
         idempotency_key: Optional[str] = None,
         cache: Optional[bool] = None,
+        timeout: Optional[Timeout] = None,
+        extra_headers: Optional[Mapping[str, str]] = None,
+        extra_query: Optional[Mapping[str, Any]] = None,
+        extra_body: Optional[Mapping[str, Any]] = None,
         **params: Any,
-    ) -> Union[Response, ChatStream, CannedStream]:
+    ) -> Union[Response, ChatCompletionStream]:
         """``POST /chat/completions``; returns the decoded JSON with routing metadata.
 
         Blocks until an answer or a typed error. ``params`` (temperature, max_tokens, ...)
         are sent as they are. ``region`` steers the geographic strategy.
         ``model="auto"`` lets the client's router choose (``resp.extra["routing"]``).
         ``cache`` overrides whether the response cache is used (default: only when
-        ``temperature == 0``). Raises :class:`BudgetExceededError` before sending when
-        a spend cap refuses the call. With ``stream=True`` it returns a
-        :class:`~holysheep_lb.streaming.ChatStream` once the first chunk has arrived
-        (failing over until then) and asks for ``stream_options={"include_usage": True}``
-        unless told otherwise; its cost is settled from that usage when it ends.
+        ``temperature == 0``, and not with ``extra_headers`` or ``extra_query``).
+        Raises :class:`BudgetExceededError` before sending when a spend cap refuses the
+        call. With ``stream=True`` it returns a :class:`~holysheep_lb.streaming.ChatStream`
+        once the first chunk has arrived (failing over until then) and asks for
+        ``stream_options={"include_usage": True}`` unless told otherwise; its cost is
+        settled from that usage when it ends.
+
+        As in openai-python, ``timeout`` (seconds or ``(connect_s, read_s)``) bounds each
+        attempt (and a stream's wait for its first chunk) within the call's deadline, and
+        ``extra_headers``, ``extra_query`` and ``extra_body`` reach every attempt's
+        request (see :mod:`holysheep_lb.request_options`). openai-python client options
+        this client does not take per call (``max_retries``, ``with_raw_response``...)
+        raise :class:`InvalidRequestError` instead of being sent.
         """
         if model is None and self.config.default_model is None and self.config.router is not None:
             model = AUTO
         model = self._resolve_model(model)
         validate_messages(messages)
+        if params:
+            check_call_params(params, _CHAT_ARGS)
+        if stream is not None:
+            if not isinstance(stream, bool):
+                raise InvalidRequestError("stream", stream, "must be True or False")
+            params["stream"] = stream
+        options = request_options(timeout=timeout, extra_headers=extra_headers, extra_query=extra_query,
+                                  extra_body=extra_body, reserved_body=_CHAT_BUILT)
+        if options is not None:
+            params.update(options.body)  # merged into the JSON body: its keys win
+            if cache is None and options.changes_request:
+                cache = False  # an answer cached for other headers or query may not be this one's
         validate_params(params)
-        stream = params.get("stream")
-        if stream is not None and not isinstance(stream, bool):
-            raise InvalidRequestError("stream", stream, "must be True or False")
         if cache is not None and not isinstance(cache, bool):
             raise InvalidRequestError("cache", cache, "must be True, False or None")
         # Checked here, not only when a request is built: a cache hit sends nothing.
@@ -226,38 +349,18 @@ class Client:
         deadline = self._clock() + (deadline_s or self.config.deadline_s)
         decision = self._router.route(messages, params, is_available=self._model_available) if model == AUTO else None
         if stream:
-            options = params.get("stream_options")
-            if options is not None and not isinstance(options, Mapping):
-                raise InvalidRequestError("stream_options", options, "must be a dict or None")
-        ctx = self._context("chat", "POST", "/chat/completions", deadline, model=decision.model if decision else model,
-                            messages=messages, params=params, region=region, idempotency_key=idempotency_key,
-                            stream=bool(stream))
+            stream_options = params.get("stream_options")
+            if stream_options is not None and not isinstance(stream_options, Mapping):
+                raise InvalidRequestError("stream_options", stream_options, "must be a dict or None")
+        ctx = self._context("chat", "POST", "/chat/completions", deadline, options,
+                            model=decision.model if decision else model, messages=messages, params=params,
+                            region=region, idempotency_key=idempotency_key, stream=bool(stream))
         result = self._run(ctx, (lambda: self._pipes.stream.run(ctx)) if stream else (
             lambda: self._pipes.chat.run(ctx, cache=cache)))
         if decision is not None:
             result.extra["routing"] = decision
             result.fallback = result.fallback or decision.fallback
         return result  # type: ignore[no-any-return]
-
-    def embeddings(self, input: Any, model: Optional[str] = None, *, region: Optional[str] = None,
-                   deadline_s: Optional[float] = None, **params: Any) -> Response:
-        """``POST /embeddings`` for a string or a list of strings."""
-        model = self._resolve_model(model)
-        if isinstance(input, str):
-            ok = bool(input)
-        else:
-            ok = isinstance(input, (list, tuple)) and bool(input) and all(isinstance(i, str) for i in input)
-        if not ok:
-            raise InvalidRequestError("input", input, "must be a non-empty string or list of strings")
-        check_json_value("input", input)
-        for name, value in params.items():
-            check_json_value(name, value)
-        payload = {"model": model, "input": input, **params}
-        return self._request("embeddings", "POST", "/embeddings", payload, region=region, deadline_s=deadline_s)
-
-    def models(self, *, region: Optional[str] = None, deadline_s: Optional[float] = None) -> Response:
-        """``GET /models`` from one node (with failover)."""
-        return self._request("models", "GET", "/models", region=region, deadline_s=deadline_s)
 
     def request(self, method: str, path: str, json: Optional[Mapping[str, Any]] = None, *,
                 region: Optional[str] = None, deadline_s: Optional[float] = None,
@@ -267,21 +370,28 @@ class Client:
                              idempotency_key=idempotency_key)
 
     def _request(self, operation: str, method: str, path: str, json: Optional[Mapping[str, Any]] = None, *,
-                 region: Optional[str], deadline_s: Optional[float], idempotency_key: Optional[str] = None) -> Any:
+                 region: Optional[str], deadline_s: Optional[float], idempotency_key: Optional[str] = None,
+                 options: Optional[RequestOptions] = None) -> Any:
         validate_request(method, path)
         validate_call_options(region=region, deadline_s=deadline_s, idempotency_key=idempotency_key)
+        if options is not None and options.body:
+            json = {**(json or {}), **options.body}  # merged into the JSON body: its keys win
         if json is not None:
             check_json_value("json", json)
         self._ensure_running()
         method = method.upper()
         body, headers = request_parts(method, json, idempotency_key)
         model = json.get("model") if json else None
-        ctx = self._context(operation, method, path, self._clock() + (deadline_s or self.config.deadline_s),
+        ctx = self._context(operation, method, path, self._clock() + (deadline_s or self.config.deadline_s), options,
                             model=model if isinstance(model, str) else None, region=region,
                             idempotency_key=idempotency_key, payload=json, body=body, headers=headers)
         return self._run(ctx, lambda: self._pipes.request.run(ctx))
 
-    def _context(self, operation: str, method: str, path: str, deadline: float, **fields: Any) -> CallContext:
+    def _context(self, operation: str, method: str, path: str, deadline: float,
+                 options: Optional[RequestOptions] = None, **fields: Any) -> CallContext:
+        if options is not None:  # the call's own timeout, headers and query
+            path += options.query
+            fields.update(timeout=options.timeout, extra_headers=options.headers)
         ctx = CallContext(operation, method, path, deadline, self._clock, self._rand,
                           retry_budget=self._parts.retry_budget, is_closed=lambda: self._closed, **fields)
         if self._observers:  # zero cost without observers: no event is built

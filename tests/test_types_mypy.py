@@ -1,4 +1,6 @@
-"""A user's `mypy --strict` program reads answers by attribute with real types (no Any)."""
+"""A user's `mypy --strict` program reads answers by attribute with real types (no Any), and calls
+the client the openai-python way: `stream=True` is typed by overloads, every Client option is a
+typed keyword parameter."""
 
 from __future__ import annotations
 
@@ -47,10 +49,42 @@ def describe(exc: APIStatusError) -> str:
     kind: Optional[str] = exc.type
     param: Optional[str] = exc.param
     return f"{exc.status_code} {exc.message} {code} {kind} {param}"
+
+
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+def openai_way(client: Client) -> str:
+    resp = client.chat.completions.create(model="gpt-4.1", messages=MSGS, temperature=0.2, timeout=2.5,
+                                          extra_headers={"X-Trace": "1"}, extra_query={"v": "1"},
+                                          extra_body={"metadata": {"a": "b"}})
+    text: Optional[str] = resp.choices[0].message.content
+    stream = client.chat.completions.create(model="gpt-4.1", messages=MSGS, stream=True, timeout=(1.0, 5.0))
+    with stream:
+        pieces: List[str] = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    streamed: str = stream.text
+    old = client.chat_completion(MSGS, "gpt-4.1", extra_headers={"X-Trace": "1"})
+    old_text: Optional[str] = old.choices[0].message.content
+    old_stream = client.chat_completion(MSGS, "gpt-4.1", stream=True)
+    first: ChatCompletionChunk = next(old_stream)
+    rest: str = old_stream.read_text()
+    emb = client.embeddings.create(model="e", input=["a", "b"], timeout=3.0)
+    vectors: List[List[float]] = [item.embedding for item in emb.data]
+    again: Response = client.embeddings("a", model="e")
+    ids: List[str] = [m.id for m in client.models.list()]
+    also: List[str] = [m.id for m in client.models.list().data]
+    listed: Response = client.models()
+    return f"{text}{pieces}{streamed}{old_text}{first}{rest}{vectors}{again}{ids}{also}{listed}"
+
+
+def build() -> Client:
+    return Client(api_key="sk-x", nodes=[{"id": "a", "base_url": "http://127.0.0.1:1/v1"}], max_retries=2,
+                  deadline_s=30.0, health_check_interval_s=None, strategy="round_robin", breaker=None,
+                  fallbacks={"gpt-4.1": ("gpt-4.1-mini",)})
 '''
 
 BAD = '''
-from holysheep_lb import Response
+from holysheep_lb import Client, Response
 from holysheep_lb.types import ChatCompletionChunk
 
 
@@ -60,10 +94,23 @@ def misuse(resp: Response, chunk: ChatCompletionChunk) -> None:
     len(resp.choices[0].message.content)
     chunk.choices[0].delta.bogus
     tokens: str = resp.choices[0].message.tool_calls[0].function.arguments
+
+
+def misuse_client(client: Client) -> None:
+    Client(health_check_interval=None)
+    Client(max_retries="3")
+    client.chat_completion([], model="m").read_text()
+    client.chat.completions.create(model="m", messages=[], stream=True).choices
+    client.chat.completions.create(model="m", messages=[], timeout="5")
 '''
 
 # (line in BAD, mypy error code) for each line that must be rejected
-EXPECTED = {(7, "assignment"), (8, "attr-defined"), (9, "arg-type"), (10, "attr-defined"), (11, "index")}
+EXPECTED = {(7, "assignment"), (8, "attr-defined"), (9, "arg-type"), (10, "attr-defined"), (11, "index"),
+            (15, "arg-type"),        # an unknown Client option
+            (16, "arg-type"),        # an option of the wrong type
+            (17, "attr-defined"),    # without stream=True the answer is a Response, not a stream
+            (18, "attr-defined"),    # with stream=True it is a stream, not a Response
+            (19, "call-overload")}   # timeout is seconds or a (connect, read) pair
 
 CONFIG = """
 [mypy]

@@ -215,7 +215,8 @@ class AttemptStage:
                 if remaining <= 0:
                     reason = "deadline exceeded"
                     break
-                timeout = (min(self.timeouts[0], remaining), min(self.timeouts[1], remaining))
+                timeouts = ctx.timeout or self.timeouts  # the call's own timeout= first
+                timeout = (min(timeouts[0], remaining), min(timeouts[1], remaining))
                 ctx.tried.append(node.id)
                 held = None  # from here next.run() releases it
                 node, result, latency_ms = self.next.run(ctx, node, timeout)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set
+from types import MappingProxyType
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from ..errors import Attempt
 from ..observe import CallInfo, ObserverSet
@@ -18,6 +19,13 @@ __all__ = ["CallContext"]
 
 def _never() -> bool:
     return False
+
+
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+
+def _no_headers() -> Mapping[str, str]:
+    return _NO_HEADERS
 
 
 @dataclass
@@ -45,6 +53,8 @@ class CallContext:
     region: Optional[str] = None
     idempotency_key: Optional[str] = None
     stream: bool = False
+    timeout: Optional[Tuple[float, float]] = None    # the call's own (connect_s, read_s); None: the client's
+    extra_headers: Mapping[str, str] = field(default_factory=_no_headers, repr=False)  # the call's own; may be secrets
     costs: Any = None                                # the chain's ModelCosts, if any
     retry_budget: Optional[RetryBudget] = None
     observers: Optional[ObserverSet] = None
@@ -63,7 +73,10 @@ class CallContext:
     untried: Callable[[], bool] = _never             # whether a node this model has not tried may be used
 
     def for_model(self, model: Optional[str], body: Optional[bytes], headers: Dict[str, str]) -> "CallContext":
-        """A copy for one model of the chain: its own body, headers and attempts."""
+        """A copy for one model of the chain: its own body, headers (the call's
+        ``extra_headers`` on top) and attempts."""
+        if self.extra_headers:
+            headers = {**headers, **self.extra_headers}
         return dataclasses.replace(self, model=model, body=body, headers=headers, attempts=[], tried=[],
                                    picked={}, hedges=set(), permits={}, retries=0,
                                    untried=_never)

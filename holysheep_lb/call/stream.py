@@ -44,6 +44,8 @@ class StreamSender:
 
     def send(self, ctx: CallContext, node: NodeState, timeout: Timeout) -> OpenedStream:
         first_chunk_s = max(0.001, min(self.first_chunk_timeout_s, ctx.deadline - ctx.clock()))
+        if ctx.timeout is not None:  # a call's own timeout= bounds the wait for the first chunk too
+            first_chunk_s = min(first_chunk_s, timeout[1])
         return open_stream(node.transport, ctx.method, ctx.path, body=ctx.body, headers=ctx.headers,
                            connect_timeout_s=timeout[0], first_chunk_timeout_s=first_chunk_s,
                            clock=ctx.clock, max_bytes=self.max_response_bytes)
