@@ -20,7 +20,7 @@ import random
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import __version__
+from ._version import __version__
 from .client import Client
 from .config import API_KEY_ENV, BASE_URL_ENV, NODES_ENV
 from .errors import AuthenticationError, ConfigError, HolySheepError

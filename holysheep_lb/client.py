@@ -15,8 +15,8 @@ import time
 import weakref
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
-from . import __version__
 from . import introspect
+from ._version import __version__
 from .batch import BatchResult, run_batch
 from .call.args import validate_call_options, validate_messages, validate_model, validate_params, validate_request
 from .call.alias import Chat

@@ -27,7 +27,7 @@ import urllib3.exceptions
 from requests.structures import CaseInsensitiveDict
 from urllib3.util.retry import Retry
 
-from . import __version__
+from ._version import __version__
 from .config import Node, check_proxy
 from .deadline import Watch, WatchedAdapter, set_current, watch
 from .errors import (
