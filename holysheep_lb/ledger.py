@@ -19,8 +19,9 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 from .budgets import Budget, Refusal, Reservation
 from .errors import BudgetExceededError, InvalidRequestError
-from .prices import PriceTable, estimate_prompt_tokens
+from .prices import PriceTable
 from .spend_store import InMemorySpendStore, SpendRow, SpendStore
+from .tokens import estimate_prompt_tokens, reserved_output_tokens
 
 __all__ = ["Settled", "SpendLedger"]
 
@@ -72,10 +73,8 @@ class SpendLedger:
     def estimate(self, model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> Reservation:
         """The call's estimated tokens and cost (not yet held against anything)."""
         input_tokens = estimate_prompt_tokens(messages)
-        output_tokens = params.get("max_tokens") or params.get("max_completion_tokens")
-        if output_tokens is None:
-            output_tokens = self.budget.assumed_output_tokens if self.budget else Budget.assumed_output_tokens
-        output_tokens *= params.get("n") or 1
+        assumed = self.budget.assumed_output_tokens if self.budget else Budget.assumed_output_tokens
+        output_tokens = reserved_output_tokens(params, assumed_output_tokens=assumed)
         amount = self.prices.exact_cost_usd(model, input_tokens, output_tokens)
         return Reservation(model, self.today(), input_tokens, output_tokens, amount)
 

@@ -1,4 +1,4 @@
-"""Model prices: USD per million tokens, input and output apart, and the prompt token estimate.
+"""Model prices: USD per million tokens, input and output apart.
 
 Costs are computed with exact decimal arithmetic and reported as floats (the nearest
 float to the exact value).
@@ -30,9 +30,10 @@ import threading
 from dataclasses import dataclass, field
 from decimal import Decimal
 from types import MappingProxyType
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 from .errors import ConfigError
+from .tokens import estimate_prompt_tokens  # re-exported: it lived here
 
 __all__ = ["PRICES_TAKEN_ON", "DEFAULT_PRICES", "ModelPrice", "PriceTable", "estimate_prompt_tokens"]
 
@@ -175,27 +176,3 @@ class PriceTable:
             self._warned.add(model)
         log.warning("no price for model %r: its calls are counted at cost 0; "
                     "pass Client(prices={%r: {'input': ..., 'output': ...}})", model, model)
-
-
-def _content_chars(content: Any) -> int:
-    if isinstance(content, str):
-        return len(content)
-    if isinstance(content, list):
-        total = 0
-        for part in content:
-            if isinstance(part, str):
-                total += len(part)
-            elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
-                total += len(part["text"])
-        return total
-    return 0
-
-
-def estimate_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
-    """Prompt tokens, estimated: about 4 characters per token plus 4 tokens per message.
-
-    OpenAI's rule of thumb; good to tens of percent for English text, which is what a
-    budget reservation needs. The answer's ``usage`` gives the exact count afterwards.
-    """
-    chars = sum(_content_chars(m.get("content")) for m in messages)
-    return math.ceil(chars / 4) + 4 * len(messages)

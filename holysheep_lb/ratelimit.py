@@ -25,6 +25,7 @@ import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple
 
 from .errors import RateLimitExceeded
+from .tokens import estimate_call_tokens
 
 __all__ = ["Limiter", "TokenBucket", "RateLimits", "Reservation", "estimate_tokens", "usage_tokens"]
 
@@ -206,40 +207,15 @@ class TokenBucket:
 # -- token estimates ---------------------------------------------------------------------
 
 
-def _text_chars(content: Any) -> int:
-    if isinstance(content, str):
-        return len(content)
-    if isinstance(content, list):
-        return sum(_text_chars(p.get("text") if isinstance(p, Mapping) else p) for p in content)
-    return 0
-
-
 def estimate_tokens(payload: Optional[Mapping[str, Any]]) -> int:
-    """Tokens a call may use, before sending: about 4 characters a token, 4 per message
-    (role and framing), plus ``max_tokens`` (or ``max_completion_tokens``) × ``n``.
+    """Tokens a call may use, before sending (:func:`holysheep_lb.tokens.estimate_call_tokens`
+    of its ``messages`` or ``input``, plus ``max_tokens`` × ``n``; nothing assumed without a cap).
 
     Only an estimate: the answer's ``usage`` corrects it afterwards.
     """
     if not payload:
         return 0
-    chars = 0
-    overhead = 0
-    messages = payload.get("messages")
-    if isinstance(messages, (list, tuple)):
-        for m in messages:
-            if isinstance(m, Mapping):
-                chars += _text_chars(m.get("content"))
-            overhead += 4
-    inputs = payload.get("input")
-    if isinstance(inputs, str):
-        chars += len(inputs)
-    elif isinstance(inputs, (list, tuple)):
-        chars += sum(len(i) for i in inputs if isinstance(i, str))
-    completion = payload.get("max_tokens") or payload.get("max_completion_tokens") or 0
-    choices = payload.get("n") or 1
-    if not isinstance(completion, int) or not isinstance(choices, int):
-        completion, choices = 0, 1
-    return int(math.ceil(chars / 4.0)) + overhead + completion * choices
+    return estimate_call_tokens(payload.get("messages"), payload)
 
 
 def usage_tokens(result: Any) -> Optional[int]:
