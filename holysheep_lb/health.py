@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Callable, Optional, Set
 
+from . import forksafe
 from .errors import HolySheepError
 from .selection import Selector
 
@@ -57,6 +58,7 @@ class HealthChecker:
         self._probing_lock = threading.Lock()  # guards _probing, loop_errors, _Round.left
         self._probing: Set[str] = set()  # ids of the nodes with a probe in flight
         self._round = _Round(0)
+        forksafe.register(self, phase=forksafe.PHASE_THREADS)
 
     # -- one round, callable directly (tests drive it without a thread) -------------
 
@@ -142,6 +144,7 @@ class HealthChecker:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout_s)
 
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         """The parent's thread does not exist in a child: forget it (restarted lazily)."""
         self._thread = None

@@ -24,6 +24,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+from . import forksafe
 from .cleanup import call_each
 from .errors import HolySheepError
 from .nodes import NodeState
@@ -141,7 +142,9 @@ class Hedger:
         self._threads_busy = 0
         self._counts_lock = threading.Lock()
         self._counts = {"sent": 0, "won": 0, "denied": 0}
+        forksafe.register(self, phase=forksafe.PHASE_THREADS)
 
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         """The parent's hedge threads do not exist in a child."""
         self._threads_lock = threading.Lock()

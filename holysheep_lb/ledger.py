@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from . import forksafe
 from .budgets import Budget, Refusal, Reservation
 from .errors import BudgetExceededError, InvalidRequestError
 from .prices import PriceTable
@@ -61,6 +62,7 @@ class SpendLedger:
         self.budget = budget
         self._wall_clock = wall_clock
         self._day: Tuple[int, str] = (-1, "")
+        forksafe.register(self)
 
     def today(self) -> str:
         """The current UTC day, ``YYYY-MM-DD``."""
@@ -148,6 +150,7 @@ class SpendLedger:
     def record_cache_hit(self, model: str) -> None:
         self.store.record_cache_hit(model, self.today())
 
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         """In a child after fork: fresh locks in the price table and the store, no parent reservations."""
         self.prices.reset_after_fork()

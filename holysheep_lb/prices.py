@@ -32,6 +32,7 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, Dict, List, Mapping, Optional, Union
 
+from . import forksafe
 from .errors import ConfigError
 from .tokens import estimate_prompt_tokens  # re-exported: it lived here
 
@@ -114,6 +115,7 @@ class PriceTable:
         self._prices: Mapping[str, ModelPrice] = MappingProxyType(table)
         self._warned_lock = threading.Lock()
         self._warned: set = set()
+        forksafe.register(self)
 
     @classmethod
     def from_json(cls, path: Union[str, "os.PathLike[str]"], *, include_defaults: bool = True) -> "PriceTable":
@@ -165,6 +167,7 @@ class PriceTable:
         """The cost in USD as the nearest float; 0 for an unknown model."""
         return float(self.exact_cost_usd(model, input_tokens, output_tokens))
 
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         """In a child after fork: a fresh lock (a parent thread may have held it at the fork)."""
         self._warned_lock = threading.Lock()

@@ -24,6 +24,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple
 
+from . import forksafe
 from .errors import RateLimitExceeded
 from .tokens import estimate_call_tokens
 
@@ -78,10 +79,12 @@ class TokenBucket:
         self.waits = 0          # acquires that had to block
         self.waited_s = 0.0     # time they spent blocked
         self.rejections = 0     # acquires refused (timed out, or more than the capacity)
+        forksafe.register(self)
 
     def __repr__(self) -> str:
         return f"<TokenBucket {self.name} rate_per_s={self.rate_per_s:g} capacity={self.capacity:g}>"
 
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         """The parent's blocked callers do not exist in a child; neither does their lock."""
         self._tokens_lock = threading.Lock()
@@ -297,6 +300,7 @@ class RateLimits:
             for model, spec in (per_model or {}).items()
         }
         self._clock = clock
+        forksafe.register(self)
 
     @property
     def enabled(self) -> bool:
@@ -333,6 +337,7 @@ class RateLimits:
             raise
         return Reservation(taken, tokens)
 
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         for pair in [self._client, *self._models.values()]:
             for limiter in pair:

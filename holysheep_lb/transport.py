@@ -27,6 +27,7 @@ import urllib3.exceptions
 from requests.structures import CaseInsensitiveDict
 from urllib3.util.retry import Retry
 
+from . import forksafe
 from ._version import __version__
 from .config import Node, check_proxy
 from .deadline import Watch, WatchedAdapter, set_current, watch
@@ -127,6 +128,7 @@ class Transport:
         self._refused: Optional[ConfigError] = None  # set when a child's proxy would see the key
         self.session = self._new_session()
         self._check_proxy()
+        forksafe.register(self, phase=forksafe.PHASE_CONNECTIONS)
 
     def _check_proxy(self) -> None:
         # node headers may carry credentials too (a gateway's own key header)
@@ -172,6 +174,7 @@ class Transport:
         session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         return session
 
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         """Forget the parent's connections: sockets must not be shared across processes.
 

@@ -45,7 +45,10 @@ def _imported_at_load(name: str, path: Path) -> Set[str]:
             if isinstance(node, ast.ImportFrom):
                 base = package[:len(package) - node.level + 1] if node.level else []
                 target = ".".join(base + ([node.module] if node.module else []))
-                found.update(m for m in [target] + [f"{target}.{a.name}" for a in node.names] if m in MODULES)
+                submodules = {f"{target}.{a.name}" for a in node.names} & set(MODULES)
+                found.update(submodules)
+                if target in MODULES and len(submodules) < len(node.names):  # a name defined in target itself
+                    found.add(target)
             elif isinstance(node, ast.Import):
                 found.update(alias.name for alias in node.names if alias.name in MODULES)
             elif isinstance(node, ast.If) and not _is_type_checking(node.test):

@@ -9,6 +9,7 @@ import threading
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
+from ... import forksafe
 from ...pricing import (
     OTHER_MODELS,
     InMemorySpendStore,
@@ -185,6 +186,7 @@ class RedisSpendStore(SpendStore):
         self._pending_lock = threading.Lock()
         self._pending: Deque[Tuple[str, Tuple[str, ...]]] = collections.deque()  # (day, record args)
         self._dropped = 0
+        forksafe.register(self)
 
     def __repr__(self) -> str:
         return f"<RedisSpendStore {self._prefix}spend:*>"
@@ -281,6 +283,7 @@ class RedisSpendStore(SpendStore):
                 raise self._link.unavailable("spend report", exc) from exc.__cause__
             return self._local.reserved_usd()
 
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         """The parent's reservations and unsent records are the parent's to finish."""
         self._local.reset_after_fork()
