@@ -224,7 +224,7 @@ class _WatchedConnectionMixin:
     def _end_watch(self) -> None:
         entry, self._holysheep_watch = self._holysheep_watch, None
         if entry is not None and entry.end():
-            self.close()  # type: ignore[attr-defined]  # cut: never reuse this socket
+            self.close()  # cut: never reuse this socket
 
     def _new_conn(self) -> Any:
         sock = super()._new_conn()  # type: ignore[misc]
@@ -271,7 +271,7 @@ class _WatchedHTTPConnectionPool(_PoolMixin, _connectionpool.HTTPConnectionPool)
 
 
 class _WatchedHTTPSConnectionPool(_PoolMixin, _connectionpool.HTTPSConnectionPool):
-    ConnectionCls = _WatchedHTTPSConnection  # type: ignore[assignment]
+    ConnectionCls = _WatchedHTTPSConnection
 
 
 _POOL_CLASSES = {"http": _WatchedHTTPConnectionPool, "https": _WatchedHTTPSConnectionPool}

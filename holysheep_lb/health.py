@@ -22,6 +22,7 @@ from typing import Callable, Optional, Set
 
 from . import forksafe
 from .errors import HolySheepError
+from .nodes import NodeState
 from .selection import Selector
 
 __all__ = ["HealthChecker"]
@@ -84,7 +85,7 @@ class HealthChecker:
         this_round.done.wait(self.timeout_s + 1.0)
         self.rounds += 1
 
-    def _probe_in_round(self, node, this_round: "_Round") -> None:
+    def _probe_in_round(self, node: NodeState, this_round: "_Round") -> None:
         try:
             if not self._stop.is_set():
                 self.probe(node)
@@ -99,7 +100,7 @@ class HealthChecker:
                 if this_round.left <= 0:
                     this_round.done.set()
 
-    def probe(self, node) -> bool:
+    def probe(self, node: NodeState) -> bool:
         """Probe one node and record the result; True when it answered 2xx JSON."""
         started = self.clock()
         try:

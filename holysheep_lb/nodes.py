@@ -246,7 +246,8 @@ class NodeState:
         if kind == "status_429":
             # Throttled, not broken: the node answered. Skip it until Retry-After
             # (1 s when it did not say), and leave its failure streak alone.
-            self.throttled_until = max(self.throttled_until, now + (retry_after_s if retry_after_s is not None else 1.0))
+            wait_s = retry_after_s if retry_after_s is not None else 1.0
+            self.throttled_until = max(self.throttled_until, now + wait_s)
             if is_trial:
                 self.end_trial()
             return None

@@ -47,6 +47,7 @@ _MILLION = Decimal(1_000_000)
 _ZERO = Decimal(0)
 _MAX_UNKNOWN_WARNINGS = 1000  # bounds the memory of "already warned" model names
 
+
 @dataclass(frozen=True)
 class ModelPrice:
     """USD per million tokens, for input (prompt) and output (completion) tokens."""

@@ -203,6 +203,9 @@ class Transport:
         for adapter in self.session.adapters.values():
             if isinstance(adapter, WatchedAdapter):
                 adapter.closed = True  # set before the pools close: a racing lookup closes its own
+            if not isinstance(adapter, requests.adapters.HTTPAdapter):
+                adapter.close()  # not one we mount: it knows its own pools
+                continue
             managers = [adapter.poolmanager, *adapter.proxy_manager.values()]
             for pools in (m.pools for m in managers if m is not None):
                 for key in list(pools.keys()):
@@ -233,6 +236,7 @@ class Transport:
             raise self._refused
         entry = None if deadline_s is None else watch(deadline_s)
         set_current(entry)  # read by the connection as it connects and sends (deadline.py)
+        error: Optional[APIError]
         try:
             response = self.session.send(
                 self._prepare(method, path, body, headers),
@@ -290,7 +294,7 @@ class Transport:
         prepared = requests.PreparedRequest()
         prepared.method = method
         prepared.url = self._url(path)
-        merged = CaseInsensitiveDict(self.session.headers)
+        merged: "CaseInsensitiveDict[Union[str, bytes]]" = CaseInsensitiveDict(self.session.headers)
         if headers:
             merged.update(headers)
         if body is not None:
@@ -306,7 +310,7 @@ class Transport:
         if url is None:
             probe = requests.PreparedRequest()
             probe.prepare_url(self.node.base_url + path, None)
-            url = probe.url
+            url = str(probe.url)  # prepare_url always sets it
             if len(self._urls) < 64:  # bounded: paths come from callers of request()
                 self._urls[path] = url
         return url

@@ -493,4 +493,3 @@ def families_as_json(families: Iterable[Metric]) -> List[Dict[str, Any]]:
     return [{"name": f.name, "type": f.type, "help": f.documentation, "unit": f.unit,
              "samples": [{"name": s.name, "labels": dict(s.labels), "value": s.value} for s in f.samples]}
             for f in families]
-

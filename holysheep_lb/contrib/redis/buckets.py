@@ -195,5 +195,3 @@ class RedisTokenBucket:
                 "shared": shared, "waits": waits + local["waits"],
                 "waited_s": round(waited_s + local["waited_s"], 6),
                 "rejections": rejections + local["rejections"]}
-
-
