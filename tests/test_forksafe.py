@@ -131,10 +131,10 @@ def test_the_library_objects_join_the_registry_when_built(gateway):
                     requests_per_minute=600, hedge_delay_s=5.0, retry_budget_ratio=0.2)
     try:
         live = {id(o) for o in forksafe.live_objects()}
+        p = client._parts
         parts = [client.selector, *client.selector.nodes, *(n.transport for n in client.selector.nodes),
-                 client._chain, client._breakers, client._chain.limits, *filter(None, client._chain.limits._client),
-                 client._retry_budget, client._hedger, client._health, client._ledger, client._ledger.prices,
-                 client._ledger.store, client._stream_stats, _WATCHDOG]
+                 p.chain, p.breakers, p.chain.limits, *filter(None, p.chain.limits._client), p.retry_budget,
+                 p.hedger, p.health, p.ledger, p.ledger.prices, p.ledger.store, p.stream_stats, p.tally, _WATCHDOG]
         missing = [type(p).__name__ for p in parts if id(p) not in live]
         assert missing == []
     finally:
@@ -212,10 +212,10 @@ def test_a_bucket_whose_lock_a_parent_thread_held_at_the_fork_works_in_the_child
 
 def _hold_locks(client: Client, held: threading.Event, release: threading.Event) -> None:
     """Hold, from a parent thread, the locks a call takes (none of them the Client's own)."""
-    store, breakers = client._ledger.store, client._breakers
-    with client.selector._state_lock, client._chain.limits._client[0]._tokens_lock, \
-            store._ledger_lock, breakers._breakers_lock, client._chain._counts_lock, \
-            client._stream_stats._stats_lock, _WATCHDOG._heap_cond:
+    p = client._parts
+    with client.selector._state_lock, p.chain.limits._client[0]._tokens_lock, p.ledger.store._ledger_lock, \
+            p.breakers._breakers_lock, p.chain._counts_lock, p.stream_stats._stats_lock, p.tally._tally_lock, \
+            _WATCHDOG._heap_cond:
         held.set()
         release.wait(10)
 
@@ -252,10 +252,11 @@ def test_the_clients_own_hook_after_the_registry_resets_nothing_twice(gateway):
     assert client.chat_completion(MSGS, model="m")
 
     def locks() -> List[int]:
-        bucket = client._chain.limits._client[0]
-        return [id(client.selector._state_lock), id(bucket._tokens_lock), id(client._ledger.store._ledger_lock),
-                id(client._retry_budget._budget_lock), id(client._breakers._breakers_lock),
-                id(client._stream_stats._stats_lock), id(client.selector.nodes[0].transport.session)]
+        p = client._parts
+        return [id(client.selector._state_lock), id(p.chain.limits._client[0]._tokens_lock),
+                id(p.ledger.store._ledger_lock), id(p.tally._tally_lock), id(p.retry_budget._budget_lock),
+                id(p.breakers._breakers_lock), id(p.stream_stats._stats_lock),
+                id(client.selector.nodes[0].transport.session)]
 
     before = locks()
 
