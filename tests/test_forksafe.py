@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 import traceback
+import weakref
 from typing import Callable, List
 
 import pytest
@@ -114,16 +115,19 @@ def test_an_object_that_did_not_join_resets_on_every_call(resets):
     assert resets == ["loner", "loner"]
 
 
-def test_the_registry_holds_weak_references_and_forgets_collected_objects():
-    gc.collect()
-    live_before = len(forksafe.live_objects())
+def test_the_registry_holds_weak_references_and_forgets_collected_objects(monkeypatch):
+    monkeypatch.setattr(forksafe, "_entries", {})  # a table of this test's own
+    monkeypatch.setattr(forksafe, "_prune_at", 1000)
+    short_lived = [Probe(f"short-lived {i}") for i in range(100)]
+    refs = [weakref.ref(p) for p in short_lived]
+    del short_lived
+    assert all(ref() is None for ref in refs)  # the registry kept none of them alive
+    assert len(forksafe._entries) == 100 and forksafe.live_objects() == []
+    monkeypatch.setattr(forksafe, "_prune_at", 0)  # the next registration finds the table past its bound
     kept = Probe("kept")
-    for i in range(5000):
-        Probe(f"short-lived {i}")  # collected at once: nothing else refers to it
-    # bounded: the table is pruned of collected objects whenever it doubles past 64
-    assert len(forksafe._entries) <= max(64, 2 * (live_before + 1)) + 1
-    live = forksafe.live_objects()
-    assert kept in live and not any(getattr(o, "name", "").startswith("short-lived") for o in live)
+    assert forksafe.live_objects() == [kept]
+    assert len(forksafe._entries) == 1  # the collected objects' entries are gone
+    assert forksafe._prune_at == 64  # next prune when the table doubles past 64 entries (or 2x the live ones)
 
 
 def test_the_library_objects_join_the_registry_when_built(gateway):
