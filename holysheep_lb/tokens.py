@@ -41,7 +41,7 @@ def content_chars(content: Any) -> int:
         for part in content:
             if isinstance(part, str):
                 total += len(part)
-            elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
+            elif (isinstance(part, dict) or isinstance(part, Mapping)) and isinstance(part.get("text"), str):
                 total += len(part["text"])
         return total
     return 0
@@ -57,13 +57,15 @@ def estimate_prompt_tokens(messages: Optional[Iterable[Any]]) -> int:
     A message that is not a mapping adds its 4 tokens of framing and no text; ``messages``
     that is not a sequence of messages (a string, a mapping) counts 0.
     """
-    if not messages or isinstance(messages, (str, bytes, Mapping)):
+    if not messages:
+        return 0
+    if not isinstance(messages, (list, tuple)) and isinstance(messages, (str, bytes, Mapping)):
         return 0
     chars = 0
     count = 0
     for message in messages:
         count += 1
-        if isinstance(message, Mapping):
+        if isinstance(message, dict) or isinstance(message, Mapping):  # dict first: the ABC check is slow
             chars += content_chars(message.get("content"))
     return _tokens_of_chars(chars) + TOKENS_PER_MESSAGE * count
 
