@@ -9,12 +9,11 @@ over several regional gateway nodes and keeps answering when nodes fail.
 
 import logging
 
-__version__ = "0.1.0"
-
-from .cache import ResponseCache  # noqa: E402
-from .client import Client  # noqa: E402
-from .config import BreakerSettings, ClientConfig, Node  # noqa: E402
-from .errors import (  # noqa: E402
+from ._version import __version__
+from .cache import ResponseCache
+from .client import Client
+from .config import BreakerSettings, ClientConfig, Node
+from .errors import (
     AllAttemptsFailedError,
     APIConnectionError,
     APIError,
@@ -40,13 +39,13 @@ from .errors import (  # noqa: E402
     StreamInterruptedError,
     UnprocessableEntityError,
 )
-from .ratelimit import TokenBucket  # noqa: E402
-from .models import AUTO, ModelRouter, RoutingDecision, RoutingRequest  # noqa: E402
-from .openai_api import ChatCompletionStream, ModelsPage  # noqa: E402
-from .pricing import Budget, BudgetCap, InMemorySpendStore, ModelPrice, PriceTable, SpendStore  # noqa: E402
-from .response import Response  # noqa: E402
-from .selection import RoutingStrategy, Strategy  # noqa: E402
-from .streaming import CannedStream, ChatStream  # noqa: E402
+from .ratelimit import TokenBucket
+from .models import AUTO, ModelRouter, RoutingDecision, RoutingRequest
+from .openai_api import ChatCompletionStream, ModelsPage
+from .pricing import Budget, BudgetCap, InMemorySpendStore, ModelPrice, PriceTable, SpendStore
+from .response import Response
+from .selection import RoutingStrategy, Strategy
+from .streaming import CannedStream, ChatStream
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import pybreaker
 
+from . import forksafe
 from .config import BreakerSettings
 from .errors import CircuitOpenError
 from .policy.classify import breaker_verdict
@@ -121,6 +122,7 @@ class Breaker:
         self._state_lock = threading.Lock()
         self._trials = 0  # half-open trial calls in flight in this process
         self._cb = self._new_breaker()
+        forksafe.register(self)
 
     def _new_breaker(self) -> pybreaker.CircuitBreaker:
         s = self.settings
@@ -133,6 +135,7 @@ class Breaker:
     def __repr__(self) -> str:
         return f"<Breaker {self.name} {self._storage.state}>"
 
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         """Fresh locks; the parent's trial calls do not exist here."""
         self._state_lock = threading.Lock()
@@ -324,7 +327,9 @@ class BreakerBoard:
         self._transitions: Counter = Counter()
         self._pending_logs: List[Tuple[int, str, Tuple[Any, ...]]] = []
         self._last_storage_warning = float("-inf")
+        forksafe.register(self)
 
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         self._breakers_lock = threading.Lock()
         self._counts_lock = threading.Lock()

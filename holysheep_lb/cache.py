@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from cachetools import TTLCache
 
+from . import forksafe
 from .errors import AllAttemptsFailedError, ConfigError, InvalidRequestError
 from .suggest import unknown_option
 
@@ -97,6 +98,7 @@ class ResponseCache:
         self._misses = 0
         self._waits = 0
         self._stores = 0
+        forksafe.register(self)
 
     def __repr__(self) -> str:
         return f"ResponseCache(maxsize={self.maxsize}, ttl_s={self.ttl_s:g})"
@@ -159,6 +161,7 @@ class ResponseCache:
             waited = True
             if not pending.stored:  # type: ignore[union-attr]
                 return self._call_and_store(key, call), False
+        assert pending is not None  # the leader always made one
         kept = None
         try:
             value, store = call()
@@ -205,6 +208,7 @@ class ResponseCache:
             return {"hits": self._hits, "misses": self._misses, "waits": self._waits, "stores": self._stores,
                     "size": len(self._entries), "maxsize": self.maxsize, "ttl_s": self.ttl_s}
 
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         """In a child after fork: fresh lock; the parent's in-flight calls are not ours."""
         self._entries_lock = threading.Lock()

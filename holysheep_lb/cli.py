@@ -20,13 +20,14 @@ import random
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import __version__
+from ._version import __version__
 from .client import Client
 from .config import API_KEY_ENV, BASE_URL_ENV, NODES_ENV
 from .errors import AuthenticationError, ConfigError, HolySheepError
 from .health import HealthChecker
 from .cli_output import Output, load_rich
 from .loadgen import LoadResult, run_load, seed_regions
+from .response import Response
 from .selection import STRATEGIES
 from .simulator import SimulatedGateway
 
@@ -199,7 +200,7 @@ def _model(args: argparse.Namespace, client: Client, default: Optional[str] = No
 
 def _chat_call(client: Client, label: str, model: str,
                max_tokens: Optional[int] = None) -> Callable[[int], Any]:
-    params = {} if max_tokens is None else {"max_tokens": max_tokens}
+    params: Dict[str, Any] = {} if max_tokens is None else {"max_tokens": max_tokens}
 
     def call(i: int) -> Any:
         return client.chat_completion([{"role": "user", "content": f"{label}: request {i}"}],
@@ -331,9 +332,11 @@ def cmd_chat(args: argparse.Namespace, out: Output) -> int:
             _print_stream(client.chat_completion(messages, model=model, stream=True, **params), out)
             return 0
         resp = client.chat_completion(messages, model=model, **params)
+    assert isinstance(resp, Response)  # for the type checker: not a stream, stream was not asked for
     if out.json_mode:
+        latency_ms = None if resp.latency_ms is None else round(resp.latency_ms, 1)
         out.json({"response": dict(resp), "node_id": resp.node_id, "region": resp.region,
-                  "model": resp.model, "latency_ms": round(resp.latency_ms, 1),
+                  "model": resp.model, "latency_ms": latency_ms,
                   "request_id": resp.request_id, "attempts": [str(a) for a in resp.attempts]})
         return 0
     out.line(resp.text if resp.text is not None else json.dumps(dict(resp)))

@@ -17,8 +17,8 @@ from types import MappingProxyType
 from typing import (Any, Callable, Dict, Iterable, List, Literal, Mapping, NoReturn, Optional, Sequence, Tuple,
                     Union, overload)
 
-from . import __version__
 from . import introspect
+from ._version import __version__
 from .batch import BatchResult, run_batch
 from .call.args import validate_call_options, validate_messages, validate_model, validate_params, validate_request
 from .call.build import build_parts, build_pipelines, policy_from_config, reset_after_fork
@@ -155,7 +155,7 @@ class Client:
         # An option added to ClientConfig but not yet to this signature still works (the
         # drift test says to add it); any other name is refused, by name only: the value
         # of a misspelt api_key is the key.
-        options.update((name, value) for name, value in unknown.items() if name in CLIENT_OPTIONS)
+        options.update({name: unknown[name] for name in unknown if name in CLIENT_OPTIONS})
         refused = sorted(set(unknown) - CLIENT_OPTIONS)
         if refused:
             raise unknown_option(None, refused[0], CLIENT_OPTIONS, what="Client option",
@@ -361,7 +361,7 @@ class Client:
         if decision is not None:
             result.extra["routing"] = decision
             result.fallback = result.fallback or decision.fallback
-        return result  # type: ignore[no-any-return]
+        return result
 
     def request(self, method: str, path: str, json: Optional[Mapping[str, Any]] = None, *,
                 region: Optional[str] = None, deadline_s: Optional[float] = None,

@@ -497,6 +497,8 @@ def _check_resilience(cfg: ClientConfig) -> None:
     if cfg.hedge_max_ratio > 1:
         raise ConfigError("hedge_max_ratio", cfg.hedge_max_ratio, "must be > 0 and <= 1")
     _check_int("hedge_max_threads", cfg.hedge_max_threads, minimum=1)
+
+
 def _check_cost_options(cfg: "ClientConfig") -> None:
     # normalised in place (the dataclass is frozen): prices -> PriceTable, budget -> Budget
     object.__setattr__(cfg, "prices", PriceTable.coerce(cfg.prices))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import os
 import socket
 import threading
 import time
@@ -35,6 +34,8 @@ from requests.adapters import HTTPAdapter
 from urllib3 import connection as _connection
 from urllib3 import connectionpool as _connectionpool
 from urllib3 import poolmanager as _poolmanager
+
+from . import forksafe
 
 __all__ = ["Watch", "Watchdog", "watch", "WatchedAdapter", "TransportClosedError"]
 
@@ -124,6 +125,7 @@ class Watchdog:
         self._ended_in_heap = 0
         self._seq = itertools.count()
         self._thread: Optional[threading.Thread] = None
+        forksafe.register(self, phase=forksafe.PHASE_THREADS)
 
     def watch(self, timeout_s: float) -> Watch:
         """A new watch expiring ``timeout_s`` seconds from now; call ``end()`` when done."""
@@ -175,17 +177,15 @@ class Watchdog:
             for entry in due:  # outside the heap lock: registrations go on meanwhile
                 entry._expire()
 
-    def _reset_after_fork(self) -> None:
+    @forksafe.once_per_process
+    def reset_after_fork(self) -> None:
         self._heap_cond = threading.Condition(threading.Lock())
         self._heap = []
         self._ended_in_heap = 0
         self._thread = None
 
 
-_WATCHDOG = Watchdog()
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_WATCHDOG._reset_after_fork)
+_WATCHDOG = Watchdog()  # reset in a child after fork: it joined the fork registry (forksafe.py)
 
 
 def watch(timeout_s: float) -> Watch:
@@ -224,7 +224,7 @@ class _WatchedConnectionMixin:
     def _end_watch(self) -> None:
         entry, self._holysheep_watch = self._holysheep_watch, None
         if entry is not None and entry.end():
-            self.close()  # type: ignore[attr-defined]  # cut: never reuse this socket
+            self.close()  # cut: never reuse this socket
 
     def _new_conn(self) -> Any:
         sock = super()._new_conn()  # type: ignore[misc]
@@ -271,7 +271,7 @@ class _WatchedHTTPConnectionPool(_PoolMixin, _connectionpool.HTTPConnectionPool)
 
 
 class _WatchedHTTPSConnectionPool(_PoolMixin, _connectionpool.HTTPSConnectionPool):
-    ConnectionCls = _WatchedHTTPSConnection  # type: ignore[assignment]
+    ConnectionCls = _WatchedHTTPSConnection
 
 
 _POOL_CLASSES = {"http": _WatchedHTTPConnectionPool, "https": _WatchedHTTPSConnectionPool}

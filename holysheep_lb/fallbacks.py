@@ -27,6 +27,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
+from . import forksafe
 from .breakers import NO_PERMIT, BreakerBoard, Permit, stream_outcome_hook
 from .cleanup import call_each, discard
 from .errors import BudgetExceededError, CircuitOpenError, ConfigError, HolySheepError
@@ -84,7 +85,9 @@ class ModelChain:
         self._clock = clock
         self._counts_lock = threading.Lock()
         self._counts = {"fallback_answers": 0, "canned_replies": 0, "circuit_open_skips": 0}
+        forksafe.register(self)
 
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         self._counts_lock = threading.Lock()
         if self.breakers is not None:
@@ -170,7 +173,7 @@ class ModelChain:
         except BaseException as exc:
             call_each([
                 functools.partial(permit.record, exc) if isinstance(exc, HolySheepError) else permit.release,
-                (lambda: reservation.cancel()) if reservation is not None else _nothing,  # type: ignore[union-attr]
+                (lambda: reservation.cancel()) if reservation is not None else _nothing,
                 functools.partial(costs.cancel, held) if costs is not None else _nothing,
             ])
             raise

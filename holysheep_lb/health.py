@@ -20,7 +20,9 @@ import threading
 import time
 from typing import Callable, Optional, Set
 
+from . import forksafe
 from .errors import HolySheepError
+from .nodes import NodeState
 from .selection import Selector
 
 __all__ = ["HealthChecker"]
@@ -57,6 +59,7 @@ class HealthChecker:
         self._probing_lock = threading.Lock()  # guards _probing, loop_errors, _Round.left
         self._probing: Set[str] = set()  # ids of the nodes with a probe in flight
         self._round = _Round(0)
+        forksafe.register(self, phase=forksafe.PHASE_THREADS)
 
     # -- one round, callable directly (tests drive it without a thread) -------------
 
@@ -82,7 +85,7 @@ class HealthChecker:
         this_round.done.wait(self.timeout_s + 1.0)
         self.rounds += 1
 
-    def _probe_in_round(self, node, this_round: "_Round") -> None:
+    def _probe_in_round(self, node: NodeState, this_round: "_Round") -> None:
         try:
             if not self._stop.is_set():
                 self.probe(node)
@@ -97,7 +100,7 @@ class HealthChecker:
                 if this_round.left <= 0:
                     this_round.done.set()
 
-    def probe(self, node) -> bool:
+    def probe(self, node: NodeState) -> bool:
         """Probe one node and record the result; True when it answered 2xx JSON."""
         started = self.clock()
         try:
@@ -142,6 +145,7 @@ class HealthChecker:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout_s)
 
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         """The parent's thread does not exist in a child: forget it (restarted lazily)."""
         self._thread = None

@@ -7,7 +7,8 @@ also spends a retry from the retry budget. The delay is a fixed number of second
 ``"p95"``: the node's observed p95 latency (no hedge until it has 20 samples).
 
 Both copies run on threads of their own, at most ``max_threads`` at a time
-(``stats()["threads_busy"]``), and the caller waits for the first to finish. A call never queues for a thread: without a free one, or while
+(``stats()["threads_busy"]``), and the caller waits for the first to finish. A call
+never queues for a thread: without a free one, or while
 the cap and budget leave no room for a hedge, the attempt runs on the caller's thread,
 unhedged. The losing copy runs to its end on its own thread, bounded by its own
 timeout; its answer is dropped, while its node's bookkeeping (latency, success or
@@ -24,6 +25,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+from . import forksafe
 from .cleanup import call_each
 from .errors import HolySheepError
 from .nodes import NodeState
@@ -141,7 +143,9 @@ class Hedger:
         self._threads_busy = 0
         self._counts_lock = threading.Lock()
         self._counts = {"sent": 0, "won": 0, "denied": 0}
+        forksafe.register(self, phase=forksafe.PHASE_THREADS)
 
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         """The parent's hedge threads do not exist in a child."""
         self._threads_lock = threading.Lock()
@@ -326,8 +330,8 @@ class Hedger:
         """
         with race.lock:
             race.decided = True
-            mine = [c for c in race.copies if not c.handed and (c.state == "pending"
-                                                                 or (c.state == "done" and c.error is None))]
+            mine = [c for c in race.copies
+                    if not c.handed and (c.state == "pending" or (c.state == "done" and c.error is None))]
             for c in mine:
                 c.handed = True
                 if c.state == "pending":

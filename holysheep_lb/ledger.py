@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from . import forksafe
 from .budgets import Budget, Refusal, Reservation
 from .errors import BudgetExceededError, InvalidRequestError
-from .prices import PriceTable, estimate_prompt_tokens
+from .prices import PriceTable
 from .spend_store import InMemorySpendStore, SpendRow, SpendStore
+from .tokens import estimate_prompt_tokens, reserved_output_tokens
 
 __all__ = ["Settled", "SpendLedger"]
 
@@ -60,6 +62,7 @@ class SpendLedger:
         self.budget = budget
         self._wall_clock = wall_clock
         self._day: Tuple[int, str] = (-1, "")
+        forksafe.register(self)
 
     def today(self) -> str:
         """The current UTC day, ``YYYY-MM-DD``."""
@@ -72,10 +75,8 @@ class SpendLedger:
     def estimate(self, model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> Reservation:
         """The call's estimated tokens and cost (not yet held against anything)."""
         input_tokens = estimate_prompt_tokens(messages)
-        output_tokens = params.get("max_tokens") or params.get("max_completion_tokens")
-        if output_tokens is None:
-            output_tokens = self.budget.assumed_output_tokens if self.budget else Budget.assumed_output_tokens
-        output_tokens *= params.get("n") or 1
+        assumed = self.budget.assumed_output_tokens if self.budget else Budget.assumed_output_tokens
+        output_tokens = reserved_output_tokens(params, assumed_output_tokens=assumed)
         amount = self.prices.exact_cost_usd(model, input_tokens, output_tokens)
         return Reservation(model, self.today(), input_tokens, output_tokens, amount)
 
@@ -149,6 +150,7 @@ class SpendLedger:
     def record_cache_hit(self, model: str) -> None:
         self.store.record_cache_hit(model, self.today())
 
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         """In a child after fork: fresh locks in the price table and the store, no parent reservations."""
         self.prices.reset_after_fork()

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import ConfigError
-from .pricing import estimate_prompt_tokens
+from .tokens import estimate_prompt_tokens, requested_output_tokens
 
 __all__ = ["AUTO", "TIERS", "DEFAULT_TIER_MODELS", "RoutingRequest", "RoutingDecision", "ModelRouter",
            "classify_request"]
@@ -119,7 +119,7 @@ class RoutingRequest:
 
     @property
     def max_tokens(self) -> Optional[int]:
-        return self.params.get("max_tokens") or self.params.get("max_completion_tokens")
+        return requested_output_tokens(self.params)
 
 
 @dataclass(frozen=True)

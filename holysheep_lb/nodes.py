@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Optional
 
+from . import forksafe
 from .config import Node
 from .stats import FAILURE_KINDS, SYSTEM_FAILURE_KINDS, LatencyHistogram
 from .transport import Transport
@@ -97,6 +98,15 @@ class NodeState:
         self.last_probe_at: Optional[float] = None
         self.last_probe_ok: Optional[bool] = None
         self.last_probe_error: Optional[str] = None
+        forksafe.register(self)
+
+    @forksafe.once_per_process
+    def reset_after_fork(self) -> None:
+        """The parent's calls and trial request do not exist in a child: nothing is in flight."""
+        self.in_flight = 0
+        self.awaiting = 0
+        self.awaiting_started_sum = 0.0
+        self.end_trial()
 
     def __repr__(self) -> str:
         return f"<NodeState {self.id} region={self.region} in_flight={self.in_flight}>"
@@ -236,7 +246,8 @@ class NodeState:
         if kind == "status_429":
             # Throttled, not broken: the node answered. Skip it until Retry-After
             # (1 s when it did not say), and leave its failure streak alone.
-            self.throttled_until = max(self.throttled_until, now + (retry_after_s if retry_after_s is not None else 1.0))
+            wait_s = retry_after_s if retry_after_s is not None else 1.0
+            self.throttled_until = max(self.throttled_until, now + wait_s)
             if is_trial:
                 self.end_trial()
             return None

@@ -29,6 +29,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Sequence, Set, Tuple
 
+from . import forksafe
+
 __all__ = ["CallObserver", "CallInfo", "AttemptEvent", "Decision", "CallEnd", "ObserverSet"]
 
 log = logging.getLogger(__name__)
@@ -118,6 +120,12 @@ class ObserverSet:
         self._lock = threading.Lock()
         self._logged: Set[Tuple[int, type]] = set()
         self.errors = 0
+        forksafe.register(self)
+
+    @forksafe.once_per_process
+    def reset_after_fork(self) -> None:
+        """A lock held by another thread at fork time would stay held in the child."""
+        self._lock = threading.Lock()
 
     def __bool__(self) -> bool:
         return bool(self._observers)

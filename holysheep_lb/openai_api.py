@@ -205,7 +205,7 @@ class Embeddings:
         options = request_options(timeout=timeout, extra_headers=extra_headers, extra_query=extra_query,
                                   extra_body=extra_body, reserved_body=_EMBEDDING_BUILT)
         payload = {"model": model, "input": input, **params}
-        return client._request("embeddings", "POST", "/embeddings", payload, region=region,  # type: ignore
+        return client._request("embeddings", "POST", "/embeddings", payload, region=region,
                                deadline_s=deadline_s, options=options)
 
     def create(self, *, input: Union[str, Sequence[str]], model: Optional[str] = None,
@@ -229,7 +229,7 @@ class Models:
                  extra_query: Optional[Mapping[str, Any]] = None) -> Response:
         """``GET /models`` from one node (with failover)."""
         options = request_options(timeout=timeout, extra_headers=extra_headers, extra_query=extra_query)
-        return self._client._request("models", "GET", "/models", region=region,  # type: ignore[no-any-return]
+        return self._client._request("models", "GET", "/models", region=region,
                                      deadline_s=deadline_s, options=options)
 
     def list(self, *, region: Optional[str] = None, deadline_s: Optional[float] = None,

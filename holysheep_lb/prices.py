@@ -1,4 +1,4 @@
-"""Model prices: USD per million tokens, input and output apart, and the prompt token estimate.
+"""Model prices: USD per million tokens, input and output apart.
 
 Costs are computed with exact decimal arithmetic and reported as floats (the nearest
 float to the exact value).
@@ -30,9 +30,11 @@ import threading
 from dataclasses import dataclass, field
 from decimal import Decimal
 from types import MappingProxyType
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
+from . import forksafe
 from .errors import ConfigError
+from .tokens import estimate_prompt_tokens  # re-exported: it lived here
 
 __all__ = ["PRICES_TAKEN_ON", "DEFAULT_PRICES", "ModelPrice", "PriceTable", "estimate_prompt_tokens"]
 
@@ -44,6 +46,7 @@ PRICES_TAKEN_ON = "2026-11-26"
 _MILLION = Decimal(1_000_000)
 _ZERO = Decimal(0)
 _MAX_UNKNOWN_WARNINGS = 1000  # bounds the memory of "already warned" model names
+
 
 @dataclass(frozen=True)
 class ModelPrice:
@@ -113,6 +116,7 @@ class PriceTable:
         self._prices: Mapping[str, ModelPrice] = MappingProxyType(table)
         self._warned_lock = threading.Lock()
         self._warned: set = set()
+        forksafe.register(self)
 
     @classmethod
     def from_json(cls, path: Union[str, "os.PathLike[str]"], *, include_defaults: bool = True) -> "PriceTable":
@@ -164,6 +168,7 @@ class PriceTable:
         """The cost in USD as the nearest float; 0 for an unknown model."""
         return float(self.exact_cost_usd(model, input_tokens, output_tokens))
 
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         """In a child after fork: a fresh lock (a parent thread may have held it at the fork)."""
         self._warned_lock = threading.Lock()
@@ -175,27 +180,3 @@ class PriceTable:
             self._warned.add(model)
         log.warning("no price for model %r: its calls are counted at cost 0; "
                     "pass Client(prices={%r: {'input': ..., 'output': ...}})", model, model)
-
-
-def _content_chars(content: Any) -> int:
-    if isinstance(content, str):
-        return len(content)
-    if isinstance(content, list):
-        total = 0
-        for part in content:
-            if isinstance(part, str):
-                total += len(part)
-            elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
-                total += len(part["text"])
-        return total
-    return 0
-
-
-def estimate_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
-    """Prompt tokens, estimated: about 4 characters per token plus 4 tokens per message.
-
-    OpenAI's rule of thumb; good to tens of percent for English text, which is what a
-    budget reservation needs. The answer's ``usage`` gives the exact count afterwards.
-    """
-    chars = sum(_content_chars(m.get("content")) for m in messages)
-    return math.ceil(chars / 4) + 4 * len(messages)

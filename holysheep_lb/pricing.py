@@ -5,8 +5,8 @@ The pieces live in their own modules and are all importable from here:
 ==================  ==========================================================
 module              holds
 ==================  ==========================================================
-``prices``          :class:`ModelPrice`, :class:`PriceTable`, the defaults and
-                    :func:`estimate_prompt_tokens`
+``prices``          :class:`ModelPrice`, :class:`PriceTable`, the defaults
+``tokens``          :func:`estimate_prompt_tokens` (the one token estimate)
 ``budgets``         :class:`Budget`, :class:`BudgetCap`, and the
                     :class:`Reservation`, :class:`Limit` and :class:`Refusal`
                     a store checks caps with
@@ -25,8 +25,9 @@ from __future__ import annotations
 
 from .budgets import ON_EXCEEDED, Budget, BudgetCap, Limit, Refusal, Reservation
 from .ledger import Settled, SpendLedger
-from .prices import DEFAULT_PRICES, PRICES_TAKEN_ON, ModelPrice, PriceTable, estimate_prompt_tokens
+from .prices import DEFAULT_PRICES, PRICES_TAKEN_ON, ModelPrice, PriceTable
 from .spend_store import OTHER_MODELS, InMemorySpendStore, SpendRow, SpendStore
+from .tokens import estimate_prompt_tokens
 
 __all__ = [
     "PRICES_TAKEN_ON",

@@ -54,7 +54,9 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple
 
+from . import forksafe
 from .errors import RateLimitExceeded
+from .tokens import estimate_call_tokens
 
 __all__ = ["Limiter", "TokenBucket", "RateLimits", "Reservation", "estimate_tokens", "usage_tokens",
            "minute_bucket_shape"]
@@ -138,11 +140,13 @@ class TokenBucket:
         self.waits = 0          # acquires that had to block
         self.waited_s = 0.0     # time they spent blocked
         self.rejections = 0     # acquires refused (timed out, or more than max_take)
+        forksafe.register(self)
 
     def __repr__(self) -> str:
         return (f"<TokenBucket {self.name} rate_per_s={self.rate_per_s:g} capacity={self.capacity:g}"
                 + ("" if self.max_take == self.capacity else f" max_take={self.max_take:g}") + ">")
 
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         """The parent's blocked callers do not exist in a child; neither does their lock."""
         self._tokens_lock = threading.Lock()
@@ -275,40 +279,15 @@ class TokenBucket:
 # -- token estimates ---------------------------------------------------------------------
 
 
-def _text_chars(content: Any) -> int:
-    if isinstance(content, str):
-        return len(content)
-    if isinstance(content, list):
-        return sum(_text_chars(p.get("text") if isinstance(p, Mapping) else p) for p in content)
-    return 0
-
-
 def estimate_tokens(payload: Optional[Mapping[str, Any]]) -> int:
-    """Tokens a call may use, before sending: about 4 characters a token, 4 per message
-    (role and framing), plus ``max_tokens`` (or ``max_completion_tokens``) × ``n``.
+    """Tokens a call may use, before sending (:func:`holysheep_lb.tokens.estimate_call_tokens`
+    of its ``messages`` or ``input``, plus ``max_tokens`` × ``n``; nothing assumed without a cap).
 
     Only an estimate: the answer's ``usage`` corrects it afterwards.
     """
     if not payload:
         return 0
-    chars = 0
-    overhead = 0
-    messages = payload.get("messages")
-    if isinstance(messages, (list, tuple)):
-        for m in messages:
-            if isinstance(m, Mapping):
-                chars += _text_chars(m.get("content"))
-            overhead += 4
-    inputs = payload.get("input")
-    if isinstance(inputs, str):
-        chars += len(inputs)
-    elif isinstance(inputs, (list, tuple)):
-        chars += sum(len(i) for i in inputs if isinstance(i, str))
-    completion = payload.get("max_tokens") or payload.get("max_completion_tokens") or 0
-    choices = payload.get("n") or 1
-    if not isinstance(completion, int) or not isinstance(choices, int):
-        completion, choices = 0, 1
-    return int(math.ceil(chars / 4.0)) + overhead + completion * choices
+    return estimate_call_tokens(payload.get("messages"), payload)
 
 
 def usage_tokens(result: Any) -> Optional[int]:
@@ -319,9 +298,10 @@ def usage_tokens(result: Any) -> Optional[int]:
     total = usage.get("total_tokens")
     if isinstance(total, int) and not isinstance(total, bool) and total >= 0:
         return total
-    parts = [usage.get("prompt_tokens"), usage.get("completion_tokens")]
-    if all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in parts):
-        return parts[0] + parts[1]
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if (isinstance(prompt, int) and not isinstance(prompt, bool) and prompt >= 0
+            and isinstance(completion, int) and not isinstance(completion, bool) and completion >= 0):
+        return prompt + completion
     return None
 
 
@@ -392,6 +372,7 @@ class RateLimits:
             for model, spec in (per_model or {}).items()
         }
         self._clock = clock
+        forksafe.register(self)
 
     @property
     def enabled(self) -> bool:
@@ -428,6 +409,7 @@ class RateLimits:
             raise
         return Reservation(taken, tokens)
 
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         for pair in [self._client, *self._models.values()]:
             for limiter in pair:

@@ -26,6 +26,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
+from . import forksafe
 from .errors import ConfigError, NoHealthyNodeError
 from .nodes import EjectionPolicy, NodeState
 from .stats import LatencyHistogram
@@ -331,10 +332,14 @@ class Selector:
         self.rand = rand or random.Random().random
         self._state_lock = threading.Lock()
         self.panicking = False
+        forksafe.register(self)
 
-    def reset_lock_after_fork(self) -> None:
+    @forksafe.once_per_process
+    def reset_after_fork(self) -> None:
         """A lock held by another thread at fork time would stay held forever in the child."""
         self._state_lock = threading.Lock()
+
+    reset_lock_after_fork = reset_after_fork  # the name the Client calls
 
     def pick(self, *, exclude: Iterable[str] = (), region: Optional[str] = None,
              started: Optional[float] = None, fresh_only: bool = False) -> NodeState:

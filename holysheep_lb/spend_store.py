@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from . import forksafe
 from .budgets import Limit, Refusal, Reservation
 from .errors import ConfigError
 
@@ -116,6 +117,7 @@ class InMemorySpendStore(SpendStore):
         # a model's own totals exist only while it has a per-model limit
         self._totals: Dict[Tuple[str, Optional[str]], List[Decimal]] = {}
         self._latest_day = ""
+        forksafe.register(self)
 
     def try_reserve(self, reservation: Reservation, limits: Sequence[Limit]) -> Optional[Refusal]:
         amount = reservation.amount_usd
@@ -183,6 +185,7 @@ class InMemorySpendStore(SpendStore):
             return sum((pair[1] for (period, model), pair in self._totals.items()
                         if model is None and len(period) == 10), _ZERO)
 
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         self._ledger_lock = threading.Lock()
         for pair in self._totals.values():

@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from . import forksafe
 from .cleanup import call_each
 from .errors import APIError
 from .nodes import NodeState
@@ -207,11 +208,13 @@ class StreamStats:
         self._total = LatencyHistogram()
         self._tokens = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         self._with_usage = 0
+        forksafe.register(self)
 
-
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         """A lock held by another thread at fork time would stay held in the child."""
         self._stats_lock = threading.Lock()
+
     def record(self, outcome: StreamOutcome) -> None:
         usage = outcome.usage if isinstance(outcome.usage, dict) else None
         reason = outcome.reason or "other"

@@ -31,7 +31,8 @@ import urllib3.exceptions
 from requests.structures import CaseInsensitiveDict
 from urllib3.util.retry import Retry
 
-from . import __version__
+from . import forksafe
+from ._version import __version__
 from .config import Node, check_proxy
 from .deadline import Watch, WatchedAdapter, set_current, watch
 from .errors import (
@@ -131,6 +132,7 @@ class Transport:
         self._refused: Optional[ConfigError] = None  # set when a child's proxy would see the key
         self.session = self._new_session()
         self._check_proxy()
+        forksafe.register(self, phase=forksafe.PHASE_CONNECTIONS)
 
     def _check_proxy(self) -> None:
         # node headers may carry credentials too (a gateway's own key header)
@@ -176,6 +178,7 @@ class Transport:
         session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         return session
 
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         """Forget the parent's connections: sockets must not be shared across processes.
 
@@ -204,6 +207,9 @@ class Transport:
         for adapter in self.session.adapters.values():
             if isinstance(adapter, WatchedAdapter):
                 adapter.closed = True  # set before the pools close: a racing lookup closes its own
+            if not isinstance(adapter, requests.adapters.HTTPAdapter):
+                adapter.close()  # not one we mount: it knows its own pools
+                continue
             managers = [adapter.poolmanager, *adapter.proxy_manager.values()]
             for pools in (m.pools for m in managers if m is not None):
                 for key in list(pools.keys()):
@@ -234,6 +240,7 @@ class Transport:
             raise self._refused
         entry = None if deadline_s is None else watch(deadline_s)
         set_current(entry)  # read by the connection as it connects and sends (deadline.py)
+        error: Optional[APIError]
         try:
             response = self.session.send(
                 self._prepare(method, path, body, headers),
@@ -291,7 +298,7 @@ class Transport:
         prepared = requests.PreparedRequest()
         prepared.method = method
         prepared.url = self._url(path)
-        merged = CaseInsensitiveDict(self.session.headers)
+        merged: "CaseInsensitiveDict[Union[str, bytes]]" = CaseInsensitiveDict(self.session.headers)
         if headers:
             merged.update(headers)
         if body is not None:
@@ -307,7 +314,7 @@ class Transport:
         if url is None:
             probe = requests.PreparedRequest()
             probe.prepare_url(self.node.base_url + path, None)
-            url = probe.url
+            url = str(probe.url)  # prepare_url always sets it
             if len(self._urls) < 64:  # bounded: paths come from callers of request()
                 self._urls[path] = url
         return url

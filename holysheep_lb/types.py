@@ -111,7 +111,7 @@ class JSONObject(Dict[str, Any]):
 
     def model_dump(self) -> Dict[str, Any]:
         """The JSON as plain dicts and lists, unknown fields included (a deep copy)."""
-        return _plain(self)  # type: ignore[no-any-return]
+        return _plain(self)
 
     def model_dump_json(self, *, indent: Optional[int] = None) -> str:
         """The JSON as a string (``indent`` as in :func:`json.dumps`)."""

@@ -101,4 +101,4 @@ class CostsStage:
         body, headers = request_parts(ctx.method, payload, ctx.idempotency_key)
         sent = ctx.for_model(chosen, body, headers)
         sent.payload, sent.costs, sent.deadline = payload, costs, ctx.clock() + remaining_s
-        return self.next.run(sent)  # type: ignore[no-any-return]
+        return self.next.run(sent)

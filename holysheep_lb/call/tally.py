@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Dict, Optional
 
+from .. import forksafe
 from ..stats import LatencyHistogram
 
 __all__ = ["CallTally"]
@@ -20,7 +21,9 @@ class CallTally:
         self.successes = 0
         self.failures: Dict[str, int] = {}
         self.latency = LatencyHistogram()
+        forksafe.register(self)
 
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         self._tally_lock = threading.Lock()
 

@@ -65,7 +65,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError("holysheep_lb.contrib.otel needs opentelemetry-api (and opentelemetry-sdk to export): "
                       "pip install 'holysheep-lb[otel]'") from exc
 
-from .. import __version__
+from .._version import __version__
 from ..errors import ConfigError
 from ..observe import AttemptEvent, CallEnd, CallInfo, CallObserver, Decision
 

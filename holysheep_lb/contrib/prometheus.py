@@ -52,7 +52,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError("holysheep_lb.contrib.prometheus needs prometheus_client: "
                       "pip install 'holysheep-lb[prometheus]'") from exc
 
-from .. import __version__
+from .._version import __version__
 from .. import errors as _errors
 from ..client import Client
 from ..errors import ConfigError
@@ -493,4 +493,3 @@ def families_as_json(families: Iterable[Metric]) -> List[Dict[str, Any]]:
     return [{"name": f.name, "type": f.type, "help": f.documentation, "unit": f.unit,
              "samples": [{"name": s.name, "labels": dict(s.labels), "value": s.value} for s in f.samples]}
             for f in families]
-

@@ -25,6 +25,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence
 
+from .. import forksafe
 from ..errors import ConfigError
 from .classify import RETRY_BUDGET_EXHAUSTED, Outcome
 
@@ -242,7 +243,9 @@ class RetryBudget:
         self.calls = 0
         self.retries = 0
         self.denied = 0
+        forksafe.register(self)
 
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         self._budget_lock = threading.Lock()
 

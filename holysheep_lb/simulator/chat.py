@@ -56,8 +56,12 @@ class ChatAnswers:
     if TYPE_CHECKING:  # provided by the handler
 
         def _head(self, status: int, content_type: str, headers: Sequence[Tuple[str, str]] = ()) -> bytes: ...
-        def _send(self, status: int, body: bytes, content_type: str = ..., headers: Sequence[Tuple[str, str]] = ()) -> None: ...
+
+        def _send(self, status: int, body: bytes, content_type: str = ...,
+                  headers: Sequence[Tuple[str, str]] = ()) -> None: ...
+
         def _drop(self) -> None: ...
+
         def _reset(self) -> None: ...
 
     def _chat(self, rt: _NodeRuntime, plan: ChatPlan, decision: Optional[ModelDecision],
@@ -254,4 +258,3 @@ def content_policy_body() -> bytes:
         "innererror": {"code": "ResponsibleAIPolicyViolation",
                        "content_filter_result": {"violence": {"filtered": True, "severity": "medium"}}},
     }})
-

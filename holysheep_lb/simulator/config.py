@@ -119,7 +119,6 @@ class SimNode:
             setattr(self, f.name, _coerce_node_field(f.name, getattr(self, f.name)))
 
 
-
 # -- validation -------------------------------------------------------------------
 
 

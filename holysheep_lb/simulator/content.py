@@ -105,11 +105,6 @@ def _untagged(text: str) -> str:
     return text
 
 
-def _prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
-    chars = sum(len(_content_text(m.get("content"))) for m in messages)
-    return int(math.ceil(chars / 4.0)) + 4 * len(messages)
-
-
 def _split_pieces(text: str) -> List[str]:
     pieces = _SPLIT_RE.findall(text)
     if "".join(pieces) != text:  # only possible for whitespace-only text

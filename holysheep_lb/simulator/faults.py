@@ -62,7 +62,8 @@ class ModelFaults:
         cfg = self.models.get(model)
         return None if cfg is None else ModelDecision(cfg, None, None)
 
-    def decide(self, node_models: Mapping[str, SimModel], node_id: str, model: Optional[str]) -> Optional[ModelDecision]:
+    def decide(self, node_models: Mapping[str, SimModel], node_id: str,
+               model: Optional[str]) -> Optional[ModelDecision]:
         """Count one request for ``model`` arriving at a node and decide its fault."""
         if model is None:
             return None

@@ -66,7 +66,8 @@ class SimulatedGateway:
             if node.id in self._rts:
                 raise ValueError(f"duplicate node id {node.id!r}")
             rng = random.Random() if seed is None else random.Random(f"holysheep-sim:{seed}:{index}:{node.id}")
-            fault_rng = random.Random() if seed is None else random.Random(f"holysheep-sim-faults:{seed}:{index}:{node.id}")
+            fault_seed = f"holysheep-sim-faults:{seed}:{index}:{node.id}"
+            fault_rng = random.Random() if seed is None else random.Random(fault_seed)
             self._rts[node.id] = _NodeRuntime(self, node, rng, fault_rng)
         self._admin = threading.RLock()
         self._stop_event = threading.Event()

@@ -277,7 +277,8 @@ class _Handler(ChatAnswers, BaseHTTPRequestHandler):
             if model in MODELS:
                 self._send(200, _dumps({"id": model, "object": "model", "created": 0, "owned_by": "holysheep-sim"}))
             else:
-                self._send(404, _error_body(f"The model '{model}' does not exist", "invalid_request_error", "model_not_found"))
+                self._send(404, _error_body(f"The model '{model}' does not exist", "invalid_request_error",
+                                            "model_not_found"))
         elif path in _MODEL_PATHS:  # a chat POST was answered before routing
             if method != "POST":
                 return self._method_not_allowed(method, path)
@@ -288,7 +289,8 @@ class _Handler(ChatAnswers, BaseHTTPRequestHandler):
                 return None
             self._send(200, _dumps(answer))
         else:
-            self._send(404, _error_body(f"Unknown request URL: {method} {path}", "invalid_request_error", "unknown_url"))
+            self._send(404, _error_body(f"Unknown request URL: {method} {path}", "invalid_request_error",
+                                        "unknown_url"))
         return None
 
     def _method_not_allowed(self, method: str, path: str) -> None:

@@ -19,10 +19,10 @@ from .content import (
     _dumps,
     _embedding,
     _InvalidRequest,
-    _prompt_tokens,
     _split_pieces,
     completion_text,
 )
+from ..tokens import estimate_prompt_tokens
 
 _TOOL_ARGUMENT_PIECE_CHARS = 8  # streamed tool-call arguments arrive in fragments this long
 _TOOL_SNIPPET_CHARS = 60
@@ -120,7 +120,7 @@ def plan_chat(body: Mapping[str, Any]) -> ChatPlan:
         raise _InvalidRequest("'max_tokens' must be a positive integer.")
     tools = _tools(body.get("tools"))
     tool = _chosen_tool(tools, body.get("tool_choice"), messages)
-    prompt = _prompt_tokens(messages) + _tool_tokens(tools)
+    prompt = estimate_prompt_tokens(messages) + _tool_tokens(tools)
     if tool is not None:
         call = ToolCall(_tool_call_id(model, messages, tools), tool["name"], _tool_arguments(tool, messages))
         text = ""
@@ -249,7 +249,7 @@ def _cache_prefix(
     key = hashlib.sha256(
         json.dumps({"model": model, "tools": tools, "prefix": prefix}, sort_keys=True, ensure_ascii=False).encode()
     ).hexdigest()
-    return key, (_prompt_tokens(prefix) if prefix else 0) + _tool_tokens(tools)
+    return key, estimate_prompt_tokens(prefix) + _tool_tokens(tools)
 
 
 # -- embeddings ---------------------------------------------------------------------

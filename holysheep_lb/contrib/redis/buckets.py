@@ -6,6 +6,7 @@ import math
 import threading
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from ... import forksafe
 from ...errors import RateLimitExceeded
 from ...ratelimit import _EPSILON, TokenBucket
 from .link import (
@@ -106,11 +107,13 @@ class RedisTokenBucket:
         self._waits = 0
         self._waited_s = 0.0
         self._rejections = 0
+        forksafe.register(self)
 
     def __repr__(self) -> str:
         return (f"<RedisTokenBucket {self.key} rate_per_s={self.rate_per_s:g} capacity={self.capacity:g}"
                 + ("" if self.max_take == self.capacity else f" max_take={self.max_take:g}") + ">")
 
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         self._local.reset_after_fork()
         self._counts_lock = threading.Lock()

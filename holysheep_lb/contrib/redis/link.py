@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, TypeVar
 import redis
 import redis.connection
 
+from ... import forksafe
 from ...errors import SharedStateUnavailableError
 
 __all__ = ["CONNECTION_CLASSES", "RedisLink", "UnexpectedAnswer", "Unreachable", "answer_float", "answer_int",
@@ -194,7 +195,9 @@ class RedisLink:
         self._slow_answers = 0
         self._slow_in_a_row = 0
         self._last_problem = ""
+        forksafe.register(self, phase=forksafe.PHASE_CONNECTIONS)
 
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         self._health_lock = threading.Lock()
 

@@ -9,6 +9,7 @@ import threading
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
+from ... import forksafe
 from ...pricing import (
     OTHER_MODELS,
     InMemorySpendStore,
@@ -162,7 +163,8 @@ class RedisSpendStore(SpendStore):
     Model names come from callers, so the hashes stay bounded like the in-memory store:
     a day names its first ``max_models_per_day`` (256) models and counts the others in
     one :data:`~holysheep_lb.pricing.OTHER_MODELS` row; per-model totals exist only for
-    models with their own cap (such a model always keeps its own row). While Redis is unreachable the budgets are held in this process
+    models with their own cap (such a model always keeps its own row). While Redis is
+    unreachable the budgets are held in this process
     (:class:`~holysheep_lb.pricing.InMemorySpendStore`, which also mirrors this
     process's own spend all along) and what was spent is written to Redis once it is
     back (up to 10,000 records; older ones are dropped with a warning). Fail-closed:
@@ -185,6 +187,7 @@ class RedisSpendStore(SpendStore):
         self._pending_lock = threading.Lock()
         self._pending: Deque[Tuple[str, Tuple[str, ...]]] = collections.deque()  # (day, record args)
         self._dropped = 0
+        forksafe.register(self)
 
     def __repr__(self) -> str:
         return f"<RedisSpendStore {self._prefix}spend:*>"
@@ -281,6 +284,7 @@ class RedisSpendStore(SpendStore):
                 raise self._link.unavailable("spend report", exc) from exc.__cause__
             return self._local.reserved_usd()
 
+    @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         """The parent's reservations and unsent records are the parent's to finish."""
         self._local.reset_after_fork()
@@ -367,8 +371,8 @@ class RedisSpendStore(SpendStore):
                 if attr is None:  # reserved
                     continue
                 row = by_model.setdefault(model, SpendRow(day, model))
-                value = _usd(raw_value, "HGETALL") if attr in _MONEY_FIELDS else answer_int(raw_value, "HGETALL",
-                                                                                       minimum=0)
+                value = (_usd(raw_value, "HGETALL") if attr in _MONEY_FIELDS
+                         else answer_int(raw_value, "HGETALL", minimum=0))
                 setattr(row, attr, value)
             rows.extend(r for r in by_model.values() if r.requests or r.cached_requests or r.cost_usd)
         return rows

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import time
-import weakref
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
@@ -21,17 +19,6 @@ from .spend import RECORD_LUA, RESERVE_LUA, RedisSpendStore
 
 __all__ = ["RedisSharedState"]
 
-_LIVE_STATES: "weakref.WeakSet[RedisSharedState]" = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for state in list(_LIVE_STATES):
-        state._reset_after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
 
 def _redacted(url: str) -> str:
     parts = urlsplit(url)
@@ -45,8 +32,8 @@ def _make_client(value: Any, socket_timeout_s: float) -> Tuple[Any, bool]:
     if isinstance(value, str):
         scheme = urlsplit(value).scheme
         if scheme not in CONNECTION_CLASSES:
-            raise ConfigError("redis_client_or_url", _redacted(value), "must be a redis://, rediss:// or unix:// URL, "
-                                                         "or a redis.Redis client")
+            raise ConfigError("redis_client_or_url", _redacted(value),
+                              "must be a redis://, rediss:// or unix:// URL, or a redis.Redis client")
         # Short timeouts and a single retry (for a pooled connection the server closed):
         # redis-py's default retries with backoff would stall calls while Redis is away.
         # The connections also give up when an operation's budget is spent (op_timeout_s).
@@ -122,8 +109,6 @@ class RedisSharedState:
         self._spend_store = RedisSpendStore(self._link, prefix=prefix, retain_days=retain_days,
                                             reserve_script=client.register_script(RESERVE_LUA),
                                             record_script=client.register_script(RECORD_LUA))
-        self._limiters: "weakref.WeakSet[RedisTokenBucket]" = weakref.WeakSet()
-        _LIVE_STATES.add(self)
 
     def __repr__(self) -> str:
         kw = self._link.client.connection_pool.connection_kwargs
@@ -155,7 +140,6 @@ class RedisSharedState:
                                    name=name, rate_per_s=rate_per_s, capacity=capacity, sleep=self._sleep,
                                    clock=self._clock, redis_time=self._redis_time,
                                    max_take=capacity + 60.0 * rate_per_s)  # ratelimit branch: the minute rule
-        self._limiters.add(limiter)
         return limiter
 
     @property
@@ -179,9 +163,3 @@ class RedisSharedState:
         """Close the connections of a client made from a URL (a client passed in is left alone)."""
         if self._owns_client:
             self._link.client.close()
-
-    def _reset_after_fork(self) -> None:
-        self._link.reset_after_fork()
-        self._spend_store.reset_after_fork()
-        for limiter in list(self._limiters):
-            limiter.reset_after_fork()
