@@ -61,6 +61,7 @@ from .fallbacks import ModelChain, ModelCosts
 from .health import HealthChecker
 from .hedging import Hedger
 from .models import AUTO, ModelRouter
+from .rescue import Rescuer  # [streams]
 from .nodes import EjectionPolicy, NodeState
 from .pricing import Reservation, SpendLedger
 from .ratelimit import RateLimits
@@ -170,6 +171,8 @@ class Client:
                             per_model=cfg.model_rate_limits, factory=cfg.rate_limiter_factory, clock=clock)
         self._chain = ModelChain(breakers=self._breakers, limits=limits, fallbacks=cfg.fallbacks,
                                  fallback_reply=cfg.fallback_reply, clock=clock)
+        # [streams] a stream's rescue opens one model at a time: the rescuer walks the chain
+        self._rescue_chain = ModelChain(breakers=self._breakers, limits=limits, clock=clock)
         self._retry_budget: Optional[RetryBudget] = None
         if cfg.retry_budget_ratio is not None:
             self._retry_budget = RetryBudget(cfg.retry_budget_ratio, min_per_s=cfg.retry_budget_min_per_s,
@@ -301,6 +304,7 @@ class Client:
         deadline_s: Optional[float] = None,
         idempotency_key: Optional[str] = None,
         cache: Optional[bool] = None,
+        first_token_timeout_s: Optional[float] = None,
         **params: Any,
     ) -> Union[Response, ChatStream, CannedStream]:
         """``POST /chat/completions``; returns the decoded JSON with routing metadata.
@@ -314,6 +318,8 @@ class Client:
         :class:`~holysheep_lb.streaming.ChatStream` once the first chunk has arrived
         (failing over until then) and asks for ``stream_options={"include_usage": True}``
         unless told otherwise; its cost is settled from that usage when it ends.
+        ``first_token_timeout_s`` (streams only) overrides the time-to-first-token
+        limit for this call; a stream that breaks later is rescued (``stream_rescue``).
         """
         if model is None and self.config.default_model is None and self.config.router is not None:
             model = AUTO
@@ -323,6 +329,12 @@ class Client:
         stream = params.get("stream")
         if stream is not None and not isinstance(stream, bool):
             raise InvalidRequestError("stream", stream, "must be True or False")
+        if first_token_timeout_s is not None:  # [streams]
+            v = first_token_timeout_s
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 86400:
+                raise InvalidRequestError("first_token_timeout_s", v, "must be a number of seconds > 0 and <= 86400")
+            if not stream:
+                raise InvalidRequestError("first_token_timeout_s", first_token_timeout_s, "applies to stream=True only")
         if cache is not None and not isinstance(cache, bool):
             raise InvalidRequestError("cache", cache, "must be True, False or None")
         # Checked here, not only when a request is built: a cache hit sends nothing.
@@ -336,7 +348,7 @@ class Client:
                 raise InvalidRequestError("stream_options", options, "must be a dict or None")
             return self._stream_with_costs(decision.model if decision else model, messages, params,
                                            decision=decision, region=region, deadline_s=deadline_s,
-                                           idempotency_key=idempotency_key)
+                                           idempotency_key=idempotency_key, first_token_timeout_s=first_token_timeout_s)
 
         cached = self._cache is not None and self._cache.wanted(params, cache)
 
@@ -410,15 +422,38 @@ class Client:
 
     def _stream_with_costs(self, model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any],
                            *, decision: Any, region: Optional[str], deadline_s: Optional[float],
-                           idempotency_key: Optional[str]) -> ChatStream:
+                           idempotency_key: Optional[str], first_token_timeout_s: Optional[float] = None) -> ChatStream:
         """A stream's cost steps: reserve the estimate now, settle from its usage when it ends."""
         first = self._admit(model, messages, params)
         costs = StreamCosts(self._ledger, first, messages, params)
         payload = {"model": first.model, "messages": list(messages), **params}
         payload["stream_options"] = {"include_usage": True, **(params.get("stream_options") or {})}
+        # [streams] mid-stream rescue: each route it opens reserves and settles as its own model
+        call_deadline = self._clock() + (deadline_s or self.config.deadline_s)
+
+        def open_route(route_model: str, route_messages: List[Mapping[str, Any]], extra: Mapping[str, Any],
+                       exclude: Any) -> ChatStream:
+            if {n.id for n in self._selector.nodes} <= exclude:
+                raise NoHealthyNodeError(f"every node already failed this call for model {route_model}")
+            held = self._ledger.admit(route_model, route_messages, params, is_available=self._model_available)
+            route_costs = StreamCosts(self._ledger, held, route_messages, params)
+            try:
+                return self._stream_chat({**payload, **extra, "model": held.model, "messages": route_messages},
+                                         region=region, deadline_s=max(0.001, call_deadline - self._clock()),
+                                         idempotency_key=None, on_end=route_costs.ended, costs=route_costs,
+                                         rescue=rescuer, first_token_timeout_s=first_token_timeout_s,
+                                         exclude=exclude)
+            finally:
+                route_costs.close()
+
+        rescuer = Rescuer(models=self._chain.chain(first.model), messages=messages, opener=open_route,
+                          capabilities=self.config.model_capabilities, mode=self.config.stream_rescue,
+                          max_rescues=self.config.stream_max_rescues, deadline=call_deadline, clock=self._clock)
         try:  # usage arrives at the end of a stream: costs.ended settles the model that streamed
             stream = self._stream_chat(payload, region=region, deadline_s=deadline_s,
-                                       idempotency_key=idempotency_key, on_end=costs.ended, costs=costs)
+                                       idempotency_key=idempotency_key, on_end=costs.ended, costs=costs,
+                                       rescue=rescuer if self.config.stream_rescue != "off" else None,
+                                       first_token_timeout_s=first_token_timeout_s)
         finally:
             costs.close()
         if decision is not None:
@@ -497,7 +532,7 @@ class Client:
     def _run_chain(self, method: str, path: str, json: Optional[Mapping[str, Any]],
                    body: Optional[bytes], headers: Dict[str, str], *, region: Optional[str],
                    deadline: float, steps: Optional[Callable[..., Any]] = None,
-                   costs: Optional[ModelCosts] = None) -> Any:
+                   costs: Optional[ModelCosts] = None, exclude: Any = None) -> Any:
         """Run the call through the model chain (breakers, rate limits, fallbacks).
 
         ``steps(model, body, headers) -> (send, finish)`` customises the attempt loop
@@ -518,8 +553,11 @@ class Client:
             send, finish = steps(model, model_body, model_headers) if steps else (None, None)
             return self._execute(method, path, model_body, model_headers, region=region,
                                  deadline=deadline, model=model, send=send, finish=finish,
-                                 unanswered=costs.unanswered if costs is not None else None)
+                                 unanswered=costs.unanswered if costs is not None else None,
+                                 exclude=exclude or ())
 
+        if exclude is not None:  # [streams] a rescue: one model, part of a call already counted
+            return self._rescue_chain.run(requested, json, execute, deadline=deadline, costs=costs)
         started = self._clock()
         # once per call (not per model of a fallback chain): the budgets are ratios of calls
         if self._retry_budget is not None:
@@ -542,7 +580,8 @@ class Client:
     def _stream_chat(self, payload: Dict[str, Any], *, region: Optional[str], deadline_s: Optional[float],
                      idempotency_key: Optional[str],
                      on_end: Optional[Callable[[StreamOutcome], None]] = None,
-                     costs: Optional[ModelCosts] = None) -> ChatStream:
+                     costs: Optional[ModelCosts] = None, rescue: Optional[Rescuer] = None,
+                     first_token_timeout_s: Optional[float] = None, exclude: Any = None) -> ChatStream:
         """Open a chat stream: the attempt loop runs until a first chunk, then a ChatStream owns the node."""
         path = "/chat/completions"
         # chat_completion validated the arguments and checked the client is open
@@ -560,8 +599,13 @@ class Client:
                     on_end(outcome)
 
         def steps(model: str, model_body: bytes, model_headers: Dict[str, str]) -> Tuple[Any, Any]:
+            ttft_s, stall_s = cfg.model_capabilities.stream_limits(  # [streams] per call, model, client
+                model, call_first_token_s=first_token_timeout_s, client_stall_s=cfg.stream_stall_timeout_s,
+                client_first_token_s=(cfg.first_token_timeout_s if cfg.first_token_timeout_s is not None
+                                      else cfg.stream_first_chunk_timeout_s))
+
             def send(node: NodeState, timeout: Tuple[float, float]) -> OpenedStream:
-                first_chunk_s = max(0.001, min(cfg.stream_first_chunk_timeout_s, deadline - clock()))
+                first_chunk_s = max(0.001, min(ttft_s, deadline - clock()))
                 return open_stream(node.transport, method, path, body=model_body, headers=model_headers,
                                    connect_timeout_s=timeout[0], first_chunk_timeout_s=first_chunk_s,
                                    clock=clock, max_bytes=cfg.max_response_bytes)
@@ -570,12 +614,12 @@ class Client:
                        picked_at: float) -> ChatStream:
                 return ChatStream(opened, selector=self._selector, node=node, attempts=attempts,
                                   model=model, started=started, picked_at=picked_at,
-                                  stall_timeout_s=cfg.stream_stall_timeout_s, clock=clock,
+                                  stall_timeout_s=stall_s, clock=clock, rescue=rescue,
                                   classify=failure_kind, reaper=self._stream_reaper, on_end=ended)
             return send, finish
 
         return self._run_chain(method, path, payload, body, headers, region=region, deadline=deadline,
-                               steps=steps, costs=costs)
+                               steps=steps, costs=costs, exclude=exclude)
 
     def _stream_ended(self, outcome: StreamOutcome) -> None:
         """Called once per stream when it completes, breaks or is cancelled.
@@ -585,7 +629,8 @@ class Client:
         (``outcome.status``, ``outcome.error``, ``outcome.node_id``) plug in here too.
         """
         self._stream_stats.record(outcome)
-        self._count_call(outcome.ok, None if outcome.ok else "StreamInterruptedError", outcome.started)
+        if outcome.ends_call:  # [streams] a rescued stream's call ends with the stream that rescued it
+            self._count_call(outcome.ok, None if outcome.ok else "StreamInterruptedError", outcome.started)
 
     def map(
         self,
@@ -619,6 +664,7 @@ class Client:
         send: Optional[Callable[[NodeState, Tuple[float, float]], Any]] = None,
         finish: Optional[Callable[[NodeState, Any, List[Attempt], float, float], Any]] = None,
         unanswered: Optional[Callable[[], None]] = None,
+        exclude: Sequence[str] = (),
     ) -> Any:
         """The attempt loop: pick, send, classify, back off, fail over, until ``deadline``.
 
@@ -633,7 +679,7 @@ class Client:
         clock = self._clock
         started = clock()
         attempts: List[Attempt] = []
-        tried: List[str] = []
+        tried: List[str] = list(exclude)  # [streams] nodes a rescue must not use again
         picked: Dict[str, float] = {}  # node id -> when this call's attempt on it was picked
         stream_permits: Dict[str, Any] = {}  # node id -> node-breaker permit held by a stream
         last_error: Optional[APIError] = None

@@ -419,6 +419,14 @@ class CapabilityTable:
         value = self.get(model).stall_timeout_s
         return default_s if value is None else float(value)
 
+    def stream_limits(self, model: str, *, call_first_token_s: Optional[float], client_first_token_s: float,
+                      client_stall_s: float) -> Tuple[float, float]:
+        """``(first_token_timeout_s, stall_timeout_s)`` of a stream of ``model``: the one
+        place these are decided. The call's value wins, then the model's, then the client's."""
+        first = call_first_token_s if call_first_token_s is not None else \
+            self.first_token_timeout_s(model, client_first_token_s)
+        return first, self.stall_timeout_s(model, client_stall_s)
+
 
 def _lookup(table: Mapping[str, ModelCapabilities], model: str) -> Optional[ModelCapabilities]:
     exact = table.get(model)

@@ -379,14 +379,13 @@ class ChatStream:
 
     def _next_from_delegate(self, stream: "ChatStream") -> Dict[str, Any]:
         try:
-            chunk = stream._next_chunk()
+            chunk = next(stream)  # counted as handed out there: its own restarts reach this stream
         except StopIteration:
             self._settle_from(stream)
             raise
         except StreamRestartedError as exc:
             self._settle_from(stream)
-            self._restart(exc.cause_reason)
-            raise AssertionError("unreachable")  # pragma: no cover - _restart raises here
+            return self._restart(exc.cause_reason)
         except StreamInterruptedError as exc:
             self._settle_from(stream)
             self._raise_interrupted(exc, exc.reason, self._lease.chunks + exc.chunks)
