@@ -134,7 +134,8 @@ class ChatStream:
             self._lease = StreamLease(opened, selector=selector, node=node, model=model, started=started,
                                       picked_at=picked_at, clock=clock, classify=classify, on_end=on_end)
         except BaseException:  # nothing took the node or the connection: give both back
-            call_each([lambda: close_response(opened.response), lambda: selector.release_cancelled(node, started=picked_at)])
+            call_each([lambda: close_response(opened.response),
+                       lambda: selector.release_cancelled(node, started=picked_at)])
             raise
         try:
             self._start(opened, node=node, attempts=attempts, model=model, stall_timeout_s=stall_timeout_s,

@@ -143,8 +143,8 @@ def _slow_bytes(clock, pieces, step_s):
     return iter_bytes
 
 
-def test_no_first_token_in_time_is_a_typed_ttft_timeout_distinct_from_a_read_timeout(rsps, make_client, clock,
-                                                                                      monkeypatch):
+def test_no_first_token_in_time_is_a_typed_ttft_timeout_distinct_from_a_read_timeout(
+        rsps, make_client, clock, monkeypatch):
     _stream_post(rsps, A)
     monkeypatch.setattr(Transport, "iter_bytes", _slow_bytes(clock, [b": keepalive\n\n"] * 5, 3.0))
     client = _client(make_client, clock, max_retries=0, first_token_timeout_s=10.0)
@@ -174,8 +174,8 @@ def test_a_per_call_first_token_limit_is_validated_and_for_streams_only(make_cli
         client.chat_completion(MSGS, model="m", first_token_timeout_s=5)
 
 
-def test_a_stall_mid_stream_is_a_typed_stall_and_the_default_fits_chat_streams(rsps, make_client, clock,
-                                                                                monkeypatch):
+def test_a_stall_mid_stream_is_a_typed_stall_and_the_default_fits_chat_streams(
+        rsps, make_client, clock, monkeypatch):
     _stream_post(rsps, A)
     monkeypatch.setattr(Transport, "iter_bytes", _slow_bytes(
         clock, [sse(delta("Hel"), done=False)] + [b": keepalive\n\n"] * 5, 5.0))
