@@ -424,12 +424,12 @@ class Client:
                            *, decision: Any, region: Optional[str], deadline_s: Optional[float],
                            idempotency_key: Optional[str], first_token_timeout_s: Optional[float] = None) -> ChatStream:
         """A stream's cost steps: reserve the estimate now, settle from its usage when it ends."""
+        call_deadline = self._clock() + (deadline_s or self.config.deadline_s)  # [streams] the rescues' deadline
         first = self._admit(model, messages, params)
         costs = StreamCosts(self._ledger, first, messages, params)
         payload = {"model": first.model, "messages": list(messages), **params}
         payload["stream_options"] = {"include_usage": True, **(params.get("stream_options") or {})}
         # [streams] mid-stream rescue: each route it opens reserves and settles as its own model
-        call_deadline = self._clock() + (deadline_s or self.config.deadline_s)
 
         def open_route(route_model: str, route_messages: List[Mapping[str, Any]], extra: Mapping[str, Any],
                        exclude: Any) -> ChatStream:
@@ -446,10 +446,10 @@ class Client:
             finally:
                 route_costs.close()
 
-        rescuer = Rescuer(models=self._chain.chain(first.model), messages=messages, opener=open_route,
-                          capabilities=self.config.model_capabilities, mode=self.config.stream_rescue,
-                          max_rescues=self.config.stream_max_rescues, deadline=call_deadline, clock=self._clock)
         try:  # usage arrives at the end of a stream: costs.ended settles the model that streamed
+            rescuer = Rescuer(models=self._chain.chain(first.model), messages=messages, opener=open_route,
+                              capabilities=self.config.model_capabilities, mode=self.config.stream_rescue,
+                              max_rescues=self.config.stream_max_rescues, deadline=call_deadline, clock=self._clock)
             stream = self._stream_chat(payload, region=region, deadline_s=deadline_s,
                                        idempotency_key=idempotency_key, on_end=costs.ended, costs=costs,
                                        rescue=rescuer if self.config.stream_rescue != "off" else None,
