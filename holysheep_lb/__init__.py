@@ -27,6 +27,7 @@ from .errors import (  # noqa: E402
     CircuitOpenError,
     BudgetExceededError,
     ConfigError,
+    FirstTokenTimeoutError,
     HolySheepError,
     InternalServerError,
     InvalidRequestError,
@@ -38,10 +39,12 @@ from .errors import (  # noqa: E402
     ResponseTooLargeError,
     SharedStateUnavailableError,
     StreamInterruptedError,
+    StreamRestartedError,
+    StreamStallError,
     UnprocessableEntityError,
 )
 from .ratelimit import TokenBucket  # noqa: E402
-from .models import AUTO, ModelRouter, RoutingDecision, RoutingRequest  # noqa: E402
+from .models import AUTO, ModelCapabilities, ModelRouter, RoutingDecision, RoutingRequest  # noqa: E402
 from .pricing import Budget, BudgetCap, InMemorySpendStore, ModelPrice, PriceTable, SpendStore  # noqa: E402
 from .response import Response  # noqa: E402
 from .selection import RoutingStrategy, Strategy  # noqa: E402
@@ -63,6 +66,7 @@ __all__ = [
     "Strategy",
     "AUTO",
     "ModelRouter",
+    "ModelCapabilities",
     "RoutingDecision",
     "RoutingRequest",
     "PriceTable",
@@ -87,6 +91,9 @@ __all__ = [
     "APIResponseValidationError",
     "ResponseTooLargeError",
     "StreamInterruptedError",
+    "StreamRestartedError",
+    "FirstTokenTimeoutError",
+    "StreamStallError",
     "NoHealthyNodeError",
     "AllAttemptsFailedError",
     "CircuitOpenError",

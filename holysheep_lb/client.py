@@ -18,7 +18,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 from . import __version__
 from . import introspect
 from .batch import BatchResult, run_batch
-from .call.args import validate_call_options, validate_messages, validate_model, validate_params, validate_request
+from .call.args import (validate_call_options, validate_first_token_timeout, validate_messages, validate_model,
+                        validate_params, validate_request)
 from .call.alias import Chat
 from .call.build import build_parts, build_pipelines, policy_from_config, reset_after_fork
 from .call.chain import request_parts
@@ -196,6 +197,7 @@ class Client:
         deadline_s: Optional[float] = None,
         idempotency_key: Optional[str] = None,
         cache: Optional[bool] = None,
+        first_token_timeout_s: Optional[float] = None,
         **params: Any,
     ) -> Union[Response, ChatStream, CannedStream]:
         """``POST /chat/completions``; returns the decoded JSON with routing metadata.
@@ -209,6 +211,8 @@ class Client:
         :class:`~holysheep_lb.streaming.ChatStream` once the first chunk has arrived
         (failing over until then) and asks for ``stream_options={"include_usage": True}``
         unless told otherwise; its cost is settled from that usage when it ends.
+        ``first_token_timeout_s`` (streams only) overrides the time-to-first-token
+        limit for this call; a stream that breaks later is rescued (``stream_rescue``).
         """
         if model is None and self.config.default_model is None and self.config.router is not None:
             model = AUTO
@@ -218,6 +222,7 @@ class Client:
         stream = params.get("stream")
         if stream is not None and not isinstance(stream, bool):
             raise InvalidRequestError("stream", stream, "must be True or False")
+        validate_first_token_timeout(first_token_timeout_s, stream)
         if cache is not None and not isinstance(cache, bool):
             raise InvalidRequestError("cache", cache, "must be True, False or None")
         # Checked here, not only when a request is built: a cache hit sends nothing.
@@ -231,7 +236,7 @@ class Client:
                 raise InvalidRequestError("stream_options", options, "must be a dict or None")
         ctx = self._context("chat", "POST", "/chat/completions", deadline, model=decision.model if decision else model,
                             messages=messages, params=params, region=region, idempotency_key=idempotency_key,
-                            stream=bool(stream))
+                            stream=bool(stream), first_token_timeout_s=first_token_timeout_s)
         result = self._run(ctx, (lambda: self._pipes.stream.run(ctx)) if stream else (
             lambda: self._pipes.chat.run(ctx, cache=cache)))
         if decision is not None:
@@ -308,7 +313,8 @@ class Client:
         """Called once per stream when it completes, breaks or is cancelled: stream stats
         and call counts (cost and breaker outcomes have their own hooks)."""
         self._parts.stream_stats.record(outcome)
-        self._parts.tally.count(outcome.ok, None if outcome.ok else "StreamInterruptedError", outcome.started)
+        if outcome.ends_call:  # a rescued stream's call ends with the stream that rescued it
+            self._parts.tally.count(outcome.ok, None if outcome.ok else "StreamInterruptedError", outcome.started)
 
     def map(
         self,

@@ -20,8 +20,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .cache import check_cache_option
 from .errors import REDACTED, ConfigError
-from .models import ModelRouter
+from .models import CapabilityTable, ModelRouter
 from .pricing import Budget, PriceTable, SpendStore
+from .rescue import RESCUE_MODES
 from .suggest import unknown_option
 from .validation import MAX_WAIT_S
 
@@ -292,8 +293,23 @@ class ClientConfig:
     Times are seconds. ``deadline_s`` bounds a whole call, all attempts and waits
     included; ``connect_timeout_s``/``read_timeout_s`` bound each attempt (the read
     timeout is also cut to what remains of the deadline). A stream (``stream=True``)
-    uses ``stream_first_chunk_timeout_s`` instead of the read timeout until its first
-    chunk (the deadline still applies), then ``stream_stall_timeout_s`` between chunks.
+    uses a time-to-first-token limit instead of the read timeout until its first chunk
+    (headers included; the deadline still applies), then ``stream_stall_timeout_s``
+    between chunks. The first-token limit is, first that is set: the call's
+    ``first_token_timeout_s=``, the model's entry in ``model_capabilities`` (or the
+    built-in table: reasoning models get 300 s, and a 120 s stall limit), the client's
+    ``first_token_timeout_s``, then ``stream_first_chunk_timeout_s`` (30 s, its older
+    name). Its expiry raises :class:`~holysheep_lb.errors.FirstTokenTimeoutError`
+    (kind ``"ttft_timeout"``). The stall limit defaults to 20 s: chat models send a
+    chunk every few tens of milliseconds, so 20 s of silence is a broken stream.
+
+    Streams (see :mod:`holysheep_lb.rescue`): ``stream_rescue`` is ``"auto"`` (a stream
+    that breaks after its first chunk is continued on another route where the model
+    accepts an assistant prefill, else restarted), ``"continue"`` (never restarted) or
+    ``"off"``; at most ``stream_max_rescues`` per call. ``model_capabilities`` maps a
+    model name (or a prefix ending in ``*``) to a
+    :class:`~holysheep_lb.models.ModelCapabilities` or a dict of its fields, extending
+    the built-in table.
 
     Resilience: ``breaker`` (every model; None: off), ``model_breakers`` (per model),
     ``node_breakers`` (None: off) and ``breaker_storage(name) -> CircuitBreakerStorage``;
@@ -318,7 +334,11 @@ class ClientConfig:
     pool_maxsize: int = 32
     max_response_bytes: int = 16 * 1024 * 1024
     stream_first_chunk_timeout_s: float = 30.0
-    stream_stall_timeout_s: float = 60.0
+    stream_stall_timeout_s: float = 20.0
+    first_token_timeout_s: Optional[float] = None
+    stream_rescue: str = "auto"
+    stream_max_rescues: int = 2
+    model_capabilities: Any = None  # None, {model: ModelCapabilities or dict}, or a CapabilityTable
     default_model: Optional[str] = None
     default_region: Optional[str] = None
     verify: Union[bool, str] = True  # True, False or a CA bundle file/directory (a PathLike becomes a str)
@@ -374,6 +394,7 @@ class ClientConfig:
             _check_number(name, getattr(self, name), maximum=MAX_WAIT_S)
         for name in ("ejection_base_s", "ejection_max_s", "slow_start_s"):
             _check_number(name, getattr(self, name))
+        _check_stream_options(self)
         _check_number("health_check_interval_s", self.health_check_interval_s, strict=True,
                       allow_none=True, maximum=MAX_WAIT_S)
         _check_number("health_check_timeout_s", self.health_check_timeout_s, strict=True, maximum=MAX_WAIT_S)
@@ -497,6 +518,18 @@ def _check_cost_options(cfg: "ClientConfig") -> None:
 
 
 CLIENT_OPTIONS = frozenset(f.name for f in fields(ClientConfig))
+
+
+def _check_stream_options(cfg: "ClientConfig") -> None:
+    """The stream options; ``model_capabilities`` becomes a CapabilityTable."""
+    _check_number("first_token_timeout_s", cfg.first_token_timeout_s, strict=True, allow_none=True,
+                  maximum=MAX_WAIT_S)
+    if cfg.stream_rescue not in RESCUE_MODES:
+        raise ConfigError("stream_rescue", cfg.stream_rescue, f"must be one of {', '.join(RESCUE_MODES)}")
+    _check_int("stream_max_rescues", cfg.stream_max_rescues, minimum=0)
+    table = cfg.model_capabilities
+    if not isinstance(table, CapabilityTable):
+        object.__setattr__(cfg, "model_capabilities", CapabilityTable(table))
 
 
 def config_from_env(environ: Optional[Mapping[str, str]] = None, **overrides: Any) -> Dict[str, Any]:

@@ -15,10 +15,14 @@ pybreaker or redis escapes the client::
     │   │   └── InternalServerError      5xx
     │   ├── APIConnectionError           no usable answer: refused, reset, TLS, proxy
     │   │   └── APITimeoutError          connect or read timeout
+    │   │       ├── FirstTokenTimeoutError   a stream's first token did not come in time ("ttft_timeout")
+    │   │       └── StreamStallError     no chunk within the stall limit mid-stream ("stall")
     │   ├── APIResponseValidationError   an answer that is not what the API promises
     │   │   └── ResponseTooLargeError    (invalid JSON, not an object, over the size cap)
     │   └── StreamInterruptedError       a stream broke after its first chunk (never retried);
-    │                                    carries the partial text and the node
+    │       │                            carries the partial text and the node
+    │       └── StreamRestartedError     a rescued stream starts its answer again: discard
+    │                                    what you read, keep iterating
     ├── NoHealthyNodeError               no node can be used for this call
     ├── AllAttemptsFailedError           every attempt failed; lists each attempt
     ├── CircuitOpenError                 a circuit breaker is open; says when to retry
@@ -55,9 +59,12 @@ __all__ = [
     "InternalServerError",
     "APIConnectionError",
     "APITimeoutError",
+    "FirstTokenTimeoutError",
+    "StreamStallError",
     "APIResponseValidationError",
     "ResponseTooLargeError",
     "StreamInterruptedError",
+    "StreamRestartedError",
     "NoHealthyNodeError",
     "AllAttemptsFailedError",
     "CircuitOpenError",
@@ -236,6 +243,31 @@ class APITimeoutError(APIConnectionError):
         self.request_sent = request_sent
 
 
+class FirstTokenTimeoutError(APITimeoutError):
+    """A stream's first token did not arrive within its time-to-first-token limit.
+
+    ``kind`` is ``"ttft_timeout"``: a reason to fail over to another route, distinct
+    from a read timeout. ``timeout_s`` is the limit that expired.
+    """
+
+    kind = "ttft_timeout"
+
+    def __init__(self, message: str, *, timeout_s: float, node_id: Optional[str] = None,
+                 request_sent: bool = True) -> None:
+        super().__init__(message, node_id=node_id, request_sent=request_sent)
+        self.timeout_s = timeout_s
+
+
+class StreamStallError(APITimeoutError):
+    """No chunk arrived within the stall limit after a stream started (``kind`` ``"stall"``)."""
+
+    kind = "stall"
+
+    def __init__(self, message: str, *, timeout_s: float, node_id: Optional[str] = None) -> None:
+        super().__init__(message, node_id=node_id, request_sent=True)
+        self.timeout_s = timeout_s
+
+
 class APIResponseValidationError(APIError):
     """The node answered 2xx with something that is not a JSON object."""
 
@@ -281,6 +313,21 @@ class StreamInterruptedError(APIError):
         self.reason = reason
         self.partial_text = partial_text
         self.chunks = chunks
+
+
+class StreamRestartedError(StreamInterruptedError):
+    """A broken stream was rescued by a fresh answer that starts from the beginning.
+
+    Raised once, by the iterator, to a caller that already read chunks of the broken
+    answer: discard them (``partial_text`` is what it had) and keep iterating the same
+    stream for the new answer. ``read_text()`` never raises it. ``reason`` is
+    ``"restarted"``; ``cause_reason`` is why the first answer broke.
+    """
+
+    def __init__(self, message: str, *, partial_text: str, chunks: int, cause_reason: str,
+                 node_id: Optional[str] = None) -> None:
+        super().__init__(message, reason="restarted", partial_text=partial_text, chunks=chunks, node_id=node_id)
+        self.cause_reason = cause_reason
 
 
 class NoHealthyNodeError(HolySheepError):

@@ -63,6 +63,11 @@ EXAMPLES: Dict[type, Callable[[], BaseException]] = {
         "response exceeds max_response_bytes=65536", node_id="us-east", status_code=200),
     StreamInterruptedError: lambda: StreamInterruptedError(
         "stream reset after 2 chunks", reason="reset", partial_text="Hel", chunks=2, node_id="us-east"),
+    errors.StreamRestartedError: lambda: errors.StreamRestartedError(
+        "restarted after 2 chunks", partial_text="Hel", chunks=2, cause_reason="reset", node_id="us-east"),
+    errors.FirstTokenTimeoutError: lambda: errors.FirstTokenTimeoutError(
+        "no first chunk within 10 s", timeout_s=10.0, node_id="us-east"),
+    errors.StreamStallError: lambda: errors.StreamStallError("no chunk within 20 s", timeout_s=20.0, node_id="us-east"),
     NoHealthyNodeError: lambda: NoHealthyNodeError("no node can take the call: all ejected"),
     AllAttemptsFailedError: lambda: AllAttemptsFailedError("every node failed", ATTEMPTS, last_error=_status(503)),
     CircuitOpenError: lambda: CircuitOpenError("model:gpt-4.1", 12.5, "5 failures in a row"),

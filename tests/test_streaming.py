@@ -245,7 +245,7 @@ def test_every_node_failing_before_the_first_chunk_lists_the_attempts(rsps, make
 
 
 @pytest.mark.parametrize("tail,reason,cause", [
-    (b"data: {broken\n\n", "malformed", APIResponseValidationError),
+    (b"data: {broken\n\n" * 9, "malformed", APIResponseValidationError),  # one more than may be skipped
     (b"event: x\n<html>\n", "malformed", APIResponseValidationError),
     (b"", "truncated", None),
     (sse({"error": {"message": "upstream died"}}, done=False), "server_error", InternalServerError),
@@ -254,7 +254,7 @@ def test_a_broken_stream_after_the_first_chunk_is_interrupted_not_retried(rsps, 
                                                                            reason, cause):
     _stream_post(rsps, A, body=sse(delta("Hel"), delta("lo"), done=False) + tail)
     _stream_post(rsps, B)
-    client = _client(make_client, clock)
+    client = _client(make_client, clock, stream_rescue="off")
     stream = client.chat_completion(MSGS, model="m", stream=True)
     with pytest.raises(StreamInterruptedError) as info:
         stream.read_text()
@@ -282,7 +282,7 @@ def test_stall_timeout_counts_only_time_spent_waiting_for_the_node(rsps, make_cl
             clock.advance(2.0)  # the node takes 2 s per piece
 
     monkeypatch.setattr(Transport, "iter_bytes", iter_bytes)
-    client = _client(make_client, clock, stream_stall_timeout_s=3.0)
+    client = _client(make_client, clock, stream_stall_timeout_s=3.0, stream_rescue="off")
     stream = client.chat_completion(MSGS, model="m", stream=True)
     clock.advance(100.0)  # a slow caller: not the node's fault
     assert next(stream)["choices"][0]["delta"]["content"] == "Hel"

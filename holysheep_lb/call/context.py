@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Set
 
 from ..errors import Attempt
 from ..observe import CallInfo, ObserverSet
@@ -52,6 +52,9 @@ class CallContext:
     affinity_key: Optional[str] = None               # for routing that keeps a conversation on one node
     is_closed: Callable[[], bool] = _never
     on_end: Optional[Callable[[Any], None]] = None   # a stream's end hook (stats, costs, observers)
+    first_token_timeout_s: Optional[float] = None    # a stream's time-to-first-token limit for this call
+    rescue: Any = None                               # a stream's Rescuer (holysheep_lb.rescue), None: off
+    exclude: FrozenSet[str] = frozenset()            # node ids this call must not send to (a rescue's)
     started: float = 0.0
     # the model being sent to: its attempts so far
     attempts: List[Attempt] = field(default_factory=list)
@@ -64,7 +67,8 @@ class CallContext:
 
     def for_model(self, model: Optional[str], body: Optional[bytes], headers: Dict[str, str]) -> "CallContext":
         """A copy for one model of the chain: its own body, headers and attempts."""
-        return dataclasses.replace(self, model=model, body=body, headers=headers, attempts=[], tried=[],
+        return dataclasses.replace(self, model=model, body=body, headers=headers, attempts=[],
+                                   tried=list(self.exclude),
                                    picked={}, hedges=set(), permits={}, retries=0,
                                    untried=_never)
 

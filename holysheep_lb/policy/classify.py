@@ -27,6 +27,7 @@ from ..errors import (
     BudgetExceededError,
     CircuitOpenError,
     ConfigError,
+    FirstTokenTimeoutError,
     HolySheepError,
     InvalidRequestError,
     NoHealthyNodeError,
@@ -35,6 +36,7 @@ from ..errors import (
     RateLimitExceeded,
     ResponseTooLargeError,
     SharedStateUnavailableError,
+    StreamStallError,
     UnprocessableEntityError,
 )
 
@@ -83,6 +85,10 @@ class KindTraits:
 KIND_TRAITS: Dict[str, KindTraits] = {
     "connect": KindTraits(retryable=True, system=True, breaker="failure"),
     "timeout": KindTraits(retryable=True, system=True, breaker="failure"),
+    # a stream's first token did not come in time (FirstTokenTimeoutError): fail over
+    "ttft_timeout": KindTraits(retryable=True, system=True, breaker="failure"),
+    # no chunk within the stall limit after a stream started (StreamStallError)
+    "stall": KindTraits(retryable=True, system=True, breaker="failure"),
     "status_5xx": KindTraits(retryable=True, system=True, breaker="failure"),
     "status_429": KindTraits(retryable=True, web_status=429),
     # the caller's mistake: the model works, so it counts as a success for its breaker
@@ -160,11 +166,20 @@ def _api_kind(exc: BaseException) -> Optional[str]:
         return "local"
     if isinstance(exc, APIStatusError):
         return status_kind(exc.status_code)
-    if isinstance(exc, APITimeoutError):
-        return "timeout"
+    for cls, kind in _TIMEOUT_KINDS:
+        if isinstance(exc, cls):
+            return kind
     if isinstance(exc, APIResponseValidationError):
         return "invalid_response"
     return "connect"
+
+
+#: The timeouts, most specific first: a slow first token and a stall are their own kinds.
+_TIMEOUT_KINDS: Tuple[Tuple[type, str], ...] = (
+    (FirstTokenTimeoutError, "ttft_timeout"),
+    (StreamStallError, "stall"),
+    (APITimeoutError, "timeout"),
+)
 
 
 _CALL_KINDS: Tuple[Tuple[type, str], ...] = (
