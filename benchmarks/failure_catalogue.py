@@ -74,9 +74,11 @@ from holysheep_lb.simulator.catalogue import PROMPT  # noqa: E402
 MESSAGES: List[Dict[str, str]] = [{"role": "user", "content": PROMPT}]
 #: A new user's configuration: one node, one fallback (set per scenario), these two options.
 DEFAULT_OPTIONS: Dict[str, Any] = {"read_timeout_s": 30.0, "max_retries": 2}
-#: Options added to the default for the tuned row: a 10 s time-to-first-token limit, and
-#: the knowledge that the simulator's healthy model continues an assistant prefill.
-TUNED_PRESET: Dict[str, Any] = {"first_token_timeout_s": 10.0, "model_capabilities": {"fb-ok": {"prefill": True}}}
+#: Options added to the default for the tuned row: a 10 s time-to-first-token limit, the
+#: knowledge that the simulator's healthy model continues an assistant prefill, and a
+#: larger-context model for the one whose context window S12 overflows.
+TUNED_PRESET: Dict[str, Any] = {"first_token_timeout_s": 10.0, "model_capabilities": {"fb-ok": {"prefill": True}},
+                                "context_window_fallbacks": {"fb-s12-context-length": ["fb-ok"]}}
 #: Client options that are durations and follow --time-scale.
 SCALED_OPTIONS = ("connect_timeout_s", "read_timeout_s", "deadline_s", "stream_first_chunk_timeout_s",
                   "first_token_timeout_s",

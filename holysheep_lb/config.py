@@ -236,16 +236,30 @@ def _validate_base_url(name: str, url: Any) -> str:
 class BreakerSettings:
     """One circuit breaker's settings (pybreaker's ``fail_max``, ``reset_timeout``,
     ``success_threshold``): open after ``fail_max`` system failures in a row, stay open
-    ``reset_timeout_s``, close after ``success_threshold`` successful trial calls."""
+    ``reset_timeout_s``, close after ``success_threshold`` successful trial calls.
+
+    A half-open trial is one attempt (a cheap probe), so a failed trial re-opens the
+    breaker for ``trial_interval_s`` only (None: ``min(reset_timeout_s, 10)``): a model
+    that recovers gets traffic back within about that long plus the gap between calls,
+    however long it was down."""
 
     fail_max: int = 5
     reset_timeout_s: float = 30.0
     success_threshold: int = 1
+    trial_interval_s: Optional[float] = None
 
     def __post_init__(self) -> None:
         _check_int("fail_max", self.fail_max, minimum=1)
         _check_number("reset_timeout_s", self.reset_timeout_s, strict=True)
         _check_int("success_threshold", self.success_threshold, minimum=1)
+        _check_number("trial_interval_s", self.trial_interval_s, strict=True, allow_none=True)
+
+    @property
+    def retrial_s(self) -> float:
+        """How long a failed half-open trial re-opens the breaker for."""
+        if self.trial_interval_s is not None:
+            return min(self.trial_interval_s, self.reset_timeout_s)
+        return min(self.reset_timeout_s, 10.0)
 
     @classmethod
     def from_value(cls, name: str, value: Any) -> Optional["BreakerSettings"]:
@@ -314,6 +328,10 @@ class ClientConfig:
     Resilience: ``breaker`` (every model; None: off), ``model_breakers`` (per model),
     ``node_breakers`` (None: off) and ``breaker_storage(name) -> CircuitBreakerStorage``;
     ``fallbacks={"model": ["next", ...]}`` and ``fallback_reply(model, payload, error)``;
+    ``context_window_fallbacks={"model": ["larger-context", ...]}`` where a call that does
+    not fit a model's context window (ContextWindowExceededError) goes instead (without
+    one, such a call is final); ``content_policy_fallbacks`` likewise for a content-filter
+    refusal (ContentFilterError), which is otherwise final and never routed around;
     ``requests_per_minute``/``tokens_per_minute``, ``model_rate_limits={"model":
     {"requests_per_minute": ..., "tokens_per_minute": ...}}`` and
     ``rate_limiter_factory(name, rate_per_s, capacity)``; ``retry_budget_ratio`` (None:
@@ -361,6 +379,8 @@ class ClientConfig:
     breaker_storage: Optional[Callable[[str], Any]] = None
     # model fallbacks (see fallbacks.py)
     fallbacks: Mapping[str, Tuple[str, ...]] = field(default_factory=dict)
+    context_window_fallbacks: Mapping[str, Tuple[str, ...]] = field(default_factory=dict)
+    content_policy_fallbacks: Mapping[str, Tuple[str, ...]] = field(default_factory=dict)
     fallback_reply: Optional[Callable[..., Mapping[str, Any]]] = None
     # client-side rate limits (see ratelimit.py)
     requests_per_minute: Optional[float] = None
@@ -472,15 +492,16 @@ def _check_resilience(cfg: ClientConfig) -> None:
     for name in ("breaker_storage", "fallback_reply", "rate_limiter_factory"):
         if getattr(cfg, name) is not None and not callable(getattr(cfg, name)):
             raise ConfigError(name, getattr(cfg, name), "must be a callable or None")
-    chains: Dict[str, Tuple[str, ...]] = {}
-    for model, chain in model_map("fallbacks", cfg.fallbacks).items():
-        if isinstance(chain, str) or not isinstance(chain, (list, tuple)) or \
-                not all(isinstance(m, str) and m for m in chain):
-            raise ConfigError(f"fallbacks[{model}]", chain, "must be a list of model names")
-        if model in chain:
-            raise ConfigError(f"fallbacks[{model}]", chain, "a model cannot fall back to itself")
-        chains[model] = tuple(chain)
-    put("fallbacks", MappingProxyType(chains))
+    for option in ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks"):
+        chains: Dict[str, Tuple[str, ...]] = {}
+        for model, chain in model_map(option, getattr(cfg, option)).items():
+            if isinstance(chain, str) or not isinstance(chain, (list, tuple)) or \
+                    not all(isinstance(m, str) and m for m in chain):
+                raise ConfigError(f"{option}[{model}]", chain, "must be a list of model names")
+            if model in chain:
+                raise ConfigError(f"{option}[{model}]", chain, "a model cannot fall back to itself")
+            chains[model] = tuple(chain)
+        put(option, MappingProxyType(chains))
     for name in ("requests_per_minute", "tokens_per_minute"):
         _check_number(name, getattr(cfg, name), strict=True, allow_none=True)
     limits: Dict[str, Mapping[str, float]] = {}
@@ -506,6 +527,8 @@ def _check_resilience(cfg: ClientConfig) -> None:
     if cfg.hedge_max_ratio > 1:
         raise ConfigError("hedge_max_ratio", cfg.hedge_max_ratio, "must be > 0 and <= 1")
     _check_int("hedge_max_threads", cfg.hedge_max_threads, minimum=1)
+
+
 def _check_cost_options(cfg: "ClientConfig") -> None:
     # normalised in place (the dataclass is frozen): prices -> PriceTable, budget -> Budget
     object.__setattr__(cfg, "prices", PriceTable.coerce(cfg.prices))

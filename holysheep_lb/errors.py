@@ -51,6 +51,8 @@ __all__ = [
     "APIError",
     "APIStatusError",
     "BadRequestError",
+    "ContextWindowExceededError",
+    "ContentFilterError",
     "AuthenticationError",
     "PermissionDeniedError",
     "NotFoundError",
@@ -189,6 +191,32 @@ class APIStatusError(APIError):
 
 class BadRequestError(APIStatusError):
     retryable = False
+
+
+class ContextWindowExceededError(BadRequestError):
+    """The request does not fit the model's context window (OpenAI ``context_length_exceeded``,
+    Anthropic-compatible "prompt is too long", vLLM/sglang "maximum context length", ...).
+
+    Recognised by :mod:`holysheep_lb.policy.classify` (kind ``"context_window"``). Never
+    retried on the same model; ``Client(context_window_fallbacks={model: [larger, ...]})``
+    sends the call to a larger-context model instead. ``model`` is the model that refused.
+    """
+
+    kind = "context_window"
+    model: Optional[str] = None
+
+
+class ContentFilterError(BadRequestError):
+    """The provider's content filter refused the request (``content_filter``,
+    ``content_policy_violation``, Azure's ``ResponsibleAIPolicyViolation``...).
+
+    Kind ``"content_filter"``: final, and not routed around unless
+    ``Client(content_policy_fallbacks={model: [...]})`` says so. ``model`` is the model
+    that refused.
+    """
+
+    kind = "content_filter"
+    model: Optional[str] = None
 
 
 class AuthenticationError(APIStatusError):
@@ -494,6 +522,12 @@ _STATUS_CLASSES = {
     429: RateLimitError,
 }
 
+# 4xx the body names more precisely (policy/classify.py recognises them)
+_KIND_CLASSES: Dict[str, Type[APIStatusError]] = {
+    "context_window": ContextWindowExceededError,
+    "content_filter": ContentFilterError,
+}
+
 # Kept for importers; what a status means is decided in policy/classify.py.
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
 
@@ -511,13 +545,14 @@ def status_error(
     """Build the typed error for an HTTP error status (the one place that maps statuses to
     classes; whether it is retryable is :func:`~holysheep_lb.policy.classify.classify_status`'s answer)."""
     message = _error_message(body, status_code)
+    from .policy.classify import classify_status  # it imports this module: resolved at call time
+
+    outcome = classify_status(status_code, body, should_retry=should_retry)
+    retryable = outcome.retryable
     if status_code >= 500:
         cls: Type[APIStatusError] = InternalServerError
     else:
-        cls = _STATUS_CLASSES.get(status_code, APIStatusError)
-    from .policy.classify import classify_status  # it imports this module: resolved at call time
-
-    retryable = classify_status(status_code, should_retry=should_retry).retryable
+        cls = _KIND_CLASSES.get(outcome.kind) or _STATUS_CLASSES.get(status_code, APIStatusError)
     kw: Dict[str, Any] = dict(
         status_code=status_code,
         body=body,

@@ -244,6 +244,12 @@ class ChatStream:
         return self._lease.chunks if self._delegate is None else self._lease.chunks + self._delegate.chunks
 
     @property
+    def content_filtered(self) -> bool:
+        """True when the answer ended with ``finish_reason == "content_filter"`` (cut by the
+        provider's content filter: complete as a stream, not as an answer)."""
+        return self.finish_reason == "content_filter"
+
+    @property
     def skipped_events(self) -> int:
         """Events that did not parse and were skipped (rescuing streams included)."""
         own = getattr(self._lease.reader, "skipped_events", 0)

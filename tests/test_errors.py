@@ -49,6 +49,12 @@ EXAMPLES: Dict[type, Callable[[], BaseException]] = {
     APIError: lambda: APIError("connection broken", node_id="us-east"),
     APIStatusError: lambda: _status(418),
     errors.BadRequestError: lambda: _status(400),
+    errors.ContextWindowExceededError: lambda: errors.status_error(
+        400, {"error": {"message": "maximum context length is 8192 tokens", "code": "context_length_exceeded"}},
+        node_id="us-east", request_id="req_1", headers={}),
+    errors.ContentFilterError: lambda: errors.status_error(
+        400, {"error": {"message": "filtered", "code": "content_filter"}}, node_id="us-east", request_id=None,
+        headers={}),
     errors.AuthenticationError: lambda: _status(401),
     errors.PermissionDeniedError: lambda: _status(403),
     errors.NotFoundError: lambda: _status(404),

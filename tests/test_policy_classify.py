@@ -164,7 +164,7 @@ def test_throttled_is_a_wait_not_a_failure():
 
 def test_the_kind_table_defines_the_stats_buckets_and_the_system_kinds():
     assert FAILURE_KINDS == ("connect", "timeout", "ttft_timeout", "stall", "status_5xx", "status_429",
-                             "status_4xx", "invalid_response", "local")
+                             "status_4xx", "context_window", "content_filter", "invalid_response", "local")
     assert SYSTEM_FAILURE_KINDS == {"connect", "timeout", "ttft_timeout", "stall", "status_5xx",
                                     "invalid_response"}
     assert all(KIND_TRAITS[k].breaker == "failure" for k in SYSTEM_FAILURE_KINDS)

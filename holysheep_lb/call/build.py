@@ -89,8 +89,10 @@ def build_parts(cfg: ClientConfig, *, policy: RetryPolicy, clock: Callable[[], f
     limits = RateLimits(requests_per_minute=cfg.requests_per_minute, tokens_per_minute=cfg.tokens_per_minute,
                         per_model=cfg.model_rate_limits, factory=cfg.rate_limiter_factory, clock=clock)
     chain = ModelChain(breakers=breakers, limits=limits, fallbacks=cfg.fallbacks,
-                       fallback_reply=cfg.fallback_reply, clock=clock, policy=policy)
-    rescue_chain = ModelChain(breakers=breakers, limits=limits, clock=clock, policy=policy)
+                       fallback_reply=cfg.fallback_reply, clock=clock, policy=policy,
+                       context_window_fallbacks=cfg.context_window_fallbacks,
+                       content_policy_fallbacks=cfg.content_policy_fallbacks, tell_trials=True)
+    rescue_chain = ModelChain(breakers=breakers, limits=limits, clock=clock, policy=policy, tell_trials=True)
     retry_budget = None
     if cfg.retry_budget_ratio is not None:
         retry_budget = RetryBudget(cfg.retry_budget_ratio, min_per_s=cfg.retry_budget_min_per_s,

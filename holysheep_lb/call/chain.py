@@ -61,7 +61,7 @@ class ChainStage:
         requested = requested if isinstance(requested, str) else None
         sent_to = [requested]
 
-        def execute(model: Optional[str]) -> Any:
+        def execute(model: Optional[str], trial: bool = False) -> Any:
             body, headers = ctx.body, ctx.headers
             if model != requested:
                 # A fallback model: its own body, and its own Idempotency-Key so that a
@@ -73,7 +73,9 @@ class ChainStage:
                 if ctx.observers:
                     ctx.emit("decided", Decision("fallback", {"from": sent_to[-1], "to": model}))
             sent_to.append(model)
-            return self.next.run(ctx.for_model(model, body, headers))
+            model_ctx = ctx.for_model(model, body, headers)
+            model_ctx.trial = trial  # a half-open breaker's trial: one attempt, then the next model
+            return self.next.run(model_ctx)
 
         if self.part_of_call:
             return self.chain.run(requested, payload, execute, deadline=ctx.deadline, costs=ctx.costs)

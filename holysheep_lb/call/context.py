@@ -63,14 +63,16 @@ class CallContext:
     hedges: Set[str] = field(default_factory=set)   # node ids picked for a hedged copy
     permits: Dict[str, Any] = field(default_factory=dict)  # node id -> node-breaker permit a stream holds
     retries: int = 0
+    silent: Set[str] = field(default_factory=set)   # node ids whose route went silent for this model
+    trial: bool = False                              # the model's half-open breaker trial: one attempt
     untried: Callable[[], bool] = _never             # whether a node this model has not tried may be used
 
     def for_model(self, model: Optional[str], body: Optional[bytes], headers: Dict[str, str]) -> "CallContext":
         """A copy for one model of the chain: its own body, headers and attempts."""
         return dataclasses.replace(self, model=model, body=body, headers=headers, attempts=[],
                                    tried=list(self.exclude),
-                                   picked={}, hedges=set(), permits={}, retries=0,
-                                   untried=_never)
+                                   picked={}, hedges=set(), permits={}, retries=0, silent=set(),
+                                   trial=False, untried=_never)
 
     # -- RetryContext ---------------------------------------------------------------------------
 
@@ -85,6 +87,9 @@ class CallContext:
 
     def nodes_left(self) -> bool:
         return self.untried()
+
+    def went_silent(self) -> bool:
+        return bool(self.silent)
 
     def emit(self, event: str, *args: Any) -> None:
         """Tell the observers (callers check ``ctx.observers`` first, to build nothing otherwise)."""
