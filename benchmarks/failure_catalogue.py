@@ -66,7 +66,7 @@ from _failure_scoring import (  # noqa: E402
     unmet,
 )
 
-from holysheep_lb import Client, HolySheepError, Response, __version__  # noqa: E402
+from holysheep_lb import Client, HolySheepError, Response, StreamRestartedError, __version__  # noqa: E402
 from holysheep_lb.config import BreakerSettings, ClientConfig  # noqa: E402
 from holysheep_lb.simulator import SimModel, SimNode, SimulatedGateway, failover_bench_models, reply_text  # noqa: E402
 from holysheep_lb.simulator.catalogue import PROMPT  # noqa: E402
@@ -74,10 +74,14 @@ from holysheep_lb.simulator.catalogue import PROMPT  # noqa: E402
 MESSAGES: List[Dict[str, str]] = [{"role": "user", "content": PROMPT}]
 #: A new user's configuration: one node, one fallback (set per scenario), these two options.
 DEFAULT_OPTIONS: Dict[str, Any] = {"read_timeout_s": 30.0, "max_retries": 2}
-#: Options added to the default for the tuned row; empty until the LLM-failure features land.
-TUNED_PRESET: Dict[str, Any] = {}
+#: Options added to the default for the tuned row: a 10 s time-to-first-token limit, the
+#: knowledge that the simulator's healthy model continues an assistant prefill, and a
+#: larger-context model for the one whose context window S12 overflows.
+TUNED_PRESET: Dict[str, Any] = {"first_token_timeout_s": 10.0, "model_capabilities": {"fb-ok": {"prefill": True}},
+                                "context_window_fallbacks": {"fb-s12-context-length": ["fb-ok"]}}
 #: Client options that are durations and follow --time-scale.
 SCALED_OPTIONS = ("connect_timeout_s", "read_timeout_s", "deadline_s", "stream_first_chunk_timeout_s",
+                  "first_token_timeout_s",
                   "stream_stall_timeout_s", "ejection_base_s", "ejection_max_s", "slow_start_s",
                   "health_check_interval_s", "health_check_timeout_s", "hedge_delay_s")
 #: Set by the harness for every scenario, so not accepted in a configuration.
@@ -218,15 +222,20 @@ def stream_call(client: Client, model: str) -> CallResult:
                               error="stream=True returned a Response, not a stream")
         try:
             chunk: Dict[str, Any]
-            for chunk in stream:
-                if isinstance(chunk.get("model"), str) and chunk["model"]:
-                    reported = chunk["model"]
-                if isinstance(chunk.get("usage"), dict):
-                    usage = dict(chunk["usage"])
-                for choice in chunk.get("choices") or ():
-                    delta = choice.get("delta") if isinstance(choice, dict) else None
-                    if isinstance(delta, dict) and isinstance(delta.get("content"), str):
-                        parts.append(delta["content"])
+            for _restart in range(10):  # the documented protocol: a restart discards what was read
+                try:
+                    for chunk in stream:
+                        if isinstance(chunk.get("model"), str) and chunk["model"]:
+                            reported = chunk["model"]
+                        if isinstance(chunk.get("usage"), dict):
+                            usage = dict(chunk["usage"])
+                        for choice in chunk.get("choices") or ():
+                            delta = choice.get("delta") if isinstance(choice, dict) else None
+                            if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+                                parts.append(delta["content"])
+                    break
+                except StreamRestartedError:
+                    parts, reported, usage = [], None, None
         finally:
             stream.close()
     except Exception as exc:  # the caller's view: every failure is a finding

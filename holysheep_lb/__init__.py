@@ -23,9 +23,12 @@ from .errors import (
     Attempt,
     AuthenticationError,
     BadRequestError,
+    ContentFilterError,
+    ContextWindowExceededError,
     CircuitOpenError,
     BudgetExceededError,
     ConfigError,
+    FirstTokenTimeoutError,
     HolySheepError,
     InternalServerError,
     InvalidRequestError,
@@ -37,10 +40,12 @@ from .errors import (
     ResponseTooLargeError,
     SharedStateUnavailableError,
     StreamInterruptedError,
+    StreamRestartedError,
+    StreamStallError,
     UnprocessableEntityError,
 )
 from .ratelimit import TokenBucket
-from .models import AUTO, ModelRouter, RoutingDecision, RoutingRequest
+from .models import AUTO, ModelCapabilities, ModelRouter, RoutingDecision, RoutingRequest
 from .openai_api import ChatCompletionStream, ModelsPage
 from .pricing import Budget, BudgetCap, InMemorySpendStore, ModelPrice, PriceTable, SpendStore
 from .response import Response
@@ -65,6 +70,7 @@ __all__ = [
     "Strategy",
     "AUTO",
     "ModelRouter",
+    "ModelCapabilities",
     "RoutingDecision",
     "RoutingRequest",
     "PriceTable",
@@ -78,6 +84,8 @@ __all__ = [
     "APIError",
     "APIStatusError",
     "BadRequestError",
+    "ContextWindowExceededError",
+    "ContentFilterError",
     "AuthenticationError",
     "PermissionDeniedError",
     "NotFoundError",
@@ -89,6 +97,9 @@ __all__ = [
     "APIResponseValidationError",
     "ResponseTooLargeError",
     "StreamInterruptedError",
+    "StreamRestartedError",
+    "FirstTokenTimeoutError",
+    "StreamStallError",
     "NoHealthyNodeError",
     "AllAttemptsFailedError",
     "CircuitOpenError",

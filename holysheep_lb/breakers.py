@@ -12,8 +12,9 @@ transition goes through pybreaker's ``open``/``half_open``/``close``, so its lis
 * **closed**: calls go through; ``fail_max`` system failures in a row open it.
 * **open**: calls fail fast with :class:`~holysheep_lb.errors.CircuitOpenError`, which
   says when to retry, until ``reset_timeout_s`` has passed since it opened.
-* **half-open**: up to ``success_threshold`` trial calls at a time (per process);
-  ``success_threshold`` successful trials close it, one failed trial opens it again.
+* **half-open**: up to ``success_threshold`` trial calls at a time (per process), each
+  one attempt; ``success_threshold`` successful trials close it, one failed trial opens
+  it again for ``trial_interval_s`` (default ``min(reset_timeout_s, 10)``).
 
 Only system failures count: a call whose attempts failed with 5xx, timeouts, connection
 errors or invalid answers. A 4xx means the model answered, so it counts as a success
@@ -75,6 +76,11 @@ class Permit:
         self._breaker = breaker
         self._trial = trial
         self._done = breaker is None
+
+    @property
+    def trial(self) -> bool:
+        """Whether this is a half-open breaker's trial call (let exactly one attempt through)."""
+        return self._trial
 
     def record(self, error: Optional[BaseException] = None) -> None:
         """The call ended: ``error`` is None on success, else the exception it raised."""
@@ -159,10 +165,12 @@ class Breaker:
         wait_s = opened_at.timestamp() + self.settings.reset_timeout_s - now
         return wait_s if wait_s > _CLOCK_SLACK_S else 0.0
 
-    def _trip(self) -> None:
+    def _trip(self, *, retrial: bool = False) -> None:
         self._cb.open()
-        # pybreaker stamps datetime.now(); use our (injectable) clock instead
-        self._storage.opened_at = datetime.fromtimestamp(self._clock(), timezone.utc)
+        # pybreaker stamps datetime.now(); use our (injectable) clock instead. A failed trial
+        # re-opens it for settings.retrial_s: stamped as if it had opened that much earlier.
+        backdate_s = self.settings.reset_timeout_s - self.settings.retrial_s if retrial else 0.0
+        self._storage.opened_at = datetime.fromtimestamp(self._clock() - backdate_s, timezone.utc)
 
     def admit(self) -> Permit:
         """A permit for one call, or :class:`CircuitOpenError` saying when to retry.
@@ -221,7 +229,7 @@ class Breaker:
                 if outcome == "failure":
                     storage.increment_counter()
                     if state == pybreaker.STATE_HALF_OPEN and trial:
-                        self._trip()
+                        self._trip(retrial=True)
                     elif state == pybreaker.STATE_CLOSED and storage.counter >= self.settings.fail_max:
                         self._trip()
                     return

@@ -11,43 +11,39 @@ child gets fresh sessions and locks, and starts its own health thread on first u
 from __future__ import annotations
 
 import os
-import time
 import weakref
-from types import MappingProxyType
-from typing import (Any, Callable, Dict, Iterable, List, Literal, Mapping, NoReturn, Optional, Sequence, Tuple,
-                    Union, overload)
+from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Union, overload
 
 from . import introspect
 from ._version import __version__
 from .batch import BatchResult, run_batch
-from .call.args import validate_call_options, validate_messages, validate_model, validate_params, validate_request
+from .call.args import (validate_call_options, validate_first_token_timeout, validate_messages, validate_model,
+                        validate_params, validate_request)
 from .call.build import build_parts, build_pipelines, policy_from_config, reset_after_fork
 from .call.chain import request_parts
 from .call.context import CallContext
 from .call.events import response_end
-from .config import (API_KEY_ENV, CLIENT_OPTIONS, BreakerSettings, ClientConfig, config_from_env,
-                     config_from_mapping, parse_nodes)
+from .client_options import ClientOptions
+from .config import ClientConfig, config_from_env, config_from_mapping
 from .errors import ConfigError, HolySheepError, InvalidRequestError
 from .health import HealthChecker
 from .models import AUTO, ModelRouter
 from .observe import CallEnd, CallInfo, CallObserver, ObserverSet
 from .openai_api import Chat, ChatCompletionStream, Embeddings, Models
-from .pricing import SpendLedger, SpendStore
+from .pricing import SpendLedger
 from .policy.retry import RetryPolicy
 from .request_options import RequestOptions, Timeout, check_call_params, request_options
 from .response import Response
 from .selection import Selector
-from .suggest import unknown_option
 from .streaming import ChatStream, StreamOutcome
 from .validation import check_json_value
 
 __all__ = ["Client"]
 
 _LIVE_CLIENTS: "weakref.WeakSet[Client]" = weakref.WeakSet()
-_EMPTY: Mapping[str, Any] = MappingProxyType({})  # the default of the mapping options (immutable)
 # chat_completion's own arguments (not sent as body fields), and the body fields it builds
 _CHAT_ARGS = frozenset({"messages", "model", "stream", "region", "deadline_s", "idempotency_key", "cache",
-                        "timeout", "extra_headers", "extra_query", "extra_body"})
+                        "timeout", "extra_headers", "extra_query", "extra_body", "first_token_timeout_s"})
 _CHAT_BUILT = frozenset({"model", "messages", "stream"})
 
 
@@ -60,7 +56,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class Client:
+class Client(ClientOptions):
     """Spreads OpenAI-compatible calls over several gateway nodes and fails over.
 
     Blocking and thread-safe: create one per process and share it. Use it as a context
@@ -87,92 +83,15 @@ class Client:
     embeddings: Embeddings
     models: Models
 
-    # Every ClientConfig field is a keyword parameter here, with the same type and default
-    # (tests/test_client_signature.py fails when the two drift apart).
-    def __init__(
-        self,
-        api_key: Optional[str] = None,
-        nodes: Optional[Sequence[Any]] = None,
-        *,
-        strategy: Any = "adaptive",
-        connect_timeout_s: float = 5.0,
-        read_timeout_s: float = 60.0,
-        deadline_s: float = 120.0,
-        max_retries: int = 3,
-        backoff_base_s: float = 0.05,
-        backoff_cap_s: float = 2.0,
-        retry_after_cap_s: float = 60.0,
-        pool_maxsize: int = 256,
-        max_response_bytes: int = 16 * 1024 * 1024,
-        stream_first_chunk_timeout_s: float = 30.0,
-        stream_stall_timeout_s: float = 60.0,
-        default_model: Optional[str] = None,
-        default_region: Optional[str] = None,
-        verify: Union[bool, str] = True,
-        allow_insecure_http: bool = False,
-        panic_threshold: float = 0.5,
-        eject_after_failures: int = 5,
-        ejection_base_s: float = 30.0,
-        ejection_max_s: float = 300.0,
-        slow_start_s: float = 0.0,
-        health_check_interval_s: Optional[float] = 10.0,
-        health_check_timeout_s: float = 2.0,
-        unhealthy_threshold: int = 3,
-        healthy_threshold: int = 2,
-        breaker: Optional[BreakerSettings] = BreakerSettings(),
-        model_breakers: Mapping[str, BreakerSettings] = _EMPTY,
-        node_breakers: Optional[BreakerSettings] = None,
-        breaker_storage: Optional[Callable[[str], Any]] = None,
-        fallbacks: Mapping[str, Tuple[str, ...]] = _EMPTY,
-        fallback_reply: Optional[Callable[..., Mapping[str, Any]]] = None,
-        requests_per_minute: Optional[float] = None,
-        tokens_per_minute: Optional[float] = None,
-        model_rate_limits: Mapping[str, Mapping[str, float]] = _EMPTY,
-        rate_limiter_factory: Optional[Callable[[str, float, float], Any]] = None,
-        rate_limit_burst_s: float = 1.0,
-        retry_budget_ratio: Optional[float] = 0.2,
-        retry_budget_min_per_s: float = 1.0,
-        retry_budget_ttl_s: float = 10.0,
-        hedge_delay_s: Union[None, float, str] = None,
-        hedge_max_ratio: float = 0.05,
-        hedge_max_threads: int = 64,
-        prices: Any = None,
-        router: Optional[ModelRouter] = None,
-        budget: Any = None,
-        spend_store: Optional[SpendStore] = None,
-        cache: Any = None,
-        # not ClientConfig options: objects the client works with
-        retry: Optional[RetryPolicy] = None,
-        observers: Optional[Sequence[CallObserver]] = None,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-        rand: Optional[Callable[[], float]] = None,
-        wall_clock: Callable[[], float] = time.time,
-        **unknown: NoReturn,  # a type checker rejects any other name; at run time: "did you mean"
-    ) -> None:
-        given = locals()
-        options = {name: given[name] for name in CLIENT_OPTIONS if name in given and name not in ("nodes", "api_key")}
-        # An option added to ClientConfig but not yet to this signature still works (the
-        # drift test says to add it); any other name is refused, by name only: the value
-        # of a misspelt api_key is the key.
-        options.update({name: unknown[name] for name in unknown if name in CLIENT_OPTIONS})
-        refused = sorted(set(unknown) - CLIENT_OPTIONS)
-        if refused:
-            raise unknown_option(None, refused[0], CLIENT_OPTIONS, what="Client option",
-                                 reference="see help(holysheep_lb.ClientConfig) for every option")
-        if retry is not None and not isinstance(retry, RetryPolicy):
-            raise ConfigError("retry", type(retry).__name__, "must be a holysheep_lb.RetryPolicy (or a subclass)")
-        if observers is not None and (isinstance(observers, (str, bytes, Mapping)) or not isinstance(
-                observers, Sequence) or not all(isinstance(o, CallObserver) for o in observers)):
-            raise ConfigError("observers", type(observers).__name__, "must be a list of CallObserver objects")
-        if api_key is None:
-            api_key = os.environ.get(API_KEY_ENV) or None
-        self.config = ClientConfig(nodes=parse_nodes(nodes), api_key=api_key, **options)
+    def _start(self, config: ClientConfig, *, retry: Optional[RetryPolicy], observers: Sequence[CallObserver],
+               clock: Callable[[], float], sleep: Callable[[float], None], rand: Optional[Callable[[], float]],
+               wall_clock: Callable[[], float]) -> None:
+        self.config = cfg = config
         cfg = self.config
         self._clock = clock
         import random as _random
         self._rand = rand or _random.Random().random
-        self._observers = ObserverSet(observers or ())
+        self._observers = ObserverSet(observers)
         parts = self._parts = build_parts(cfg, policy=retry or policy_from_config(cfg), clock=clock,
                                           rand=self._rand, wall_clock=wall_clock, owner=self)
         self._retry = parts.policy
@@ -303,6 +222,7 @@ class Client:
         extra_headers: Optional[Mapping[str, str]] = None,
         extra_query: Optional[Mapping[str, Any]] = None,
         extra_body: Optional[Mapping[str, Any]] = None,
+        first_token_timeout_s: Optional[float] = None,
         **params: Any,
     ) -> Union[Response, ChatCompletionStream]:
         """``POST /chat/completions``; returns the decoded JSON with routing metadata.
@@ -324,6 +244,8 @@ class Client:
         request (see :mod:`holysheep_lb.request_options`). openai-python client options
         this client does not take per call (``max_retries``, ``with_raw_response``...)
         raise :class:`InvalidRequestError` instead of being sent.
+        ``first_token_timeout_s`` (streams only) overrides the time-to-first-token
+        limit for this call; a stream that breaks later is rescued (``stream_rescue``).
         """
         if model is None and self.config.default_model is None and self.config.router is not None:
             model = AUTO
@@ -342,6 +264,7 @@ class Client:
             if cache is None and options.changes_request:
                 cache = False  # an answer cached for other headers or query may not be this one's
         validate_params(params)
+        validate_first_token_timeout(first_token_timeout_s, stream)
         if cache is not None and not isinstance(cache, bool):
             raise InvalidRequestError("cache", cache, "must be True, False or None")
         # Checked here, not only when a request is built: a cache hit sends nothing.
@@ -355,7 +278,8 @@ class Client:
                 raise InvalidRequestError("stream_options", stream_options, "must be a dict or None")
         ctx = self._context("chat", "POST", "/chat/completions", deadline, options,
                             model=decision.model if decision else model, messages=messages, params=params,
-                            region=region, idempotency_key=idempotency_key, stream=bool(stream))
+                            region=region, idempotency_key=idempotency_key, stream=bool(stream),
+                            first_token_timeout_s=first_token_timeout_s)
         result = self._run(ctx, (lambda: self._pipes.stream.run(ctx)) if stream else (
             lambda: self._pipes.chat.run(ctx, cache=cache)))
         if decision is not None:
@@ -419,7 +343,8 @@ class Client:
         """Called once per stream when it completes, breaks or is cancelled: stream stats
         and call counts (cost and breaker outcomes have their own hooks)."""
         self._parts.stream_stats.record(outcome)
-        self._parts.tally.count(outcome.ok, None if outcome.ok else "StreamInterruptedError", outcome.started)
+        if outcome.ends_call:  # a rescued stream's call ends with the stream that rescued it
+            self._parts.tally.count(outcome.ok, None if outcome.ok else "StreamInterruptedError", outcome.started)
 
     def map(
         self,

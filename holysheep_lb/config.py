@@ -20,8 +20,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .cache import check_cache_option
 from .errors import REDACTED, ConfigError
-from .models import ModelRouter
+from .models import CapabilityTable, ModelRouter
 from .pricing import Budget, PriceTable, SpendStore
+from .rescue import RESCUE_MODES
 from .suggest import unknown_option
 from .validation import MAX_WAIT_S
 
@@ -235,16 +236,30 @@ def _validate_base_url(name: str, url: Any) -> str:
 class BreakerSettings:
     """One circuit breaker's settings (pybreaker's ``fail_max``, ``reset_timeout``,
     ``success_threshold``): open after ``fail_max`` system failures in a row, stay open
-    ``reset_timeout_s``, close after ``success_threshold`` successful trial calls."""
+    ``reset_timeout_s``, close after ``success_threshold`` successful trial calls.
+
+    A half-open trial is one attempt (a cheap probe), so a failed trial re-opens the
+    breaker for ``trial_interval_s`` only (None: ``min(reset_timeout_s, 10)``): a model
+    that recovers gets traffic back within about that long plus the gap between calls,
+    however long it was down."""
 
     fail_max: int = 5
     reset_timeout_s: float = 30.0
     success_threshold: int = 1
+    trial_interval_s: Optional[float] = None
 
     def __post_init__(self) -> None:
         _check_int("fail_max", self.fail_max, minimum=1)
         _check_number("reset_timeout_s", self.reset_timeout_s, strict=True)
         _check_int("success_threshold", self.success_threshold, minimum=1)
+        _check_number("trial_interval_s", self.trial_interval_s, strict=True, allow_none=True)
+
+    @property
+    def retrial_s(self) -> float:
+        """How long a failed half-open trial re-opens the breaker for."""
+        if self.trial_interval_s is not None:
+            return min(self.trial_interval_s, self.reset_timeout_s)
+        return min(self.reset_timeout_s, 10.0)
 
     @classmethod
     def from_value(cls, name: str, value: Any) -> Optional["BreakerSettings"]:
@@ -292,12 +307,31 @@ class ClientConfig:
     Times are seconds. ``deadline_s`` bounds a whole call, all attempts and waits
     included; ``connect_timeout_s``/``read_timeout_s`` bound each attempt (the read
     timeout is also cut to what remains of the deadline). A stream (``stream=True``)
-    uses ``stream_first_chunk_timeout_s`` instead of the read timeout until its first
-    chunk (the deadline still applies), then ``stream_stall_timeout_s`` between chunks.
+    uses a time-to-first-token limit instead of the read timeout until its first chunk
+    (headers included; the deadline still applies), then ``stream_stall_timeout_s``
+    between chunks. The first-token limit is, first that is set: the call's
+    ``first_token_timeout_s=``, the model's entry in ``model_capabilities`` (or the
+    built-in table: reasoning models get 300 s, and a 120 s stall limit), the client's
+    ``first_token_timeout_s``, then ``stream_first_chunk_timeout_s`` (30 s, its older
+    name). Its expiry raises :class:`~holysheep_lb.errors.FirstTokenTimeoutError`
+    (kind ``"ttft_timeout"``). The stall limit defaults to 20 s: chat models send a
+    chunk every few tens of milliseconds, so 20 s of silence is a broken stream.
+
+    Streams (see :mod:`holysheep_lb.rescue`): ``stream_rescue`` is ``"auto"`` (a stream
+    that breaks after its first chunk is continued on another route where the model
+    accepts an assistant prefill, else restarted), ``"continue"`` (never restarted) or
+    ``"off"``; at most ``stream_max_rescues`` per call. ``model_capabilities`` maps a
+    model name (or a prefix ending in ``*``) to a
+    :class:`~holysheep_lb.models.ModelCapabilities` or a dict of its fields, extending
+    the built-in table.
 
     Resilience: ``breaker`` (every model; None: off), ``model_breakers`` (per model),
     ``node_breakers`` (None: off) and ``breaker_storage(name) -> CircuitBreakerStorage``;
     ``fallbacks={"model": ["next", ...]}`` and ``fallback_reply(model, payload, error)``;
+    ``context_window_fallbacks={"model": ["larger-context", ...]}`` where a call that does
+    not fit a model's context window (ContextWindowExceededError) goes instead (without
+    one, such a call is final); ``content_policy_fallbacks`` likewise for a content-filter
+    refusal (ContentFilterError), which is otherwise final and never routed around;
     ``requests_per_minute``/``tokens_per_minute``, ``model_rate_limits={"model":
     {"requests_per_minute": ..., "tokens_per_minute": ...}}`` and
     ``rate_limiter_factory(name, rate_per_s, capacity)``; ``rate_limit_burst_s`` (each
@@ -324,7 +358,11 @@ class ClientConfig:
     pool_maxsize: int = 256
     max_response_bytes: int = 16 * 1024 * 1024
     stream_first_chunk_timeout_s: float = 30.0
-    stream_stall_timeout_s: float = 60.0
+    stream_stall_timeout_s: float = 20.0
+    first_token_timeout_s: Optional[float] = None
+    stream_rescue: str = "auto"
+    stream_max_rescues: int = 2
+    model_capabilities: Any = None  # None, {model: ModelCapabilities or dict}, or a CapabilityTable
     default_model: Optional[str] = None
     default_region: Optional[str] = None
     verify: Union[bool, str] = True  # True, False or a CA bundle file/directory (a PathLike becomes a str)
@@ -347,6 +385,8 @@ class ClientConfig:
     breaker_storage: Optional[Callable[[str], Any]] = None
     # model fallbacks (see fallbacks.py)
     fallbacks: Mapping[str, Tuple[str, ...]] = field(default_factory=dict)
+    context_window_fallbacks: Mapping[str, Tuple[str, ...]] = field(default_factory=dict)
+    content_policy_fallbacks: Mapping[str, Tuple[str, ...]] = field(default_factory=dict)
     fallback_reply: Optional[Callable[..., Mapping[str, Any]]] = None
     # client-side rate limits (see ratelimit.py)
     requests_per_minute: Optional[float] = None
@@ -381,6 +421,7 @@ class ClientConfig:
             _check_number(name, getattr(self, name), maximum=MAX_WAIT_S)
         for name in ("ejection_base_s", "ejection_max_s", "slow_start_s"):
             _check_number(name, getattr(self, name))
+        _check_stream_options(self)
         _check_number("health_check_interval_s", self.health_check_interval_s, strict=True,
                       allow_none=True, maximum=MAX_WAIT_S)
         _check_number("health_check_timeout_s", self.health_check_timeout_s, strict=True, maximum=MAX_WAIT_S)
@@ -458,15 +499,16 @@ def _check_resilience(cfg: ClientConfig) -> None:
     for name in ("breaker_storage", "fallback_reply", "rate_limiter_factory"):
         if getattr(cfg, name) is not None and not callable(getattr(cfg, name)):
             raise ConfigError(name, getattr(cfg, name), "must be a callable or None")
-    chains: Dict[str, Tuple[str, ...]] = {}
-    for model, chain in model_map("fallbacks", cfg.fallbacks).items():
-        if isinstance(chain, str) or not isinstance(chain, (list, tuple)) or \
-                not all(isinstance(m, str) and m for m in chain):
-            raise ConfigError(f"fallbacks[{model}]", chain, "must be a list of model names")
-        if model in chain:
-            raise ConfigError(f"fallbacks[{model}]", chain, "a model cannot fall back to itself")
-        chains[model] = tuple(chain)
-    put("fallbacks", MappingProxyType(chains))
+    for option in ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks"):
+        chains: Dict[str, Tuple[str, ...]] = {}
+        for model, chain in model_map(option, getattr(cfg, option)).items():
+            if isinstance(chain, str) or not isinstance(chain, (list, tuple)) or \
+                    not all(isinstance(m, str) and m for m in chain):
+                raise ConfigError(f"{option}[{model}]", chain, "must be a list of model names")
+            if model in chain:
+                raise ConfigError(f"{option}[{model}]", chain, "a model cannot fall back to itself")
+            chains[model] = tuple(chain)
+        put(option, MappingProxyType(chains))
     for name in ("requests_per_minute", "tokens_per_minute"):
         _check_number(name, getattr(cfg, name), strict=True, allow_none=True)
     burst_s = cfg.rate_limit_burst_s
@@ -511,6 +553,18 @@ def _check_cost_options(cfg: "ClientConfig") -> None:
 
 
 CLIENT_OPTIONS = frozenset(f.name for f in fields(ClientConfig))
+
+
+def _check_stream_options(cfg: "ClientConfig") -> None:
+    """The stream options; ``model_capabilities`` becomes a CapabilityTable."""
+    _check_number("first_token_timeout_s", cfg.first_token_timeout_s, strict=True, allow_none=True,
+                  maximum=MAX_WAIT_S)
+    if cfg.stream_rescue not in RESCUE_MODES:
+        raise ConfigError("stream_rescue", cfg.stream_rescue, f"must be one of {', '.join(RESCUE_MODES)}")
+    _check_int("stream_max_rescues", cfg.stream_max_rescues, minimum=0)
+    table = cfg.model_capabilities
+    if not isinstance(table, CapabilityTable):
+        object.__setattr__(cfg, "model_capabilities", CapabilityTable(table))
 
 
 def config_from_env(environ: Optional[Mapping[str, str]] = None, **overrides: Any) -> Dict[str, Any]:

@@ -15,10 +15,14 @@ pybreaker or redis escapes the client::
     │   │   └── InternalServerError      5xx
     │   ├── APIConnectionError           no usable answer: refused, reset, TLS, proxy
     │   │   └── APITimeoutError          connect or read timeout
+    │   │       ├── FirstTokenTimeoutError   a stream's first token did not come in time ("ttft_timeout")
+    │   │       └── StreamStallError     no chunk within the stall limit mid-stream ("stall")
     │   ├── APIResponseValidationError   an answer that is not what the API promises
     │   │   └── ResponseTooLargeError    (invalid JSON, not an object, over the size cap)
     │   └── StreamInterruptedError       a stream broke after its first chunk (never retried);
-    │                                    carries the partial text and the node
+    │       │                            carries the partial text and the node
+    │       └── StreamRestartedError     a rescued stream starts its answer again: discard
+    │                                    what you read, keep iterating
     ├── NoHealthyNodeError               no node can be used for this call
     ├── AllAttemptsFailedError           every attempt failed; lists each attempt
     ├── CircuitOpenError                 a circuit breaker is open; says when to retry
@@ -47,6 +51,8 @@ __all__ = [
     "APIError",
     "APIStatusError",
     "BadRequestError",
+    "ContextWindowExceededError",
+    "ContentFilterError",
     "AuthenticationError",
     "PermissionDeniedError",
     "NotFoundError",
@@ -55,9 +61,12 @@ __all__ = [
     "InternalServerError",
     "APIConnectionError",
     "APITimeoutError",
+    "FirstTokenTimeoutError",
+    "StreamStallError",
     "APIResponseValidationError",
     "ResponseTooLargeError",
     "StreamInterruptedError",
+    "StreamRestartedError",
     "NoHealthyNodeError",
     "AllAttemptsFailedError",
     "CircuitOpenError",
@@ -184,6 +193,32 @@ class BadRequestError(APIStatusError):
     retryable = False
 
 
+class ContextWindowExceededError(BadRequestError):
+    """The request does not fit the model's context window (OpenAI ``context_length_exceeded``,
+    Anthropic-compatible "prompt is too long", vLLM/sglang "maximum context length", ...).
+
+    Recognised by :mod:`holysheep_lb.policy.classify` (kind ``"context_window"``). Never
+    retried on the same model; ``Client(context_window_fallbacks={model: [larger, ...]})``
+    sends the call to a larger-context model instead. ``model`` is the model that refused.
+    """
+
+    kind = "context_window"
+    model: Optional[str] = None
+
+
+class ContentFilterError(BadRequestError):
+    """The provider's content filter refused the request (``content_filter``,
+    ``content_policy_violation``, Azure's ``ResponsibleAIPolicyViolation``...).
+
+    Kind ``"content_filter"``: final, and not routed around unless
+    ``Client(content_policy_fallbacks={model: [...]})`` says so. ``model`` is the model
+    that refused.
+    """
+
+    kind = "content_filter"
+    model: Optional[str] = None
+
+
 class AuthenticationError(APIStatusError):
     retryable = False
 
@@ -236,6 +271,31 @@ class APITimeoutError(APIConnectionError):
         self.request_sent = request_sent
 
 
+class FirstTokenTimeoutError(APITimeoutError):
+    """A stream's first token did not arrive within its time-to-first-token limit.
+
+    ``kind`` is ``"ttft_timeout"``: a reason to fail over to another route, distinct
+    from a read timeout. ``timeout_s`` is the limit that expired.
+    """
+
+    kind = "ttft_timeout"
+
+    def __init__(self, message: str, *, timeout_s: float, node_id: Optional[str] = None,
+                 request_sent: bool = True) -> None:
+        super().__init__(message, node_id=node_id, request_sent=request_sent)
+        self.timeout_s = timeout_s
+
+
+class StreamStallError(APITimeoutError):
+    """No chunk arrived within the stall limit after a stream started (``kind`` ``"stall"``)."""
+
+    kind = "stall"
+
+    def __init__(self, message: str, *, timeout_s: float, node_id: Optional[str] = None) -> None:
+        super().__init__(message, node_id=node_id, request_sent=True)
+        self.timeout_s = timeout_s
+
+
 class APIResponseValidationError(APIError):
     """The node answered 2xx with something that is not a JSON object."""
 
@@ -281,6 +341,21 @@ class StreamInterruptedError(APIError):
         self.reason = reason
         self.partial_text = partial_text
         self.chunks = chunks
+
+
+class StreamRestartedError(StreamInterruptedError):
+    """A broken stream was rescued by a fresh answer that starts from the beginning.
+
+    Raised once, by the iterator, to a caller that already read chunks of the broken
+    answer: discard them (``partial_text`` is what it had) and keep iterating the same
+    stream for the new answer. ``read_text()`` never raises it. ``reason`` is
+    ``"restarted"``; ``cause_reason`` is why the first answer broke.
+    """
+
+    def __init__(self, message: str, *, partial_text: str, chunks: int, cause_reason: str,
+                 node_id: Optional[str] = None) -> None:
+        super().__init__(message, reason="restarted", partial_text=partial_text, chunks=chunks, node_id=node_id)
+        self.cause_reason = cause_reason
 
 
 class NoHealthyNodeError(HolySheepError):
@@ -447,6 +522,12 @@ _STATUS_CLASSES = {
     429: RateLimitError,
 }
 
+# 4xx the body names more precisely (policy/classify.py recognises them)
+_KIND_CLASSES: Dict[str, Type[APIStatusError]] = {
+    "context_window": ContextWindowExceededError,
+    "content_filter": ContentFilterError,
+}
+
 # Kept for importers; what a status means is decided in policy/classify.py.
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
 
@@ -464,13 +545,14 @@ def status_error(
     """Build the typed error for an HTTP error status (the one place that maps statuses to
     classes; whether it is retryable is :func:`~holysheep_lb.policy.classify.classify_status`'s answer)."""
     message = _error_message(body, status_code)
+    from .policy.classify import classify_status  # it imports this module: resolved at call time
+
+    outcome = classify_status(status_code, body, should_retry=should_retry)
+    retryable = outcome.retryable
     if status_code >= 500:
         cls: Type[APIStatusError] = InternalServerError
     else:
-        cls = _STATUS_CLASSES.get(status_code, APIStatusError)
-    from .policy.classify import classify_status  # it imports this module: resolved at call time
-
-    retryable = classify_status(status_code, should_retry=should_retry).retryable
+        cls = _KIND_CLASSES.get(outcome.kind) or _STATUS_CLASSES.get(status_code, APIStatusError)
     kw: Dict[str, Any] = dict(
         status_code=status_code,
         body=body,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import deque
 import threading
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
@@ -76,11 +77,21 @@ class ModelChain:
     def __init__(self, *, breakers: Optional[BreakerBoard] = None, limits: Optional[RateLimits] = None,
                  fallbacks: Optional[Mapping[str, Sequence[str]]] = None,
                  fallback_reply: Optional[FallbackReply] = None,
-                 clock: Callable[[], float] = time.monotonic, policy: Optional[RetryPolicy] = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, policy: Optional[RetryPolicy] = None,
+                 context_window_fallbacks: Optional[Mapping[str, Sequence[str]]] = None,
+                 content_policy_fallbacks: Optional[Mapping[str, Sequence[str]]] = None,
+                 tell_trials: bool = False) -> None:
         self.breakers = breakers
         self.policy = policy if policy is not None else RetryPolicy()
         self.limits = limits if limits is not None and limits.enabled else None
         self._fallbacks = {m: tuple(c) for m, c in (fallbacks or {}).items()}
+        #: the chains a model's refusal goes through instead of its fallbacks (RetryDecision.via)
+        self._via: Dict[str, Dict[str, Tuple[str, ...]]] = {
+            "context_window": {m: tuple(c) for m, c in (context_window_fallbacks or {}).items()},
+            "content_filter": {m: tuple(c) for m, c in (content_policy_fallbacks or {}).items()},
+        }
+        # execute(model, trial) is told whether the model's permit is a half-open breaker's trial
+        self.tell_trials = tell_trials
         self._fallback_reply = fallback_reply
         self._clock = clock
         self._counts_lock = threading.Lock()
@@ -109,15 +120,18 @@ class ModelChain:
         return order
 
     def run(self, model: Optional[str], payload: Optional[Mapping[str, Any]],
-            execute: Callable[[Optional[str]], Any], *, deadline: float,
+            execute: Callable[..., Any], *, deadline: float,
             costs: Optional[ModelCosts] = None) -> Any:
-        """``execute(model)`` for each model of the chain until one answers (see module doc)."""
+        """``execute(model)`` for each model of the chain until one answers (see module doc);
+        ``execute(model, trial)`` when ``tell_trials`` (trial: the model's breaker is half-open)."""
         if model is None:  # not a model call (GET /models): rate limits only
             return self._send(None, payload, execute, deadline, NO_PERMIT, None)
         started = self._clock()
         errors: List[Tuple[str, HolySheepError]] = []
         chain = self.chain(model)
-        for candidate in chain:
+        pending = deque(chain)
+        while pending:
+            candidate = pending.popleft()
             if errors and self._clock() >= deadline:
                 break
             try:
@@ -135,10 +149,19 @@ class ModelChain:
                 errors.append((candidate, exc))
                 continue
             except HolySheepError as exc:
-                if self.policy.decide(classify(exc), None, scope="model").action != NEXT_MODEL:
-                    raise  # the caller's error, throttling or the deadline: no fallback helps
+                decision = self.policy.decide(classify(exc), None, scope="model")
+                if decision.action != NEXT_MODEL:
+                    raise  # the caller's error or the deadline: no fallback helps
+                if decision.via is not None:
+                    # a refusal another model may not share (a context window, a content filter):
+                    # only the models configured for it, never the plain fallbacks
+                    tried = {m for m, _ in errors} | {candidate}
+                    special = [m for m in self._via[decision.via].get(candidate, ()) if m not in tried]
+                    if not special:
+                        raise
+                    pending = deque(special)
                 log.debug("model %s failed (%s); %s", candidate, type(exc).__name__,
-                          "trying its fallback" if candidate != chain[-1] else "no fallback left")
+                          "trying its fallback" if pending else "no fallback left")
                 errors.append((candidate, exc))
                 continue
             # the models that failed are of no more use; their errors' tracebacks hold this
@@ -153,7 +176,7 @@ class ModelChain:
         return self._give_up(model, payload, errors, started)
 
     def _send(self, model: Optional[str], payload: Optional[Mapping[str, Any]],
-              execute: Callable[[Optional[str]], Any], deadline: float, permit: Permit,
+              execute: Callable[..., Any], deadline: float, permit: Permit,
               costs: Optional[ModelCosts]) -> Any:
         held, holding = None, False
         try:
@@ -169,7 +192,7 @@ class ModelChain:
                 costs.cancel(held)  # type: ignore[union-attr]
             raise
         try:
-            result = execute(model)
+            result = execute(model, permit.trial) if self.tell_trials else execute(model)
         except BaseException as exc:
             call_each([
                 functools.partial(permit.record, exc) if isinstance(exc, HolySheepError) else permit.release,

@@ -41,14 +41,15 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import ConfigError
 from .tokens import estimate_prompt_tokens, requested_output_tokens
 
 __all__ = ["AUTO", "TIERS", "DEFAULT_TIER_MODELS", "RoutingRequest", "RoutingDecision", "ModelRouter",
-           "classify_request"]
+           "classify_request", "ModelCapabilities", "CapabilityTable", "DEFAULT_CAPABILITIES",
+           "REASONING_FIRST_TOKEN_TIMEOUT_S", "REASONING_STALL_TIMEOUT_S"]
 
 log = logging.getLogger(__name__)
 
@@ -286,3 +287,153 @@ class ModelRouter:
         if tier not in self.tiers:
             raise ConfigError("classify", tier, f"must return one of the tiers {sorted(self.tiers)}")
         return tier, str(reason)
+
+
+# ------------------------------------------------------------------ model capabilities
+
+#: Defaults for reasoning models, which think before their first token (minutes on
+#: hard prompts) and may pause between chunks while they think again.
+REASONING_FIRST_TOKEN_TIMEOUT_S = 300.0
+REASONING_STALL_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class ModelCapabilities:
+    """What the client knows of one model; None means "not known: use the default".
+
+    ``prefill``: whether the model continues a trailing assistant message (an assistant
+    *prefill*) instead of starting a new answer; only such a model may continue a cut
+    stream, any other restarts it. Unknown counts as no: a model that ignores a prefill
+    would answer twice. ``prefill_message`` is merged into that assistant message
+    (e.g. ``{"prefix": True}`` for DeepSeek's and Mistral's prefix completion) and
+    ``prefill_params`` into the request (e.g. vLLM's ``{"continue_final_message": True,
+    "add_generation_prompt": False}``). ``first_token_timeout_s`` and
+    ``stall_timeout_s`` override the client's stream limits for this model.
+    """
+
+    prefill: Optional[bool] = None
+    prefill_message: Mapping[str, Any] = field(default_factory=dict)
+    prefill_params: Mapping[str, Any] = field(default_factory=dict)
+    first_token_timeout_s: Optional[float] = None
+    stall_timeout_s: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.prefill is not None and not isinstance(self.prefill, bool):
+            raise ConfigError("prefill", self.prefill, "must be True, False or None")
+        for name in ("prefill_message", "prefill_params"):
+            value = getattr(self, name)
+            if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+                raise ConfigError(name, value, "must be a dict with string keys")
+            object.__setattr__(self, name, dict(value))
+        for name in ("first_token_timeout_s", "stall_timeout_s"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1e9:
+                raise ConfigError(name, value, "must be a number of seconds > 0, or None")
+
+    @classmethod
+    def from_value(cls, name: str, value: Any) -> "ModelCapabilities":
+        """A ModelCapabilities, or one built from a dict of its fields (errors name ``name``)."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(name, value, "must be a ModelCapabilities or a dict of its fields")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(str(k) for k in value if k not in known)
+        if unknown:
+            raise ConfigError(f"{name}.{unknown[0]}", value[unknown[0]], f"is not a capability; known: {sorted(known)}")
+        try:
+            return cls(**value)
+        except ConfigError as exc:
+            raise ConfigError(f"{name}.{exc.field}", exc.value, exc.allowed) from None
+
+
+_REASONING = ModelCapabilities(prefill=False, first_token_timeout_s=REASONING_FIRST_TOKEN_TIMEOUT_S,
+                               stall_timeout_s=REASONING_STALL_TIMEOUT_S)
+
+#: Built-in knowledge, matched on the model name without a ``provider/`` prefix: an
+#: exact name first, then the longest prefix ending in ``*``. OpenAI's chat API and
+#: Gemini start a new answer after an assistant message (no prefill); Anthropic's API
+#: continues one, except Claude Sonnet 4.6 / Opus 4.7 which reject it (LiteLLM #27967).
+DEFAULT_CAPABILITIES: Mapping[str, ModelCapabilities] = {
+    "gpt-*": ModelCapabilities(prefill=False),
+    "chatgpt-*": ModelCapabilities(prefill=False),
+    "gemini-*": ModelCapabilities(prefill=False),
+    "claude-*": ModelCapabilities(prefill=True),
+    "claude-sonnet-4-6*": ModelCapabilities(prefill=False),
+    "claude-sonnet-4.6*": ModelCapabilities(prefill=False),
+    "claude-opus-4-7*": ModelCapabilities(prefill=False),
+    "claude-opus-4.7*": ModelCapabilities(prefill=False),
+    "o1*": _REASONING,
+    "o3*": _REASONING,
+    "o4*": _REASONING,
+    "gpt-5*": _REASONING,
+    "deepseek-r1*": _REASONING,
+    "deepseek-reasoner*": _REASONING,
+    "qwq*": _REASONING,
+}
+
+
+class CapabilityTable:
+    """Per-model capabilities: the built-in table, extended or overridden by the user's.
+
+    ``user`` maps a model name (or a prefix ending in ``*``) to a
+    :class:`ModelCapabilities` or a dict of its fields; a user entry replaces the
+    built-in entry of the same key and wins over every built-in match. Immutable;
+    thread-safe.
+    """
+
+    def __init__(self, user: Optional[Mapping[str, Any]] = None, *,
+                 builtin: Mapping[str, ModelCapabilities] = DEFAULT_CAPABILITIES) -> None:
+        if user is not None and not isinstance(user, Mapping):
+            raise ConfigError("model_capabilities", user, "must be a dict of model name -> capabilities")
+        parsed: Dict[str, ModelCapabilities] = {}
+        for key, value in (user or {}).items():
+            if not isinstance(key, str) or not key or key == "*" * len(key):
+                raise ConfigError("model_capabilities", key, "keys must be model names or prefixes ending in '*'")
+            parsed[key] = ModelCapabilities.from_value(f"model_capabilities[{key}]", value)
+        self._user = parsed
+        self._builtin = dict(builtin)
+
+    def __repr__(self) -> str:
+        return f"CapabilityTable(user={sorted(self._user)})"
+
+    def get(self, model: str) -> ModelCapabilities:
+        """The capabilities of ``model`` (all unknown when nothing matches)."""
+        name = model.rsplit("/", 1)[-1]
+        for table in (self._user, self._builtin):
+            found = _lookup(table, model) or _lookup(table, name)
+            if found is not None:
+                return found
+        return ModelCapabilities()
+
+    def accepts_prefill(self, model: str) -> bool:
+        return self.get(model).prefill is True
+
+    def first_token_timeout_s(self, model: str, default_s: float) -> float:
+        value = self.get(model).first_token_timeout_s
+        return default_s if value is None else float(value)
+
+    def stall_timeout_s(self, model: str, default_s: float) -> float:
+        value = self.get(model).stall_timeout_s
+        return default_s if value is None else float(value)
+
+    def stream_limits(self, model: str, *, call_first_token_s: Optional[float], client_first_token_s: float,
+                      client_stall_s: float) -> Tuple[float, float]:
+        """``(first_token_timeout_s, stall_timeout_s)`` of a stream of ``model``: the one
+        place these are decided. The call's value wins, then the model's, then the client's."""
+        first = call_first_token_s if call_first_token_s is not None else \
+            self.first_token_timeout_s(model, client_first_token_s)
+        return first, self.stall_timeout_s(model, client_stall_s)
+
+
+def _lookup(table: Mapping[str, ModelCapabilities], model: str) -> Optional[ModelCapabilities]:
+    exact = table.get(model)
+    if exact is not None:
+        return exact
+    best: Optional[Tuple[int, ModelCapabilities]] = None
+    for key, caps in table.items():
+        if key.endswith("*") and model.startswith(key[:-1]) and (best is None or len(key) > best[0]):
+            best = (len(key), caps)
+    return None if best is None else best[1]

@@ -30,6 +30,8 @@ class Response(JSONObject):
     ``fallback``            True when the answer is not from the model asked for
     ``cached``              True when it came from the response cache
     ``extra``               a dict for metadata added by optional features
+    ``content_filtered``    True when a choice ended with ``finish_reason == "content_filter"``
+    ``finish_reason``       the first choice's ``finish_reason``
     """
 
     __slots__ = ("node_id", "region", "attempts", "latency_ms", "request_id", "model",
@@ -61,6 +63,23 @@ class Response(JSONObject):
         self.fallback = fallback
         self.cached = cached
         self.extra: Dict[str, Any] = {}
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        """The first choice's ``finish_reason`` ("stop", "length", "content_filter"...), or None."""
+        try:
+            reason = self["choices"][0]["finish_reason"]
+        except (KeyError, IndexError, TypeError):
+            return None
+        return reason if isinstance(reason, str) else None
+
+    @property
+    def content_filtered(self) -> bool:
+        """True when the provider's content filter cut or withheld an answer (a choice ended
+        with ``finish_reason == "content_filter"``): the text is not the whole answer."""
+        choices = self.get("choices")
+        return isinstance(choices, list) and any(
+            isinstance(c, dict) and c.get("finish_reason") == "content_filter" for c in choices)
 
     @property
     def text(self) -> Optional[str]:

@@ -8,26 +8,38 @@ passes through the transport's :class:`~holysheep_lb.redaction.Redactor`.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, NamedTuple, Optional, Union
 
 import requests
 
-from .errors import APIConnectionError, APIResponseValidationError, APITimeoutError, ResponseTooLargeError, status_error
+from .errors import (
+    APIConnectionError,
+    APIResponseValidationError,
+    APITimeoutError,
+    FirstTokenTimeoutError,
+    ResponseTooLargeError,
+    StreamStallError,
+    status_error,
+)
 from .redaction import NO_REDACTION, Redactor
 from .transport import Transport
 from .types import ChatCompletionChunk
 
 __all__ = ["SSEEvent", "SSEParser", "decode_event", "EventReader", "OpenedStream", "open_stream", "close_response",
-           "STREAM_HEADERS"]
+           "STREAM_HEADERS", "End", "MAX_SKIPPED_EVENTS", "error_event_status"]
 
 log = logging.getLogger(__name__)
 
 #: Request headers of a streaming call. ``identity``: a compressing proxy may buffer
 #: an event stream to fill its compression window, delaying every chunk.
 STREAM_HEADERS = {"Accept": "text/event-stream", "Accept-Encoding": "identity"}
+
+#: How many events that do not parse a stream may skip; one more is a broken stream.
+MAX_SKIPPED_EVENTS = 8
 
 _FIELDS_IGNORED = frozenset({"id", "retry"})
 _BOM = b"\xef\xbb\xbf"
@@ -158,11 +170,50 @@ def decode_event(event: SSEEvent, node_id: Optional[str] = None, *,
                                          f"{type(obj).__name__}", node_id=node_id)
     if event.event == "error" or (obj.get("error") is not None and "choices" not in obj):
         obj = redact.value(obj)
-        err = obj.get("error")
-        code = err.get("code") if isinstance(err, dict) else None
-        status = code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599 else 500
-        raise status_error(status, obj, node_id=node_id, request_id=None, headers={})
+        raise status_error(error_event_status(obj), obj, node_id=node_id, request_id=None, headers={})
     return ChatCompletionChunk(obj)
+
+
+#: What the ``code`` or ``type`` string of an error event means as an HTTP status
+#: (OpenAI, Anthropic-compatible, vLLM and sglang servers name their errors so).
+_ERROR_NAME_STATUS = {
+    "invalid_request_error": 400, "context_length_exceeded": 400, "content_policy_violation": 400,
+    "content_filter": 400, "invalid_prefill": 400, "bad_request": 400, "badrequesterror": 400,
+    "authentication_error": 401, "invalid_api_key": 401, "permission_error": 403, "permission_denied": 403,
+    "not_found_error": 404, "model_not_found": 404, "rate_limit_error": 429, "rate_limit_exceeded": 429,
+    "insufficient_quota": 429, "overloaded_error": 529, "server_error": 500, "internal_error": 500,
+    "api_error": 500, "timeout": 504,
+}
+
+
+def error_event_status(obj: Mapping[str, Any]) -> int:
+    """The HTTP status an error event inside a 200 stream stands for (500 when it names none).
+
+    Read from a numeric ``code``/``status``/``status_code`` (400-599) of the error or the
+    event, else from its ``code`` or ``type`` name (``rate_limit_exceeded`` -> 429, ...).
+    """
+    err = obj.get("error")
+    places = [err, obj] if isinstance(err, dict) else [obj]
+    for place in places:
+        for key in ("code", "status", "status_code"):
+            value = place.get(key)
+            if isinstance(value, str) and value.isdigit():
+                value = int(value)
+            if isinstance(value, int) and not isinstance(value, bool) and 400 <= value <= 599:
+                return value
+    for place in places:
+        for key in ("code", "type"):
+            value = place.get(key)
+            if isinstance(value, str) and value.lower() in _ERROR_NAME_STATUS:
+                return _ERROR_NAME_STATUS[value.lower()]
+    return 500
+
+
+class End(enum.Enum):
+    """How a stream's body ended, when it did not bring a chunk."""
+
+    DONE = "done"  # data: [DONE]
+    EOF = "eof"    # the body ended
 
 
 # ------------------------------------------------------------------ reading events
@@ -172,10 +223,14 @@ class EventReader:
     """Events of one open response, with a clock-checked deadline for the next event.
 
     The socket timeout bounds each read; this deadline also catches a node that keeps
-    the connection alive with comments but sends no event.
+    the connection alive with comments but sends no event. A timeout before the first
+    chunk raises :class:`FirstTokenTimeoutError`, after it :class:`StreamStallError`.
+    :meth:`next_chunk` skips (and counts in ``skipped_events``) events whose data does
+    not parse, up to ``max_skipped_events``; it logs the first one of the stream.
     """
 
-    def __init__(self, chunks: Iterator[bytes], parser: SSEParser, clock: Callable[[], float]) -> None:
+    def __init__(self, chunks: Iterator[bytes], parser: SSEParser, clock: Callable[[], float], *,
+                 max_skipped_events: int = MAX_SKIPPED_EVENTS) -> None:
         self._chunks = chunks
         self._parser = parser
         self._clock = clock
@@ -184,16 +239,29 @@ class EventReader:
         self.deadline = float("inf")
         self._waiting_for = "event"
         self._timeout_s = 0.0
+        self._first_token = False
+        self.max_skipped_events = max_skipped_events
+        self.skipped_events = 0
 
     @property
     def redact(self) -> Redactor:
         return self._parser.redact
 
-    def expect(self, what: str, timeout_s: float) -> None:
+    def expect(self, what: str, timeout_s: float, *, first_token: bool = False) -> None:
         """The next event must start arriving within ``timeout_s`` from now."""
         self._waiting_for = what
         self._timeout_s = timeout_s
+        self._first_token = first_token
         self.deadline = self._clock() + timeout_s
+
+    def _timeout(self, cause: Optional[APITimeoutError] = None) -> APITimeoutError:
+        node_id = self._parser.node_id
+        message = f"no {self._waiting_for} within {self._timeout_s:g} s"
+        if cause is not None and cause.message:
+            message += f" ({cause.message})"
+        if self._first_token:
+            return FirstTokenTimeoutError(message, timeout_s=self._timeout_s, node_id=node_id)
+        return StreamStallError(message, timeout_s=self._timeout_s, node_id=node_id)
 
     def next_event(self) -> Optional[SSEEvent]:
         """The next event, or None at the end of the body. Raises typed APIErrors."""
@@ -202,15 +270,44 @@ class EventReader:
                 raise self._parser.error
             if self._eof:
                 return None
-            chunk = next(self._chunks, None)
+            try:
+                chunk = next(self._chunks, None)
+            except (FirstTokenTimeoutError, StreamStallError):
+                raise
+            except APITimeoutError as exc:  # the socket's read timeout: the same limit, typed
+                raise self._timeout(exc) from exc
             if chunk is None:
                 self._eof = True
                 return None
             self._pending.extend(self._parser.feed(chunk))
             if not self._pending and self._clock() > self.deadline:
-                raise APITimeoutError(f"no {self._waiting_for} within {self._timeout_s:g} s",
-                                      node_id=self._parser.node_id)
+                raise self._timeout()
         return self._pending.popleft()
+
+    def next_chunk(self) -> Union[Dict[str, Any], End]:
+        """The next chunk dict, or how the body ended; skips events that do not parse.
+
+        An error event raises its typed status error; more than ``max_skipped_events``
+        bad events raise :class:`APIResponseValidationError`.
+        """
+        node_id = self._parser.node_id
+        while True:
+            event = self.next_event()
+            if event is None:
+                return End.EOF
+            try:
+                chunk = decode_event(event, node_id, redact=self.redact)
+            except APIResponseValidationError as exc:
+                self.skipped_events += 1
+                if self.skipped_events > self.max_skipped_events:
+                    raise APIResponseValidationError(
+                        f"more than {self.max_skipped_events} events that do not parse; the last: {exc.message}",
+                        node_id=node_id) from exc
+                if self.skipped_events == 1:
+                    log.warning("node %s: skipped an event that does not parse (%s); further ones in this "
+                                "stream are counted, not logged", node_id, exc.message)
+                continue
+            return End.DONE if chunk is None else chunk
 
     def drain(self, max_bytes: int) -> bool:
         """Read what is left of the body (after [DONE]); True when it ended cleanly."""
@@ -255,25 +352,35 @@ def open_stream(
     """One streaming attempt: send, check the status, read until the first chunk.
 
     Every failure is a typed, retryable-as-usual APIError (connection errors, 5xx, 429,
-    malformed SSE, no first chunk within ``first_chunk_timeout_s``), and the response is
-    closed before it propagates. Blocks; holds no lock.
+    malformed SSE, an error event), and the response is closed before it propagates.
+    No first chunk within ``first_chunk_timeout_s`` (headers included) raises
+    :class:`FirstTokenTimeoutError` (kind ``"ttft_timeout"``). Blocks; holds no lock.
     """
     started = clock()
     node_id = transport.node.id
     redact = transport.redactor
-    response = transport.open(method, path, body=body, headers=headers,
-                              timeout_s=(connect_timeout_s, first_chunk_timeout_s), deadline_s=first_chunk_timeout_s)
+    try:
+        response = transport.open(method, path, body=body, headers=headers,
+                                  timeout_s=(connect_timeout_s, first_chunk_timeout_s),
+                                  deadline_s=first_chunk_timeout_s)
+    except FirstTokenTimeoutError:
+        raise
+    except APITimeoutError as exc:
+        if not exc.request_sent:  # a connect timeout: not the first token's
+            raise
+        raise FirstTokenTimeoutError(f"no first chunk within {first_chunk_timeout_s:g} s ({exc.message})",
+                                     timeout_s=first_chunk_timeout_s, node_id=node_id) from exc
     try:
         transport.raise_for_error_status(response)
         request_id = redact.header(response.headers.get("x-request-id") or response.headers.get("request-id"))
         _check_event_stream(response, node_id, request_id)
         parser = SSEParser(node_id=node_id, max_bytes=max_bytes, redact=redact)
         reader = EventReader(transport.iter_bytes(response), parser, clock)
-        reader.expect("first chunk", first_chunk_timeout_s - (clock() - started))
-        event = reader.next_event()
-        if event is None:
+        reader.expect("first chunk", first_chunk_timeout_s - (clock() - started), first_token=True)
+        got = reader.next_chunk()
+        if got is End.EOF:
             raise APIConnectionError("the stream ended before its first chunk", node_id=node_id)
-        first = decode_event(event, node_id, redact=redact)
+        first = None if got is End.DONE else got
         transport.end_deadline(response)  # committed: the stall timeout governs from here
         now = clock()
     except BaseException:

@@ -38,7 +38,9 @@ class StreamOutcome:
     first chunk; ``error`` is the cause, ``reason`` as in StreamInterruptedError) or
     ``"cancelled"`` (closed early, or dropped). ``model`` is the model asked for;
     ``usage`` is the server's token usage when it reported one. Times are from the start
-    of the call, failed attempts and backoff included.
+    of the call, failed attempts and backoff included. ``skipped_events``: events that
+    did not parse and were skipped. ``ends_call`` is False for a stream that broke and
+    was rescued by another (which reports the call's end); ``reason`` is then still set.
     """
 
     model: str
@@ -51,6 +53,8 @@ class StreamOutcome:
     started: float
     error: Optional[APIError] = None
     reason: Optional[str] = None
+    skipped_events: int = 0
+    ends_call: bool = True
 
     @property
     def ok(self) -> bool:
@@ -114,7 +118,8 @@ class StreamLease:
                 return
         hook(*final)
 
-    def settle(self, status: str, error: Optional[APIError] = None, reason: Optional[str] = None) -> bool:
+    def settle(self, status: str, error: Optional[APIError] = None, reason: Optional[str] = None, *,
+               ends_call: bool = True) -> bool:
         """Close the connection, release the pick, report the outcome; False if already done.
 
         Each step runs even if one before it raised (an interrupt, a failing hook), so the
@@ -136,7 +141,8 @@ class StreamLease:
                 ended = self.attempt_started + self.node_ttft_ms / 1000.0
             end_s: float = ended
             outcome = StreamOutcome(self.model, self.node.id, status, self.usage, self.chunks, self.ttft_ms,
-                                    (end_s - self.started) * 1000.0, self.started, error, reason)
+                                    (end_s - self.started) * 1000.0, self.started, error, reason,
+                                    getattr(self.reader, "skipped_events", 0), ends_call)
             call_each([
                 lambda: close_response(self.response),  # fully read: back to the pool for reuse; else the socket closes
                 self.reader.close,
@@ -208,6 +214,8 @@ class StreamStats:
         self._total = LatencyHistogram()
         self._tokens = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         self._with_usage = 0
+        self._skipped_events = 0
+        self._rescued = 0
         forksafe.register(self)
 
     @forksafe.once_per_process
@@ -222,6 +230,9 @@ class StreamStats:
             self._by_status[outcome.status] = self._by_status.get(outcome.status, 0) + 1
             if outcome.status == "interrupted" and len(self._interrupted_by_reason) < 16:
                 self._interrupted_by_reason[reason] = self._interrupted_by_reason.get(reason, 0) + 1
+            self._skipped_events += outcome.skipped_events
+            if not outcome.ends_call:
+                self._rescued += 1
             self._ttft.record(outcome.ttft_ms)
             if outcome.status == "completed":
                 self._total.record(outcome.total_ms)
@@ -245,5 +256,7 @@ class StreamStats:
                 "time_to_first_chunk": self._ttft.summary(),
                 "total_time": self._total.summary(),
                 "streams_with_usage": self._with_usage,
+                "skipped_events": self._skipped_events,
+                "rescued": self._rescued,
                 "usage": dict(self._tokens),
             }

@@ -17,9 +17,13 @@ from .cleanup import call_each
 from .errors import (
     APIConnectionError,
     APIError,
+    APIStatusError,
     Attempt,
     StreamInterruptedError,
+    StreamRestartedError,
 )
+from .rescue import BrokenStream
+from .rescue import Rescue as RescueResult
 from .nodes import NodeState
 from .policy.classify import stream_interrupt_reason
 from .selection import Selector
@@ -28,6 +32,7 @@ from .sse import (
     EventReader,
     OpenedStream,
     SSEEvent,
+    End,
     SSEParser,
     close_response,
     decode_event,
@@ -61,6 +66,13 @@ _DRAIN_MAX_BYTES = 64 * 1024
 _interrupt_reason = stream_interrupt_reason  # its former name; policy/classify.py decides
 
 
+#: How long to wait for the end of the body (or the usage chunk) once every choice
+#: has its finish_reason: the answer is whole, only its [DONE] is missing.
+_AFTER_FINISH_TIMEOUT_S = 5.0
+
+Rescue = Callable[[BrokenStream], Optional[RescueResult]]
+
+
 class ChatStream:
     """What ``chat_completion(..., stream=True)`` returns: iterate it for chunk dicts.
 
@@ -70,11 +82,24 @@ class ChatStream:
     stop early: that closes the connection and releases the node. A stream dropped
     without either is released by the client's next call.
 
-    A broken stream raises :class:`StreamInterruptedError` (``partial_text``,
-    ``node_id``, ``reason``), never retried. Metadata: ``node_id``, ``region``,
-    ``attempts``, ``request_id``, ``model``, ``ttft_ms`` (time to first chunk from the
-    start of the call), ``latency_ms`` (total, once ended), ``usage``,
-    ``finish_reason``. Not thread-safe: iterate and close it from one thread.
+    A stream is complete at ``data: [DONE]``, or when its body ends after a chunk with
+    a ``finish_reason``. An event whose data does not parse is skipped and counted in
+    ``skipped_events`` (at most ``sse.MAX_SKIPPED_EVENTS``); an error event raises like
+    the matching status.
+
+    A stream that breaks after its first chunk is *rescued* when the client gave it a
+    ``rescue`` (:mod:`holysheep_lb.rescue`): either continued on another route, which
+    the caller does not notice, or restarted. A caller that already read chunks of the
+    broken answer then gets :class:`StreamRestartedError` once: discard what it read
+    and keep iterating for the new answer. ``read_text()`` and ``text`` always hold the
+    answer being delivered. ``rescues`` lists what happened. A stream that cannot be
+    rescued raises :class:`StreamInterruptedError` (``partial_text``, ``node_id``,
+    ``reason``); it is never reported as complete.
+
+    Metadata: ``node_id``, ``region``, ``attempts``, ``request_id``, ``model`` (of the
+    stream delivering the answer now), ``ttft_ms`` (time to first chunk from the start
+    of the call), ``latency_ms`` (total, once ended), ``usage``, ``finish_reason``.
+    Not thread-safe: iterate and close it from one thread.
     """
 
     def __init__(
@@ -92,6 +117,7 @@ class ChatStream:
         classify: Callable[[APIError], str],
         on_end: Callable[[StreamOutcome], None],
         reaper: StreamReaper,
+        rescue: Optional[Rescue] = None,
     ) -> None:
         try:
             self._lease = StreamLease(opened, selector=selector, node=node, model=model, started=started,
@@ -102,7 +128,7 @@ class ChatStream:
             raise
         try:
             self._start(opened, node=node, attempts=attempts, model=model, stall_timeout_s=stall_timeout_s,
-                        clock=clock, reaper=reaper)
+                        clock=clock, reaper=reaper, rescue=rescue)
         except BaseException:  # e.g. interrupted while it read a stream that ends at once
             finalizer = getattr(self, "_finalizer", None)
             if finalizer is not None:
@@ -111,12 +137,19 @@ class ChatStream:
             raise
 
     def _start(self, opened: OpenedStream, *, node: NodeState, attempts: Sequence[Attempt], model: str,
-               stall_timeout_s: float, clock: Callable[[], float], reaper: StreamReaper) -> None:
+               stall_timeout_s: float, clock: Callable[[], float], reaper: StreamReaper,
+               rescue: Optional[Rescue]) -> None:
         self._finalizer = weakref.finalize(self, reaper.adopt, self._lease)
         self._finalizer.atexit = False
         self._clock = clock
         self._stall_timeout_s = stall_timeout_s
         self._transport = node.transport
+        self._rescue = rescue
+        self._delegate: Optional[ChatStream] = None  # the stream that rescued this one
+        self._handed_out = 0  # chunks the caller received by iterating
+        self._quiet_restarts = False  # read_text(): a restart is nobody's business
+        self._tool_calls = False
+        self.rescues: List[Dict[str, Any]] = []
         self.node_id = node.id
         self.region = node.region
         self.attempts: Tuple[Attempt, ...] = tuple(attempts)
@@ -134,6 +167,7 @@ class ChatStream:
         if self._first is None:
             self._finish_body()
         else:
+            self._lease.chunks += 1
             self._absorb(self._first)
             self._transport.set_read_timeout(opened.response, stall_timeout_s)
 
@@ -143,6 +177,13 @@ class ChatStream:
         return self
 
     def __next__(self) -> Dict[str, Any]:
+        chunk = self._next_chunk()
+        self._handed_out += 1
+        return chunk
+
+    def _next_chunk(self) -> Dict[str, Any]:
+        if self._delegate is not None:
+            return self._next_from_delegate(self._delegate)
         if self.state != "open":
             raise StopIteration
         chunk: Optional[Dict[str, Any]]
@@ -150,25 +191,44 @@ class ChatStream:
             chunk, self._first = self._first, None
             return chunk
         reader = self._lease.reader
-        reader.expect("chunk", self._stall_timeout_s)  # from now: time the caller spent is not a stall
+        finished = self.finish_reason is not None
+        # from now: time the caller spent is not a stall
+        reader.expect("chunk", min(self._stall_timeout_s, _AFTER_FINISH_TIMEOUT_S) if finished
+                      else self._stall_timeout_s)
         try:
-            event = reader.next_event()
-            chunk = None if event is None else decode_event(event, self.node_id, redact=reader.redact)
+            got = reader.next_chunk()
         except APIError as exc:
-            self._interrupt(exc, _interrupt_reason(exc))
-        if event is None:
-            self._interrupt(APIConnectionError(f"the stream ended without [DONE] after {self._lease.chunks} "
-                                               f"chunks", node_id=self.node_id), "truncated")
-        if chunk is None:
+            if finished and not isinstance(exc, APIStatusError):
+                # the answer is whole; only its end of body went wrong
+                log.debug("node %s: stream ended after its finish_reason without [DONE] (%s)", self.node_id,
+                          exc.message)
+                self._lease.response.raw.close()  # never return a half-read connection to the pool
+                self._end("completed")
+                raise StopIteration from None
+            return self._interrupt(exc, _interrupt_reason(exc))
+        if got is End.EOF:
+            if finished:  # a finish_reason, then the end of the body: complete without [DONE]
+                self._end("completed")
+                raise StopIteration
+            return self._interrupt(APIConnectionError(
+                f"the stream ended without [DONE] or a finish_reason after {self._lease.chunks} chunks",
+                node_id=self.node_id), "truncated")
+        if got is End.DONE:
             self._finish_body()
             raise StopIteration
-        self._absorb(chunk)
-        return chunk
+        assert not isinstance(got, End)
+        self._lease.chunks += 1
+        self._absorb(got)
+        return got
 
     def read_text(self) -> str:
         """Read the stream to its end and return the first choice's whole text."""
-        for _ in self:
-            pass
+        self._quiet_restarts = True
+        try:
+            for _ in self:
+                pass
+        finally:
+            self._quiet_restarts = False
         return self.text
 
     @property
@@ -182,7 +242,19 @@ class ChatStream:
 
     @property
     def chunks(self) -> int:
-        return self._lease.chunks
+        return self._lease.chunks if self._delegate is None else self._lease.chunks + self._delegate.chunks
+
+    @property
+    def content_filtered(self) -> bool:
+        """True when the answer ended with ``finish_reason == "content_filter"`` (cut by the
+        provider's content filter: complete as a stream, not as an answer)."""
+        return self.finish_reason == "content_filter"
+
+    @property
+    def skipped_events(self) -> int:
+        """Events that did not parse and were skipped (rescuing streams included)."""
+        own = getattr(self._lease.reader, "skipped_events", 0)
+        return own if self._delegate is None else own + self._delegate.skipped_events
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -196,7 +268,11 @@ class ChatStream:
         if self.state == "open":
             self.state = "closed"
         self._finalizer.detach()
-        self._lease.settle("cancelled")
+        try:
+            self._lease.settle("cancelled")
+        finally:
+            if self._delegate is not None:
+                self._delegate.close()
 
     def __enter__(self) -> "ChatStream":
         return self
@@ -206,16 +282,16 @@ class ChatStream:
 
     def __repr__(self) -> str:
         return (f"<ChatStream {self.state} node={self.node_id} model={self.model} "
-                f"chunks={self._lease.chunks}>")
+                f"chunks={self.chunks}{f' rescues={len(self.rescues)}' if self.rescues else ''}>")
 
     # -- internals -----------------------------------------------------------------------
 
     def _absorb(self, chunk: Dict[str, Any]) -> None:
-        lease = self._lease
-        lease.chunks += 1
         usage = chunk.get("usage")
         if isinstance(usage, dict):
-            self.usage = lease.usage = usage
+            self.usage = usage
+            if self._delegate is None:
+                self._lease.usage = usage
         model = chunk.get("model")
         if isinstance(model, str) and model:
             self.model = model
@@ -230,6 +306,8 @@ class ChatStream:
             content = delta.get("content") if isinstance(delta, dict) else None
             if isinstance(content, str) and isinstance(index, int):
                 self._texts.setdefault(index, []).append(content)
+            if isinstance(delta, dict) and delta.get("tool_calls") or index != 0:
+                self._tool_calls = True  # a prefill cannot carry these: restart only
             reason = choice.get("finish_reason")
             if isinstance(reason, str) and index == 0:
                 self.finish_reason = reason
@@ -246,22 +324,89 @@ class ChatStream:
             self._lease.response.raw.close()  # never return a half-read connection to the pool
         self._end("completed")
 
-    def _end(self, status: str, error: Optional[APIError] = None, reason: Optional[str] = None) -> None:
+    def _end(self, status: str, error: Optional[APIError] = None, reason: Optional[str] = None, *,
+             ends_call: bool = True) -> None:
         self.state = status
         self._finalizer.detach()
-        self._lease.settle(status, error, reason)
+        self._lease.settle(status, error, reason, ends_call=ends_call)
         self.latency_ms = (self._clock() - self._lease.started) * 1000.0
 
-    def _interrupt(self, exc: APIError, reason: str) -> NoReturn:
-        partial = self._lease.reader.redact.text(self.text)  # an error may be logged: never the key
+    def _interrupt(self, exc: APIError, reason: str) -> Dict[str, Any]:
+        """The stream broke: rescue it (and return the rescuer's next chunk) or raise."""
         chunks = self._lease.chunks
-        self._end("interrupted", exc, reason)
+        rescued: Optional[RescueResult] = None
+        try:
+            if self._rescue is not None:
+                close_response(self._lease.response)  # the node's socket is of no more use
+                rescued = self._rescue(BrokenStream(self.model, self.node_id, reason, exc, self.text, chunks,
+                                                    continuable=not self._tool_calls))
+        finally:
+            self._end("interrupted", exc, reason, ends_call=rescued is None)
+        if rescued is None:
+            self._raise_interrupted(exc, reason, chunks)
+        log.debug("stream from node %s interrupted after %d chunks (%s): %s; %s on node %s", self.node_id,
+                  chunks, reason, exc.message, rescued.mode, getattr(rescued.stream, "node_id", None))
+        self.rescues.append({"mode": rescued.mode, "reason": reason, "from_node": self.node_id,
+                             "from_model": self.model, "to_model": rescued.model,
+                             "to_node": getattr(rescued.stream, "node_id", None), "after_chunks": chunks})
+        return self._adopt(rescued.stream, restart=rescued.mode == "restart", reason=reason)
+
+    def _adopt(self, stream: "ChatStream", *, restart: bool, reason: str) -> Dict[str, Any]:
+        """Deliver the rest of the answer from ``stream`` (a restart: all of a new one)."""
+        self._delegate = stream
+        self.state = "open"
+        self.node_id, self.region, self.request_id = stream.node_id, stream.region, stream.request_id
+        self.attempts = self.attempts + tuple(stream.attempts)
+        if restart:
+            return self._restart(reason)
+        return self._next_from_delegate(stream)
+
+    def _restart(self, reason: str) -> Dict[str, Any]:
+        partial, chunks = self.text, self._handed_out
+        self._texts = {}
+        self.finish_reason = None
+        self._tool_calls = False
+        if chunks and not self._quiet_restarts:
+            raise StreamRestartedError(
+                f"the stream broke after {chunks} chunks ({reason}) and was restarted on another route: "
+                f"discard what you read and keep iterating for the new answer",
+                partial_text=self._lease.reader.redact.text(partial), chunks=chunks, cause_reason=reason,
+                node_id=self.node_id)
+        return self._next_chunk()
+
+    def _next_from_delegate(self, stream: "ChatStream") -> Dict[str, Any]:
+        try:
+            chunk = next(stream)  # counted as handed out there: its own restarts reach this stream
+        except StopIteration:
+            self._settle_from(stream)
+            raise
+        except StreamRestartedError as exc:
+            self._settle_from(stream)
+            return self._restart(exc.cause_reason)
+        except StreamInterruptedError as exc:
+            self._settle_from(stream)
+            self._raise_interrupted(exc, exc.reason, self._lease.chunks + exc.chunks)
+        self._absorb(chunk)
+        self.model = stream.model
+        return chunk
+
+    def _settle_from(self, stream: "ChatStream") -> None:
+        self.state = stream.state if stream.state != "open" else self.state
+        self.node_id, self.request_id = stream.node_id, stream.request_id
+        self.rescues.extend(r for r in stream.rescues if r not in self.rescues)
+        if stream.latency_ms is not None:
+            self.latency_ms = (self._clock() - self._lease.started) * 1000.0
+
+    def _raise_interrupted(self, exc: APIError, reason: str, chunks: int) -> NoReturn:
+        self.state = "interrupted"
+        partial = self._lease.reader.redact.text(self.text)  # an error may be logged: never the key
         log.debug("stream from node %s interrupted after %d chunks (%s): %s", self.node_id, chunks,
                   reason, exc.message)
+        cause = exc.__cause__ if isinstance(exc, StreamInterruptedError) and exc.__cause__ is not None else exc
         raise StreamInterruptedError(
             f"stream interrupted after {chunks} chunks ({reason}): {exc.message}",
             reason=reason, partial_text=partial, chunks=chunks, node_id=self.node_id,
-        ) from exc
+        ) from cause
 
 
 class CannedStream:

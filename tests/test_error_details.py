@@ -30,7 +30,7 @@ def test_the_openai_error_form_fills_every_field():
     body = {"error": {"message": "This model's maximum context length is 8192 tokens.",
                       "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}
     exc = build(400, body)
-    assert type(exc) is BadRequestError
+    assert isinstance(exc, BadRequestError) and type(exc).__name__ == "ContextWindowExceededError"
     assert (exc.message, exc.type, exc.param, exc.code) == (
         "This model's maximum context length is 8192 tokens.", "invalid_request_error", "messages",
         "context_length_exceeded")

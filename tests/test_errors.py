@@ -49,6 +49,12 @@ EXAMPLES: Dict[type, Callable[[], BaseException]] = {
     APIError: lambda: APIError("connection broken", node_id="us-east"),
     APIStatusError: lambda: _status(418),
     errors.BadRequestError: lambda: _status(400),
+    errors.ContextWindowExceededError: lambda: errors.status_error(
+        400, {"error": {"message": "maximum context length is 8192 tokens", "code": "context_length_exceeded"}},
+        node_id="us-east", request_id="req_1", headers={}),
+    errors.ContentFilterError: lambda: errors.status_error(
+        400, {"error": {"message": "filtered", "code": "content_filter"}}, node_id="us-east", request_id=None,
+        headers={}),
     errors.AuthenticationError: lambda: _status(401),
     errors.PermissionDeniedError: lambda: _status(403),
     errors.NotFoundError: lambda: _status(404),
@@ -63,6 +69,11 @@ EXAMPLES: Dict[type, Callable[[], BaseException]] = {
         "response exceeds max_response_bytes=65536", node_id="us-east", status_code=200),
     StreamInterruptedError: lambda: StreamInterruptedError(
         "stream reset after 2 chunks", reason="reset", partial_text="Hel", chunks=2, node_id="us-east"),
+    errors.StreamRestartedError: lambda: errors.StreamRestartedError(
+        "restarted after 2 chunks", partial_text="Hel", chunks=2, cause_reason="reset", node_id="us-east"),
+    errors.FirstTokenTimeoutError: lambda: errors.FirstTokenTimeoutError(
+        "no first chunk within 10 s", timeout_s=10.0, node_id="us-east"),
+    errors.StreamStallError: lambda: errors.StreamStallError("no chunk within 20 s", timeout_s=20.0, node_id="us-east"),
     NoHealthyNodeError: lambda: NoHealthyNodeError("no node can take the call: all ejected"),
     AllAttemptsFailedError: lambda: AllAttemptsFailedError("every node failed", ATTEMPTS, last_error=_status(503)),
     CircuitOpenError: lambda: CircuitOpenError("model:gpt-4.1", 12.5, "5 failures in a row"),

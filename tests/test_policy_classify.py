@@ -17,6 +17,7 @@ from holysheep_lb import (
     BudgetExceededError,
     CircuitOpenError,
     ConfigError,
+    FirstTokenTimeoutError,
     InternalServerError,
     InvalidRequestError,
     NoHealthyNodeError,
@@ -24,6 +25,7 @@ from holysheep_lb import (
     RateLimitError,
     RateLimitExceeded,
     ResponseTooLargeError,
+    StreamStallError,
     UnprocessableEntityError,
 )
 from holysheep_lb.errors import status_error
@@ -61,6 +63,8 @@ def test_success_counts_for_the_breaker_and_against_nothing():
 @pytest.mark.parametrize("error, kind, retryable, node, breaker, web", [
     (APIConnectionError("refused", node_id="a"), "connect", True, True, "failure", 503),
     (APITimeoutError("slow", node_id="a", request_sent=True), "timeout", True, True, "failure", 503),
+    (FirstTokenTimeoutError("no token", timeout_s=5.0, node_id="a"), "ttft_timeout", True, True, "failure", 503),
+    (StreamStallError("stalled", timeout_s=5.0, node_id="a"), "stall", True, True, "failure", 503),
     (APIResponseValidationError("not json", node_id="a"), "invalid_response", True, True, "failure", 503),
     (ResponseTooLargeError("big", node_id="a"), "invalid_response", True, True, "failure", 503),
     (InternalServerError("down", status_code=502), "status_5xx", True, True, "failure", 503),
@@ -159,7 +163,8 @@ def test_throttled_is_a_wait_not_a_failure():
 
 
 def test_the_kind_table_defines_the_stats_buckets_and_the_system_kinds():
-    assert FAILURE_KINDS == ("connect", "timeout", "status_5xx", "status_429", "status_4xx",
-                             "invalid_response", "local")
-    assert SYSTEM_FAILURE_KINDS == {"connect", "timeout", "status_5xx", "invalid_response"}
+    assert FAILURE_KINDS == ("connect", "timeout", "ttft_timeout", "stall", "status_5xx", "status_429",
+                             "status_4xx", "context_window", "content_filter", "invalid_response", "local")
+    assert SYSTEM_FAILURE_KINDS == {"connect", "timeout", "ttft_timeout", "stall", "status_5xx",
+                                    "invalid_response"}
     assert all(KIND_TRAITS[k].breaker == "failure" for k in SYSTEM_FAILURE_KINDS)

@@ -32,6 +32,8 @@ class Ctx:
     is_closed: bool = False
     more_nodes: bool = True
     rand_value: float = 0.5
+    silent: bool = False
+    trial: bool = False
 
     def now(self) -> float:
         return self.now_s
@@ -44,6 +46,9 @@ class Ctx:
 
     def nodes_left(self) -> bool:
         return self.more_nodes
+
+    def went_silent(self) -> bool:
+        return self.silent
 
 
 POLICY = RetryPolicy(max_retries=2, backoff_base_s=0.1, backoff_cap_s=1.0, retry_after_cap_s=30.0)

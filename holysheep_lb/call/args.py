@@ -8,8 +8,8 @@ from typing import Any, Mapping, Sequence
 from ..errors import InvalidRequestError
 from ..validation import check_count, check_deadline_s, check_json_value
 
-__all__ = ["validate_call_options", "validate_messages", "validate_params", "validate_model",
-           "validate_request", "MAX_MODEL_NAME_CHARS"]
+__all__ = ["validate_call_options", "validate_first_token_timeout", "validate_messages", "validate_params",
+           "validate_model", "validate_request", "MAX_MODEL_NAME_CHARS"]
 
 # A model name keys breakers, rate limits and spend rows, in Redis too: bounded and printable.
 MAX_MODEL_NAME_CHARS = 256
@@ -71,3 +71,13 @@ def validate_params(params: Mapping[str, Any]) -> None:
             raise InvalidRequestError("temperature", v, "must be a number from 0 to 2")
     for name, value in params.items():
         check_json_value(name, value)
+
+
+def validate_first_token_timeout(value: Any, stream: Any) -> None:
+    """A call's ``first_token_timeout_s``: seconds, for a stream only."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400:
+        raise InvalidRequestError("first_token_timeout_s", value, "must be a number of seconds > 0 and <= 86400")
+    if not stream:
+        raise InvalidRequestError("first_token_timeout_s", value, "applies to stream=True only")

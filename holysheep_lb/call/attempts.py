@@ -227,13 +227,16 @@ class AttemptStage:
                 decision = policy.decide(classify(exc), ctx)
             except APIError as exc:
                 last_error = exc
-                decision = policy.decide(classify(exc), ctx)
+                outcome = classify(exc)
+                decision = policy.decide(outcome, ctx)
+                if outcome.silent and exc.node_id is not None:
+                    ctx.silent.add(exc.node_id)
                 if decision.action == STOP and decision.reason == "final":
                     exc.attempts = tuple(ctx.attempts)
                     raise
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("attempt %d on node %s failed (%s); %s", ctx.retries + 1, exc.node_id,
-                              classify(exc).kind, "retrying on another node" if decision.action == RETRY
+                              outcome.kind, "retrying on another node" if decision.action == RETRY
                               else decision.reason)
             else:
                 # Success: forget the failed attempts' errors. Their tracebacks hold this frame,

@@ -25,7 +25,7 @@ from .attempts import AttemptStage, Direct, JsonSender, NodeAttempt, OneAttempt
 from .chain import ChainStage
 from .costs import CostsStage
 from .hedge import HedgeStage
-from .stream import StreamSender, StreamStage
+from .stream import StreamLimits, StreamSender, StreamStage
 from .tally import CallTally
 
 __all__ = ["Parts", "Pipelines", "build_parts", "build_pipelines", "policy_from_config", "reset_after_fork"]
@@ -43,6 +43,7 @@ class Parts:
     selector: Selector
     breakers: BreakerBoard
     chain: ModelChain
+    rescue_chain: ModelChain  # a stream rescue's: one model, no fallbacks
     retry_budget: Optional[RetryBudget]
     hedger: Optional[Hedger]
     health: Optional[HealthChecker]
@@ -89,7 +90,10 @@ def build_parts(cfg: ClientConfig, *, policy: RetryPolicy, clock: Callable[[], f
                         per_model=cfg.model_rate_limits, factory=cfg.rate_limiter_factory,
                         burst_s=cfg.rate_limit_burst_s, clock=clock)
     chain = ModelChain(breakers=breakers, limits=limits, fallbacks=cfg.fallbacks,
-                       fallback_reply=cfg.fallback_reply, clock=clock, policy=policy)
+                       fallback_reply=cfg.fallback_reply, clock=clock, policy=policy,
+                       context_window_fallbacks=cfg.context_window_fallbacks,
+                       content_policy_fallbacks=cfg.content_policy_fallbacks, tell_trials=True)
+    rescue_chain = ModelChain(breakers=breakers, limits=limits, clock=clock, policy=policy, tell_trials=True)
     retry_budget = None
     if cfg.retry_budget_ratio is not None:
         retry_budget = RetryBudget(cfg.retry_budget_ratio, min_per_s=cfg.retry_budget_min_per_s,
@@ -110,7 +114,8 @@ def build_parts(cfg: ClientConfig, *, policy: RetryPolicy, clock: Callable[[], f
         # (the thread holds the selector, never the client).
         weakref.finalize(owner, health.stop, 0.0)
     return Parts(
-        policy=policy, selector=selector, breakers=breakers, chain=chain, retry_budget=retry_budget,
+        policy=policy, selector=selector, breakers=breakers, chain=chain, rescue_chain=rescue_chain,
+        retry_budget=retry_budget,
         hedger=hedger, health=health, router=cfg.router or ModelRouter(fallbacks=cfg.fallbacks),
         ledger=SpendLedger(cfg.prices, store=cfg.spend_store, budget=cfg.budget, wall_clock=wall_clock),
         cache=make_cache(cfg.cache, timer=clock),
@@ -134,9 +139,10 @@ def build_pipelines(cfg: ClientConfig, parts: Parts, *, sleep: Callable[[float],
                          ledger=parts.ledger, next=json_attempt)
     json_loop = AttemptStage(next=one, sender=json_sender, timeouts=timeouts, sleep=sleep,
                              **common)  # type: ignore[arg-type]
-    stream_sender = StreamSender(selector=parts.selector, reaper=parts.reaper,
-                                 first_chunk_timeout_s=cfg.stream_first_chunk_timeout_s,
-                                 stall_timeout_s=cfg.stream_stall_timeout_s,
+    limits = StreamLimits(cfg.model_capabilities, stall_timeout_s=cfg.stream_stall_timeout_s,
+                          first_token_timeout_s=(cfg.first_token_timeout_s if cfg.first_token_timeout_s is not None
+                                                 else cfg.stream_first_chunk_timeout_s))
+    stream_sender = StreamSender(selector=parts.selector, reaper=parts.reaper, limits=limits,
                                  max_response_bytes=cfg.max_response_bytes)
     stream_loop = AttemptStage(next=Direct(NodeAttempt(sender=stream_sender, **common)),  # type: ignore[arg-type]
                                sender=stream_sender, timeouts=timeouts, sleep=sleep,
@@ -146,8 +152,14 @@ def build_pipelines(cfg: ClientConfig, parts: Parts, *, sleep: Callable[[float],
     chat = CostsStage(ledger=parts.ledger, cache=parts.cache, cache_scope=parts.cache_scope,
                       default_region=cfg.default_region, is_available=is_available, tally=parts.tally,
                       next=request)
+    # a stream's rescue opens one model at a time (the rescuer walks the chain), as part of its call
+    rescue = ChainStage(next=stream_loop, chain=parts.rescue_chain, tally=parts.tally,
+                        retry_budget=None, hedger=None, part_of_call=True)
     stream = StreamStage(ledger=parts.ledger, is_available=is_available, tally=parts.tally,
-                         record_end=stream_ended, next=ChainStage(next=stream_loop, **chain))  # type: ignore[arg-type]
+                         record_end=stream_ended, next=ChainStage(next=stream_loop, **chain),  # type: ignore[arg-type]
+                         rescue_next=rescue, chain=parts.chain, selector=parts.selector,
+                         capabilities=cfg.model_capabilities, rescue_mode=cfg.stream_rescue,
+                         max_rescues=cfg.stream_max_rescues)
     return Pipelines(request=request, chat=chat, stream=stream)
 
 
@@ -162,6 +174,7 @@ def reset_after_fork(parts: Parts) -> None:
         node.end_trial()
         node.transport.reset_after_fork()
     parts.chain.reset_after_fork()
+    parts.rescue_chain.reset_after_fork()
     for part in (parts.retry_budget, parts.hedger, parts.health, parts.cache):
         if part is not None:
             part.reset_after_fork()

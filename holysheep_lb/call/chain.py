@@ -40,15 +40,20 @@ def encode_json(payload: Mapping[str, Any]) -> bytes:
 
 
 class ChainStage:
-    """Runs ``next`` (the attempt loop) for each model of the chain until one answers."""
+    """Runs ``next`` (the attempt loop) for each model of the chain until one answers.
+
+    ``part_of_call``: this chain runs a part of a call already counted (a stream's
+    rescue): it deposits nothing in the budgets and counts no call.
+    """
 
     def __init__(self, *, chain: ModelChain, next: AttemptStage, tally: CallTally,
-                 retry_budget: Optional[RetryBudget], hedger: Optional[Hedger]) -> None:
+                 retry_budget: Optional[RetryBudget], hedger: Optional[Hedger], part_of_call: bool = False) -> None:
         self.chain = chain
         self.next = next
         self.tally = tally
         self.retry_budget = retry_budget
         self.hedger = hedger
+        self.part_of_call = part_of_call
 
     def run(self, ctx: CallContext) -> Any:
         payload = ctx.payload
@@ -56,7 +61,7 @@ class ChainStage:
         requested = requested if isinstance(requested, str) else None
         sent_to = [requested]
 
-        def execute(model: Optional[str]) -> Any:
+        def execute(model: Optional[str], trial: bool = False) -> Any:
             body, headers = ctx.body, ctx.headers
             if model != requested:
                 # A fallback model: its own body, and its own Idempotency-Key so that a
@@ -68,8 +73,12 @@ class ChainStage:
                 if ctx.observers:
                     ctx.emit("decided", Decision("fallback", {"from": sent_to[-1], "to": model}))
             sent_to.append(model)
-            return self.next.run(ctx.for_model(model, body, headers))
+            model_ctx = ctx.for_model(model, body, headers)
+            model_ctx.trial = trial  # a half-open breaker's trial: one attempt, then the next model
+            return self.next.run(model_ctx)
 
+        if self.part_of_call:
+            return self.chain.run(requested, payload, execute, deadline=ctx.deadline, costs=ctx.costs)
         started = ctx.clock()
         # once per call (not per model of a fallback chain): the budgets are ratios of calls
         if self.retry_budget is not None:

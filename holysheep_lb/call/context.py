@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Set, Tuple
 
 from ..errors import Attempt
 from ..observe import CallInfo, ObserverSet
@@ -62,6 +62,9 @@ class CallContext:
     affinity_key: Optional[str] = None               # for routing that keeps a conversation on one node
     is_closed: Callable[[], bool] = _never
     on_end: Optional[Callable[[Any], None]] = None   # a stream's end hook (stats, costs, observers)
+    first_token_timeout_s: Optional[float] = None    # a stream's time-to-first-token limit for this call
+    rescue: Any = None                               # a stream's Rescuer (holysheep_lb.rescue), None: off
+    exclude: FrozenSet[str] = frozenset()            # node ids this call must not send to (a rescue's)
     started: float = 0.0
     # the model being sent to: its attempts so far
     attempts: List[Attempt] = field(default_factory=list)
@@ -70,6 +73,8 @@ class CallContext:
     hedges: Set[str] = field(default_factory=set)   # node ids picked for a hedged copy
     permits: Dict[str, Any] = field(default_factory=dict)  # node id -> node-breaker permit a stream holds
     retries: int = 0
+    silent: Set[str] = field(default_factory=set)   # node ids whose route went silent for this model
+    trial: bool = False                              # the model's half-open breaker trial: one attempt
     untried: Callable[[], bool] = _never             # whether a node this model has not tried may be used
 
     def for_model(self, model: Optional[str], body: Optional[bytes], headers: Dict[str, str]) -> "CallContext":
@@ -77,9 +82,10 @@ class CallContext:
         ``extra_headers`` on top) and attempts."""
         if self.extra_headers:
             headers = {**headers, **self.extra_headers}
-        return dataclasses.replace(self, model=model, body=body, headers=headers, attempts=[], tried=[],
-                                   picked={}, hedges=set(), permits={}, retries=0,
-                                   untried=_never)
+        return dataclasses.replace(self, model=model, body=body, headers=headers, attempts=[],
+                                   tried=list(self.exclude),
+                                   picked={}, hedges=set(), permits={}, retries=0, silent=set(),
+                                   trial=False, untried=_never)
 
     # -- RetryContext ---------------------------------------------------------------------------
 
@@ -94,6 +100,9 @@ class CallContext:
 
     def nodes_left(self) -> bool:
         return self.untried()
+
+    def went_silent(self) -> bool:
+        return bool(self.silent)
 
     def emit(self, event: str, *args: Any) -> None:
         """Tell the observers (callers check ``ctx.observers`` first, to build nothing otherwise)."""

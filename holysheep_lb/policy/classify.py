@@ -13,6 +13,7 @@ Adding a kind is one row in :data:`KIND_TRAITS` and one rule in :data:`_RULES`
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
@@ -27,6 +28,7 @@ from ..errors import (
     BudgetExceededError,
     CircuitOpenError,
     ConfigError,
+    FirstTokenTimeoutError,
     HolySheepError,
     InvalidRequestError,
     NoHealthyNodeError,
@@ -35,6 +37,7 @@ from ..errors import (
     RateLimitExceeded,
     ResponseTooLargeError,
     SharedStateUnavailableError,
+    StreamStallError,
     UnprocessableEntityError,
 )
 
@@ -46,6 +49,8 @@ __all__ = [
     "SYSTEM_FAILURE_KINDS",
     "RETRYABLE_STATUSES",
     "RETRY_BUDGET_EXHAUSTED",
+    "SILENT_EVERYWHERE",
+    "THROTTLED_EVERYWHERE",
     "OK",
     "classify",
     "classify_status",
@@ -58,6 +63,10 @@ __all__ = [
 
 #: ``AllAttemptsFailedError.reason`` of a call whose retries the retry budget refused.
 RETRY_BUDGET_EXHAUSTED = "retry budget exhausted"
+#: ``AllAttemptsFailedError.reason`` prefixes of a model that every route refused in a way
+#: another model may not: all went silent, or all throttled it (429).
+SILENT_EVERYWHERE = "every route of the model went silent"
+THROTTLED_EVERYWHERE = "every node is throttled"
 
 # 408 and 409 are worth another attempt (openai-python does the same); every other
 # 4xx is the caller's mistake and is final.
@@ -83,10 +92,20 @@ class KindTraits:
 KIND_TRAITS: Dict[str, KindTraits] = {
     "connect": KindTraits(retryable=True, system=True, breaker="failure"),
     "timeout": KindTraits(retryable=True, system=True, breaker="failure"),
+    # a stream's first token did not come in time (FirstTokenTimeoutError): fail over
+    "ttft_timeout": KindTraits(retryable=True, system=True, breaker="failure"),
+    # no chunk within the stall limit after a stream started (StreamStallError)
+    "stall": KindTraits(retryable=True, system=True, breaker="failure"),
     "status_5xx": KindTraits(retryable=True, system=True, breaker="failure"),
     "status_429": KindTraits(retryable=True, web_status=429),
     # the caller's mistake: the model works, so it counts as a success for its breaker
     "status_4xx": KindTraits(retryable=False, breaker="success"),
+    # 4xx the error body names: the request does not fit this model's context window, or
+    # its content filter refused it. Final on this model; the chain may route the first
+    # to a larger-context model (context_window_fallbacks), the second only when told
+    # (content_policy_fallbacks).
+    "context_window": KindTraits(retryable=False, breaker="success"),
+    "content_filter": KindTraits(retryable=False, breaker="success"),
     "invalid_response": KindTraits(retryable=True, system=True, breaker="failure"),
     # it failed in this process before the node was involved: final, held against nobody
     "local": KindTraits(retryable=False),
@@ -103,6 +122,10 @@ KIND_TRAITS: Dict[str, KindTraits] = {
     "shared_state": KindTraits(retryable=False, attempt=False),
     "error": KindTraits(retryable=False, attempt=False),
 }
+
+#: Kinds that say a route went silent once its request was sent (a read timeout too,
+#: when ``request_sent``): the route is not tried again in the same call.
+_SILENT_KINDS = frozenset({"ttft_timeout", "stall"})
 
 #: The kinds an attempt can fail by; ``stats()`` reports a count for each.
 FAILURE_KINDS: Tuple[str, ...] = tuple(k for k, t in KIND_TRAITS.items() if t.attempt)
@@ -126,6 +149,10 @@ class Outcome:
     breaker: str = "none"                # "success", "failure" or "none" for a circuit breaker
     status_code: Optional[int] = None
     stream_reason: Optional[str] = None  # how a stream cut by this error is described
+    silent: bool = False                 # the route went silent after the request was sent
+    # why another model may answer although this one is not broken:
+    # "silent", "throttled", "context_window" or "content_filter"
+    reroute: Optional[str] = None
     detail: str = ""                     # what refused the call, for a circuit breaker's refusal
 
     @property
@@ -159,12 +186,22 @@ def _api_kind(exc: BaseException) -> Optional[str]:
     if exc.local:
         return "local"
     if isinstance(exc, APIStatusError):
-        return status_kind(exc.status_code)
-    if isinstance(exc, APITimeoutError):
-        return "timeout"
+        named = getattr(type(exc), "kind", None)  # ContextWindowExceededError, ContentFilterError
+        return named if isinstance(named, str) and named in KIND_TRAITS else status_kind(exc.status_code)
+    for cls, kind in _TIMEOUT_KINDS:
+        if isinstance(exc, cls):
+            return kind
     if isinstance(exc, APIResponseValidationError):
         return "invalid_response"
     return "connect"
+
+
+#: The timeouts, most specific first: a slow first token and a stall are their own kinds.
+_TIMEOUT_KINDS: Tuple[Tuple[type, str], ...] = (
+    (FirstTokenTimeoutError, "ttft_timeout"),
+    (StreamStallError, "stall"),
+    (APITimeoutError, "timeout"),
+)
 
 
 _CALL_KINDS: Tuple[Tuple[type, str], ...] = (
@@ -198,8 +235,70 @@ def status_kind(status_code: int) -> str:
     return "status_5xx" if status_code >= 500 else "status_4xx"
 
 
+#: Error codes/types (lower case) and message patterns of common servers (OpenAI,
+#: Azure, Anthropic-compatible, vLLM, sglang, TGI, Bedrock/Vertex gateways) that say a
+#: 4xx is a context-window overflow or a content-filter refusal.
+_CONTEXT_CODES = frozenset({"context_length_exceeded", "context_window_exceeded", "string_above_max_length",
+                            "model_context_window_exceeded", "prompt_too_long", "input_too_long"})
+_CONTEXT_TEXT = re.compile(
+    r"context[ _]length|context[ _]window|maximum context|max(imum)?_?model_?len|prompt is too long"
+    r"|input is too long|too many input tokens|reduce the length of the (messages|prompt|input)"
+    r"|input length .{0,40}exceed|exceeds? the model'?s? (context|maximum context)",
+    re.IGNORECASE)
+_FILTER_CODES = frozenset({"content_filter", "content_policy_violation", "responsibleaipolicyviolation",
+                           "content_filtered", "safety", "moderation_blocked", "prompt_blocked"})
+_FILTER_TEXT = re.compile(
+    r"content[ _]filter|content[ _]management[ _]policy|content[ _]policy|safety system|flagged by"
+    r"|responsible ?ai ?policy|blocked (due to|by) (safety|moderation)", re.IGNORECASE)
+_NAMED_4XX = frozenset({400, 403, 413, 422})
+
+
+def _body_kind(status_code: int, body: Any) -> Optional[str]:
+    """"context_window" or "content_filter" when the error body says so, else None."""
+    if status_code not in _NAMED_4XX or body is None:
+        return None
+    words: List[str] = []
+    texts: List[str] = []
+    places = [body]
+    if isinstance(body, Mapping):
+        err = body.get("error")
+        if isinstance(err, Mapping):
+            places.append(err)
+            inner = err.get("innererror")
+            if isinstance(inner, Mapping):
+                places.append(inner)
+        elif isinstance(err, str):
+            texts.append(err)
+    for place in places:
+        if not isinstance(place, Mapping):
+            texts.append(str(place)[:2000])
+            continue
+        for key in ("code", "type"):
+            value = place.get(key)
+            if isinstance(value, str):
+                words.append(value.lower())
+        for key in ("message", "detail"):
+            value = place.get(key)
+            if isinstance(value, str):
+                texts.append(value[:2000])
+    if any(w in _FILTER_CODES for w in words):
+        return "content_filter"
+    if any(w in _CONTEXT_CODES for w in words):
+        return "context_window"
+    text = " ".join(texts)
+    if _CONTEXT_TEXT.search(text):
+        return "context_window"
+    if _FILTER_TEXT.search(text):
+        return "content_filter"
+    return None
+
+
 def classify_status(status_code: int, body: Any = None, *, should_retry: Optional[bool] = None) -> Outcome:
-    """What an HTTP error status means; the server's ``x-should-retry`` wins on retrying."""
+    """What an HTTP error status (and its error body) means; the server's ``x-should-retry``
+    wins on retrying, except for a context-window or content-filter 4xx (never retried)."""
+    kind = _body_kind(status_code, body)
+    if kind is not None:
+        return _outcome(kind, status_code=status_code)
     retryable = status_code >= 500 or status_code in RETRYABLE_STATUSES
     if should_retry is not None:
         retryable = should_retry
@@ -223,10 +322,24 @@ def classify(error: Optional[BaseException]) -> Outcome:
     elif isinstance(error, AllAttemptsFailedError):
         breaker = _all_failed_verdict(error)
     retry_after_s = error.retry_after_s if isinstance(error, HolySheepError) else None
+    silent = kind in _SILENT_KINDS or (kind == "timeout" and isinstance(error, APITimeoutError)
+                                       and error.request_sent)
     return _outcome(kind, retryable=retryable, breaker=breaker, web_status=_web_status(error, kind),
-                    retry_after_s=retry_after_s, status_code=getattr(error, "status_code", None),
+                    retry_after_s=retry_after_s, status_code=getattr(error, "status_code", None), silent=silent,
+                    reroute=_reroute(error, kind),
                     stream_reason=stream_interrupt_reason(error) if isinstance(error, APIError) else None,
                     detail=str(error) if kind == "circuit_open" else "")
+
+
+def _reroute(error: BaseException, kind: str) -> Optional[str]:
+    if kind in ("context_window", "content_filter"):
+        return kind
+    if isinstance(error, AllAttemptsFailedError):
+        if error.reason.startswith(SILENT_EVERYWHERE):
+            return "silent"
+        if error.reason.startswith(THROTTLED_EVERYWHERE):
+            return "throttled"
+    return None
 
 
 def _all_failed_verdict(error: AllAttemptsFailedError) -> str:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Seque
 
 from .. import forksafe
 from ..errors import ConfigError
-from .classify import RETRY_BUDGET_EXHAUSTED, Outcome
+from .classify import RETRY_BUDGET_EXHAUSTED, SILENT_EVERYWHERE, THROTTLED_EVERYWHERE, Outcome
 
 __all__ = ["RetryPolicy", "RetryDecision", "RetryContext", "RetryBudget", "RETRY_BUDGET_EXHAUSTED",
            "RETRY", "WAIT", "NEXT_MODEL", "STOP", "parse_retry_after", "parse_should_retry"]
@@ -49,6 +49,7 @@ class RetryDecision:
     action: str
     wait_s: float = 0.0
     reason: str = ""
+    via: Optional[str] = None  # NEXT_MODEL through a special chain: "context_window" or "content_filter"
 
 
 class RetryContext(Protocol):
@@ -72,7 +73,12 @@ class RetryContext(Protocol):
 
     def closed(self) -> bool: ...
 
-    def nodes_left(self) -> bool: ...
+    def nodes_left(self) -> bool: ...    # a node this model has not tried may be used
+
+    def went_silent(self) -> bool: ...   # a route of this model went silent in this call
+
+    @property
+    def trial(self) -> bool: ...         # the model's breaker is half-open: this is its one trial attempt
 
 
 @dataclass(frozen=True)
@@ -123,18 +129,32 @@ class RetryPolicy:
         if scope == "model":
             if outcome.counts_against_model_breaker:
                 return RetryDecision(NEXT_MODEL, reason=f"the model failed ({outcome.kind})")
+            if outcome.reroute in ("silent", "throttled"):
+                return RetryDecision(NEXT_MODEL, reason=f"every route of the model is {outcome.reroute}")
+            if outcome.reroute in ("context_window", "content_filter"):
+                # only through its own fallbacks (context_window_fallbacks, content_policy_fallbacks)
+                return RetryDecision(NEXT_MODEL, reason=f"the model refused the call ({outcome.reroute})",
+                                     via=outcome.reroute)
             return RetryDecision(STOP, reason="final")
         if ctx is None:
             raise ValueError("decide(scope='attempt') needs the call's context")
         if outcome.kind == "throttled":
             wait_s = outcome.retry_after_s or 0.0
             if wait_s > self.retry_after_cap_s or ctx.now() + wait_s >= ctx.deadline:
-                return RetryDecision(STOP, reason=f"every node is throttled for at least {wait_s:.1f} s")
-            return RetryDecision(WAIT, wait_s=wait_s, reason="every node is throttled")
+                return RetryDecision(STOP, reason=f"{THROTTLED_EVERYWHERE} for at least {wait_s:.1f} s")
+            return RetryDecision(WAIT, wait_s=wait_s, reason=THROTTLED_EVERYWHERE)
         if not outcome.retryable:
             return RetryDecision(STOP, reason="final")
         if outcome.kind == "circuit_open" and not ctx.nodes_left():
             return RetryDecision(STOP, reason=outcome.detail)
+        if ctx.trial:  # a half-open breaker lets exactly one attempt through
+            return RetryDecision(STOP, reason=f"the model's half-open trial failed ({outcome.kind})")
+        if not ctx.nodes_left():
+            # a route that went silent is not tried again: with no untried node, the next model
+            if outcome.silent or ctx.went_silent():
+                return RetryDecision(STOP, reason=f"{SILENT_EVERYWHERE} ({outcome.kind})")
+            if outcome.kind == "status_429" and outcome.retry_after_s is None:
+                return RetryDecision(STOP, reason=f"{THROTTLED_EVERYWHERE} (429 without Retry-After)")
         if ctx.retries >= self.max_retries:
             return RetryDecision(STOP, reason=f"all {len(ctx.attempts)} attempts failed")
         if ctx.closed():  # close() ran during this call: no new attempt, no new connection

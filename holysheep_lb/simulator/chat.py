@@ -83,7 +83,7 @@ class ChatAnswers:
             return
         accepted()
         pieces = plan.pieces()
-        finish = "tool_calls" if plan.tool_call is not None else "stop"
+        finish = "tool_calls" if plan.tool_call is not None else "length" if plan.truncated else "stop"
         usage = dict(plan.usage(), **cache_usage)
         if fault == "content_filter":
             assert model_cfg is not None

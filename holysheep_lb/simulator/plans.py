@@ -51,6 +51,7 @@ class ChatPlan:
     completion_tokens: int
     cache_key: Optional[str]  # the prompt-cache key of the prefix, None when there is no prefix
     cache_prefix_tokens: int
+    truncated: bool = False  # max_tokens cut the answer: its finish_reason is "length"
 
     @property
     def total_tokens(self) -> int:
@@ -123,12 +124,14 @@ def plan_chat(body: Mapping[str, Any]) -> ChatPlan:
     prompt = estimate_prompt_tokens(messages) + _tool_tokens(tools)
     if tool is not None:
         call = ToolCall(_tool_call_id(model, messages, tools), tool["name"], _tool_arguments(tool, messages))
+        truncated = False
         text = ""
         completion = max(1, math.ceil((len(call.name) + len(call.arguments)) / 4.0))
     else:
         call = None
         text = completion_text(model, messages, max_tokens)
         completion = len(text.split())
+        truncated = max_tokens is not None and text != completion_text(model, messages)
     opts = body.get("stream_options")
     cache_key, prefix_tokens = _cache_prefix(model, messages, tools)
     return ChatPlan(
@@ -142,6 +145,7 @@ def plan_chat(body: Mapping[str, Any]) -> ChatPlan:
         completion_tokens=completion,
         cache_key=cache_key,
         cache_prefix_tokens=prefix_tokens,
+        truncated=truncated,
     )
 
 

@@ -134,6 +134,16 @@ def test_max_tokens_truncates_words(gw):
     text = body["choices"][0]["message"]["content"]
     assert text == "[deepseek-v3.2] Echo: one two"
     assert body["usage"]["completion_tokens"] == 4
+    assert body["choices"][0]["finish_reason"] == "length"
+
+
+def test_finish_reason_is_length_only_when_max_tokens_cut_the_answer(gw):
+    whole = requests.post(chat_url(gw), json=dict(CHAT_BODY, max_tokens=1000), timeout=TIMEOUT).json()
+    assert whole["choices"][0]["finish_reason"] == "stop"
+    streamed = requests.post(chat_url(gw), json=dict(CHAT_BODY, max_tokens=2, stream=True), timeout=TIMEOUT)
+    finishes = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in streamed.text.splitlines()
+                if line.startswith("data: {") and json.loads(line[6:])["choices"]]
+    assert finishes[-1] == "length" and set(finishes[:-1]) == {None}
 
 
 def test_bad_requests_and_unknown_path(gw):

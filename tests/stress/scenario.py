@@ -214,7 +214,7 @@ def gateway_mismatches(gateway: SimulatedGateway, nodes: Dict[str, Dict[str, Any
             if not (node["requests"] >= received >= answered and all(gap >= 0 for gap in gaps)):
                 problems.append(f"{node_id}: client {node} vs gateway {received} {seen}")
             continue
-        unanswered = node["failures"]["connect"] + node["failures"]["timeout"]
+        unanswered = sum(node["failures"][k] for k in ("connect", "timeout", "ttft_timeout", "stall"))
         exact = (received == node["requests"] == answered
                  and all(gap == 0 or (allow_late and gap > 0) for gap in gaps)
                  and seen.get("reset", 0) + seen.get("hang", 0) + sum(gaps) == unanswered)
