@@ -724,7 +724,8 @@ class Client:
             if latency_ms is None:
                 selector.release_cancelled(node, started=picked[node.id])
                 return
-            selector.release_success(node, latency_ms, started=picked[node.id])
+            selector.release_success(node, latency_ms, started=picked[node.id],
+                                     quota_headers=getattr(result, "quota_headers", None))  # routing (issue 17)
             data = getattr(result, "data", None)
             if model is not None and isinstance(data, Mapping):  # billed all the same: record it
                 self._ledger.record_unreserved(model, data.get("usage"))
@@ -813,7 +814,8 @@ class Client:
             try:
                 total_ms = (clock() - started) * 1000.0
             finally:
-                selector.release_success(node, latency_ms, started=picked[node.id])
+                selector.release_success(node, latency_ms, started=picked[node.id],
+                                         quota_headers=getattr(result, "quota_headers", None))  # routing (issue 17)
             data = result.data
             return Response(data, node_id=node.id, region=node.region, attempts=tuple(attempts),
                             latency_ms=total_ms, request_id=result.request_id,

@@ -15,6 +15,12 @@ with the lock held and a non-empty list of candidates the selector already filte
 ``geographic``     caller's region first, then the nearest region by measured latency
 ``adaptive``       near-fastest nodes by peak-EWMA latency, then least (in-flight+1)/weight
 =================  =================================================================
+
+Whatever the strategy, the selector leaves out a node that is *hung* (its requests wait
+far past its usual latency and it answers nothing: ``nodes.HangPolicy``) and one out of
+quota (``quota.py``) like a throttled one. ``least_connections`` and ``adaptive`` also
+respect each node's learned concurrency limit (``concurrency.py``): a node at its limit
+is *hot* and gets a request only when every comparable node is hot too.
 """
 
 from __future__ import annotations
@@ -24,10 +30,10 @@ import logging
 import random
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from .errors import ConfigError, NoHealthyNodeError
-from .nodes import EjectionPolicy, NodeState
+from .nodes import DEFAULT_HANG_POLICY, EjectionPolicy, HangPolicy, NodeState
 from .stats import LatencyHistogram
 
 __all__ = [
@@ -79,6 +85,12 @@ class Strategy:
 
     def choose(self, candidates: Sequence[NodeState], ctx: PickContext) -> NodeState:
         raise NotImplementedError
+
+
+def _capacity(node: NodeState, ctx: PickContext) -> float:
+    """What to divide a node's load by when every node is at its learned limit."""
+    limit = node.concurrency.limit()
+    return limit if limit is not None else ctx.weight(node)
 
 
 def _rotate(items: Sequence[NodeState], ctx: PickContext) -> Sequence[NodeState]:
@@ -156,7 +168,10 @@ class LeastConnections(Strategy):
             pool: Sequence[NodeState] = (candidates[i], candidates[j])
         else:
             pool = _rotate(candidates, ctx)
-        return min(pool, key=lambda n: (n.in_flight + 1) / ctx.weight(n))
+        cold = [n for n in pool if not n.concurrency.is_hot(n.in_flight)]
+        if cold:
+            return min(cold, key=lambda n: (n.in_flight + 1) / ctx.weight(n))
+        return min(pool, key=lambda n: (n.in_flight + 1) / _capacity(n, ctx))
 
 
 class Adaptive(Strategy):
@@ -176,7 +191,14 @@ class Adaptive(Strategy):
        request at a time until a fresh sample arrives, so a slow node whose estimate
        merely decayed into the band gets a trial, not a burst;
     2. within it, the lowest cost = estimate × ((in-flight + 1) / weight) ** load_bias
-       (Finagle's and Linkerd's peak-EWMA × load, with Envoy's ``active_request_bias``).
+       (Finagle's and Linkerd's peak-EWMA × load, with Envoy's ``active_request_bias``),
+       × (2 − quota headroom) for a node whose quota headers say it is being spent,
+       among the band's *cold* nodes (below their learned concurrency limit, Prequal's
+       hot/cold rule); when all are hot, the lowest estimate × (in-flight + 1) / limit.
+
+    Exploration sends one request at a time: only to a stale node with nothing in
+    flight, so a node that hangs (the one whose sample is oldest) never collects a
+    queue of explorers.
 
     Why the band: multiplying by load alone (bias 1) spreads traffic onto slower regions
     whenever the fast node has many requests in flight, even when it is nowhere near
@@ -199,12 +221,15 @@ class Adaptive(Strategy):
         if estimate_ms is None:
             estimate_ms = node.latency_estimate_ms(ctx.now)
         load = (node.in_flight + 1) / ctx.weight(node)
-        return estimate_ms * (load if self.load_bias == 1.0 else load ** self.load_bias)
+        cost = estimate_ms * (load if self.load_bias == 1.0 else load ** self.load_bias)
+        if node.quota.readings:
+            cost *= 2.0 - node.quota.headroom(ctx.now)
+        return cost
 
     def choose(self, candidates: Sequence[NodeState], ctx: PickContext) -> NodeState:
         if self.explore_rate > 0 and len(candidates) > 1 and ctx.rand() < self.explore_rate:
-            stale = [n for n in candidates
-                     if n.last_sample_at is None or ctx.now - n.last_sample_at >= self.explore_after_s]
+            stale = [n for n in candidates if not n.in_flight and not n.awaiting
+                     and (n.last_sample_at is None or ctx.now - n.last_sample_at >= self.explore_after_s)]
             if stale:
                 return min(stale, key=lambda n: n.last_sample_at or float("-inf"))
         typical = [(n, n.typical_latency_ms(ctx.now)) for n in _rotate(candidates, ctx)]
@@ -217,11 +242,13 @@ class Adaptive(Strategy):
                 # Its estimate only decayed into the band: that earns one trial request
                 # at a time until a fresh sample says how fast it really is now.
                 continue
+            if node.concurrency.is_hot(node.in_flight):
+                continue  # at its learned concurrency limit: more would only queue there
             c = self.cost(node, ctx)
             if best is None or c < best_cost:
                 best, best_cost = node, c
-        if best is None:  # every node in the band is stale and busy: least loaded of them
-            best = min(band, key=lambda n: self.cost(n, ctx))
+        if best is None:  # every node in the band is hot, or stale and busy: least loaded per capacity
+            best = min(band, key=lambda n: n.latency_estimate_ms(ctx.now) * (n.in_flight + 1) / _capacity(n, ctx))
         return best
 
     def _stale(self, node: NodeState, now: float) -> bool:
@@ -319,6 +346,7 @@ class Selector:
         panic_threshold: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
         rand: Optional[Callable[[], float]] = None,
+        hang: HangPolicy = DEFAULT_HANG_POLICY,
     ) -> None:
         if not nodes:
             raise ConfigError("nodes", [], "must contain at least one node")
@@ -327,6 +355,7 @@ class Selector:
         self.strategy = strategy
         self.ejection = ejection
         self.panic_threshold = panic_threshold
+        self.hang = hang
         self.clock = clock
         self.rand = rand or random.Random().random
         self._state_lock = threading.Lock()
@@ -350,13 +379,18 @@ class Selector:
             if started is None:
                 started = now
             nodes = self.nodes
+            hang = self.hang
+            for n in nodes:
+                if n.awaiting:
+                    n.check_hung(now, hang)
             usable = [n for n in nodes if n.unusable_reason(now) is None]
             pool: List[NodeState] = usable
             panic = len(usable) < self.panic_threshold * len(nodes)
             if panic:
                 # Too few survivors: spreading over everything beats crushing them
                 # (Envoy's panic mode). Throttled nodes stay out while others exist.
-                pool = [n for n in nodes if now >= n.throttled_until and not n.trial_in_flight]
+                pool = [n for n in nodes if now >= n.throttled_until and not n.trial_in_flight
+                        and not (n.hung_since is not None and n.awaiting)]
             panic_changed = panic != self.panicking
             if panic_changed:
                 self.panicking = panic
@@ -377,6 +411,7 @@ class Selector:
                 raise NoHealthyNodeError("the routing strategy returned no node")
             node.in_flight += 1
             node.start_waiting(started)
+            node.sent(now)
             node.attempts += 1
             if excluded:
                 node.retries += 1
@@ -412,6 +447,7 @@ class Selector:
         with self._state_lock:
             now = self.clock()
             node.stop_waiting(started)
+            node.mark_answered(now)
             readmitted = self._is_trial(node, started) and node.ejected_until is not None
             if readmitted:
                 node.readmit(now)
@@ -419,10 +455,14 @@ class Selector:
             log.info("node %s re-admitted after a successful trial request", node.id)
 
     def release_success(self, node: NodeState, latency_ms: float, *,
-                        started: Optional[float]) -> None:
+                        started: Optional[float], quota_headers: Optional[Mapping[str, str]] = None) -> None:
+        """``quota_headers``: the answer's ``x-ratelimit-*`` headers, if any (``quota.py``)."""
         with self._state_lock:
             is_trial = self._free(node, started)
-            readmitted = node.record_success(latency_ms, self.clock(), is_trial)
+            now = self.clock()
+            readmitted = node.record_success(latency_ms, now, is_trial, in_flight=node.in_flight + 1)
+            if quota_headers:
+                node.observe_quota(quota_headers, now)
         if readmitted:
             log.info("node %s re-admitted after a successful trial request", node.id)
 
@@ -454,6 +494,26 @@ class Selector:
         elif change == "up":
             log.info("node %s marked up after %d good probes", node.id, healthy_threshold)
         return change
+
+    def is_hung(self, node: NodeState) -> bool:
+        """Whether ``node`` is hung now (its unanswered requests are past the threshold)."""
+        with self._state_lock:
+            return node.check_hung(self.clock(), self.hang)
+
+    def hang_due_s(self, node: NodeState) -> Optional[float]:
+        """Seconds until ``node`` could first count as hung (0: it does); None: nothing waits there."""
+        with self._state_lock:
+            now = self.clock()
+            if node.check_hung(now, self.hang):
+                return 0.0
+            oldest = node.oldest_unanswered_s(now)
+            if oldest is None:
+                return None
+            threshold_s = node.hang_threshold_s(self.hang)
+            due = threshold_s - oldest
+            if node.last_answer_at is not None:
+                due = max(due, node.last_answer_at + threshold_s - now)
+            return max(0.0, due)
 
     def snapshot(self) -> List[Dict[str, Any]]:
         with self._state_lock:

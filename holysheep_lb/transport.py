@@ -55,6 +55,8 @@ class HTTPResult(NamedTuple):
     status_code: int
     data: Dict[str, Any]
     request_id: Optional[str]
+    # routing (issue 17): the node's x-ratelimit-* headers, read by quota.py; None without them
+    quota_headers: Optional[Dict[str, str]] = None
 
 
 def translate_error(exc: BaseException, node_id: str, redact: Redactor = NO_REDACTION) -> APIError:
@@ -360,7 +362,7 @@ class Transport:
                 f"expected a JSON object, got {type(data).__name__}",
                 node_id=node_id, status_code=status, request_id=request_id,
             )
-        return HTTPResult(status, data, request_id)
+        return HTTPResult(status, data, request_id, _quota_headers(headers))  # routing (issue 17)
 
     def _read_capped(self, response: requests.Response, deadline: Optional[float] = None) -> bytes:
         cap = self.max_response_bytes
@@ -469,6 +471,12 @@ def _try_json(raw: bytes) -> Any:
 
 
 _KEPT_HEADERS = ("retry-after", "retry-after-ms", "x-request-id", "x-should-retry", "content-type")
+
+
+def _quota_headers(headers: Mapping[str, str]) -> Optional[Dict[str, str]]:
+    """The x-ratelimit-* headers (quota.py parses them), few and short: nothing secret is in them."""
+    kept = {k.lower(): v[:80] for k, v in headers.items() if k[:13].lower() == "x-ratelimit-"}
+    return dict(list(kept.items())[:12]) if kept else None
 
 
 def _small_headers(headers: Mapping[str, str], redact: Redactor) -> Dict[str, str]:
