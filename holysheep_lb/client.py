@@ -175,10 +175,11 @@ class Client:
             self._retry_budget = RetryBudget(cfg.retry_budget_ratio, min_per_s=cfg.retry_budget_min_per_s,
                                              ttl_s=cfg.retry_budget_ttl_s, clock=clock)
         self._hedger: Optional[Hedger] = None
-        if cfg.hedge_delay_s is not None:
+        if cfg.hedge_delay_s is not None or cfg.hedge_on_hang:  # routing (issue 17): hedge_on_hang
             self._hedger = Hedger(delay_s=cfg.hedge_delay_s, selector=self._selector,
                                   max_ratio=cfg.hedge_max_ratio, max_threads=cfg.hedge_max_threads,
-                                  retry_budget=self._retry_budget, clock=clock)
+                                  retry_budget=self._retry_budget, clock=clock,
+                                  on_hang=cfg.hedge_on_hang)
         self._stats_lock = threading.Lock()
         self._calls = 0
         self._call_successes = 0
