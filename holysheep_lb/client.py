@@ -61,7 +61,7 @@ from .fallbacks import ModelChain, ModelCosts
 from .health import HealthChecker
 from .hedging import Hedger
 from .models import AUTO, ModelRouter
-from .nodes import EjectionPolicy, NodeState
+from .nodes import EjectionPolicy, HangPolicy, NodeState
 from .pricing import Reservation, SpendLedger
 from .ratelimit import RateLimits
 from .response import Response
@@ -162,6 +162,7 @@ class Client:
             ejection=EjectionPolicy(cfg.eject_after_failures, cfg.ejection_base_s,
                                     cfg.ejection_max_s, slow_start_s=cfg.slow_start_s),
             panic_threshold=cfg.panic_threshold, clock=clock, rand=self._rand,
+            hang=HangPolicy(rescue=cfg.rescue_hung_calls),  # routing (issue 17)
         )
         self._breakers = BreakerBoard(model_settings=cfg.breaker, per_model=cfg.model_breakers,
                                       node_settings=cfg.node_breakers, storage_factory=cfg.breaker_storage,
@@ -175,11 +176,10 @@ class Client:
             self._retry_budget = RetryBudget(cfg.retry_budget_ratio, min_per_s=cfg.retry_budget_min_per_s,
                                              ttl_s=cfg.retry_budget_ttl_s, clock=clock)
         self._hedger: Optional[Hedger] = None
-        if cfg.hedge_delay_s is not None or cfg.hedge_on_hang:  # routing (issue 17): hedge_on_hang
+        if cfg.hedge_delay_s is not None:
             self._hedger = Hedger(delay_s=cfg.hedge_delay_s, selector=self._selector,
                                   max_ratio=cfg.hedge_max_ratio, max_threads=cfg.hedge_max_threads,
-                                  retry_budget=self._retry_budget, clock=clock,
-                                  on_hang=cfg.hedge_on_hang)
+                                  retry_budget=self._retry_budget, clock=clock)
         self._stats_lock = threading.Lock()
         self._calls = 0
         self._call_successes = 0

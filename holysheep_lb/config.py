@@ -303,8 +303,9 @@ class ClientConfig:
     ``rate_limiter_factory(name, rate_per_s, capacity)``; ``retry_budget_ratio`` (None:
     off), ``retry_budget_min_per_s``, ``retry_budget_ttl_s``; ``hedge_delay_s`` (seconds
     or ``"p95"``; None: off), ``hedge_max_ratio``, ``hedge_max_threads``;
-    ``hedge_on_hang`` (default True: a call stuck on a node found hung is hedged to
-    another node, within the same cap and budget; False: off).
+    ``rescue_hung_calls`` (default True: the connection of a call stuck on a node found
+    hung is cut, and the call retried on another node within the retry budget; False:
+    such calls wait out their read timeout).
     """
 
     nodes: Tuple[Node, ...]
@@ -357,7 +358,7 @@ class ClientConfig:
     hedge_delay_s: Union[None, float, str] = None
     hedge_max_ratio: float = 0.05
     hedge_max_threads: int = 64
-    hedge_on_hang: bool = True  # routing (issue 17): hedge calls stuck on a hung node
+    rescue_hung_calls: bool = True  # routing (issue 17): cut calls stuck on a hung node, retry elsewhere
     # cost control (see pricing.py, models.py, cache.py)
     prices: Any = None  # None (defaults), {model: {"input": x, "output": y}}, a JSON path, a PriceTable
     router: Optional[ModelRouter] = None  # chooses the model of model="auto" calls (and of calls without one)
@@ -488,8 +489,8 @@ def _check_resilience(cfg: ClientConfig) -> None:
     if cfg.hedge_max_ratio > 1:
         raise ConfigError("hedge_max_ratio", cfg.hedge_max_ratio, "must be > 0 and <= 1")
     _check_int("hedge_max_threads", cfg.hedge_max_threads, minimum=1)
-    if not isinstance(cfg.hedge_on_hang, bool):  # routing (issue 17)
-        raise ConfigError("hedge_on_hang", cfg.hedge_on_hang, "must be True or False")
+    if not isinstance(cfg.rescue_hung_calls, bool):  # routing (issue 17)
+        raise ConfigError("rescue_hung_calls", cfg.rescue_hung_calls, "must be True or False")
 def _check_cost_options(cfg: "ClientConfig") -> None:
     # normalised in place (the dataclass is frozen): prices -> PriceTable, budget -> Budget
     object.__setattr__(cfg, "prices", PriceTable.coerce(cfg.prices))

@@ -1,20 +1,10 @@
 """Hedged requests: when an attempt is slow, a second copy goes to another node; the first
 success wins ("The Tail at Scale", Dean & Barroso).
 
-Two triggers, non-streaming calls only:
-
-* **slow** (opt-in, ``Client(hedge_delay_s=...)``): the attempt has waited that many
-  seconds, or ``"p95"``: the node's observed p95 latency (no hedge until it has 20
-  samples);
-* **hung** (on by default, ``Client(hedge_on_hang=False)`` turns it off): the attempt's
-  node has been found hung (``nodes.HangPolicy``: its unanswered requests are far past
-  its usual latency and it answers nothing). Without this, the calls already waiting
-  on a node when it hangs (about 1/N of the callers) would sit out the whole read
-  timeout. Its cost: every hedgeable attempt runs on a thread of its own (tens of µs),
-  and a rescued call may be billed twice if the hung node answers after all.
-
-A hedge costs tokens: hedges are capped at ``hedge_max_ratio`` of calls (default 5%)
-and each one also spends a retry from the retry budget.
+Opt-in (``Client(hedge_delay_s=...)``), non-streaming calls only, and a hedge costs
+tokens: hedges are capped at ``hedge_max_ratio`` of calls (default 5%) and each one
+also spends a retry from the retry budget. The delay is a fixed number of seconds, or
+``"p95"``: the node's observed p95 latency (no hedge until it has 20 samples).
 
 Both copies run on threads of their own, at most ``max_threads`` at a time
 (``stats()["threads_busy"]``), and the caller waits for the first to finish. A call never queues for a thread: without a free one, or while
@@ -136,12 +126,10 @@ class _Race:
 class Hedger:
     """Runs attempts with an optional hedge. Thread-safe; one per client."""
 
-    def __init__(self, *, delay_s: Union[None, float, str], selector: Selector, max_ratio: float = 0.05,
+    def __init__(self, *, delay_s: Union[float, str], selector: Selector, max_ratio: float = 0.05,
                  max_threads: int = 64, retry_budget: Optional[RetryBudget] = None,
-                 clock: Callable[[], float] = time.monotonic, on_hang: bool = False) -> None:
-        """``delay_s`` None: no hedge for slowness (then ``on_hang`` should be True)."""
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._delay_s = delay_s
-        self._on_hang = on_hang
         self._selector = selector
         self._max_threads = max_threads
         self._cap = RetryBudget(max_ratio, min_per_s=0.0, clock=clock)
@@ -152,7 +140,7 @@ class Hedger:
         self._threads_lock = threading.Lock()
         self._threads_busy = 0
         self._counts_lock = threading.Lock()
-        self._counts = {"sent": 0, "won": 0, "denied": 0, "on_hang": 0}
+        self._counts = {"sent": 0, "won": 0, "denied": 0}
 
     def reset_after_fork(self) -> None:
         """The parent's hedge threads do not exist in a child."""
@@ -166,9 +154,7 @@ class Hedger:
         self._cap.deposit()
 
     def delay_for(self, node: NodeState) -> Optional[float]:
-        """Seconds to wait before hedging a slow attempt on ``node``; None: do not hedge for slowness."""
-        if self._delay_s is None:
-            return None
+        """Seconds to wait before hedging an attempt on ``node``; None: do not hedge."""
         if self._delay_s != "p95":
             return float(self._delay_s)
         p95_ms = self._selector.latency_percentile_ms(node, 95, min_samples=_P95_MIN_SAMPLES)
@@ -199,7 +185,7 @@ class Hedger:
         """
         try:
             delay_s = self.delay_for(node)
-            hedgeable = ((delay_s is not None or self._on_hang) and self._cap.can_withdraw()
+            hedgeable = (delay_s is not None and self._cap.can_withdraw()
                          and (self._budget is None or self._budget.can_withdraw()))
             threaded = hedgeable and self._take_thread()
         except BaseException:
@@ -213,7 +199,8 @@ class Hedger:
         try:
             started = self._start(race, primary, timeout, attempt, release)
             if started:
-                if self._wait_for_trigger(race, node, delay_s, deadline):
+                race.wait(delay_s)
+                if not race.has_answer():
                     self._hedge(race, timeout, attempt, pick_other, release, deadline)
                 winner = self._await(race, release)
                 winner.handed = True  # the caller's from here: nothing that can raise comes after
@@ -224,32 +211,6 @@ class Hedger:
             result, latency_ms = attempt(node, timeout)
             return node, result, latency_ms
         return winner.node, winner.result, winner.latency_ms
-
-    def _wait_for_trigger(self, race: _Race, node: NodeState, delay_s: Optional[float], deadline: float) -> bool:
-        """Wait until the primary answers (False) or a hedge is due (True): ``delay_s``
-        passed, or (``on_hang``) its node is found hung."""
-        clock = self._clock
-        hedge_at = None if delay_s is None else clock() + delay_s
-        while not race.has_answer():
-            now = clock()
-            waits = [] if hedge_at is None else [hedge_at - now]
-            if self._on_hang:
-                due_s = self._selector.hang_due_s(node)
-                if due_s is not None:
-                    if due_s <= 0:
-                        self._count("on_hang")
-                        log.debug("node %s is hung: hedging an attempt stuck on it", node.id)
-                        return True
-                    waits.append(due_s + 0.001)
-            if not waits:
-                return False  # nothing will trigger a hedge: wait for the answer
-            wait_s = min(waits)
-            if wait_s <= 0:
-                return True
-            if now >= deadline:
-                return False
-            race.wait(min(wait_s, deadline - now))
-        return False
 
     def _hedge(self, race: _Race, timeout: Tuple[float, float], attempt: AttemptFn,
                pick_other: Callable[[], Optional[NodeState]], release: ReleaseFn,

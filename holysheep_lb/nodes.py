@@ -73,12 +73,18 @@ class HangPolicy:
     to 60 s) needs a long silence; before ``min_samples`` successes it is the node's cold
     guess (1 s by default). Requiring silence as well means one long call on a node that
     keeps answering others never marks it hung.
+
+    ``rescue``: when a node is found hung, the connections of the calls waiting on it
+    are cut, so each fails at once (a timeout) and its attempt loop retries it on
+    another node, within the retry budget, instead of sitting out the read timeout.
+    Each cut request may still have been billed: it is counted as unconfirmed spend,
+    like any timeout after sending.
     """
 
-    __slots__ = ("factor", "floor_s", "min_samples", "refresh_every")
+    __slots__ = ("factor", "floor_s", "min_samples", "refresh_every", "rescue")
 
     def __init__(self, factor: float = 4.0, floor_s: float = 0.25, min_samples: int = 20,
-                 refresh_every: int = 64) -> None:
+                 refresh_every: int = 64, rescue: bool = True) -> None:
         if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor >= 1):
             raise ConfigError("hang_factor", factor, "must be a finite number >= 1")
         if not (isinstance(floor_s, (int, float)) and math.isfinite(floor_s) and floor_s > 0):
@@ -87,6 +93,7 @@ class HangPolicy:
         self.floor_s = float(floor_s)
         self.min_samples = min_samples
         self.refresh_every = refresh_every
+        self.rescue = rescue
 
 
 DEFAULT_HANG_POLICY = HangPolicy()
@@ -109,6 +116,8 @@ class NodeState:
         self._awaiting_starts: List[float] = []  # their start times, sorted: [0] is the oldest
         self.last_answer_at: Optional[float] = None  # last success, HTTP answer, first chunk or good probe
         self.hung_since: Optional[float] = None
+        self.hung_cut_at: Optional[float] = None  # when its stuck calls were last cut
+        self.hung_rescued = 0  # calls cut free of it
         self._usual_latency_ms: Optional[float] = None  # for the hang threshold, refreshed now and then
         self.concurrency = ConcurrencyLimit()
         self.quota = NodeQuota()
@@ -189,6 +198,18 @@ class NodeState:
         if self.last_answer_at is not None and now - self.last_answer_at <= threshold_s:
             return False
         self.hung_since = now
+        return True
+
+    def due_for_cut(self, now: float, policy: HangPolicy) -> bool:
+        """Hung, with unanswered requests past the threshold not yet cut (marks them cut)."""
+        if not policy.rescue or self.hung_since is None or not self._awaiting_starts:
+            return False
+        oldest = self._awaiting_starts[0]
+        if self.hung_cut_at is not None and oldest <= self.hung_cut_at:
+            return False  # cut already: their attempts are failing over
+        if now - oldest <= self.hang_threshold_s(policy) and self.hung_cut_at is not None:
+            return False  # a trial sent since the last cut has not waited long enough yet
+        self.hung_cut_at = now
         return True
 
     def mark_answered(self, now: float) -> None:
@@ -430,6 +451,7 @@ class NodeState:
             "hung": self.hung_since is not None,
             "hung_for_s": None if self.hung_since is None else max(0.0, now - self.hung_since),
             "oldest_unanswered_s": self.oldest_unanswered_s(now),
+            "hung_calls_rescued": self.hung_rescued,
             "concurrency_limit": self.concurrency.snapshot()["limit"],
             "quota": self.quota.snapshot(now),
             "down": self.down,

@@ -380,9 +380,10 @@ class Selector:
                 started = now
             nodes = self.nodes
             hang = self.hang
+            to_cut = None
             for n in nodes:
-                if n.awaiting:
-                    n.check_hung(now, hang)
+                if n.awaiting and n.check_hung(now, hang) and n.due_for_cut(now, hang):
+                    to_cut = [n] if to_cut is None else to_cut + [n]
             usable = [n for n in nodes if n.unusable_reason(now) is None]
             pool: List[NodeState] = usable
             panic = len(usable) < self.panic_threshold * len(nodes)
@@ -418,10 +419,21 @@ class Selector:
             if node.is_half_open(now) and not node.trial_in_flight:
                 node.trial_in_flight = True
                 node.trial_started = started
+        if to_cut is not None:  # after the lock: cutting sockets is I/O
+            self._rescue(to_cut)
         if panic_changed:  # logged after the lock: a slow handler must not stall routing
             log.warning("panic mode %s: %d of %d nodes usable", "on" if panic else "off",
                         n_usable, len(nodes))
         return node
+
+    def _rescue(self, hung: List[NodeState]) -> None:
+        """Cut the calls stuck on nodes just found hung: their attempts fail over now."""
+        for node in hung:
+            cut = node.transport.cut_exchanges()
+            with self._state_lock:
+                node.hung_rescued += cut
+            log.warning("node %s is hung (no answer for %.2f s); cut %d call(s) waiting on it to retry elsewhere",
+                        node.id, node.hang_threshold_s(self.hang), cut)
 
     @staticmethod
     def _is_trial(node: NodeState, started: Optional[float]) -> bool:

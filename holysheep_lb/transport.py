@@ -19,6 +19,7 @@ import http.cookiejar
 import json
 import logging
 import socket
+import threading
 import time
 from typing import Any, Dict, Iterator, Mapping, NamedTuple, Optional, Tuple, Union
 
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 USER_AGENT = f"holysheep-lb/{__version__}"
 _READ_CHUNK = 64 * 1024
+_EXCHANGES_PURGE_MIN = 64
 
 
 class HTTPResult(NamedTuple):
@@ -126,6 +128,11 @@ class Transport:
         self.max_response_bytes = max_response_bytes
         self._urls: Dict[str, str] = {}
         self.closed = False
+        # routing (issue 17): exchanges under way, so those stuck on a hung node can be cut
+        self._exchanges_lock = threading.Lock()
+        self._exchanges: Dict[Watch, None] = {}
+        self._exchanges_purge_at = _EXCHANGES_PURGE_MIN
+        self._cut_as_hung: Dict[Watch, None] = {}
         self.session = self._new_session()
         check_proxy(node, self.proxy_url, sends_key=bool(self._api_key), allow_insecure_http=allow_insecure_http)
 
@@ -170,6 +177,8 @@ class Transport:
 
     def reset_after_fork(self) -> None:
         """Forget the parent's connections: sockets must not be shared across processes."""
+        self._exchanges_lock = threading.Lock()  # routing (issue 17)
+        self._exchanges, self._cut_as_hung = {}, {}
         self.session = self._new_session()
 
     def close(self) -> None:
@@ -212,6 +221,8 @@ class Transport:
         if self.closed:
             raise self._closed_error()
         entry = None if deadline_s is None else watch(deadline_s)
+        if entry is not None:
+            self._track(entry)  # routing (issue 17)
         set_current(entry)  # read by the connection as it connects and sends (deadline.py)
         try:
             response = self.session.send(
@@ -253,7 +264,37 @@ class Transport:
             return self._closed_error()
         return translate_error(exc, self.node.id, self.redactor)
 
+    # -- routing (issue 17): cutting the exchanges stuck on a hung node -------------------
+
+    def _track(self, entry: Watch) -> None:
+        with self._exchanges_lock:
+            exchanges = self._exchanges
+            exchanges[entry] = None
+            if len(exchanges) >= self._exchanges_purge_at:  # amortised O(1): memory follows the live ones
+                for ended in [w for w in exchanges if w.ended]:
+                    del exchanges[ended]
+                    self._cut_as_hung.pop(ended, None)
+                self._exchanges_purge_at = max(_EXCHANGES_PURGE_MIN, 2 * len(exchanges))
+
+    def cut_exchanges(self) -> int:
+        """Cut every exchange under way on this node (it was found hung): each blocked call
+        fails at once with :class:`APITimeoutError` and can be retried elsewhere. Returns
+        how many were cut. Streams past their first chunk are no longer watched, never cut."""
+        with self._exchanges_lock:
+            live = [w for w in self._exchanges if not w.ended]
+            for w in live:
+                self._cut_as_hung[w] = None
+        for w in live:  # outside the lock: a shutdown is a system call
+            w._expire()
+        return sum(1 for w in live if w.cut)
+
     def _past_deadline(self, entry: Watch) -> APITimeoutError:
+        with self._exchanges_lock:
+            hung = self._cut_as_hung.pop(entry, "no") is None
+        if hung:
+            return APITimeoutError("the node answered nothing for far longer than usual (hung); the connection "
+                                   "was cut so that the call can go to another node",
+                                   node_id=self.node.id, request_sent=entry.sent)
         when = "while the response was arriving" if entry.sent else "before the request was sent"
         return APITimeoutError(f"the call's deadline passed {when}; the connection was cut",
                                node_id=self.node.id, request_sent=entry.sent)
