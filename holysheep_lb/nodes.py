@@ -205,10 +205,11 @@ class NodeState:
         if not policy.rescue or self.hung_since is None or not self._awaiting_starts:
             return False
         oldest = self._awaiting_starts[0]
-        if self.hung_cut_at is not None and oldest <= self.hung_cut_at:
-            return False  # cut already: their attempts are failing over
-        if now - oldest <= self.hang_threshold_s(policy) and self.hung_cut_at is not None:
-            return False  # a trial sent since the last cut has not waited long enough yet
+        if self.hung_cut_at is not None:
+            if oldest < self.hung_cut_at:
+                return False  # cut already: their attempts are failing over
+            if now - oldest <= self.hang_threshold_s(policy):
+                return False  # a trial sent since the last cut has not waited long enough yet
         self.hung_cut_at = now
         return True
 
@@ -287,10 +288,14 @@ class NodeState:
         else:
             bisect.insort(starts, started)
 
-    def sent(self, now: float) -> None:
-        """A request is about to be sent (after a pick): it spends quota."""
+    def sent(self) -> None:
+        """A request is about to be sent (after a pick): it spends quota. The next pick's
+        ``refresh_quota`` accounts for it (this pick's wait, if any, must not)."""
         if self.quota.readings:
             self.quota.on_send()
+
+    def refresh_quota(self, now: float) -> None:
+        if self.quota.readings:
             self._update_quota_until(now)
 
     def stop_waiting(self, started: float) -> None:

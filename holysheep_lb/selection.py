@@ -382,6 +382,7 @@ class Selector:
             hang = self.hang
             to_cut = None
             for n in nodes:
+                n.refresh_quota(now)
                 if n.awaiting and n.check_hung(now, hang) and n.due_for_cut(now, hang):
                     to_cut = [n] if to_cut is None else to_cut + [n]
             usable = [n for n in nodes if n.unusable_reason(now) is None]
@@ -412,7 +413,7 @@ class Selector:
                 raise NoHealthyNodeError("the routing strategy returned no node")
             node.in_flight += 1
             node.start_waiting(started)
-            node.sent(now)
+            node.sent()
             node.attempts += 1
             if excluded:
                 node.retries += 1

@@ -516,7 +516,7 @@ _KEPT_HEADERS = ("retry-after", "retry-after-ms", "x-request-id", "x-should-retr
 
 def _quota_headers(headers: Mapping[str, str]) -> Optional[Dict[str, str]]:
     """The x-ratelimit-* headers (quota.py parses them), few and short: nothing secret is in them."""
-    kept = {k.lower(): v[:80] for k, v in headers.items() if k[:13].lower() == "x-ratelimit-"}
+    kept = {k.lower(): v[:80] for k, v in headers.items() if k[:12].lower() == "x-ratelimit-"}
     return dict(list(kept.items())[:12]) if kept else None
 
 
