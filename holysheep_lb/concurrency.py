@@ -8,21 +8,24 @@ answers ``n`` concurrent requests in about ``min_rtt × n / c`` once ``n > c`` �
 does not (Netflix concurrency-limits' Vegas reads the same ratio as a queue length,
 ``n × (1 − min_rtt/rtt)``).
 
-Samples are smoothed first (an EWMA over about ``1 / smoothing`` answers of latency and
-of in-flight), because single answers jitter; the node's *base* latency is the lowest
-smoothed latency over the last two windows of ``window_s`` (so it follows a node that
-became slower for good). Then, per sample, with ``ratio = smoothed rtt / base``:
+Single answers jitter, and a node's fastest answer is an outlier, so the comparison is
+made between *averages by load*: the latency EWMA of the answers that came back with
+``n`` requests in flight, one per ``n`` (up to ``MAX_TRACKED``). The node's *base*
+latency is the lowest of those averages (with at least ``min_samples`` answers each):
+what it takes when it does not queue. Then, per sample at ``n`` in flight, with
+``ratio = average at n / base``:
 
-* **queueing** (``ratio`` above ``1 + queue_margin`` plus three times the measured
-  noise of the smoothed latency, so a node with a wide latency spread does not look
-  saturated): the limit moves part of the way (``gain``) towards
-  ``smoothed in-flight / ratio``, never below 1;
+* **queueing** (``ratio > 1 + queue_margin``): the limit moves part of the way
+  (``gain``) towards ``n / ratio``, never below 1;
 * **no queueing while at the limit**: the limit grows by ``1 / limit`` (additive
   increase, about +1 per round trip) so a node keeps its chance to show it can take
   more.
 
-Until a node has queued once, its limit is *unknown* (``limit()`` is None) and routing
-treats it as unbounded: nodes that never saturate route exactly as before.
+A node whose latency merely jitters has the same average at every load and is never
+taken for a queueing one. Until a node has queued once its limit is *unknown*
+(``limit()`` is None) and routing treats it as unbounded: nodes that never saturate
+route exactly as before. Averages slowly forget (``smoothing``), so a node that became
+slower for good is relearned.
 
 Not locked by itself: the selector's lock guards it, like the rest of ``NodeState``.
 Used by ``selection.Adaptive`` and ``selection.LeastConnections`` as Prequal's
@@ -32,36 +35,35 @@ comparable node is hot too.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, List, Optional
 
 __all__ = ["ConcurrencyLimit"]
 
 
+MAX_TRACKED = 64  # in-flight counts above this share the last average
+
+
 class ConcurrencyLimit:
-    """One node's learned concurrency limit. O(1) per sample."""
+    """One node's learned concurrency limit. O(1) per sample, O(MAX_TRACKED) memory."""
 
-    __slots__ = ("queue_margin", "gain", "smoothing", "window_s", "_limit", "_rtt_ms", "_n", "_noise",
-                 "_min_now", "_min_prev", "_window_at", "samples", "queued_samples")
+    __slots__ = ("queue_margin", "gain", "smoothing", "min_samples", "_limit", "_avg_ms", "_count",
+                 "_base_ms", "samples", "queued_samples")
 
-    def __init__(self, *, queue_margin: float = 0.1, gain: float = 0.2, smoothing: float = 0.1,
-                 window_s: float = 30.0) -> None:
+    def __init__(self, *, queue_margin: float = 0.2, gain: float = 0.2, smoothing: float = 0.05,
+                 min_samples: int = 5) -> None:
         self.queue_margin = queue_margin
         self.gain = gain
         self.smoothing = smoothing
-        self.window_s = window_s
+        self.min_samples = min_samples
         self._limit: Optional[float] = None
-        self._rtt_ms: Optional[float] = None  # smoothed latency
-        self._n = 0.0                          # smoothed in-flight
-        self._noise = 0.0                      # smoothed |sample - mean| / mean
-        self._min_now: Optional[float] = None  # lowest smoothed latency in this window
-        self._min_prev: Optional[float] = None  # ... and in the previous one
-        self._window_at: Optional[float] = None
+        self._avg_ms: List[float] = [0.0] * (MAX_TRACKED + 1)  # latency EWMA by in-flight count
+        self._count: List[int] = [0] * (MAX_TRACKED + 1)
+        self._base_ms: Optional[float] = None
         self.samples = 0
         self.queued_samples = 0
 
-    def base_rtt_ms(self) -> Optional[float]:
-        values = [v for v in (self._min_now, self._min_prev) if v is not None]
-        return min(values) if values else None
+    def base_latency_ms(self) -> Optional[float]:
+        return self._base_ms
 
     def limit(self) -> Optional[float]:
         """The learned limit, or None while the node has never been seen queueing."""
@@ -72,31 +74,31 @@ class ConcurrencyLimit:
         return self._limit is not None and in_flight + 1 > self._limit + 0.5
 
     def observe(self, in_flight: int, latency_ms: float, now: float) -> None:
-        """A successful answer that took ``latency_ms`` with ``in_flight`` requests on the node."""
+        """A successful answer that took ``latency_ms`` with ``in_flight`` requests on the node
+        (this one included). ``now`` is unused today: averages forget by count, not time."""
         if not latency_ms > 0 or in_flight < 1:
             return
         self.samples += 1
-        a = self.smoothing
-        if self._rtt_ms is None:
-            self._rtt_ms, self._n = latency_ms, float(in_flight)
-        else:
-            self._noise += a * (abs(latency_ms - self._rtt_ms) / self._rtt_ms - self._noise)
-            self._rtt_ms += a * (latency_ms - self._rtt_ms)
-            self._n += a * (in_flight - self._n)
-        if self.samples < 1.0 / a:
-            return  # the averages are not averages yet
-        if self._window_at is None or now - self._window_at >= self.window_s:
-            self._min_prev, self._min_now, self._window_at = self._min_now, None, now
-        rtt = self._rtt_ms
-        if self._min_now is None or rtt < self._min_now:
-            self._min_now = rtt
-        base = self.base_rtt_ms()
-        assert base is not None
-        ratio = rtt / base
-        # noise of the smoothed value: per-sample noise × sqrt(a / (2 - a)), three times over
-        if ratio > 1.0 + self.queue_margin + 3.0 * self._noise * (a / (2.0 - a)) ** 0.5:
+        n = min(in_flight, MAX_TRACKED)
+        count = self._count[n] + 1
+        self._count[n] = count
+        avg = self._avg_ms[n]
+        # a plain mean for the first answers, then an EWMA
+        avg = latency_ms if count == 1 else avg + max(self.smoothing, 1.0 / count) * (latency_ms - avg)
+        self._avg_ms[n] = avg
+        if count < self.min_samples:
+            return
+        base = self._base_ms
+        if base is None or avg < base:
+            self._base_ms = base = avg
+        elif n <= 2 or (self._limit is not None and n <= self._limit * 0.5):
+            # a low-load average is the base itself: let it follow the node when it rises
+            self._base_ms = base = min(
+                a for a, c in zip(self._avg_ms, self._count) if c >= self.min_samples)
+        ratio = avg / base
+        if ratio > 1.0 + self.queue_margin:
             self.queued_samples += 1
-            estimate = max(1.0, self._n / ratio)
+            estimate = max(1.0, n / ratio)
             if self._limit is None:
                 self._limit = estimate
             else:
@@ -106,15 +108,14 @@ class ConcurrencyLimit:
 
     def forget(self) -> None:
         """Drop what was learned (a node re-admitted after an ejection may have changed)."""
-        self._limit = self._rtt_ms = None
-        self._n = self._noise = 0.0
-        self._min_now = self._min_prev = self._window_at = None
-        self.samples = 0
+        self._limit = self._base_ms = None
+        self._avg_ms = [0.0] * (MAX_TRACKED + 1)
+        self._count = [0] * (MAX_TRACKED + 1)
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> Dict[str, Any]:
         return {
             "limit": None if self._limit is None else round(self._limit, 2),
-            "base_latency_ms": None if self.base_rtt_ms() is None else round(self.base_rtt_ms() or 0.0, 3),
+            "base_latency_ms": None if self._base_ms is None else round(self._base_ms, 3),
             "samples": self.samples,
             "queued_samples": self.queued_samples,
         }

@@ -93,6 +93,22 @@ def _capacity(node: NodeState, ctx: PickContext) -> float:
     return limit if limit is not None else ctx.weight(node)
 
 
+def _expected_ms(node: NodeState, now: float) -> float:
+    """What the next request on ``node`` should take: its typical latency, but no more
+    than its base (low-load) latency when it is idle, or that base scaled by how far
+    past its learned concurrency limit the request would be. A node's average is
+    inflated by its own past queueing, which room on it now will not repeat: without
+    this, a small node that queued once drops out of the latency band and sits idle."""
+    typical = node.typical_latency_ms(now)
+    base = node.concurrency.base_latency_ms()
+    if base is None or node.hung_since is not None:
+        return typical
+    limit = node.concurrency.limit()
+    if limit is None:
+        return min(typical, base) if not node.in_flight else typical
+    return min(typical, base * max(1.0, (node.in_flight + 1) / limit))
+
+
 def _rotate(items: Sequence[NodeState], ctx: PickContext) -> Sequence[NodeState]:
     """Start a scan at a random offset so ties do not always favour the first node."""
     if len(items) < 2:
@@ -232,7 +248,7 @@ class Adaptive(Strategy):
                      and (n.last_sample_at is None or ctx.now - n.last_sample_at >= self.explore_after_s)]
             if stale:
                 return min(stale, key=lambda n: n.last_sample_at or float("-inf"))
-        typical = [(n, n.typical_latency_ms(ctx.now)) for n in _rotate(candidates, ctx)]
+        typical = [(n, _expected_ms(n, ctx.now)) for n in _rotate(candidates, ctx)]
         limit = min(t for _, t in typical) * self.latency_band
         band = [n for n, t in typical if t <= limit]
         best: Optional[NodeState] = None
