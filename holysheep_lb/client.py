@@ -254,6 +254,7 @@ class Client:
         self._stream_reaper.reap()
         if self._health is not None:
             self._health.stop()
+        self._selector.close()  # routing (issue 17): the hang watcher
         for node in self._selector.nodes:
             node.transport.close()
         _LIVE_CLIENTS.discard(self)

@@ -79,12 +79,16 @@ class HangPolicy:
     another node, within the retry budget, instead of sitting out the read timeout.
     Each cut request may still have been billed: it is counted as unconfirmed spend,
     like any timeout after sending.
+
+    Hangs are checked at every pick, and by a watcher thread every ``watch_interval_s``
+    while requests are in flight (so a lone caller stuck on a hung node is rescued too);
+    it ends after a few idle seconds and starts again with the next pick. None: picks only.
     """
 
-    __slots__ = ("factor", "floor_s", "min_samples", "refresh_every", "rescue")
+    __slots__ = ("factor", "floor_s", "min_samples", "refresh_every", "rescue", "watch_interval_s")
 
     def __init__(self, factor: float = 4.0, floor_s: float = 0.25, min_samples: int = 20,
-                 refresh_every: int = 64, rescue: bool = True) -> None:
+                 refresh_every: int = 64, rescue: bool = True, watch_interval_s: Optional[float] = 0.1) -> None:
         if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor >= 1):
             raise ConfigError("hang_factor", factor, "must be a finite number >= 1")
         if not (isinstance(floor_s, (int, float)) and math.isfinite(floor_s) and floor_s > 0):
@@ -94,6 +98,7 @@ class HangPolicy:
         self.min_samples = min_samples
         self.refresh_every = refresh_every
         self.rescue = rescue
+        self.watch_interval_s = watch_interval_s
 
 
 DEFAULT_HANG_POLICY = HangPolicy()
@@ -212,6 +217,11 @@ class NodeState:
                 return False  # a trial sent since the last cut has not waited long enough yet
         self.hung_cut_at = now
         return True
+
+    def forget_waiting(self) -> None:
+        """After a fork: the parent's requests do not exist in this process."""
+        self._awaiting_starts.clear()
+        self.hung_since = self.hung_cut_at = None
 
     def mark_answered(self, now: float) -> None:
         self.last_answer_at = now

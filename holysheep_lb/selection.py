@@ -25,11 +25,13 @@ is *hot* and gets a request only when every comparable node is hot too.
 
 from __future__ import annotations
 
+import _thread
 import enum
 import logging
 import random
 import threading
 import time
+import weakref
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from .errors import ConfigError, NoHealthyNodeError
@@ -316,6 +318,26 @@ class Geographic(Strategy):
         return self._within.choose([n for n in candidates if n.region == best_region], ctx)
 
 
+_WATCHER_IDLE_ROUNDS = 50  # rounds without a request in flight before the watcher ends
+
+
+def _watch_hangs(selector_ref: "weakref.ReferenceType[Selector]", stop: threading.Event,
+                 interval_s: float) -> None:
+    """The hang watcher's loop. Holds the selector only weakly: a dropped client's ends."""
+    try:
+        while not stop.wait(interval_s):
+            selector = selector_ref()
+            if selector is None or not selector._watch_once():
+                return
+            del selector
+    except Exception:  # noqa: BLE001 - logged: a thread has no caller to raise to
+        log.warning("hang watcher stopped by an error; picks still check for hangs", exc_info=True)
+        selector = selector_ref()
+        if selector is not None:
+            with selector._state_lock:
+                selector._watcher_running = False
+
+
 STRATEGIES: Dict[str, Callable[[], Strategy]] = {
     RoutingStrategy.ROUND_ROBIN.value: RoundRobin,
     RoutingStrategy.WEIGHTED.value: SmoothWeighted,
@@ -376,10 +398,50 @@ class Selector:
         self.rand = rand or random.Random().random
         self._state_lock = threading.Lock()
         self.panicking = False
+        self._watcher_running = False  # guarded by _state_lock
+        self._watcher_idle_rounds = 0
+        self._watcher_stop = threading.Event()
 
     def reset_lock_after_fork(self) -> None:
         """A lock held by another thread at fork time would stay held forever in the child."""
         self._state_lock = threading.Lock()
+        self._watcher_running = False  # the parent's watcher thread does not exist here
+        self._watcher_stop = threading.Event()
+        for node in self.nodes:
+            node.forget_waiting()
+
+    def close(self) -> None:
+        """Stop the hang watcher thread (it also ends by itself once idle)."""
+        self._watcher_stop.set()
+
+    # -- the hang watcher ---------------------------------------------------------------
+
+    def _start_watcher(self) -> None:
+        """Called after a pick that set ``_watcher_running``: start the thread (outside the lock)."""
+        interval_s = self.hang.watch_interval_s
+        try:
+            # _thread, as the hedger does: Thread.start() waits on an Event an interrupt could leave locked
+            _thread.start_new_thread(_watch_hangs, (weakref.ref(self), self._watcher_stop, interval_s))
+        except RuntimeError:  # no thread now: picks still check, the next pick tries again
+            with self._state_lock:
+                self._watcher_running = False
+
+    def _watch_once(self) -> bool:
+        """One round of the watcher: cut what hangs; False when it should end (idle or closed)."""
+        with self._state_lock:
+            now = self.clock()
+            to_cut = [n for n in self.nodes if n.awaiting and n.check_hung(now, self.hang)
+                      and n.due_for_cut(now, self.hang)]
+            if any(n.awaiting for n in self.nodes):
+                self._watcher_idle_rounds = 0
+            else:
+                self._watcher_idle_rounds += 1
+                if self._watcher_idle_rounds >= _WATCHER_IDLE_ROUNDS:
+                    self._watcher_running = False
+                    return False
+        if to_cut:
+            self._rescue(to_cut)
+        return True
 
     def pick(self, *, exclude: Iterable[str] = (), region: Optional[str] = None,
              started: Optional[float] = None, fresh_only: bool = False) -> NodeState:
@@ -427,6 +489,10 @@ class Selector:
             node = self.strategy.choose(candidates, ctx)
             if node is None:
                 raise NoHealthyNodeError("the routing strategy returned no node")
+            start_watcher = not self._watcher_running and hang.watch_interval_s is not None
+            if start_watcher:
+                self._watcher_running = True
+                self._watcher_idle_rounds = 0
             node.in_flight += 1
             node.start_waiting(started)
             node.sent()
@@ -438,6 +504,8 @@ class Selector:
                 node.trial_started = started
         if to_cut is not None:  # after the lock: cutting sockets is I/O
             self._rescue(to_cut)
+        if start_watcher and not self._watcher_stop.is_set():
+            self._start_watcher()
         if panic_changed:  # logged after the lock: a slow handler must not stall routing
             log.warning("panic mode %s: %d of %d nodes usable", "on" if panic else "off",
                         n_usable, len(nodes))
@@ -446,7 +514,8 @@ class Selector:
     def _rescue(self, hung: List[NodeState]) -> None:
         """Cut the calls stuck on nodes just found hung: their attempts fail over now."""
         for node in hung:
-            cut = node.transport.cut_exchanges()
+            cut_exchanges = getattr(node.transport, "cut_exchanges", None)  # a custom transport may lack it
+            cut = cut_exchanges() if cut_exchanges is not None else 0
             with self._state_lock:
                 node.hung_rescued += cut
             log.warning("node %s is hung (no answer for %.2f s); cut %d call(s) waiting on it to retry elsewhere",

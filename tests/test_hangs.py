@@ -29,6 +29,7 @@ class _Transport:
 def _selector(clock, strategy, ids=("a", "b", "c"), **kw):
     nodes = [NodeState(Node(id=i, base_url=f"http://127.0.0.1:1/{i}"), _Transport()) for i in ids]
     kw.setdefault("ejection", EjectionPolicy(jitter=0.0))
+    kw.setdefault("hang", HangPolicy(watch_interval_s=None))  # picks only: the fake clock decides
     return Selector(nodes, make_strategy(strategy) if isinstance(strategy, str) else strategy, clock=clock,
                     rand=random.Random(5).random, **kw)
 
@@ -180,7 +181,7 @@ def test_the_calls_stuck_on_a_hung_node_are_cut_once_and_its_answer_clears_it(cl
 
 
 def test_rescue_can_be_turned_off(clock):
-    sel = _selector(clock, "round_robin", hang=HangPolicy(rescue=False))
+    sel = _selector(clock, "round_robin", hang=HangPolicy(rescue=False, watch_interval_s=None))
     _warm(sel, clock)
     b = sel.nodes[1]
     started = clock()
@@ -202,3 +203,35 @@ def test_an_unmeasured_node_uses_its_cold_guess(clock):
 def test_bad_hang_settings_name_the_field(kw, field):
     with pytest.raises(ConfigError, match=field):
         HangPolicy(**kw)
+
+
+def test_the_watcher_rescues_a_lone_stuck_call_without_any_other_pick(clock):
+    from tests.conftest import wait_until
+
+    sel = _selector(clock, "round_robin", hang=HangPolicy(watch_interval_s=0.005))
+    try:
+        _warm(sel, clock)
+        b = sel.nodes[1]
+        b.transport.stuck = 1
+        started = clock()
+        while sel.pick(started=started) is not b:  # the pick starts the watcher
+            pass
+        clock.advance(0.3)  # nobody picks again
+        assert wait_until(lambda: b.transport.cuts == 1, timeout_s=5.0)
+        assert b.hung_rescued == 1
+    finally:
+        sel.close()
+
+
+def test_the_watcher_ends_once_idle_and_a_pick_starts_it_again(clock):
+    from tests.conftest import wait_until
+
+    sel = _selector(clock, "round_robin", hang=HangPolicy(watch_interval_s=0.001))
+    try:
+        _pick_release(sel, clock)
+        assert sel._watcher_running
+        assert wait_until(lambda: not sel._watcher_running, timeout_s=5.0)  # 50 idle rounds
+        _pick_release(sel, clock)
+        assert sel._watcher_running
+    finally:
+        sel.close()
