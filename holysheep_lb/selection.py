@@ -95,6 +95,30 @@ def _capacity(node: NodeState, ctx: PickContext) -> float:
     return limit if limit is not None else ctx.weight(node)
 
 
+def _with_room_ms(node: NodeState, value_ms: float) -> float:
+    """A latency estimate (typical or peak) corrected for the node's room now.
+
+    A node's averages are inflated by its own past queueing, which room on it now will
+    not repeat: when it is idle, or below its learned concurrency limit, it answers near
+    its base (low-load) latency, scaled by how far past its limit the next request would
+    be. Without this, a small node that queued once drops out of the latency band and
+    sits idle while the others queue. A hung node keeps its estimate.
+    """
+    base = node.concurrency.base_latency_ms()
+    if base is None or node.hung_since is not None:
+        return value_ms
+    limit = node.concurrency.limit()
+    if limit is None:
+        return min(value_ms, base) if not node.in_flight else value_ms
+    return min(value_ms, base * max(1.0, (node.in_flight + 1) / limit))
+
+
+def _capacity(node: NodeState, ctx: PickContext) -> float:
+    """What to divide a node's load by when every node is at its learned limit."""
+    limit = node.concurrency.limit()
+    return limit if limit is not None else ctx.weight(node)
+
+
 def _expected_ms(node: NodeState, now: float) -> float:
     """What the next request on ``node`` should take: its typical latency, but no more
     than its base (low-load) latency when it is idle, or that base scaled by how far
@@ -236,9 +260,11 @@ class Adaptive(Strategy):
         self.latency_band = latency_band
 
     def cost(self, node: NodeState, ctx: PickContext, estimate_ms: Optional[float] = None) -> float:
+        limit = node.concurrency.limit()
         if estimate_ms is None:
-            estimate_ms = node.latency_estimate_ms(ctx.now)
-        load = (node.in_flight + 1) / ctx.weight(node)
+            estimate_ms = _with_room_ms(node, node.latency_estimate_ms(ctx.now))
+        # load per unit of capacity: the learned limit when there is one, else the weight (a hint)
+        load = (node.in_flight + 1) / (limit if limit is not None else ctx.weight(node))
         cost = estimate_ms * (load if self.load_bias == 1.0 else load ** self.load_bias)
         if node.quota.readings:
             cost *= 2.0 - node.quota.headroom(ctx.now)
@@ -250,7 +276,7 @@ class Adaptive(Strategy):
                      and (n.last_sample_at is None or ctx.now - n.last_sample_at >= self.explore_after_s)]
             if stale:
                 return min(stale, key=lambda n: n.last_sample_at or float("-inf"))
-        typical = [(n, _expected_ms(n, ctx.now)) for n in _rotate(candidates, ctx)]
+        typical = [(n, _with_room_ms(n, n.typical_latency_ms(ctx.now))) for n in _rotate(candidates, ctx)]
         limit = min(t for _, t in typical) * self.latency_band
         band = [n for n, t in typical if t <= limit]
         best: Optional[NodeState] = None
@@ -266,7 +292,7 @@ class Adaptive(Strategy):
             if best is None or c < best_cost:
                 best, best_cost = node, c
         if best is None:  # every node in the band is hot, or stale and busy: least loaded per capacity
-            best = min(band, key=lambda n: n.latency_estimate_ms(ctx.now) * (n.in_flight + 1) / _capacity(n, ctx))
+            best = min(band, key=lambda n: self.cost(n, ctx))
         return best
 
     def _stale(self, node: NodeState, now: float) -> bool:
