@@ -49,7 +49,7 @@ class ConcurrencyLimit:
     __slots__ = ("queue_margin", "gain", "smoothing", "min_samples", "_limit", "_avg_ms", "_count",
                  "_base_ms", "samples", "queued_samples")
 
-    def __init__(self, *, queue_margin: float = 0.2, gain: float = 0.2, smoothing: float = 0.05,
+    def __init__(self, *, queue_margin: float = 0.25, gain: float = 0.2, smoothing: float = 0.03,
                  min_samples: int = 5) -> None:
         self.queue_margin = queue_margin
         self.gain = gain
