@@ -491,6 +491,8 @@ def _check_resilience(cfg: ClientConfig) -> None:
     _check_int("hedge_max_threads", cfg.hedge_max_threads, minimum=1)
     if not isinstance(cfg.rescue_hung_calls, bool):  # routing (issue 17)
         raise ConfigError("rescue_hung_calls", cfg.rescue_hung_calls, "must be True or False")
+
+
 def _check_cost_options(cfg: "ClientConfig") -> None:
     # normalised in place (the dataclass is frozen): prices -> PriceTable, budget -> Budget
     object.__setattr__(cfg, "prices", PriceTable.coerce(cfg.prices))

@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from .concurrency import ConcurrencyLimit
 from .config import Node
-from .errors import ConfigError
+from .hangs import DEFAULT_HANG_POLICY, HangPolicy
 from .quota import NodeQuota
 from .stats import FAILURE_KINDS, SYSTEM_FAILURE_KINDS, LatencyHistogram
 from .transport import Transport
@@ -62,46 +62,6 @@ class EjectionPolicy:
         """base × times ejected, capped, then ±jitter so ejected nodes do not return in step."""
         span = min(self.max_s, self.base_s * times_ejected)
         return span * (1.0 + self.jitter * (2.0 * rand - 1.0))
-
-
-class HangPolicy:
-    """When a node counts as hung: its oldest unanswered request (and its last answer)
-    older than ``factor`` × its usual latency, and than ``floor_s``.
-
-    "Usual latency" is the larger of its latency EWMA and half its p99 (refreshed every
-    ``refresh_every`` successes), so a node whose answers vary widely (LLM calls of 0.1
-    to 60 s) needs a long silence; before ``min_samples`` successes it is the node's cold
-    guess (1 s by default). Requiring silence as well means one long call on a node that
-    keeps answering others never marks it hung.
-
-    ``rescue``: when a node is found hung, the connections of the calls waiting on it
-    are cut, so each fails at once (a timeout) and its attempt loop retries it on
-    another node, within the retry budget, instead of sitting out the read timeout.
-    Each cut request may still have been billed: it is counted as unconfirmed spend,
-    like any timeout after sending.
-
-    Hangs are checked at every pick, and by a watcher thread every ``watch_interval_s``
-    while requests are in flight (so a lone caller stuck on a hung node is rescued too);
-    it ends after a few idle seconds and starts again with the next pick. None: picks only.
-    """
-
-    __slots__ = ("factor", "floor_s", "min_samples", "refresh_every", "rescue", "watch_interval_s")
-
-    def __init__(self, factor: float = 4.0, floor_s: float = 0.25, min_samples: int = 20,
-                 refresh_every: int = 64, rescue: bool = True, watch_interval_s: Optional[float] = 0.1) -> None:
-        if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor >= 1):
-            raise ConfigError("hang_factor", factor, "must be a finite number >= 1")
-        if not (isinstance(floor_s, (int, float)) and math.isfinite(floor_s) and floor_s > 0):
-            raise ConfigError("hang_floor_s", floor_s, "must be a finite number of seconds > 0")
-        self.factor = float(factor)
-        self.floor_s = float(floor_s)
-        self.min_samples = min_samples
-        self.refresh_every = refresh_every
-        self.rescue = rescue
-        self.watch_interval_s = watch_interval_s
-
-
-DEFAULT_HANG_POLICY = HangPolicy()
 
 
 class NodeState:

@@ -25,17 +25,16 @@ is *hot* and gets a request only when every comparable node is hot too.
 
 from __future__ import annotations
 
-import _thread
 import enum
 import logging
 import random
 import threading
 import time
-import weakref
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from .errors import ConfigError, NoHealthyNodeError
-from .nodes import DEFAULT_HANG_POLICY, EjectionPolicy, HangPolicy, NodeState
+from .hangs import DEFAULT_HANG_POLICY, WATCHER_IDLE_ROUNDS, HangPolicy, start_watcher
+from .nodes import EjectionPolicy, NodeState
 from .stats import LatencyHistogram
 
 __all__ = [
@@ -111,28 +110,6 @@ def _with_room_ms(node: NodeState, value_ms: float) -> float:
     if limit is None:
         return min(value_ms, base) if not node.in_flight else value_ms
     return min(value_ms, base * max(1.0, (node.in_flight + 1) / limit))
-
-
-def _capacity(node: NodeState, ctx: PickContext) -> float:
-    """What to divide a node's load by when every node is at its learned limit."""
-    limit = node.concurrency.limit()
-    return limit if limit is not None else ctx.weight(node)
-
-
-def _expected_ms(node: NodeState, now: float) -> float:
-    """What the next request on ``node`` should take: its typical latency, but no more
-    than its base (low-load) latency when it is idle, or that base scaled by how far
-    past its learned concurrency limit the request would be. A node's average is
-    inflated by its own past queueing, which room on it now will not repeat: without
-    this, a small node that queued once drops out of the latency band and sits idle."""
-    typical = node.typical_latency_ms(now)
-    base = node.concurrency.base_latency_ms()
-    if base is None or node.hung_since is not None:
-        return typical
-    limit = node.concurrency.limit()
-    if limit is None:
-        return min(typical, base) if not node.in_flight else typical
-    return min(typical, base * max(1.0, (node.in_flight + 1) / limit))
 
 
 def _rotate(items: Sequence[NodeState], ctx: PickContext) -> Sequence[NodeState]:
@@ -344,26 +321,6 @@ class Geographic(Strategy):
         return self._within.choose([n for n in candidates if n.region == best_region], ctx)
 
 
-_WATCHER_IDLE_ROUNDS = 50  # rounds without a request in flight before the watcher ends
-
-
-def _watch_hangs(selector_ref: "weakref.ReferenceType[Selector]", stop: threading.Event,
-                 interval_s: float) -> None:
-    """The hang watcher's loop. Holds the selector only weakly: a dropped client's ends."""
-    try:
-        while not stop.wait(interval_s):
-            selector = selector_ref()
-            if selector is None or not selector._watch_once():
-                return
-            del selector
-    except Exception:  # noqa: BLE001 - logged: a thread has no caller to raise to
-        log.warning("hang watcher stopped by an error; picks still check for hangs", exc_info=True)
-        selector = selector_ref()
-        if selector is not None:
-            with selector._state_lock:
-                selector._watcher_running = False
-
-
 STRATEGIES: Dict[str, Callable[[], Strategy]] = {
     RoutingStrategy.ROUND_ROBIN.value: RoundRobin,
     RoutingStrategy.WEIGHTED.value: SmoothWeighted,
@@ -444,13 +401,14 @@ class Selector:
 
     def _start_watcher(self) -> None:
         """Called after a pick that set ``_watcher_running``: start the thread (outside the lock)."""
-        interval_s = self.hang.watch_interval_s
-        try:
-            # _thread, as the hedger does: Thread.start() waits on an Event an interrupt could leave locked
-            _thread.start_new_thread(_watch_hangs, (weakref.ref(self), self._watcher_stop, interval_s))
-        except RuntimeError:  # no thread now: picks still check, the next pick tries again
+        if not start_watcher(self, self._watcher_stop, self.hang.watch_interval_s or 0.1):
+            # no thread now: picks still check, the next pick tries again
             with self._state_lock:
                 self._watcher_running = False
+
+    def _watcher_failed(self) -> None:
+        with self._state_lock:
+            self._watcher_running = False
 
     def _watch_once(self) -> bool:
         """One round of the watcher: cut what hangs; False when it should end (idle or closed)."""
@@ -462,7 +420,7 @@ class Selector:
                 self._watcher_idle_rounds = 0
             else:
                 self._watcher_idle_rounds += 1
-                if self._watcher_idle_rounds >= _WATCHER_IDLE_ROUNDS:
+                if self._watcher_idle_rounds >= WATCHER_IDLE_ROUNDS:
                     self._watcher_running = False
                     return False
         if to_cut:
@@ -623,21 +581,6 @@ class Selector:
         """Whether ``node`` is hung now (its unanswered requests are past the threshold)."""
         with self._state_lock:
             return node.check_hung(self.clock(), self.hang)
-
-    def hang_due_s(self, node: NodeState) -> Optional[float]:
-        """Seconds until ``node`` could first count as hung (0: it does); None: nothing waits there."""
-        with self._state_lock:
-            now = self.clock()
-            if node.check_hung(now, self.hang):
-                return 0.0
-            oldest = node.oldest_unanswered_s(now)
-            if oldest is None:
-                return None
-            threshold_s = node.hang_threshold_s(self.hang)
-            due = threshold_s - oldest
-            if node.last_answer_at is not None:
-                due = max(due, node.last_answer_at + threshold_s - now)
-            return max(0.0, due)
 
     def snapshot(self) -> List[Dict[str, Any]]:
         with self._state_lock:
