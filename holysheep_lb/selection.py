@@ -98,17 +98,16 @@ def _with_room_ms(node: NodeState, value_ms: float) -> float:
     """A latency estimate (typical or peak) corrected for the node's room now.
 
     A node's averages are inflated by its own past queueing, which room on it now will
-    not repeat: when it is idle, or below its learned concurrency limit, it answers near
-    its base (low-load) latency, scaled by how far past its limit the next request would
-    be. Without this, a small node that queued once drops out of the latency band and
-    sits idle while the others queue. A hung node keeps its estimate.
+    not repeat: below its learned concurrency limit it answers near its base (low-load)
+    latency, scaled by how far past its limit the next request would be. Without this,
+    a small node that queued once drops out of the latency band and sits idle while the
+    others queue. A hung node keeps its estimate.
     """
     base = node.concurrency.base_latency_ms()
-    if base is None or node.hung_since is not None:
-        return value_ms
     limit = node.concurrency.limit()
-    if limit is None:
-        return min(value_ms, base) if not node.in_flight else value_ms
+    if base is None or limit is None or node.hung_since is not None:
+        # no queueing seen: its averages are what it takes (a far region's are, for one)
+        return value_ms
     return min(value_ms, base * max(1.0, (node.in_flight + 1) / limit))
 
 
