@@ -71,7 +71,7 @@ class ConcurrencyLimit:
 
     def is_hot(self, in_flight: int) -> bool:
         """True when one more request would exceed the learned limit."""
-        return self._limit is not None and in_flight + 1 > self._limit + 0.5
+        return self._limit is not None and in_flight + 1 > max(1.0, self._limit)
 
     def observe(self, in_flight: int, latency_ms: float, now: float) -> None:
         """A successful answer that took ``latency_ms`` with ``in_flight`` requests on the node
@@ -103,7 +103,7 @@ class ConcurrencyLimit:
                 self._limit = estimate
             else:
                 self._limit = max(1.0, self._limit + self.gain * (estimate - self._limit))
-        elif self._limit is not None and in_flight >= self._limit - 0.5:
+        elif self._limit is not None and in_flight >= int(self._limit):
             self._limit += 1.0 / self._limit
 
     def forget(self) -> None:
