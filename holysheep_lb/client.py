@@ -31,6 +31,7 @@ import weakref
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import __version__
+from .affinity import AffinityRouter, call_affinity  # prompt-cache affinity (issue #14)
 from .batch import BatchResult, run_batch
 from .breakers import BreakerBoard, stream_outcome_hook
 from .breakers import wall_clock as breaker_wall_clock
@@ -162,6 +163,7 @@ class Client:
             ejection=EjectionPolicy(cfg.eject_after_failures, cfg.ejection_base_s,
                                     cfg.ejection_max_s, slow_start_s=cfg.slow_start_s),
             panic_threshold=cfg.panic_threshold, clock=clock, rand=self._rand,
+            affinity=AffinityRouter([s.id for s in states], cfg.affinity),  # prompt-cache affinity (issue #14)
         )
         self._breakers = BreakerBoard(model_settings=cfg.breaker, per_model=cfg.model_breakers,
                                       node_settings=cfg.node_breakers, storage_factory=cfg.breaker_storage,
@@ -301,6 +303,7 @@ class Client:
         deadline_s: Optional[float] = None,
         idempotency_key: Optional[str] = None,
         cache: Optional[bool] = None,
+        affinity_key: Optional[str] = None,
         **params: Any,
     ) -> Union[Response, ChatStream, CannedStream]:
         """``POST /chat/completions``; returns the decoded JSON with routing metadata.
@@ -309,7 +312,9 @@ class Client:
         are sent as they are. ``region`` steers the geographic strategy.
         ``model="auto"`` lets the client's router choose (``resp.extra["routing"]``).
         ``cache`` overrides whether the response cache is used (default: only when
-        ``temperature == 0``). Raises :class:`BudgetExceededError` before sending when
+        ``temperature == 0``). ``affinity_key`` (e.g. a conversation id) names the calls
+        that should share a node and its prompt cache; by default a long enough prompt
+        prefix does (see :mod:`holysheep_lb.affinity`). Raises :class:`BudgetExceededError` before sending when
         a spend cap refuses the call. With ``stream=True`` it returns a
         :class:`~holysheep_lb.streaming.ChatStream` once the first chunk has arrived
         (failing over until then) and asks for ``stream_options={"include_usage": True}``
@@ -330,13 +335,17 @@ class Client:
         self._ensure_running()
         call_deadline = self._clock() + (deadline_s or self.config.deadline_s)
         decision = self._router.route(messages, params, is_available=self._model_available) if model == AUTO else None
+        # prompt-cache affinity (issue #14): the node this call's prefix (or affinity_key) prefers
+        affinity = self._selector.affinity.key_for(decision.model if decision else model, messages, params,
+                                                   affinity_key) if self._selector.affinity else None
         if stream:
             options = params.get("stream_options")
             if options is not None and not isinstance(options, Mapping):
                 raise InvalidRequestError("stream_options", options, "must be a dict or None")
-            return self._stream_with_costs(decision.model if decision else model, messages, params,
-                                           decision=decision, region=region, deadline_s=deadline_s,
-                                           idempotency_key=idempotency_key)
+            with call_affinity(affinity):  # prompt-cache affinity (issue #14)
+                return self._stream_with_costs(decision.model if decision else model, messages, params,
+                                               decision=decision, region=region, deadline_s=deadline_s,
+                                               idempotency_key=idempotency_key)
 
         cached = self._cache is not None and self._cache.wanted(params, cache)
 
@@ -352,14 +361,17 @@ class Client:
                 raise AllAttemptsFailedError(reason, [])
             method, body, headers, deadline = self._build("POST", payload, deadline_s=remaining_s,
                                                           idempotency_key=idempotency_key)
-            return self._run_chain(method, path, payload, body, headers, region=region, deadline=deadline,
-                                   costs=costs)
+            with call_affinity(affinity):  # prompt-cache affinity (issue #14)
+                return self._run_chain(method, path, payload, body, headers, region=region, deadline=deadline,
+                                       costs=costs)
 
         resp = self._chat_with_costs(decision.model if decision else model, messages, params, send,
                                      cache=cache, region=region, wait_s=max(0.0, call_deadline - self._clock()))
         if decision is not None:
             resp.extra["routing"] = decision
             resp.fallback = resp.fallback or decision.fallback
+        if self._selector.affinity is not None and not resp.cached:  # per-node cached tokens (issue #14)
+            self._selector.affinity.record_usage(resp.node_id, resp.get("usage"))
         return resp
 
     def _chat_with_costs(self, model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any],
@@ -585,6 +597,8 @@ class Client:
         (``outcome.status``, ``outcome.error``, ``outcome.node_id``) plug in here too.
         """
         self._stream_stats.record(outcome)
+        if self._selector.affinity is not None:  # per-node cached tokens (issue #14)
+            self._selector.affinity.record_usage(outcome.node_id, outcome.usage)
         self._count_call(outcome.ok, None if outcome.ok else "StreamInterruptedError", outcome.started)
 
     def map(
@@ -888,6 +902,7 @@ class Client:
             "health": None if self._health is None else {
                 "rounds": self._health.rounds, "probe_errors_raised": self._health.loop_errors},
             "cache": self._cache.stats() if self._cache is not None else None,
+            "affinity": self._selector.affinity.summary() if self._selector.affinity else None,  # issue #14
         }
 
     def latency_histograms(self) -> Dict[str, Any]:
