@@ -14,9 +14,17 @@ on one node, the prefix stays warm. This module decides *which* node a prefix pr
   HAProxy's ``hash-balance-factor``). Each node owns ``vnodes`` points of a hash ring; a
   key goes to the first node clockwise from its hash. A node leaving moves only its own
   keys (to the next node on the ring), and they come back when it does; a node joining
-  takes about 1/N of the keys. A node is passed over while it carries more than
-  ``balance_factor`` x its share (by weight) of the requests in flight, so no node takes
-  much more than its share however the keys fall.
+  takes about 1/N of the keys. A node is passed over while it has taken more than
+  ``balance_factor`` x its share (by weight) of the recent keyed calls (a moving count
+  over the last ~``128 x nodes`` of them), so no node takes much more than its share
+  however the keys fall; and while it has more than ``2 x balance_factor`` x its share of
+  the requests in flight (a burst guard).
+
+  Why recent calls and not only the requests in flight (HAProxy's measure): with 16
+  calls in flight over 4 nodes the bound ``ceil(1.25 x 16 / 4) = 5`` is reached by
+  chance a third of the time, and every such call warms a second node's cache at the
+  expense of another prefix (in ``benchmarks/prompt_cache.py`` that held the hit rate
+  near 0.6). A share of recent calls moves only when the keys really are uneven.
 * **A preference, never a promise.** A node that is ejected, down, throttled or waiting
   for its trial is not a candidate; a node that is clearly slower (typical latency, which
   includes the age of requests it has not answered, above ``slower_factor`` x the best
@@ -132,7 +140,7 @@ class AffinitySettings:
     """
 
     enabled: bool = True
-    balance_factor: float = 1.25
+    balance_factor: float = 1.2
     slower_factor: float = 2.0
     min_prefix_tokens: Mapping[str, int] = field(default_factory=dict)
     vnodes: int = 160
@@ -215,7 +223,10 @@ class AffinityRouter:
         # counters per node id (a fixed set: bounded memory); bumped under the selector's lock
         self._preferred = {n: 0 for n in self.ring.node_ids}   # keyed first attempts preferring n
         self._kept = {n: 0 for n in self.ring.node_ids}        # ... and sent to n
-        self._passed_over: Dict[str, int] = {"unusable": 0, "overloaded": 0, "slower": 0}
+        self._passed_over: Dict[str, int] = {"unusable": 0, "overloaded": 0, "busy": 0, "slower": 0}
+        # moving count of the keyed calls each node took (weights decay by 1 - 1/window a call)
+        self._recent = {n: 0.0 for n in self.ring.node_ids}
+        self._keep = 1.0 - 1.0 / (128 * max(1, len(self.ring.node_ids)))
         self._usage_lock = threading.Lock()
         self._answers = {n: 0 for n in self.ring.node_ids}
         self._prompt_tokens = {n: 0 for n in self.ring.node_ids}
@@ -240,13 +251,16 @@ class AffinityRouter:
         ``candidates`` are NodeStates the selector may use now; ``ctx`` a PickContext.
         """
         by_id = {n.id: n for n in candidates}
-        settings = self.settings
+        factor = self.settings.balance_factor
+        recent = self._recent
         total_weight = 0.0
         in_flight = 0
+        recent_total = 0.0
         best_ms = math.inf
         for node in candidates:
             total_weight += ctx.weight(node)
             in_flight += node.in_flight
+            recent_total += recent.get(node.id, 0.0)
             if node.mean_ms is not None:
                 best_ms = min(best_ms, node.typical_latency_ms(ctx.now))
         chosen = None
@@ -255,11 +269,13 @@ class AffinityRouter:
             if preferred is None:
                 preferred = node_id
             node = by_id.get(node_id)
+            share = ctx.weight(node) / total_weight if node is not None and total_weight > 0 else 1.0
             if node is None:
                 reason = "unusable"
-            elif total_weight > 0 and node.in_flight + 1 > math.ceil(
-                    settings.balance_factor * (in_flight + 1) * ctx.weight(node) / total_weight):
+            elif recent[node_id] + 1 > math.ceil(factor * (recent_total + 1) * share):
                 reason = "overloaded"
+            elif node.in_flight + 1 > math.ceil(2 * factor * (in_flight + 1) * share):
+                reason = "busy"
             elif self._slower(node, best_ms, ctx.now):
                 reason = "slower"
             else:
@@ -271,6 +287,11 @@ class AffinityRouter:
             self._preferred[preferred] += 1
             if chosen is not None and chosen.id == preferred:
                 self._kept[preferred] += 1
+        if chosen is not None:
+            keep = self._keep
+            for node_id in recent:
+                recent[node_id] *= keep
+            recent[chosen.id] += 1.0
         return chosen
 
     def _slower(self, node: Any, best_ms: float, now: float) -> bool:
