@@ -16,19 +16,21 @@ on one node, the prefix stays warm. This module decides *which* node a prefix pr
   keys (to the next node on the ring), and they come back when it does; a node joining
   takes about 1/N of the keys. A node is passed over while it has taken more than
   ``balance_factor`` x its share (by weight) of the recent keyed calls (a moving count
-  over the last ~``128 x nodes`` of them), so no node takes much more than its share
-  however the keys fall; and while it has more than ``2 x balance_factor`` x its share of
-  the requests in flight (a burst guard).
+  over the last ~``128 x nodes`` of them) *and* has more than that share of the requests
+  in flight, so no node takes much more than its share however the keys fall; and while
+  it has more than ``2 x balance_factor`` x its share of the requests in flight (a burst
+  guard). A client with little traffic (nothing in flight) keeps every key home.
 
   Why recent calls and not only the requests in flight (HAProxy's measure): with 16
   calls in flight over 4 nodes the bound ``ceil(1.25 x 16 / 4) = 5`` is reached by
   chance a third of the time, and every such call warms a second node's cache at the
   expense of another prefix (in ``benchmarks/prompt_cache.py`` that held the hit rate
-  near 0.6). A share of recent calls moves only when the keys really are uneven.
+  near 0.6). A share of recent calls moves only when the keys really are uneven; the
+  in-flight condition keeps a lone busy conversation on its node while the node is idle.
 * **A preference, never a promise.** A node that is ejected, down, throttled or waiting
   for its trial is not a candidate; a node that is clearly slower (typical latency, which
   includes the age of requests it has not answered, above ``slower_factor`` x the best
-  candidate's) is passed over. If no node on the ring qualifies, the routing strategy
+  candidate's and ``slower_margin_ms`` more) is passed over. If no node on the ring qualifies, the routing strategy
   chooses as if there were no key.
 
 Thread-safety: :meth:`AffinityRouter.choose` runs under the selector's lock (it only
@@ -134,7 +136,9 @@ class AffinitySettings:
     ``balance_factor``: a node is passed over while it has more than this x its share of
     the requests in flight (HAProxy's ``hash-balance-factor`` / 100; > 1).
     ``slower_factor``: a node is passed over while its typical latency is above this x
-    the best candidate's (> 1). ``min_prefix_tokens``: model-name prefix -> minimum
+    the best candidate's (> 1) and by more than ``slower_margin_ms`` (estimates of idle
+    nodes decay towards 0, so a ratio alone would call a node with fresh 100 ms samples
+    slow next to ones idle for a minute). ``min_prefix_tokens``: model-name prefix -> minimum
     cacheable prefix, added to :data:`DEFAULT_MIN_PREFIX_TOKENS`. ``vnodes``: ring
     points per node.
     """
@@ -142,6 +146,7 @@ class AffinitySettings:
     enabled: bool = True
     balance_factor: float = 1.2
     slower_factor: float = 2.0
+    slower_margin_ms: float = 250.0
     min_prefix_tokens: Mapping[str, int] = field(default_factory=dict)
     vnodes: int = 160
 
@@ -152,6 +157,9 @@ class AffinitySettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 < value < 1e6:
                 raise ConfigError(f"affinity.{name}", value, "must be a number above 1")
+        if isinstance(self.slower_margin_ms, bool) or not isinstance(self.slower_margin_ms, (int, float)) \
+                or not 0 <= self.slower_margin_ms < 1e9:
+            raise ConfigError("affinity.slower_margin_ms", self.slower_margin_ms, "must be a number of ms >= 0")
         if isinstance(self.vnodes, bool) or not isinstance(self.vnodes, int) or not 1 <= self.vnodes <= 4096:
             raise ConfigError("affinity.vnodes", self.vnodes, "must be an integer from 1 to 4096")
         if not isinstance(self.min_prefix_tokens, Mapping):
@@ -174,12 +182,12 @@ class AffinitySettings:
         if isinstance(value, AffinitySettings):
             return value
         if isinstance(value, Mapping):
-            unknown = sorted(set(value) - {"enabled", "balance_factor", "slower_factor", "min_prefix_tokens",
-                                           "vnodes"})
+            unknown = sorted(set(value) - {"enabled", "balance_factor", "slower_factor", "slower_margin_ms",
+                                           "min_prefix_tokens", "vnodes"})
             if unknown:
                 raise ConfigError(f"affinity.{unknown[0]}", value[unknown[0]],
                                   "is not an affinity setting (enabled, balance_factor, slower_factor, "
-                                  "min_prefix_tokens, vnodes)")
+                                  "slower_margin_ms, min_prefix_tokens, vnodes)")
             return cls(**value)
         raise ConfigError("affinity", value, "must be True, False, a dict of settings or an AffinitySettings")
 
@@ -272,7 +280,8 @@ class AffinityRouter:
             share = ctx.weight(node) / total_weight if node is not None and total_weight > 0 else 1.0
             if node is None:
                 reason = "unusable"
-            elif recent[node_id] + 1 > math.ceil(factor * (recent_total + 1) * share):
+            elif (recent[node_id] + 1 > math.ceil(factor * (recent_total + 1) * share)
+                  and node.in_flight + 1 > math.ceil(factor * (in_flight + 1) * share)):
                 reason = "overloaded"
             elif node.in_flight + 1 > math.ceil(2 * factor * (in_flight + 1) * share):
                 reason = "busy"
@@ -297,7 +306,9 @@ class AffinityRouter:
     def _slower(self, node: Any, best_ms: float, now: float) -> bool:
         if node.mean_ms is None and not node.awaiting:
             return False  # never measured: unknown is not slow
-        return node.typical_latency_ms(now) > self.settings.slower_factor * best_ms
+        typical_ms = node.typical_latency_ms(now)
+        return (typical_ms > self.settings.slower_factor * best_ms
+                and typical_ms - best_ms > self.settings.slower_margin_ms)
 
     def record_usage(self, node_id: Optional[str], usage: Any) -> None:
         """Count the prompt and cached tokens a node's answer reported (any usage form)."""
