@@ -211,7 +211,8 @@ def main() -> int:
     }
     for check, ok in checks.items():
         print(f"  [{'met' if ok else 'NOT met'}] {check}")
-    print(f"  reproduce: python benchmarks/prompt_cache.py --requests {args.requests}{' --quick' if args.quick else ''}")
+    quick = " --quick" if args.quick else ""
+    print(f"  reproduce: python benchmarks/prompt_cache.py --requests {args.requests}{quick}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"rows": rows, "not_run": missing, "checks": checks}, fh, indent=2, default=str)

@@ -132,9 +132,11 @@ def _parse_price(model: Any, value: Any) -> ModelPrice:
         value = tuple(value.get(key) for key in PRICE_KEYS)
     if not isinstance(value, (tuple, list)) or not 2 <= len(value) <= len(PRICE_KEYS):
         raise ConfigError(where, value, _PRICE_FORMS)
-    rates = [None if (i >= 2 and rate is None) else _check_price_number(f"{where}.{PRICE_KEYS[i]}", rate)
-             for i, rate in enumerate(value)]
-    return ModelPrice(*rates)
+    rates: List[Optional[float]] = [
+        None if (i >= 2 and rate is None) else _check_price_number(f"{where}.{PRICE_KEYS[i]}", rate)
+        for i, rate in enumerate(value)]
+    rates += [None] * (len(PRICE_KEYS) - len(rates))
+    return ModelPrice(float(rates[0] or 0.0), float(rates[1] or 0.0), rates[2], rates[3])
 
 
 class PriceTable:

@@ -190,7 +190,8 @@ def test_report_per_model_per_day_and_savings_against_baseline():
     assert report["days"] == ["2026-11-26", "2026-11-27"]
     assert report["totals"] == {"requests": 2, "cached_requests": 1, "input_tokens": 1100,
                                 "output_tokens": 250, "cost_usd": 0.000964,
-                                "unconfirmed_calls": 0, "unconfirmed_usd": 0.0, "cached_input_tokens": 0, "cache_write_tokens": 0,
+                                "unconfirmed_calls": 0, "unconfirmed_usd": 0.0,
+                                "cached_input_tokens": 0, "cache_write_tokens": 0,
                                 "cache_saved_usd": 0.0, "unreadable_usage": 0, "cached_input_share": 0.0}
     assert report["by_model"]["gpt-4.1"]["cost_usd"] == 0.0006
     assert report["by_model"]["deepseek-v3.2"]["share_of_requests"] == 2 / 3
@@ -213,7 +214,8 @@ def test_an_attempt_that_timed_out_after_sending_keeps_its_estimate_as_unconfirm
     led.settle(held, usage(104, 90))  # another node answered: the gateway billed both
     report = led.report()
     assert report["totals"] == {"requests": 1, "cached_requests": 0, "input_tokens": 208, "output_tokens": 190,
-                                "cost_usd": 0.001936, "unconfirmed_calls": 1, "unconfirmed_usd": 0.001008, "cached_input_tokens": 0, "cache_write_tokens": 0,
+                                "cost_usd": 0.001936, "unconfirmed_calls": 1, "unconfirmed_usd": 0.001008,
+                                "cached_input_tokens": 0, "cache_write_tokens": 0,
                                 "cache_saved_usd": 0.0, "unreadable_usage": 0, "cached_input_share": 0.0}
     assert report["by_model"]["gpt-4.1"]["unconfirmed_calls"] == 1
     assert report["by_day"]["2026-11-26"]["unconfirmed_usd"] == 0.001008
