@@ -55,6 +55,7 @@ import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple
 
 from .errors import RateLimitExceeded
+from .usage import total_tokens
 
 __all__ = ["Limiter", "TokenBucket", "RateLimits", "Reservation", "estimate_tokens", "usage_tokens",
            "minute_bucket_shape"]
@@ -313,16 +314,7 @@ def estimate_tokens(payload: Optional[Mapping[str, Any]]) -> int:
 
 def usage_tokens(result: Any) -> Optional[int]:
     """Tokens an answer says it used (``usage.total_tokens``), or None when it does not say."""
-    usage = result.get("usage") if isinstance(result, Mapping) else None
-    if not isinstance(usage, Mapping):
-        return None
-    total = usage.get("total_tokens")
-    if isinstance(total, int) and not isinstance(total, bool) and total >= 0:
-        return total
-    parts = [usage.get("prompt_tokens"), usage.get("completion_tokens")]
-    if all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in parts):
-        return parts[0] + parts[1]
-    return None
+    return total_tokens(result.get("usage") if isinstance(result, Mapping) else None)  # the one usage reader
 
 
 # -- the client's limits --------------------------------------------------------------------
