@@ -91,7 +91,9 @@ def prefix_key(model: str, messages: Sequence[Mapping[str, Any]], tools: Any = N
     """The ring position of the cacheable prefix: model, tools and the messages before the
     last user message; None when that prefix is too short for ``model``'s cache.
 
-    Only the arguments are hashed (never a credential).
+    Only the arguments are hashed (never a credential). It runs on every chat call, so
+    it is cheap: a prefix too short for any model's cache is refused on a character
+    count, and text contents are hashed as they are (no JSON encoding of the prompt).
     """
     last_user = None
     for index in range(len(messages) - 1, -1, -1):
@@ -104,10 +106,30 @@ def prefix_key(model: str, messages: Sequence[Mapping[str, Any]], tools: Any = N
     # the estimate (about 4 characters a token) is cheap; hash only what is long enough
     tools_text = json.dumps(tools, sort_keys=True, ensure_ascii=False, default=str) if tools else ""
     tokens = (estimate_prompt_tokens(prefix) if prefix else 0) + math.ceil(len(tools_text) / 4)
-    if tokens < _min_tokens(model, min_prefix_tokens):
+    if tokens < min(min_prefix_tokens.values(), default=0) or tokens < _min_tokens(model, min_prefix_tokens):
         return None
-    text = json.dumps([model, tools_text, list(prefix)], sort_keys=True, ensure_ascii=False, default=str)
-    return _position(b"prefix\0" + text.encode("utf-8", "surrogatepass"))
+    digest = hashlib.blake2b(digest_size=8)
+    update = digest.update
+    for part in ("prefix", model, tools_text):
+        _feed(update, part)
+    for message in prefix:
+        if isinstance(message, Mapping) and message.keys() <= _PLAIN_KEYS and isinstance(message.get("content"), str):
+            _feed(update, str(message.get("role")))
+            _feed(update, message["content"])
+        else:  # parts, tool calls, names: rare; encoded whole (a different tag keeps them apart)
+            _feed(update, "\1json")
+            _feed(update, json.dumps(message, sort_keys=True, ensure_ascii=False, default=str))
+    return int.from_bytes(digest.digest(), "big")
+
+
+_PLAIN_KEYS = frozenset({"role", "content"})
+
+
+def _feed(update: Any, text: str) -> None:
+    """Length-prefixed, so that no two sequences of texts hash the same bytes."""
+    data = text.encode("utf-8", "surrogatepass")
+    update(len(data).to_bytes(8, "big"))
+    update(data)
 
 
 @dataclass(frozen=True)

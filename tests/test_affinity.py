@@ -297,3 +297,14 @@ def test_chat_completion_puts_the_key_on_the_call_context(make_client, monkeypat
         with pytest.raises(InvalidRequestError, match="stop"):
             client.chat_completion(messages, model="gpt-4.1", **kwargs)
     assert seen == [prefix_key("gpt-4.1", conv), key_position("conversation-7"), None]
+
+
+def test_the_default_key_tells_apart_prefixes_that_concatenate_alike():
+    user = {"role": "user", "content": "q"}
+    split_a = [{"role": "system", "content": LONG + "ab"}, {"role": "system", "content": "c"}, user]
+    split_b = [{"role": "system", "content": LONG + "a"}, {"role": "system", "content": "bc"}, user]
+    named = [{"role": "system", "content": LONG + "ab", "name": "x"}, {"role": "system", "content": "c"}, user]
+    parts = [{"role": "system", "content": [{"type": "text", "text": LONG}]}, user]
+    keys = [prefix_key("gpt-4.1", m) for m in (split_a, split_b, named, parts)]
+    assert None not in keys and len(set(keys)) == 4
+    assert prefix_key("gpt-4.1", split_a, tools=[{"type": "function"}]) != keys[0]
