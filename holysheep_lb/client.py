@@ -224,6 +224,7 @@ class Client(ClientOptions):
         extra_query: Optional[Mapping[str, Any]] = None,
         extra_body: Optional[Mapping[str, Any]] = None,
         first_token_timeout_s: Optional[float] = None,
+        affinity_key: Optional[str] = None,
         **params: Any,
     ) -> Union[Response, ChatCompletionStream]:
         """``POST /chat/completions``; returns the decoded JSON with routing metadata.
@@ -233,6 +234,9 @@ class Client(ClientOptions):
         ``model="auto"`` lets the client's router choose (``resp.extra["routing"]``).
         ``cache`` overrides whether the response cache is used (default: only when
         ``temperature == 0``, and not with ``extra_headers`` or ``extra_query``).
+        ``affinity_key`` (e.g. a conversation id) names the calls that should share a node
+        and its prompt cache; by default a long enough prompt prefix does (see
+        :mod:`holysheep_lb.affinity`).
         Raises :class:`BudgetExceededError` before sending when a spend cap refuses the
         call. With ``stream=True`` it returns a :class:`~holysheep_lb.streaming.ChatStream`
         once the first chunk has arrived (failing over until then) and asks for
@@ -273,14 +277,17 @@ class Client(ClientOptions):
         self._ensure_running()
         deadline = self._clock() + (deadline_s or self.config.deadline_s)
         decision = self._router.route(messages, params, is_available=self._model_available) if model == AUTO else None
+        model = decision.model if decision else model
+        affinity = self._selector.affinity  # the node this call's prefix (or affinity_key) prefers
+        position = affinity.key_for(model, messages, params, affinity_key) if affinity is not None else None
         if stream:
             stream_options = params.get("stream_options")
             if stream_options is not None and not isinstance(stream_options, Mapping):
                 raise InvalidRequestError("stream_options", stream_options, "must be a dict or None")
         ctx = self._context("chat", "POST", "/chat/completions", deadline, options,
-                            model=decision.model if decision else model, messages=messages, params=params,
+                            model=model, messages=messages, params=params,
                             region=region, idempotency_key=idempotency_key, stream=bool(stream),
-                            first_token_timeout_s=first_token_timeout_s)
+                            first_token_timeout_s=first_token_timeout_s, affinity_key=position)
         result = self._run(ctx, (lambda: self._pipes.stream.run(ctx)) if stream else (
             lambda: self._pipes.chat.run(ctx, cache=cache)))
         if decision is not None:
@@ -344,6 +351,8 @@ class Client(ClientOptions):
         """Called once per stream when it completes, breaks or is cancelled: stream stats
         and call counts (cost and breaker outcomes have their own hooks)."""
         self._parts.stream_stats.record(outcome)
+        if self._selector.affinity is not None:  # the node's provider-cached tokens
+            self._selector.affinity.record_usage(outcome.node_id, outcome.usage)
         if outcome.ends_call:  # a rescued stream's call ends with the stream that rescued it
             self._parts.tally.count(outcome.ok, None if outcome.ok else "StreamInterruptedError", outcome.started)
 

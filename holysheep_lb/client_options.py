@@ -94,6 +94,7 @@ class ClientOptions:
         budget: Any = None,
         spend_store: Optional[SpendStore] = None,
         cache: Any = None,
+        affinity: Any = True,
         # not ClientConfig options: objects the client works with
         retry: Optional[RetryPolicy] = None,
         observers: Optional[Sequence[CallObserver]] = None,

@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import urlsplit, urlunsplit
 
+from .affinity import AffinitySettings
 from .cache import check_cache_option
 from .errors import REDACTED, ConfigError
 from .models import CapabilityTable, ModelRouter
@@ -411,6 +412,8 @@ class ClientConfig:
     budget: Any = None  # None, a Budget or a dict of its fields
     spend_store: Optional[SpendStore] = None  # None: in this process only
     cache: Any = None  # None, True, {"maxsize": n, "ttl_s": s} or a ResponseCache
+    # prompt-cache affinity (see affinity.py): True (default), False, a dict or an AffinitySettings
+    affinity: Any = True
 
     def __post_init__(self) -> None:
         _check_cost_options(self)
@@ -551,6 +554,7 @@ def _check_cost_options(cfg: "ClientConfig") -> None:
     object.__setattr__(cfg, "prices", PriceTable.coerce(cfg.prices))
     object.__setattr__(cfg, "budget", Budget.coerce(cfg.budget))
     object.__setattr__(cfg, "cache", check_cache_option(cfg.cache))
+    object.__setattr__(cfg, "affinity", AffinitySettings.coerce(cfg.affinity))
     if cfg.router is not None and not isinstance(cfg.router, ModelRouter):
         raise ConfigError("router", cfg.router, "must be None or a ModelRouter")
     if cfg.spend_store is not None and not isinstance(cfg.spend_store, SpendStore):

@@ -16,7 +16,7 @@ import logging
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .pricing import Reservation, Settled, SpendLedger
-from .ratelimit import usage_tokens
+from .usage import total_tokens
 
 __all__ = ["CallCosts", "StreamCosts", "cost_info"]
 
@@ -26,13 +26,21 @@ SettleTokens = Callable[[Optional[int]], None]
 
 
 def cost_info(reservation: Optional[Reservation], settled: Optional[Settled]) -> Dict[str, Any]:
-    """``resp.extra["cost"]``; all zeros (model None) when no model was paid for."""
+    """``resp.extra["cost"]``; all zeros (model None) when no model was paid for.
+
+    ``cached_tokens`` of the ``input_tokens`` were read from the provider's prompt cache
+    (billed at the cached rate), ``cache_write_tokens`` written to it, and
+    ``cache_saved_usd`` is what that saved against the input rate.
+    """
     if reservation is None or settled is None:
         return {"model": None, "estimated_usd": 0.0, "cost_usd": 0.0, "input_tokens": 0,
-                "output_tokens": 0, "from_usage": False}
+                "output_tokens": 0, "from_usage": False, "cached_tokens": 0, "cache_write_tokens": 0,
+                "cache_saved_usd": 0.0}
     return {"model": reservation.model, "estimated_usd": float(reservation.amount_usd),
             "cost_usd": float(settled.cost_usd), "input_tokens": settled.input_tokens,
-            "output_tokens": settled.output_tokens, "from_usage": settled.from_usage}
+            "output_tokens": settled.output_tokens, "from_usage": settled.from_usage,
+            "cached_tokens": settled.cached_tokens, "cache_write_tokens": settled.cache_write_tokens,
+            "cache_saved_usd": float(settled.cache_saved_usd)}
 
 
 class CallCosts:
@@ -91,7 +99,7 @@ class CallCosts:
             if self._take(held):
                 result.extra["cost"] = cost_info(held, self._ledger.settle(held, result.get("usage")))
         finally:  # the rate limits hear the usage even if the spend step was interrupted
-            settle_tokens(usage_tokens(result))
+            settle_tokens(total_tokens(result.get("usage") if isinstance(result, Mapping) else None))
 
     def close(self) -> None:
         self._first = None
@@ -127,4 +135,4 @@ class StreamCosts(CallCosts):
         try:
             self._ledger.settle(held, usage)
         finally:
-            settle_tokens(usage_tokens({"usage": usage}))
+            settle_tokens(total_tokens(usage))

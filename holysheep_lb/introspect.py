@@ -37,6 +37,7 @@ def stats(parts: Parts, observers: ObserverSet) -> Dict[str, Any]:
         "streams": parts.stream_stats.snapshot(),
         "health": None if health is None else {"rounds": health.rounds, "probe_errors_raised": health.loop_errors},
         "cache": parts.cache.stats() if parts.cache is not None else None,
+        "affinity": parts.selector.affinity.summary() if parts.selector.affinity is not None else None,
         "observer_errors": observers.errors,
     }
 

@@ -23,6 +23,7 @@ from .errors import BudgetExceededError, InvalidRequestError
 from .prices import PriceTable
 from .spend_store import InMemorySpendStore, SpendRow, SpendStore
 from .tokens import estimate_prompt_tokens, reserved_output_tokens
+from .usage import TokenUsage, read_usage
 
 __all__ = ["Settled", "SpendLedger"]
 
@@ -34,12 +35,21 @@ _ZERO = Decimal(0)
 
 @dataclass(frozen=True)
 class Settled:
-    """What one call cost: tokens from ``usage`` (or the estimate, when it had none)."""
+    """What one call cost: tokens from ``usage`` (or the estimate, when it had none).
+
+    ``cached_tokens`` / ``cache_write_tokens`` are the parts of ``input_tokens`` read from
+    / written to the provider's prompt cache; ``cache_saved_usd`` what that saved against
+    the input rate; ``usage_problems`` the usage fields that could not be read.
+    """
 
     input_tokens: int
     output_tokens: int
     cost_usd: Decimal
     from_usage: bool
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    cache_saved_usd: Decimal = _ZERO
+    usage_problems: Tuple[str, ...] = ()
 
 
 class SpendLedger:
@@ -111,16 +121,39 @@ class SpendLedger:
         raise _budget_error(model, wanted, refusal, downgrade_tried=downgrade)
 
     def settle(self, reservation: Reservation, usage: Any) -> Settled:
-        """Replace the reservation with the actual cost from ``usage`` (the estimate if absent)."""
-        tokens = _usage_tokens(usage)
-        if tokens is None:
-            log.debug("no usable usage in the answer from %s; counting the estimate", reservation.model)
-            input_tokens, output_tokens, from_usage = reservation.input_tokens, reservation.output_tokens, False
-        else:
-            (input_tokens, output_tokens), from_usage = tokens, True
-        cost = self.prices.exact_cost_usd(reservation.model, input_tokens, output_tokens)
-        self.store.settle(reservation, input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost)
-        return Settled(input_tokens, output_tokens, cost, from_usage)
+        """Replace the reservation with the actual cost from ``usage`` (the estimate if absent).
+
+        Cached input tokens are billed at the model's cached rate; the reservation was
+        made at the full rate, so a cache hit only ever gives money back.
+        """
+        reading = read_usage(usage)
+        from_usage = reading.known
+        if not from_usage:
+            log.debug("no usable usage in the answer from %s (%s); counting the estimate", reservation.model,
+                      ", ".join(reading.problems))
+            reading = TokenUsage(reservation.input_tokens, reservation.output_tokens, problems=reading.problems)
+        elif reading.problems:
+            log.debug("unreadable usage fields in the answer from %s (%s): priced as uncached",
+                      reservation.model, ", ".join(reading.problems))
+        settled = self._price(reservation.model, reading, from_usage=from_usage)
+        self.store.settle(reservation, input_tokens=settled.input_tokens, output_tokens=settled.output_tokens,
+                          cost_usd=settled.cost_usd)
+        self._record_details(reservation.model, reservation.day, settled)
+        return settled
+
+    def _price(self, model: str, reading: TokenUsage, *, from_usage: bool) -> Settled:
+        cost = self.prices.exact_cost_usd(model, reading.input_tokens, reading.output_tokens,
+                                          reading.cached_tokens, reading.cache_write_tokens)
+        saved = self.prices.exact_cache_saving_usd(model, reading.cached_tokens, reading.cache_write_tokens)
+        return Settled(reading.input_tokens, reading.output_tokens, cost, from_usage, reading.cached_tokens,
+                       reading.cache_write_tokens, saved, reading.problems)
+
+    def _record_details(self, model: str, day: str, settled: Settled) -> None:
+        if settled.cached_tokens or settled.cache_write_tokens or settled.usage_problems:
+            self.store.record_usage_details(model, day, cached_input_tokens=settled.cached_tokens,
+                                            cache_write_tokens=settled.cache_write_tokens,
+                                            cache_saved_usd=settled.cache_saved_usd,
+                                            unreadable_usage=1 if settled.usage_problems else 0)
 
     def cancel(self, reservation: Reservation) -> None:
         self.store.cancel(reservation)
@@ -129,14 +162,15 @@ class SpendLedger:
         """Record an answer that was paid for without a reservation: a hedged copy that
         lost the race (the gateway billed it; nobody reads it). Nothing is guessed when
         it reported no usage."""
-        tokens = _usage_tokens(usage)
-        if tokens is None:
+        reading = read_usage(usage)
+        if not reading.known:
             return None
-        input_tokens, output_tokens = tokens
-        cost = self.prices.exact_cost_usd(model, input_tokens, output_tokens)
+        settled = self._price(model, reading, from_usage=True)
         nothing_held = Reservation(model, self.today(), 0, 0, Decimal(0))
-        self.store.settle(nothing_held, input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost)
-        return Settled(input_tokens, output_tokens, cost, True)
+        self.store.settle(nothing_held, input_tokens=settled.input_tokens, output_tokens=settled.output_tokens,
+                          cost_usd=settled.cost_usd)
+        self._record_details(model, nothing_held.day, settled)
+        return settled
 
     def record_unconfirmed(self, reservation: Reservation) -> None:
         """An attempt for ``reservation`` timed out after its request was sent: the gateway
@@ -170,6 +204,10 @@ class SpendLedger:
         minus what was actually spent. Money is in USD (floats). ``cost_usd`` and the
         tokens include ``unconfirmed_usd``: the estimates of ``unconfirmed_calls``,
         attempts that timed out after their request was sent (see :meth:`record_unconfirmed`).
+        ``cached_input_tokens`` (and ``cached_input_share`` of ``input_tokens``) were read
+        from the provider's prompt cache, ``cache_write_tokens`` written to it, and
+        ``cache_saved_usd`` is what the cache saved against the input rate;
+        ``unreadable_usage`` counts answers whose usage could not be read in full.
         """
         baseline = None
         if baseline_model is not None:
@@ -216,18 +254,6 @@ class SpendLedger:
         return sorted(cheaper, key=lambda r: r.amount_usd, reverse=True)
 
 
-def _usage_tokens(usage: Any) -> Optional[Tuple[int, int]]:
-    if not isinstance(usage, Mapping):
-        return None
-    prompt = usage.get("prompt_tokens")
-    completion = usage.get("completion_tokens", 0)
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        return None
-    if isinstance(prompt, bool) or isinstance(completion, bool) or prompt < 0 or completion < 0:
-        return None
-    return prompt, completion
-
-
 def _budget_error(model: str, wanted: Reservation, refusal: Refusal, *, downgrade_tried: bool) -> BudgetExceededError:
     return BudgetExceededError(
         model=model,
@@ -243,8 +269,14 @@ def _budget_error(model: str, wanted: Reservation, refusal: Refusal, *, downgrad
 
 def _sum_rows(rows: Iterable[SpendRow]) -> Dict[str, Any]:
     out: Dict[str, Any] = {"requests": 0, "cached_requests": 0, "input_tokens": 0, "output_tokens": 0,
-                           "cost_usd": _ZERO, "unconfirmed_calls": 0, "unconfirmed_usd": _ZERO}
+                           "cost_usd": _ZERO, "unconfirmed_calls": 0, "unconfirmed_usd": _ZERO,
+                           "cached_input_tokens": 0, "cache_write_tokens": 0, "cache_saved_usd": _ZERO,
+                           "unreadable_usage": 0}
     for r in rows:
+        out["cached_input_tokens"] += r.cached_input_tokens
+        out["cache_write_tokens"] += r.cache_write_tokens
+        out["cache_saved_usd"] += r.cache_saved_usd
+        out["unreadable_usage"] += r.unreadable_usage
         out["requests"] += r.requests
         out["cached_requests"] += r.cached_requests
         out["input_tokens"] += r.input_tokens
@@ -252,6 +284,7 @@ def _sum_rows(rows: Iterable[SpendRow]) -> Dict[str, Any]:
         out["cost_usd"] += r.cost_usd
         out["unconfirmed_calls"] += r.unconfirmed_calls
         out["unconfirmed_usd"] += r.unconfirmed_usd
+    out["cached_input_share"] = _share(out["cached_input_tokens"], out["input_tokens"])
     return out
 
 

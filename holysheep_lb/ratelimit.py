@@ -57,6 +57,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple
 from . import forksafe
 from .errors import RateLimitExceeded
 from .tokens import estimate_call_tokens
+from .usage import total_tokens
 
 __all__ = ["Limiter", "TokenBucket", "RateLimits", "Reservation", "estimate_tokens", "usage_tokens",
            "minute_bucket_shape"]
@@ -292,17 +293,7 @@ def estimate_tokens(payload: Optional[Mapping[str, Any]]) -> int:
 
 def usage_tokens(result: Any) -> Optional[int]:
     """Tokens an answer says it used (``usage.total_tokens``), or None when it does not say."""
-    usage = result.get("usage") if isinstance(result, Mapping) else None
-    if not isinstance(usage, Mapping):
-        return None
-    total = usage.get("total_tokens")
-    if isinstance(total, int) and not isinstance(total, bool) and total >= 0:
-        return total
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if (isinstance(prompt, int) and not isinstance(prompt, bool) and prompt >= 0
-            and isinstance(completion, int) and not isinstance(completion, bool) and completion >= 0):
-        return prompt + completion
-    return None
+    return total_tokens(result.get("usage") if isinstance(result, Mapping) else None)  # the one usage reader
 
 
 # -- the client's limits --------------------------------------------------------------------

@@ -25,6 +25,7 @@ import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from . import forksafe
+from .affinity import AffinityRouter, annotate
 from .errors import ConfigError, NoHealthyNodeError
 from .hangs import DEFAULT_HANG_POLICY, HangPolicy, HangWatcher
 from .nodes import EjectionPolicy, NodeState
@@ -71,6 +72,7 @@ class Selector:
         clock: Callable[[], float] = time.monotonic,
         rand: Optional[Callable[[], float]] = None,
         hang: HangPolicy = DEFAULT_HANG_POLICY,
+        affinity: Optional[AffinityRouter] = None,
     ) -> None:
         if not nodes:
             raise ConfigError("nodes", [], "must contain at least one node")
@@ -86,12 +88,15 @@ class Selector:
         self.panicking = False
         self._watcher = HangWatcher(hang.watch_interval_s)  # guarded by _state_lock
         forksafe.register(self)
+        self.affinity = affinity  # prompt-cache affinity (affinity.py): a preference tried before the strategy
 
     @forksafe.once_per_process
     def reset_after_fork(self) -> None:
         """A lock held by another thread at fork time would stay held forever in the child.
         (The nodes and the hang watcher reset themselves: they are in the fork registry.)"""
         self._state_lock = threading.Lock()
+        if self.affinity is not None:
+            self.affinity.reset_after_fork()
 
     def close(self) -> None:
         """Stop the hang watcher thread (it also ends by itself once idle)."""
@@ -123,13 +128,16 @@ class Selector:
     reset_lock_after_fork = reset_after_fork  # the name the Client calls
 
     def pick(self, *, exclude: Iterable[str] = (), region: Optional[str] = None,
-             started: Optional[float] = None, fresh_only: bool = False) -> NodeState:
+             started: Optional[float] = None, fresh_only: bool = False,
+             affinity_key: Optional[int] = None) -> NodeState:
         """Choose a node for one attempt (never one in ``exclude`` while another is usable).
 
         ``started`` (default: now, on the selector's clock) marks the attempt as awaiting
         an answer; pass the same value to the matching ``release_*`` or ``answered``.
         With ``fresh_only`` (a hedge) raise NoHealthyNodeError rather than reuse an
-        excluded node.
+        excluded node. ``affinity_key`` (a ring position, the call's ``CallContext.affinity_key``;
+        none for a hedged copy) names the node the call prefers, tried before the strategy
+        (see :mod:`holysheep_lb.affinity`).
         """
         with self._state_lock:
             now = self.clock()
@@ -165,7 +173,11 @@ class Selector:
                     raise NoHealthyNodeError("no usable node outside those excluded")
                 candidates = pool
             ctx = PickContext(now, region, nodes, self.rand, self.ejection.slow_start_s)
-            node = self.strategy.choose(candidates, ctx)
+            node = None
+            if affinity_key is not None and self.affinity is not None:
+                node = self.affinity.choose(affinity_key, candidates, ctx, first_attempt=not excluded)
+            if node is None:
+                node = self.strategy.choose(candidates, ctx)
             if node is None:
                 raise NoHealthyNodeError("the routing strategy returned no node")
             start_watcher = self._watcher.claim()
@@ -277,7 +289,9 @@ class Selector:
     def snapshot(self) -> List[Dict[str, Any]]:
         with self._state_lock:
             now = self.clock()
-            return [n.snapshot(now) for n in self.nodes]
+            rows = [n.snapshot(now) for n in self.nodes]
+            annotate(rows, self.affinity)
+        return rows
 
     def latency_percentile_ms(self, node: NodeState, q: float, *, min_samples: int = 1) -> Optional[float]:
         """A node's q-th percentile of successful request latency; None below ``min_samples``."""
@@ -295,6 +309,9 @@ class Selector:
     def node_stats(self) -> Dict[str, Dict[str, Any]]:
         with self._state_lock:
             raw = {n.id: n.stats() for n in self.nodes}
+            if self.affinity is not None:
+                for node_id, entry in raw.items():
+                    entry.update(self.affinity.node_stats(node_id))
         for entry in raw.values():  # percentiles are computed after the lock is released
             entry["latency"] = entry["latency"].summary()
         return raw

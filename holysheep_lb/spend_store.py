@@ -44,6 +44,13 @@ class SpendRow:
     cost_usd: Decimal = _ZERO
     unconfirmed_calls: int = 0
     unconfirmed_usd: Decimal = _ZERO
+    # the provider's prompt cache: input tokens read from / written to it (part of
+    # input_tokens), what that saved against the input rate, and the answers whose
+    # usage could not be read in full (priced as uncached, or at the estimate)
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    cache_saved_usd: Decimal = _ZERO
+    unreadable_usage: int = 0
 
 
 # -- storage -----------------------------------------------------------------------------
@@ -89,6 +96,14 @@ class SpendStore(ABC):
     def reserved_usd(self) -> Decimal:
         """The sum of the reservations in flight."""
         return _ZERO
+
+    def record_usage_details(self, model: str, day: str, *, cached_input_tokens: int, cache_write_tokens: int,
+                             cache_saved_usd: Decimal, unreadable_usage: int) -> None:
+        """Count a settled answer's prompt-cache tokens and saving, and whether its usage was
+        unreadable (reported only: caps see the cost given to :meth:`settle`).
+
+        Optional: a store that does not keep them reports zeros.
+        """
 
     def reset_after_fork(self) -> None:
         """Called in a child process after fork: the parent's reservations are not ours."""
@@ -175,6 +190,16 @@ class InMemorySpendStore(SpendStore):
         with self._ledger_lock:
             self._roll_to(day)
             self._row(day, model).cached_requests += 1
+
+    def record_usage_details(self, model: str, day: str, *, cached_input_tokens: int, cache_write_tokens: int,
+                             cache_saved_usd: Decimal, unreadable_usage: int) -> None:
+        with self._ledger_lock:
+            self._roll_to(day)
+            row = self._row(day, model)
+            row.cached_input_tokens += cached_input_tokens
+            row.cache_write_tokens += cache_write_tokens
+            row.cache_saved_usd += cache_saved_usd
+            row.unreadable_usage += unreadable_usage
 
     def rows(self) -> List[SpendRow]:
         with self._ledger_lock:

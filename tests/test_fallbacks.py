@@ -223,7 +223,8 @@ def test_a_fallback_answer_is_paid_and_recorded_as_the_model_that_gave_it(rsps, 
     assert held == [GPT_ESTIMATE, DEEPSEEK_ESTIMATE], "each model holds its own estimate while it is sent to"
     assert resp.extra["cost"] == {"model": "deepseek-v3.2", "estimated_usd": float(DEEPSEEK_ESTIMATE),
                                   "cost_usd": 0.0007, "input_tokens": 1000, "output_tokens": 1000,
-                                  "from_usage": True}  # 1000*0.28 + 1000*0.42 micro-USD, not gpt-4.1's 0.01
+                                  "from_usage": True,  # 1000*0.28 + 1000*0.42 micro-USD, not gpt-4.1's 0.01
+                                  "cached_tokens": 0, "cache_write_tokens": 0, "cache_saved_usd": 0.0}
     report = client.cost_report()
     assert list(report["by_model"]) == ["deepseek-v3.2"]
     assert report["by_model"]["deepseek-v3.2"]["requests"] == 1
@@ -263,7 +264,8 @@ def test_a_canned_reply_costs_nothing(rsps, make_client, clock):
                      fallback_reply=lambda *a: {"choices": [{"message": {"content": "SORRY"}}]})
     resp = client.chat_completion(MSGS, model="gpt-4.1")
     assert resp.extra["cost"] == {"model": None, "estimated_usd": 0.0, "cost_usd": 0.0, "input_tokens": 0,
-                                  "output_tokens": 0, "from_usage": False}
+                                  "output_tokens": 0, "from_usage": False,
+                                  "cached_tokens": 0, "cache_write_tokens": 0, "cache_saved_usd": 0.0}
     report = client.cost_report()
     assert (report["totals"]["requests"], report["totals"]["cost_usd"]) == (0, 0.0)
     assert report["in_flight_reserved_usd"] == 0.0

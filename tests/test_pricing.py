@@ -190,7 +190,9 @@ def test_report_per_model_per_day_and_savings_against_baseline():
     assert report["days"] == ["2026-11-26", "2026-11-27"]
     assert report["totals"] == {"requests": 2, "cached_requests": 1, "input_tokens": 1100,
                                 "output_tokens": 250, "cost_usd": 0.000964,
-                                "unconfirmed_calls": 0, "unconfirmed_usd": 0.0}
+                                "unconfirmed_calls": 0, "unconfirmed_usd": 0.0,
+                                "cached_input_tokens": 0, "cache_write_tokens": 0,
+                                "cache_saved_usd": 0.0, "unreadable_usage": 0, "cached_input_share": 0.0}
     assert report["by_model"]["gpt-4.1"]["cost_usd"] == 0.0006
     assert report["by_model"]["deepseek-v3.2"]["share_of_requests"] == 2 / 3
     assert report["by_model"]["gpt-4.1"]["share_of_cost"] == 600 / 964
@@ -212,7 +214,9 @@ def test_an_attempt_that_timed_out_after_sending_keeps_its_estimate_as_unconfirm
     led.settle(held, usage(104, 90))  # another node answered: the gateway billed both
     report = led.report()
     assert report["totals"] == {"requests": 1, "cached_requests": 0, "input_tokens": 208, "output_tokens": 190,
-                                "cost_usd": 0.001936, "unconfirmed_calls": 1, "unconfirmed_usd": 0.001008}
+                                "cost_usd": 0.001936, "unconfirmed_calls": 1, "unconfirmed_usd": 0.001008,
+                                "cached_input_tokens": 0, "cache_write_tokens": 0,
+                                "cache_saved_usd": 0.0, "unreadable_usage": 0, "cached_input_share": 0.0}
     assert report["by_model"]["gpt-4.1"]["unconfirmed_calls"] == 1
     assert report["by_day"]["2026-11-26"]["unconfirmed_usd"] == 0.001008
     assert report["in_flight_reserved_usd"] == 0.0
@@ -449,7 +453,8 @@ def test_client_refuses_over_budget_call_without_sending(rsps, make_client):
     client = make_client([{"id": "a", "base_url": A}], budget={"daily_usd": 0.0015}, wall_clock=WallClock())
     resp = client.chat_completion(msgs(400), model="gpt-4.1", max_tokens=100)
     assert resp.extra["cost"] == {"model": "gpt-4.1", "estimated_usd": 0.001008, "cost_usd": 0.001008,
-                                  "input_tokens": 104, "output_tokens": 100, "from_usage": True}
+                                  "input_tokens": 104, "output_tokens": 100, "from_usage": True,
+                                  "cached_tokens": 0, "cache_write_tokens": 0, "cache_saved_usd": 0.0}
     with pytest.raises(BudgetExceededError):
         client.chat_completion(msgs(400), model="gpt-4.1", max_tokens=100)
     assert len(rsps.calls) == 1

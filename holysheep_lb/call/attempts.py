@@ -198,7 +198,8 @@ class AttemptStage:
             if wait_s > 0:
                 self.sleep(wait_s)
             picked_at = clock()
-            node = selector.pick(exclude=self.avoid(ctx), region=ctx.region, started=picked_at)
+            node = selector.pick(exclude=self.avoid(ctx), region=ctx.region, started=picked_at,
+                                 affinity_key=ctx.affinity_key)
             # Until next.run() takes the node, the finally below releases it on every way
             # out, an interrupt (KeyboardInterrupt, a soft time limit) included.
             held: Optional[NodeState] = node

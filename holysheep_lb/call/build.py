@@ -6,6 +6,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from ..affinity import AffinityRouter
 from ..breakers import BreakerBoard
 from ..breakers import wall_clock as breaker_wall_clock
 from ..cache import credentials_fingerprint, make_cache
@@ -84,6 +85,7 @@ def build_parts(cfg: ClientConfig, *, policy: RetryPolicy, clock: Callable[[], f
                                 cfg.ejection_max_s, slow_start_s=cfg.slow_start_s),
         panic_threshold=cfg.panic_threshold, clock=clock, rand=rand,
         hang=HangPolicy(rescue=cfg.rescue_hung_calls),  # calls stuck on a hung node are cut, retried elsewhere
+        affinity=AffinityRouter([s.id for s in states], cfg.affinity),  # prompt-cache affinity
     )
     breakers = BreakerBoard(model_settings=cfg.breaker, per_model=cfg.model_breakers,
                             node_settings=cfg.node_breakers, storage_factory=cfg.breaker_storage,
@@ -153,7 +155,7 @@ def build_pipelines(cfg: ClientConfig, parts: Parts, *, sleep: Callable[[float],
     request = ChainStage(next=json_loop, **chain)  # type: ignore[arg-type]
     chat = CostsStage(ledger=parts.ledger, cache=parts.cache, cache_scope=parts.cache_scope,
                       default_region=cfg.default_region, is_available=is_available, tally=parts.tally,
-                      next=request)
+                      affinity=parts.selector.affinity, next=request)
     # a stream's rescue opens one model at a time (the rescuer walks the chain), as part of its call
     rescue = ChainStage(next=stream_loop, chain=parts.rescue_chain, tally=parts.tally,
                         retry_budget=None, hedger=None, part_of_call=True)

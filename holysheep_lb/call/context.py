@@ -59,7 +59,7 @@ class CallContext:
     retry_budget: Optional[RetryBudget] = None
     observers: Optional[ObserverSet] = None
     info: Optional[CallInfo] = None
-    affinity_key: Optional[str] = None               # for routing that keeps a conversation on one node
+    affinity_key: Optional[int] = None               # ring position of the node the call prefers (affinity.py)
     is_closed: Callable[[], bool] = _never
     on_end: Optional[Callable[[Any], None]] = None   # a stream's end hook (stats, costs, observers)
     first_token_timeout_s: Optional[float] = None    # a stream's time-to-first-token limit for this call

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Optional, Tuple
 
+from ..affinity import AffinityRouter
 from ..cache import cache_key
 from ..costs import CallCosts, cost_info
 from ..errors import AllAttemptsFailedError, BudgetExceededError
@@ -40,13 +41,15 @@ class CostsStage:
     """Cache lookup, budget admission and settlement around ``next`` (the chain)."""
 
     def __init__(self, *, ledger: SpendLedger, cache: Any, cache_scope: str, default_region: Optional[str],
-                 is_available: Callable[[str], bool], tally: CallTally, next: ChainStage) -> None:
+                 is_available: Callable[[str], bool], tally: CallTally, next: ChainStage,
+                 affinity: Optional[AffinityRouter] = None) -> None:
         self.ledger = ledger
         self.cache = cache
         self.cache_scope = cache_scope
         self.default_region = default_region
         self.is_available = is_available
         self.tally = tally
+        self.affinity = affinity  # hears each answer's provider-cached tokens, per node
         self.next = next
 
     def run(self, ctx: CallContext, *, cache: Optional[bool] = None) -> Response:
@@ -80,6 +83,8 @@ class CostsStage:
             resp = self._send(ctx, first.model, costs, cached)
         finally:
             costs.close()
+        if self.affinity is not None:  # a canned fallback_reply (no node) is ignored
+            self.affinity.record_usage(resp.node_id, resp.get("usage"))
         if "cost" not in resp.extra:  # a canned fallback_reply: no model answered
             resp.extra["cost"] = cost_info(None, None)
         if first.model != model:

@@ -24,7 +24,8 @@ from holysheep_lb.breakers import BreakerBoard  # noqa: E402
 from holysheep_lb.config import BreakerSettings  # noqa: E402
 from holysheep_lb.contrib.redis import RedisSharedState  # noqa: E402
 from holysheep_lb.errors import NoHealthyNodeError  # noqa: E402
-from holysheep_lb.pricing import InMemorySpendStore, Limit, PriceTable, Reservation, SpendLedger, SpendRow  # noqa: E402
+from holysheep_lb.pricing import (  # noqa: E402
+    OTHER_MODELS, InMemorySpendStore, Limit, PriceTable, Reservation, SpendLedger, SpendRow)
 from tests.conftest import FakeClock, wait_until  # noqa: E402
 from tests.integration.test_cost_control import MSGS, PER_CALL  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
@@ -138,6 +139,33 @@ def test_spend_scripts_match_the_in_memory_store_exactly(redis_server, prefix):
     assert keys == [f"{prefix}spend:day:2026-11-26", f"{prefix}spend:day:2026-11-27", f"{prefix}spend:days",
                     f"{prefix}spend:month:2026-11"]
     assert all(0 < state.redis.ttl(k) <= 40 * 86400 for k in keys)  # every key expires
+
+
+def test_prompt_cache_details_match_the_in_memory_store_and_reach_cost_report(redis_server, prefix):
+    state = RedisSharedState(redis_server.url, prefix=prefix)
+    shared, local = state.spend_store, InMemorySpendStore(max_models_per_day=2)
+    shared._local.max_models_per_day = 2  # a small day: the third model on goes to the others' row
+    day = "2026-11-26"
+    for store in (shared, local):
+        for model in ("gpt-4.1", "claude-sonnet-4.5", "extra-1", "extra-2"):
+            r = Reservation(model, day, 2000, 10, Decimal("0.01"))
+            assert store.try_reserve(r, []) is None
+            store.settle(r, input_tokens=2000, output_tokens=10, cost_usd=Decimal("0.002"))
+            # writing to the cache can cost more than it saves: a saving may be negative
+            saved = Decimal("-0.000075") if model.startswith("claude") else Decimal("0.00225")
+            store.record_usage_details(model, day, cached_input_tokens=1500, cache_write_tokens=100,
+                                       cache_saved_usd=saved, unreadable_usage=int(model == "extra-2"))
+    rows = sorted(shared.rows(), key=repr)
+    assert rows == sorted(local.rows(), key=repr)
+    by_model = {row.model: row for row in rows}
+    assert sorted(by_model) == sorted(["gpt-4.1", "claude-sonnet-4.5", OTHER_MODELS])
+    assert by_model["claude-sonnet-4.5"].cache_saved_usd == Decimal("-0.000075")
+    assert (by_model[OTHER_MODELS].cached_input_tokens, by_model[OTHER_MODELS].unreadable_usage) == (3000, 1)
+    fields = [f.decode() for f in state.redis.hkeys(f"{prefix}spend:day:{day}")]
+    assert not [f for f in fields if "extra" in f]  # the others' details stay in the others' row
+    totals = SpendLedger(PriceTable(), store=shared).report()["totals"]
+    assert (totals["cached_input_tokens"], totals["cache_write_tokens"], totals["unreadable_usage"]) == (6000, 400, 1)
+    assert totals["cache_saved_usd"] == pytest.approx(3 * 0.00225 - 0.000075)
 
 
 # -- many processes ---------------------------------------------------------------------

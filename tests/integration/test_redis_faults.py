@@ -59,10 +59,12 @@ def test_garbage_from_redis_never_reaches_the_caller(garbage, gateway_factory, c
                     **state.client_options()) as client:
             for _ in range(3):
                 assert client.chat_completion(MSGS, model="gpt-4.1", max_tokens=5)["choices"]
+            # the calls' answers were refused (an empty array is a fair answer to the report's
+            # ZRANGE below, which may then find Redis reachable again)
+            assert state.status()["reachable"] is False
             client.stats()
             client.cost_report()
         assert len(fake.commands) > 3  # Redis was asked each time, and each answer was refused
-    assert state.status()["reachable"] is False
     warnings = redis_warnings(caplog)
     assert len(warnings) == 1, warnings  # one per warn_interval_s
     assert "shared state: Redis" in warnings[0]

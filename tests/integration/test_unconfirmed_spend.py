@@ -35,7 +35,9 @@ def test_a_read_timeout_keeps_the_estimate_as_unconfirmed_spend(stream):
             report = client.cost_report()
     assert isinstance(info.value.last_error, APITimeoutError) and info.value.last_error.request_sent
     assert report["totals"] == {"requests": 0, "cached_requests": 0, "input_tokens": 5, "output_tokens": 100,
-                                "cost_usd": ESTIMATE_USD, "unconfirmed_calls": 1, "unconfirmed_usd": ESTIMATE_USD}
+                                "cost_usd": ESTIMATE_USD, "unconfirmed_calls": 1, "unconfirmed_usd": ESTIMATE_USD,
+                                "cached_input_tokens": 0, "cache_write_tokens": 0, "cache_saved_usd": 0.0,
+                                "unreadable_usage": 0, "cached_input_share": 0.0}
     assert report["in_flight_reserved_usd"] == 0.0
 
 

@@ -78,10 +78,13 @@ RECORD_LUA = """
 -- ARGV: model, release (nano-USD), cost (nano-USD), requests, cached requests,
 --       input tokens, output tokens, day number, day, ttl_s, oldest day number kept,
 --       how many models a day names, the name of the others' row,
---       then (optional) unconfirmed attempts and their part of the cost (nano-USD)
+--       then (optional) unconfirmed attempts and their part of the cost (nano-USD),
+--       then (optional) prompt-cache details: cached input tokens, cache-write tokens,
+--       what the cache saved (nano-USD, may be negative), answers with unreadable usage
 local day, month = KEYS[1], KEYS[2]
 local own = 'model:' .. ARGV[1]
 local release, cost = ARGV[2], ARGV[3]
+local details = ARGV[16] ~= nil and (ARGV[16] ~= '0' or ARGV[17] ~= '0' or ARGV[18] ~= '0' or ARGV[19] ~= '0')
 local function add(key, who)
   if cost ~= '0' then redis.call('HINCRBY', key, who .. ':spent', cost) end
   -- below zero only if the keys were lost (a Redis restart) while the call was in flight
@@ -94,7 +97,7 @@ add(month, 'client')
 if redis.call('HEXISTS', month, own .. ':reserved') == 1 then add(month, own) end
 local capped = redis.call('HEXISTS', day, own .. ':reserved') == 1
 local row = own
-if (ARGV[4] ~= '0' or ARGV[5] ~= '0') and redis.call('HEXISTS', day, own .. ':requests') == 0
+if (ARGV[4] ~= '0' or ARGV[5] ~= '0' or details) and redis.call('HEXISTS', day, own .. ':requests') == 0
     and redis.call('HEXISTS', day, own .. ':cached') == 0 then
   if tonumber(redis.call('HGET', day, 'named_models') or '0') < tonumber(ARGV[12]) then
     redis.call('HINCRBY', day, 'named_models', 1)
@@ -114,6 +117,11 @@ if ARGV[14] and ARGV[14] ~= '0' then
   redis.call('HINCRBY', day, row .. ':unconfirmed', ARGV[14])
   redis.call('HINCRBY', day, row .. ':unconfirmed_spent', ARGV[15])
 end
+if details then
+  for i, field in ipairs({'cached_input', 'cache_write', 'cache_saved', 'unreadable'}) do
+    if ARGV[15 + i] ~= '0' then redis.call('HINCRBY', day, row .. ':' .. field, ARGV[15 + i]) end
+  end
+end
 redis.call('ZADD', KEYS[3], ARGV[8], ARGV[9])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[11])
 for _, key in ipairs(KEYS) do
@@ -125,16 +133,19 @@ return 1
 # hash field suffix -> SpendRow attribute
 _ROW_FIELDS = {"requests": "requests", "cached": "cached_requests", "input": "input_tokens",
                "output": "output_tokens", "spent": "cost_usd", "unconfirmed": "unconfirmed_calls",
-               "unconfirmed_spent": "unconfirmed_usd"}
-_MONEY_FIELDS = ("cost_usd", "unconfirmed_usd")
+               "unconfirmed_spent": "unconfirmed_usd", "cached_input": "cached_input_tokens",
+               "cache_write": "cache_write_tokens", "cache_saved": "cache_saved_usd",
+               "unreadable": "unreadable_usage"}
+_MONEY_FIELDS = ("cost_usd", "unconfirmed_usd", "cache_saved_usd")
+_SIGNED_FIELDS = ("cache_saved_usd",)  # writing to a prompt cache can cost more than it saves
 
 
 def _nano(usd: Decimal, rounding: str) -> int:
     return int((usd * _NANO).to_integral_value(rounding=rounding))
 
 
-def _usd(raw: Any, what: str) -> Decimal:
-    return Decimal(answer_int(raw, what, minimum=0)) / _NANO
+def _usd(raw: Any, what: str, *, signed: bool = False) -> Decimal:
+    return Decimal(answer_int(raw, what, minimum=None if signed else 0)) / _NANO
 
 
 def _day_number(day: str) -> int:
@@ -169,7 +180,7 @@ class RedisSpendStore(SpendStore):
     process's own spend all along) and what was spent is written to Redis once it is
     back (up to 10,000 records; older ones are dropped with a warning). Fail-closed:
     ``try_reserve`` raises :class:`~holysheep_lb.errors.SharedStateUnavailableError`;
-    ``settle``, ``cancel`` and ``record_cache_hit`` never raise.
+    ``settle``, ``cancel``, ``record_cache_hit`` and ``record_usage_details`` never raise.
     """
 
     def __init__(self, link: RedisLink, *, prefix: str, retain_days: int, reserve_script: Any,
@@ -258,6 +269,14 @@ class RedisSpendStore(SpendStore):
         self._record(reservation.model, reservation.day, cost=cost, input_tokens=reservation.input_tokens,
                      output_tokens=reservation.output_tokens, unconfirmed=1, unconfirmed_cost=cost)
 
+    def record_usage_details(self, model: str, day: str, *, cached_input_tokens: int, cache_write_tokens: int,
+                             cache_saved_usd: Decimal, unreadable_usage: int) -> None:
+        self._local.record_usage_details(model, day, cached_input_tokens=cached_input_tokens,
+                                         cache_write_tokens=cache_write_tokens, cache_saved_usd=cache_saved_usd,
+                                         unreadable_usage=unreadable_usage)
+        self._record(model, day, cached_input=cached_input_tokens, cache_write=cache_write_tokens,
+                     cache_saved=_nano(cache_saved_usd, ROUND_HALF_EVEN), unreadable=unreadable_usage)
+
     def rows(self) -> List[SpendRow]:
         """Every process's spend, from Redis; this process's own while Redis is unreachable."""
         try:
@@ -307,11 +326,13 @@ class RedisSpendStore(SpendStore):
 
     def _record(self, model: str, day: str, *, release: int = 0, cost: int = 0, requests: int = 0,
                 cached: int = 0, input_tokens: int = 0, output_tokens: int = 0, unconfirmed: int = 0,
-                unconfirmed_cost: int = 0) -> None:
+                unconfirmed_cost: int = 0, cached_input: int = 0, cache_write: int = 0, cache_saved: int = 0,
+                unreadable: int = 0) -> None:
         number = _day_number(day)
         args = (model, str(release), str(cost), str(requests), str(cached), str(input_tokens), str(output_tokens),
                 str(number), day, self._ttl_s, str(number - self.retain_days),
-                str(self._local.max_models_per_day), OTHER_MODELS, str(unconfirmed), str(unconfirmed_cost))
+                str(self._local.max_models_per_day), OTHER_MODELS, str(unconfirmed), str(unconfirmed_cost),
+                str(cached_input), str(cache_write), str(cache_saved), str(unreadable))
         self._replay_pending()
         try:
             self._link.call(lambda c: _check_done(self._record_script(keys=self._keys(day), args=args, client=c),
@@ -371,8 +392,10 @@ class RedisSpendStore(SpendStore):
                 if attr is None:  # reserved
                     continue
                 row = by_model.setdefault(model, SpendRow(day, model))
-                value = (_usd(raw_value, "HGETALL") if attr in _MONEY_FIELDS
-                         else answer_int(raw_value, "HGETALL", minimum=0))
+                if attr in _MONEY_FIELDS:
+                    value: Any = _usd(raw_value, "HGETALL", signed=attr in _SIGNED_FIELDS)
+                else:
+                    value = answer_int(raw_value, "HGETALL", minimum=0)
                 setattr(row, attr, value)
             rows.extend(r for r in by_model.values() if r.requests or r.cached_requests or r.cost_usd)
         return rows
