@@ -448,7 +448,43 @@ def test_a_recovered_model_gets_traffic_back_within_30_s(rsps, make_client, cloc
     # half-open trial is a single attempt, one per trial interval (10 s) at most
     assert gw.models[:20] == ["m", "m", "m", "f"] * 5
     trials = gw.models[20:sent_in_outage].count("m")
-    assert trials <= (60.0 - 5 * every_s - 30.0) / 10.0 + 1, gw.models
+    assert trials <= (60.0 - 5 * every_s) / 10.0 + 1, gw.models
+
+
+@pytest.mark.parametrize("every_s", [1.0, 4.0, 7.0, 13.0, 20.0, 29.0])
+def test_a_model_that_recovers_as_its_breaker_opens_gets_traffic_back_within_30_s(
+        rsps, make_client, clock, every_s):
+    # the worst case: the model recovers right after its breaker opens (default settings),
+    # so the whole first open is wasted; one call every ``every_s``
+    recovered_at = []
+    gw = Gateway(rsps, {})
+    gw.plan = _Plan(lambda model: 503 if model == "m" and not recovered_at else 200)
+    client = _client(make_client, clock, max_retries=2, fallbacks={"m": ["f"]})
+    served = []
+    for i in range(40):
+        clock.advance(every_s if i else 0.0)
+        served.append((clock(), client.chat_completion(MSGS, model="m").model))
+        if not recovered_at and [b["state"] for b in client.breakers() if b["name"] == "model:m"] == ["open"]:
+            recovered_at.append(clock())
+    assert recovered_at
+    back = [t for t, model in served if model == "m" and t > recovered_at[0]]
+    assert back and back[0] - recovered_at[0] <= 30.0, served
+    # the first open lasts one trial interval (10 s), not reset_timeout_s (30 s)
+    assert back[0] - recovered_at[0] == pytest.approx(max(every_s, 10.0 + (-10.0) % every_s))
+
+
+def test_the_breaker_logs_how_long_each_open_lasts(rsps, make_client, clock, caplog):
+    Gateway(rsps, {"m": 503})
+    client = _client(make_client, clock, max_retries=0,
+                     model_breakers={"m": {"fail_max": 1, "reset_timeout_s": 30, "trial_interval_s": 5}})
+    with caplog.at_level("WARNING", logger="holysheep_lb.breakers"):
+        for _ in range(2):
+            with pytest.raises(AllAttemptsFailedError):  # it opens, then its trial fails
+                client.chat_completion(MSGS, model="m")
+            clock.advance(5.1)
+    lines = [r.getMessage() for r in caplog.records if "opened" in r.getMessage()]
+    assert lines == ["circuit breaker model:m opened (was closed) for 5.0 s",
+                     "circuit breaker model:m opened (was half-open) for 5.0 s"]
 
 
 class _Plan(dict):
