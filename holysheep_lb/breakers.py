@@ -11,10 +11,13 @@ transition goes through pybreaker's ``open``/``half_open``/``close``, so its lis
 
 * **closed**: calls go through; ``fail_max`` system failures in a row open it.
 * **open**: calls fail fast with :class:`~holysheep_lb.errors.CircuitOpenError`, which
-  says when to retry, until ``reset_timeout_s`` has passed since it opened.
+  says when to retry, for ``trial_interval_s`` (default ``min(reset_timeout_s, 10)``;
+  see :attr:`~holysheep_lb.config.BreakerSettings.open_s`), the first time too.
 * **half-open**: up to ``success_threshold`` trial calls at a time (per process), each
   one attempt; ``success_threshold`` successful trials close it, one failed trial opens
-  it again for ``trial_interval_s`` (default ``min(reset_timeout_s, 10)``).
+  it again for another trial interval. A trial is a single attempt, so probing a model
+  that is down costs one request per interval, and a recovered model gets traffic back
+  within one interval plus the gap between calls.
 
 Only system failures count: a call whose attempts failed with 5xx, timeouts, connection
 errors or invalid answers. A 4xx means the model answered, so it counts as a success
@@ -132,8 +135,9 @@ class Breaker:
 
     def _new_breaker(self) -> pybreaker.CircuitBreaker:
         s = self.settings
+        # pybreaker's reset_timeout is how long each open lasts (its listeners, our log line, read it)
         return pybreaker.CircuitBreaker(
-            fail_max=s.fail_max, reset_timeout=s.reset_timeout_s, success_threshold=s.success_threshold,
+            fail_max=s.fail_max, reset_timeout=s.open_s, success_threshold=s.success_threshold,
             state_storage=self._storage, listeners=self._listeners, name=self.name,
             throw_new_error_on_trip=False,
         )
@@ -165,11 +169,12 @@ class Breaker:
         wait_s = opened_at.timestamp() + self.settings.reset_timeout_s - now
         return wait_s if wait_s > _CLOCK_SLACK_S else 0.0
 
-    def _trip(self, *, retrial: bool = False) -> None:
+    def _trip(self) -> None:
         self._cb.open()
-        # pybreaker stamps datetime.now(); use our (injectable) clock instead. A failed trial
-        # re-opens it for settings.retrial_s: stamped as if it had opened that much earlier.
-        backdate_s = self.settings.reset_timeout_s - self.settings.retrial_s if retrial else 0.0
+        # pybreaker stamps datetime.now(); use our (injectable) clock instead. Each open lasts
+        # settings.open_s: stamped as if it had opened reset_timeout_s - open_s earlier, so that
+        # every process sharing the storage reads "open until opened_at + reset_timeout_s" alike.
+        backdate_s = self.settings.reset_timeout_s - self.settings.open_s
         self._storage.opened_at = datetime.fromtimestamp(self._clock() - backdate_s, timezone.utc)
 
     def admit(self) -> Permit:
@@ -229,7 +234,7 @@ class Breaker:
                 if outcome == "failure":
                     storage.increment_counter()
                     if state == pybreaker.STATE_HALF_OPEN and trial:
-                        self._trip(retrial=True)
+                        self._trip()
                     elif state == pybreaker.STATE_CLOSED and storage.counter >= self.settings.fail_max:
                         self._trip()
                     return

@@ -236,13 +236,17 @@ def _validate_base_url(name: str, url: Any) -> str:
 @dataclass(frozen=True)
 class BreakerSettings:
     """One circuit breaker's settings (pybreaker's ``fail_max``, ``reset_timeout``,
-    ``success_threshold``): open after ``fail_max`` system failures in a row, stay open
-    ``reset_timeout_s``, close after ``success_threshold`` successful trial calls.
+    ``success_threshold``): open after ``fail_max`` system failures in a row, then let one
+    trial call through every ``trial_interval_s`` (None: ``min(reset_timeout_s, 10)``;
+    never more than ``reset_timeout_s``); close after ``success_threshold`` successful
+    trials, re-open for another interval on a failed one.
 
-    A half-open trial is one attempt (a cheap probe), so a failed trial re-opens the
-    breaker for ``trial_interval_s`` only (None: ``min(reset_timeout_s, 10)``): a model
-    that recovers gets traffic back within about that long plus the gap between calls,
-    however long it was down."""
+    A half-open trial is a single attempt (a cheap probe), so every open lasts one trial
+    interval, the first one too: a model that recovers gets traffic back within that
+    interval rounded up to the next call (within 20 s for calls up to 10 s apart, and
+    within the gap between calls for calls up to 30 s apart with the defaults), however
+    long it was down. For a longer rest set ``trial_interval_s`` (``reset_timeout_s``
+    caps it)."""
 
     fail_max: int = 5
     reset_timeout_s: float = 30.0
@@ -256,11 +260,16 @@ class BreakerSettings:
         _check_number("trial_interval_s", self.trial_interval_s, strict=True, allow_none=True)
 
     @property
-    def retrial_s(self) -> float:
-        """How long a failed half-open trial re-opens the breaker for."""
+    def open_s(self) -> float:
+        """How long the breaker stays open each time it opens (or a failed trial re-opens it)."""
         if self.trial_interval_s is not None:
             return min(self.trial_interval_s, self.reset_timeout_s)
         return min(self.reset_timeout_s, 10.0)
+
+    @property
+    def retrial_s(self) -> float:
+        """The older name of :attr:`open_s`."""
+        return self.open_s
 
     @classmethod
     def from_value(cls, name: str, value: Any) -> Optional["BreakerSettings"]:

@@ -80,7 +80,7 @@ def test_breaker_cycle_closed_open_half_open_closed_then_open_again(clock):
     clock.advance(10)
     trial = board.admit("model", "m")
     clock.advance(2)
-    trial.record(SYSTEM_FAILURE)  # a failed trial opens it again, for a full reset_timeout
+    trial.record(SYSTEM_FAILURE)  # a failed trial opens it again, for a trial interval (min(10, 10))
     assert _state(board)["state"] == "open" and _state(board)["retry_after_s"] == 10
     assert board.stats() == {"opened": 3, "half_opened": 2, "closed": 1, "open_now": 1, "half_open_now": 0,
                              "storage_errors": 0}
@@ -140,7 +140,7 @@ def test_breakers_share_state_through_their_storage(clock):
     def factory(name):
         return storages.setdefault(name, pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED))
 
-    settings = BreakerSettings(fail_max=1, reset_timeout_s=30)
+    settings = BreakerSettings(fail_max=1, reset_timeout_s=30, trial_interval_s=30)
     first = BreakerBoard(model_settings=settings, storage_factory=factory, clock=clock)
     second = BreakerBoard(model_settings=settings, storage_factory=factory, clock=clock)  # another process
     assert second.allows("model", "m")
@@ -195,8 +195,8 @@ def _client(make_client, clock, **kw):
 def test_client_opens_the_model_breaker_and_fails_fast_until_reset(rsps, make_client, clock, debug_logs):
     rsps.post(A + "/chat/completions", status=500)
     rsps.post(B + "/chat/completions", status=500)
-    client = _client(make_client, clock, breaker={"fail_max": 3, "reset_timeout_s": 20}, max_retries=1,
-                     eject_after_failures=100)
+    client = _client(make_client, clock, breaker={"fail_max": 3, "reset_timeout_s": 20, "trial_interval_s": 20},
+                     max_retries=1, eject_after_failures=100)
     for _ in range(3):
         with pytest.raises(AllAttemptsFailedError):
             client.chat_completion(MSGS, model="m")
@@ -253,7 +253,7 @@ def test_node_breakers_keep_traffic_off_a_node(rsps, make_client, clock):
 def test_node_breakers_all_open_raise_circuit_open(rsps, make_client, clock):
     rsps.post(A + "/chat/completions", status=503)
     rsps.post(B + "/chat/completions", status=503)
-    client = _client(make_client, clock, node_breakers={"fail_max": 1, "reset_timeout_s": 60},
+    client = _client(make_client, clock, node_breakers={"fail_max": 1, "reset_timeout_s": 60, "trial_interval_s": 60},
                      eject_after_failures=100, breaker=None)
     with pytest.raises(AllAttemptsFailedError):
         client.chat_completion(MSGS, model="m")

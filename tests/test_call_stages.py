@@ -75,6 +75,9 @@ class FakeSender:
     def send(self, ctx, node, timeout):  # pragma: no cover - the fake attempt never sends
         raise AssertionError("not called")
 
+    def wait_s(self, ctx, model, read_s):
+        return read_s
+
     def finish(self, ctx, node, result, latency_ms, permit):
         self.parts.selector.release_success(node, latency_ms, started=ctx.picked[node.id])
         return (node.id, result)
@@ -125,6 +128,9 @@ class FakeSend:
         if node.id in self.fail:
             raise self.fail[node.id]
         return type("Result", (), {"status_code": 200})()
+
+    def wait_s(self, ctx, model, read_s):  # pragma: no cover - NodeAttempt does not ask
+        return read_s
 
     def finish(self, ctx, node, result, latency_ms, permit):  # pragma: no cover
         raise AssertionError("not called")

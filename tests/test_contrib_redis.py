@@ -93,7 +93,7 @@ def test_fail_open_limits_count_the_refusals_of_the_local_bucket(down, clock):
 
 def test_fail_open_breakers_trip_in_the_process_and_pybreaker_logs_nothing(down, clock, caplog):
     state = shared_state(down, clock)
-    board = BreakerBoard(model_settings=BreakerSettings(fail_max=2, reset_timeout_s=30),
+    board = BreakerBoard(model_settings=BreakerSettings(fail_max=2, reset_timeout_s=30, trial_interval_s=30),
                          storage_factory=state.breaker_storage)
     for _ in range(2):
         board.admit("model", "gpt-4.1").record(NoHealthyNodeError("down"))

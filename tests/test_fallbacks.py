@@ -125,8 +125,8 @@ def test_an_open_breaker_goes_straight_to_the_fallback(rsps, make_client, clock)
 def test_every_breaker_open_raises_the_soonest_retry(rsps, make_client, clock):
     Gateway(rsps, {"x": 500, "y": 500})
     client = _client(make_client, clock, max_retries=0, fallbacks={"x": ["y"]},
-                     model_breakers={"x": {"fail_max": 1, "reset_timeout_s": 50},
-                                     "y": {"fail_max": 1, "reset_timeout_s": 20}})
+                     model_breakers={"x": {"fail_max": 1, "reset_timeout_s": 50, "trial_interval_s": 50},
+                                     "y": {"fail_max": 1, "reset_timeout_s": 20, "trial_interval_s": 20}})
     with pytest.raises(AllAttemptsFailedError):
         client.chat_completion(MSGS, model="x")
     with pytest.raises(CircuitOpenError) as info:

@@ -19,6 +19,7 @@ from holysheep_lb import (
     CircuitOpenError,
     ConfigError,
     ContentFilterError,
+    Attempt,
     ContextWindowExceededError,
     PriceTable,
 )
@@ -183,6 +184,108 @@ def test_a_first_token_timeout_fails_over_to_the_next_model_at_once(rsps, make_c
     assert client.stats()["nodes"]["a"]["failures"]["ttft_timeout"] == 1
 
 
+# ------------------------------------------------------------------------ room for the fallback
+
+
+class SilentUntilTimeout:
+    """Mocked node: ``silent`` models never answer (the fake clock moves by the read
+    timeout the attempt was given, then it times out); the others answer at once."""
+
+    def __init__(self, rsps, clock, silent):
+        self.clock = clock
+        self.silent = set(silent)
+        self.read_timeouts = []  # (model, read timeout) per request
+        rsps.add_callback(responses.POST, A + "/chat/completions", callback=self._callback)
+
+    def _callback(self, request):
+        model = json.loads(request.body)["model"]
+        read_s = request.req_kwargs["timeout"][1]
+        self.read_timeouts.append((model, read_s))
+        if model in self.silent:
+            self.clock.advance(read_s)
+            return requests.ReadTimeout("read timed out")
+        return 200, {"Content-Type": "application/json"}, json.dumps(_answer(model))
+
+
+def test_a_silent_primary_leaves_the_fallback_room_before_the_deadline(rsps, make_client, clock):
+    gw = SilentUntilTimeout(rsps, clock, {"m"})
+    client = _client(make_client, clock, max_retries=2, read_timeout_s=30, deadline_s=20, fallbacks={"m": ["f"]})
+    started = clock()
+    resp = client.chat_completion(MSGS, model="m")
+    assert (resp.model, resp.fallback) == ("f", True)
+    # the read timeout (30 s) exceeds the deadline (20 s): the primary's attempt keeps
+    # min(20 / 2, the fallback's own 30 s) in reserve, so it may wait 10 s only
+    assert gw.read_timeouts == [("m", pytest.approx(10.0)), ("f", pytest.approx(10.0))]
+    assert clock() - started == pytest.approx(10.0)
+
+
+def test_the_last_model_of_the_chain_may_use_the_whole_deadline(rsps, make_client, clock):
+    gw = SilentUntilTimeout(rsps, clock, {"m"})
+    client = _client(make_client, clock, max_retries=2, read_timeout_s=30, deadline_s=20)
+    with pytest.raises(AllAttemptsFailedError):
+        client.chat_completion(MSGS, model="m")
+    assert gw.read_timeouts == [("m", pytest.approx(20.0))]
+
+
+def test_no_room_is_kept_for_a_fallback_whose_breaker_is_open(rsps, make_client, clock):
+    gw = SilentUntilTimeout(rsps, clock, {"m"})
+    client = _client(make_client, clock, max_retries=0, read_timeout_s=30, deadline_s=20, fallbacks={"m": ["f"]},
+                     model_breakers={"f": {"fail_max": 1, "reset_timeout_s": 60}})
+    client._parts.breakers.admit("model", "f").record(AllAttemptsFailedError(
+        "all 1 attempts failed", [Attempt("a", 5.0, 503, "InternalServerError: down", "status_5xx")]))
+    assert [b["state"] for b in client.breakers() if b["name"] == "model:f"] == ["open"]
+    with pytest.raises(AllAttemptsFailedError):  # m went silent; f's breaker is open
+        client.chat_completion(MSGS, model="m")
+    assert gw.read_timeouts == [("m", pytest.approx(20.0))]
+
+
+def test_a_stream_s_first_token_wait_leaves_the_fallback_room(rsps, make_client, clock, monkeypatch):
+    from holysheep_lb.transport import Transport
+    from tests.test_rescue import finish, usage_chunk
+    from tests.test_streaming import delta, sse
+
+    sent = []
+
+    def callback(request):
+        model = json.loads(request.body)["model"]
+        sent.append((model, clock()))
+        body = sse(delta(f"from {model}"), finish(model=model), usage_chunk(model=model))
+        return 200, {"Content-Type": "text/event-stream"}, body
+
+    rsps.add_callback(responses.POST, A + "/chat/completions", callback=callback)
+    real = Transport.iter_bytes
+
+    def iter_bytes(self, response):
+        if json.loads(response.request.body)["model"] != "slow":
+            return real(self, response)
+
+        def slow():  # keep-alives only: the first token never comes
+            for _ in range(20):
+                clock.advance(1.0)
+                yield b": keepalive\n\n"
+        return slow()
+
+    monkeypatch.setattr(Transport, "iter_bytes", iter_bytes)
+    client = _client(make_client, clock, max_retries=2, deadline_s=20, first_token_timeout_s=30,
+                     fallbacks={"slow": ["fast"]})
+    started = clock()
+    stream_ = client.chat_completion(MSGS, model="slow", stream=True)
+    assert stream_.read_text() == "from fast"
+    # the first-token limit (30 s) exceeds the deadline: the primary waits 10 s, not 20
+    assert [m for m, _ in sent] == ["slow", "fast"] and sent[1][1] - started == pytest.approx(11.0, abs=1.01)
+
+
+@pytest.mark.parametrize("remaining_s, fallback_wait_s, limit_s", [
+    (20.0, 30.0, 10.0),    # half of what remains
+    (20.0, 4.0, 16.0),     # the fallback's own wait, when shorter
+    (20.0, None, 20.0),    # the last model: everything
+    (-1.0, 30.0, -1.0),    # past the deadline: nothing
+])
+def test_the_policy_keeps_room_for_the_next_model(clock, remaining_s, fallback_wait_s, limit_s):
+    ctx = type("Ctx", (), {"deadline": clock() + remaining_s, "now": clock})()
+    assert RetryPolicy().attempt_limit_s(ctx, fallback_wait_s) == pytest.approx(limit_s)
+
+
 # ------------------------------------------------------------------------ 429 everywhere
 
 
@@ -345,7 +448,43 @@ def test_a_recovered_model_gets_traffic_back_within_30_s(rsps, make_client, cloc
     # half-open trial is a single attempt, one per trial interval (10 s) at most
     assert gw.models[:20] == ["m", "m", "m", "f"] * 5
     trials = gw.models[20:sent_in_outage].count("m")
-    assert trials <= (60.0 - 5 * every_s - 30.0) / 10.0 + 1, gw.models
+    assert trials <= (60.0 - 5 * every_s) / 10.0 + 1, gw.models
+
+
+@pytest.mark.parametrize("every_s", [1.0, 4.0, 7.0, 13.0, 20.0, 29.0])
+def test_a_model_that_recovers_as_its_breaker_opens_gets_traffic_back_within_30_s(
+        rsps, make_client, clock, every_s):
+    # the worst case: the model recovers right after its breaker opens (default settings),
+    # so the whole first open is wasted; one call every ``every_s``
+    recovered_at = []
+    gw = Gateway(rsps, {})
+    gw.plan = _Plan(lambda model: 503 if model == "m" and not recovered_at else 200)
+    client = _client(make_client, clock, max_retries=2, fallbacks={"m": ["f"]})
+    served = []
+    for i in range(40):
+        clock.advance(every_s if i else 0.0)
+        served.append((clock(), client.chat_completion(MSGS, model="m").model))
+        if not recovered_at and [b["state"] for b in client.breakers() if b["name"] == "model:m"] == ["open"]:
+            recovered_at.append(clock())
+    assert recovered_at
+    back = [t for t, model in served if model == "m" and t > recovered_at[0]]
+    assert back and back[0] - recovered_at[0] <= 30.0, served
+    # the first open lasts one trial interval (10 s), not reset_timeout_s (30 s)
+    assert back[0] - recovered_at[0] == pytest.approx(max(every_s, 10.0 + (-10.0) % every_s))
+
+
+def test_the_breaker_logs_how_long_each_open_lasts(rsps, make_client, clock, caplog):
+    Gateway(rsps, {"m": 503})
+    client = _client(make_client, clock, max_retries=0,
+                     model_breakers={"m": {"fail_max": 1, "reset_timeout_s": 30, "trial_interval_s": 5}})
+    with caplog.at_level("WARNING", logger="holysheep_lb.breakers"):
+        for _ in range(2):
+            with pytest.raises(AllAttemptsFailedError):  # it opens, then its trial fails
+                client.chat_completion(MSGS, model="m")
+            clock.advance(5.1)
+    lines = [r.getMessage() for r in caplog.records if "opened" in r.getMessage()]
+    assert lines == ["circuit breaker model:m opened (was closed) for 5.0 s",
+                     "circuit breaker model:m opened (was half-open) for 5.0 s"]
 
 
 class _Plan(dict):

@@ -51,6 +51,10 @@ class Sender(Protocol):
     def send(self, ctx: CallContext, node: NodeState, timeout: Timeout) -> Any:
         """One attempt's request; raise an APIError on failure."""
 
+    def wait_s(self, ctx: CallContext, model: Optional[str], read_s: float) -> float:
+        """How long an attempt at ``model`` waits for its answer (a stream: its first chunk),
+        given the read timeout ``read_s``; the attempt loop bounds it by the deadline."""
+
     def finish(self, ctx: CallContext, node: NodeState, result: Any, latency_ms: float,
                permit: Any) -> Any:
         """The answer, taking over ``node``'s in-flight slot (and a stream's breaker permit)."""
@@ -74,6 +78,9 @@ class JsonSender:
     def send(self, ctx: CallContext, node: NodeState, timeout: Timeout) -> Any:
         return node.transport.send(ctx.method, ctx.path, body=ctx.body, headers=ctx.headers, timeout_s=timeout,
                                    deadline_s=max(0.001, ctx.deadline - ctx.clock()))
+
+    def wait_s(self, ctx: CallContext, model: Optional[str], read_s: float) -> float:
+        return read_s
 
     def finish(self, ctx: CallContext, node: NodeState, result: Any, latency_ms: float, permit: Any) -> Any:
         try:
@@ -217,8 +224,7 @@ class AttemptStage:
                 if remaining <= 0:
                     reason = "deadline exceeded"
                     break
-                timeouts = ctx.timeout or self.timeouts  # the call's own timeout= first
-                timeout = (min(timeouts[0], remaining), min(timeouts[1], remaining))
+                timeout = self._timeout(ctx)
                 ctx.tried.append(node.id)
                 held = None  # from here next.run() releases it
                 node, result, latency_ms = self.next.run(ctx, node, timeout)
@@ -262,6 +268,15 @@ class AttemptStage:
             raise error
         finally:  # the error's traceback holds this frame: no locals may hold the error back
             error = None  # type: ignore[assignment]
+
+    def _timeout(self, ctx: CallContext) -> Timeout:
+        """(connect_s, wait_s) of the next attempt: the call's own timeout= else the client's,
+        the sender's wait (a stream's first-token limit), bounded by the policy's share of the
+        deadline (which leaves room for the chain's next model)."""
+        connect_s, read_s = ctx.timeout or self.timeouts
+        fallback_wait_s = None if ctx.next_model is None else self.sender.wait_s(ctx, ctx.next_model, read_s)
+        limit_s = max(0.001, self.policy.attempt_limit_s(ctx, fallback_wait_s))
+        return min(connect_s, limit_s), min(self.sender.wait_s(ctx, ctx.model, read_s), limit_s)
 
     def _finish(self, ctx: CallContext, node: NodeState, result: Any, latency_ms: float) -> Any:
         permit = ctx.permits.pop(node.id, None)

@@ -75,6 +75,7 @@ class ChainStage:
             sent_to.append(model)
             model_ctx = ctx.for_model(model, body, headers)
             model_ctx.trial = trial  # a half-open breaker's trial: one attempt, then the next model
+            model_ctx.next_model = self._next_model(requested, model)  # its attempts leave it room
             return self.next.run(model_ctx)
 
         if self.part_of_call:
@@ -97,6 +98,16 @@ class ChainStage:
         elif not ctx.stream:  # a stream is counted when it ends
             self.tally.count(True, None, started)
         return result
+
+    def _next_model(self, requested: Optional[str], model: Optional[str]) -> Optional[str]:
+        """The model the chain would send to if ``model`` fails: the first one after it
+        whose breaker lets a call through (None: ``model`` is the last)."""
+        if requested is None or model is None or self.part_of_call:
+            return None
+        order = self.chain.chain(requested)
+        later = order[order.index(model) + 1:] if model in order else []
+        breakers = self.chain.breakers
+        return next((m for m in later if breakers is None or breakers.allows("model", m)), None)
 
 
 def request_parts(method: str, payload: Optional[Mapping[str, Any]],

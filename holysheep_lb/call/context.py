@@ -75,6 +75,7 @@ class CallContext:
     retries: int = 0
     silent: Set[str] = field(default_factory=set)   # node ids whose route went silent for this model
     trial: bool = False                              # the model's half-open breaker trial: one attempt
+    next_model: Optional[str] = None                 # the chain's next model if this one fails (None: last)
     untried: Callable[[], bool] = _never             # whether a node this model has not tried may be used
 
     def for_model(self, model: Optional[str], body: Optional[bytes], headers: Dict[str, str]) -> "CallContext":
@@ -85,7 +86,7 @@ class CallContext:
         return dataclasses.replace(self, model=model, body=body, headers=headers, attempts=[],
                                    tried=list(self.exclude),
                                    picked={}, hedges=set(), permits={}, retries=0, silent=set(),
-                                   trial=False, untried=_never)
+                                   trial=False, next_model=None, untried=_never)
 
     # -- RetryContext ---------------------------------------------------------------------------
 

@@ -44,8 +44,10 @@ class StreamLimits:
         self.first_token_timeout_s = first_token_timeout_s
         self.stall_timeout_s = stall_timeout_s
 
-    def of(self, ctx: CallContext) -> Tuple[float, float]:
-        return self.capabilities.stream_limits(ctx.model or "", call_first_token_s=ctx.first_token_timeout_s,
+    def of(self, ctx: CallContext, model: Optional[str] = None) -> Tuple[float, float]:
+        """The limits of ``ctx``'s model (or of ``model``, e.g. the chain's next one)."""
+        model = ctx.model if model is None else model
+        return self.capabilities.stream_limits(model or "", call_first_token_s=ctx.first_token_timeout_s,
                                                client_first_token_s=self.first_token_timeout_s,
                                                client_stall_s=self.stall_timeout_s)
 
@@ -62,11 +64,15 @@ class StreamSender:
         self.limits = limits
         self.max_response_bytes = max_response_bytes
 
+    def wait_s(self, ctx: CallContext, model: Optional[str], read_s: float) -> float:
+        """A stream of ``model`` waits for its first chunk up to its first-token limit, and
+        up to a call's own timeout= too."""
+        first_token_s = self.limits.of(ctx, model)[0]
+        return first_token_s if ctx.timeout is None else min(first_token_s, read_s)
+
     def send(self, ctx: CallContext, node: NodeState, timeout: Timeout) -> OpenedStream:
-        first_token_s = self.limits.of(ctx)[0]
-        first_chunk_s = max(0.001, min(first_token_s, ctx.deadline - ctx.clock()))
-        if ctx.timeout is not None:  # a call's own timeout= bounds the wait for the first chunk too
-            first_chunk_s = min(first_chunk_s, timeout[1])
+        # timeout[1] is wait_s() bounded by the deadline (and the room left for the next model)
+        first_chunk_s = max(0.001, min(timeout[1], ctx.deadline - ctx.clock()))
         return open_stream(node.transport, ctx.method, ctx.path, body=ctx.body, headers=ctx.headers,
                            connect_timeout_s=timeout[0], first_chunk_timeout_s=first_chunk_s,
                            clock=ctx.clock, max_bytes=self.max_response_bytes)

@@ -4,7 +4,8 @@ for a throttled node, move to the next model, or stop (and why).
 :meth:`RetryPolicy.decide` holds every rule: whether the outcome is retryable (from
 :mod:`.classify`), the retry count, the retry budget, backoff with full jitter, the
 call's deadline and the Retry-After cap. The attempt loop and the model chain obey
-its answer and decide nothing themselves.
+its answer and decide nothing themselves; :meth:`RetryPolicy.attempt_limit_s` likewise
+says how much of the deadline one attempt may wait (leaving room for the next model).
 
 The policy is an immutable value shared by every thread (like ``urllib3.Retry``);
 each call passes its own state (a :class:`RetryContext`), so no state is shared. Pass
@@ -116,6 +117,20 @@ class RetryPolicy:
         if outcome.retry_after_s is None:
             return None
         return min(outcome.retry_after_s, self.retry_after_cap_s)
+
+    def attempt_limit_s(self, ctx: RetryContext, fallback_wait_s: Optional[float]) -> float:
+        """The longest the next attempt may wait for its answer (its read timeout, a stream's
+        first token), given what remains of the call's deadline.
+
+        While the chain has a next model (``fallback_wait_s``: how long an attempt at that
+        model waits for its own answer; None: this is the last model), the attempt leaves
+        ``min(remaining / 2, fallback_wait_s)`` of the deadline to it: a primary that never
+        answers cannot use up the time its fallback needs. The last model gets all of it.
+        """
+        remaining_s = ctx.deadline - ctx.now()
+        if fallback_wait_s is None or remaining_s <= 0:
+            return remaining_s
+        return remaining_s - min(remaining_s / 2.0, max(0.0, fallback_wait_s))
 
     def decide(self, outcome: Outcome, ctx: Optional[RetryContext], *, scope: str = "attempt") -> RetryDecision:
         """What the call does after ``outcome``.

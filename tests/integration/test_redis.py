@@ -219,7 +219,7 @@ def test_four_processes_of_eight_threads_share_one_rate_limit(redis_server, pref
 def _trip_the_breaker(url, prefix, nodes, results) -> None:
     state = RedisSharedState(url, prefix=prefix)
     client = Client(nodes=nodes, health_check_interval_s=None, max_retries=0, retry_budget_ratio=None,
-                    breaker={"fail_max": 3, "reset_timeout_s": 60}, **state.client_options())
+                    breaker={"fail_max": 3, "reset_timeout_s": 60, "trial_interval_s": 60}, **state.client_options())
     errors = []
     for _ in range(5):
         try:
@@ -244,7 +244,8 @@ def test_a_breaker_tripped_in_one_process_is_open_in_another(redis_server, prefi
     assert gw.request_count("a") == 3
 
     state = RedisSharedState(redis_server.url, prefix=prefix)
-    with Client(nodes=gw.client_nodes(), health_check_interval_s=None, breaker={"fail_max": 3, "reset_timeout_s": 60},
+    with Client(nodes=gw.client_nodes(), health_check_interval_s=None,
+                breaker={"fail_max": 3, "reset_timeout_s": 60, "trial_interval_s": 60},
                 **state.client_options()) as client:
         with pytest.raises(CircuitOpenError) as opened:
             client.chat_completion(MSGS, model="gpt-4.1", max_tokens=5)
