@@ -18,11 +18,14 @@ failover  4 equal nodes for 10 s; one refuses connections from 3 s, another hang
 hang      4 equal nodes, 16 threads, client defaults but read_timeout_s=5; one node
           accepts and never answers for 10 s, starting under load (the simulator's
           hang_after_requests, set so that it starts ~5 s in). Targets for adaptive:
-          0 caller errors, no second below 90% of the median second.
+          0 caller errors, no second below 90% of the median second. Also printed: calls
+          that took over 10x the nodes' latency (those held by the hung node) and the slowest.
 quotas    4 nodes with 600, 600, 1200 and 2400 requests per minute, equal weights,
           driven open-loop at 75% of the sum (60 calls/s) for 20 s, from spent quotas
           (a full minute's burst would hide the sustained rates). Targets for adaptive:
-          0 429s sent by the gateway, 0 caller errors.
+          0 429s sent by the gateway, 0 caller errors. Also printed: the 429s sent after
+          the first second (the first answer of a node whose quota was spent behind the
+          client's back can only be a 429).
 
 ``--quick`` shortens every run for a smoke test (the numbers then mean little).
 The gateway runs in a child process so its CPU use does not skew our latencies.
@@ -349,10 +352,13 @@ def scenario_hang(n: int, quick: bool = False) -> Dict[str, Any]:
             ratio = worst_second_ratio(per_second)
             hang = ("never" if window.hang_from_s is None
                     else f"{window.hang_from_s:.1f}-{window.hang_from_s + t.hang_s:.1f} s")
+            # calls held far past the nodes' latency: those that sat on the hung node
+            stuck = sum(1 for ms in result.latencies_ms if ms > 10 * latency_ms)
+            slowest_ms = max(result.latencies_ms, default=0.0)
             r.update(per_second=per_second, worst_ratio=ratio, caller_errors=sum(r["errors"].values()),
-                     hang_window=hang,
+                     hang_window=hang, stuck_calls=stuck, slowest_ms=round(slowest_ms, 1),
                      worst_second=f"worst second {ratio:.0%} of median; {sum(r['errors'].values())} errors; "
-                                  f"hang {hang}")
+                                  f"hang {hang}; {stuck} calls > {10 * latency_ms} ms, slowest {slowest_ms:.0f} ms")
             rows.append(r)
     by = {r["label"]: r for r in rows}
     checks = {
@@ -384,8 +390,20 @@ def quota_row(gw: GatewayProcess, spec: List[Dict[str, Any]], strategy: str, rat
             gw.configure(nd["id"], latency_ms=nd["latency_ms"], p99_latency_ms=nd["p99_latency_ms"])
         gw.reset_counts()
 
+    early: List[int] = []  # 429s sent in the run's first second
+
     def open_loop(call: Callable[[int], Any], label: str) -> LoadResult:
-        paced.append(run_paced(call, rate_per_s=rate_per_s, duration_s=duration_s, max_threads=64, label=label))
+        def count_early() -> None:
+            early.append(sum(sum(gw.quota_stats(nd["id"]).values()) for nd in spec))
+
+        timer = threading.Timer(1.0, count_early)
+        timer.daemon = True
+        timer.start()
+        try:
+            paced.append(run_paced(call, rate_per_s=rate_per_s, duration_s=duration_s, max_threads=64,
+                                   label=label))
+        finally:
+            timer.cancel()
         return paced[0].load
 
     result = drive(gw, gw.client_nodes, strategy, 0, 16, before_run=start_spent, runner=open_loop,
@@ -393,10 +411,14 @@ def quota_row(gw: GatewayProcess, spec: List[Dict[str, Any]], strategy: str, rat
     refused = {nd["id"]: sum(gw.quota_stats(nd["id"]).values()) for nd in gw.client_nodes}
     r = result.summary()
     errors = sum(r["errors"].values())
+    # The first answer from each node after the quotas were spent elsewhere can only be a
+    # 429: the client's last reading (from the warm-up) said the quota was nearly full.
+    after_first_s = sum(refused.values()) - (early[0] if early else 0)
     r.update(server_429s=sum(refused.values()), server_429s_by_node=refused, caller_errors=errors,
+             server_429s_after_first_s=after_first_s if early else None,
              offered=paced[0].offered, max_late_ms=paced[0].max_late_ms,
              quota_cell=f"429s sent {sum(refused.values())}: " + " ".join(f"{k}:{v}" for k, v in refused.items())
-                        + f"; {errors} caller errors")
+                        + f" ({after_first_s if early else '?'} after the first second); {errors} caller errors")
     return r
 
 

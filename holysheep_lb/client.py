@@ -160,6 +160,7 @@ class Client(ClientOptions):
         self._parts.reaper.reap()
         if self._health is not None:
             self._health.stop()
+        self._selector.close()  # its hang watcher thread
         for node in self._selector.nodes:
             node.transport.close()
         _LIVE_CLIENTS.discard(self)

@@ -88,6 +88,7 @@ class ClientOptions:
         hedge_delay_s: Union[None, float, str] = None,
         hedge_max_ratio: float = 0.05,
         hedge_max_threads: int = 64,
+        rescue_hung_calls: bool = True,
         prices: Any = None,
         router: Optional[ModelRouter] = None,
         budget: Any = None,

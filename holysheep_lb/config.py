@@ -348,7 +348,9 @@ class ClientConfig:
     limit's burst in seconds of its rate: no limit admits more than its number in any 60 s
     window, see :mod:`holysheep_lb.ratelimit`); ``retry_budget_ratio`` (None:
     off), ``retry_budget_min_per_s``, ``retry_budget_ttl_s``; ``hedge_delay_s`` (seconds
-    or ``"p95"``; None: off), ``hedge_max_ratio``, ``hedge_max_threads``.
+    or ``"p95"``; None: off), ``hedge_max_ratio``, ``hedge_max_threads``;
+    ``rescue_hung_calls`` (True: a call stuck on a node found hung has its connection cut
+    and is retried elsewhere within the retry budget; False: it waits out its read timeout).
     """
 
     nodes: Tuple[Node, ...]
@@ -412,6 +414,7 @@ class ClientConfig:
     hedge_delay_s: Union[None, float, str] = None
     hedge_max_ratio: float = 0.05
     hedge_max_threads: int = 64
+    rescue_hung_calls: bool = True  # cut the calls stuck on a node found hung, retry them elsewhere
     # cost control (see pricing.py, models.py, cache.py)
     prices: Any = None  # None (defaults), {model: {"input": x, "output": y}}, a JSON path, a PriceTable
     router: Optional[ModelRouter] = None  # chooses the model of model="auto" calls (and of calls without one)
@@ -551,6 +554,8 @@ def _check_resilience(cfg: ClientConfig) -> None:
     if cfg.hedge_max_ratio > 1:
         raise ConfigError("hedge_max_ratio", cfg.hedge_max_ratio, "must be > 0 and <= 1")
     _check_int("hedge_max_threads", cfg.hedge_max_threads, minimum=1)
+    if not isinstance(cfg.rescue_hung_calls, bool):
+        raise ConfigError("rescue_hung_calls", cfg.rescue_hung_calls, "must be True or False")
 
 
 def _check_cost_options(cfg: "ClientConfig") -> None:

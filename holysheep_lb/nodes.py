@@ -14,19 +14,30 @@ Availability rules (each with its reason, shown by ``Client.nodes()``):
   through; success re-admits it, failure ejects it again for longer.
 * **down**: the health checker saw ``unhealthy_threshold`` failed probes in a row; it
   comes back after ``healthy_threshold`` good ones.
+* **hung**: its oldest unanswered request has waited longer than ``HangPolicy``'s
+  threshold (``factor`` × its usual latency, at least ``floor_s``) and it has answered
+  nothing for as long. It gets no new request while any of its requests is still
+  unanswered; once they have all ended (timed out) it gets one trial at a time, and
+  its first answer (a success, an HTTP error, a first chunk or a good probe) clears it.
+* **quota**: its ``x-ratelimit-*`` headers say it is (nearly) out of requests or tokens
+  (``quota.py``); it counts as throttled until the estimate climbs back.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from . import forksafe
+from .concurrency import ConcurrencyLimit
 from .config import Node
+from .hangs import DEFAULT_HANG_POLICY, HangPolicy
+from .quota import NodeQuota
 from .stats import FAILURE_KINDS, SYSTEM_FAILURE_KINDS, LatencyHistogram
 from .transport import Transport
 
-__all__ = ["NodeState", "EjectionPolicy"]
+__all__ = ["NodeState", "EjectionPolicy", "HangPolicy"]
 
 # Failure kinds that count towards ejection (429 and other 4xx do not).
 _EJECTING_KINDS = SYSTEM_FAILURE_KINDS
@@ -68,6 +79,16 @@ class NodeState:
         self.in_flight = 0
         self.awaiting = 0                 # attempts sent and not yet answered
         self.awaiting_started_sum = 0.0   # sum of their start times (for their mean age)
+        self._awaiting_starts: List[float] = []  # their start times, sorted: [0] is the oldest
+        self.last_answer_at: Optional[float] = None  # last success, HTTP answer, first chunk or good probe
+        self.hung_since: Optional[float] = None
+        self.hung_cut_at: Optional[float] = None  # when its stuck calls were last cut
+        self.hung_rescued = 0  # calls cut free of it
+        self._usual_latency_ms: Optional[float] = None  # for the hang threshold, refreshed now and then
+        self.concurrency = ConcurrencyLimit()
+        self.quota = NodeQuota()
+        self.quota_until = 0.0        # out of quota (x-ratelimit-*) until then
+        self.retry_after_until = 0.0  # a 429's Retry-After until then
         self.tau_s = tau_s
         self.cold_latency_ms = cold_latency_ms
         self.ewma_ms: Optional[float] = None      # peak-EWMA of real request latency
@@ -102,10 +123,13 @@ class NodeState:
 
     @forksafe.once_per_process
     def reset_after_fork(self) -> None:
-        """The parent's calls and trial request do not exist in a child: nothing is in flight."""
+        """The parent's calls and trial request do not exist in a child: nothing is in flight
+        (nor waits, so nothing hangs). What the node taught (latency, concurrency limit,
+        quota readings) holds in the child too."""
         self.in_flight = 0
         self.awaiting = 0
         self.awaiting_started_sum = 0.0
+        self.forget_waiting()
         self.end_trial()
 
     def __repr__(self) -> str:
@@ -123,8 +147,71 @@ class NodeState:
             if self.trial_in_flight:
                 return "half-open trial in flight"
         if now < self.throttled_until:
-            return "throttled"
+            return "throttled" if now < self.retry_after_until else "quota"
+        if self.hung_since is not None and self.awaiting:
+            return "hung"
         return None
+
+    # -- hangs -----------------------------------------------------------------------------
+
+    def oldest_unanswered_s(self, now: float) -> Optional[float]:
+        return (now - self._awaiting_starts[0]) if self._awaiting_starts else None
+
+    def hang_threshold_s(self, policy: HangPolicy) -> float:
+        usual_ms = self._usual_latency_ms
+        if usual_ms is None or self.successes < policy.min_samples:
+            usual_ms = self.mean_ms if self.mean_ms is not None and self.successes >= policy.min_samples \
+                else self.cold_latency_ms
+        return max(policy.floor_s, policy.factor * usual_ms / 1000.0)
+
+    def check_hung(self, now: float, policy: HangPolicy) -> bool:
+        """Whether the node is hung now (sets ``hung_since`` when it becomes so). O(1)."""
+        if self.hung_since is not None:
+            return True
+        if not self._awaiting_starts:
+            return False
+        threshold_s = self.hang_threshold_s(policy)
+        if now - self._awaiting_starts[0] <= threshold_s:
+            return False
+        if self.last_answer_at is not None and now - self.last_answer_at <= threshold_s:
+            return False
+        self.hung_since = now
+        return True
+
+    def due_for_cut(self, now: float, policy: HangPolicy) -> bool:
+        """Hung, with unanswered requests past the threshold not yet cut (marks them cut)."""
+        if not policy.rescue or self.hung_since is None or not self._awaiting_starts:
+            return False
+        oldest = self._awaiting_starts[0]
+        if self.hung_cut_at is not None:
+            if oldest < self.hung_cut_at:
+                return False  # cut already: their attempts are failing over
+            if now - oldest <= self.hang_threshold_s(policy):
+                return False  # a trial sent since the last cut has not waited long enough yet
+        self.hung_cut_at = now
+        return True
+
+    def forget_waiting(self) -> None:
+        """After a fork: the parent's requests do not exist in this process."""
+        self._awaiting_starts.clear()
+        self.hung_since = self.hung_cut_at = None
+
+    def mark_answered(self, now: float) -> None:
+        self.last_answer_at = now
+        self.hung_since = None
+
+    # -- quotas ----------------------------------------------------------------------------
+
+    def observe_quota(self, headers: Optional[Mapping[str, str]], now: float) -> None:
+        """Read a response's x-ratelimit-* headers; the node counts as throttled while
+        (nearly) out of quota."""
+        if headers:
+            self.quota.observe(headers, now, pending=self.awaiting)
+            self._update_quota_until(now)
+
+    def _update_quota_until(self, now: float) -> None:
+        self.quota_until = self.quota.blocked_until(now)
+        self.throttled_until = max(self.retry_after_until, self.quota_until)
 
     def is_half_open(self, now: float) -> bool:
         return self.ejected_until is not None and now >= self.ejected_until
@@ -178,12 +265,32 @@ class NodeState:
     def start_waiting(self, started: float) -> None:
         self.awaiting += 1
         self.awaiting_started_sum += started
+        starts = self._awaiting_starts
+        if not starts or started >= starts[-1]:
+            starts.append(started)  # the usual case: picks come in time order
+        else:
+            bisect.insort(starts, started)
+
+    def sent(self) -> None:
+        """A request is about to be sent (after a pick): it spends quota. The next pick's
+        ``refresh_quota`` accounts for it (this pick's wait, if any, must not)."""
+        if self.quota.readings:
+            self.quota.on_send()
+
+    def refresh_quota(self, now: float) -> None:
+        if self.quota.readings:
+            self._update_quota_until(now)
 
     def stop_waiting(self, started: float) -> None:
+        starts = self._awaiting_starts
+        i = bisect.bisect_left(starts, started)
+        if i < len(starts) and starts[i] == started:
+            del starts[i]
         self.awaiting -= 1
         if self.awaiting <= 0:
             self.awaiting = 0
             self.awaiting_started_sum = 0.0  # exact reset: no float drift accumulates
+            starts.clear()
         else:
             self.awaiting_started_sum -= started
 
@@ -213,15 +320,24 @@ class NodeState:
 
     # -- outcomes ----------------------------------------------------------------------
 
-    def record_success(self, latency_ms: float, now: float, is_trial: bool = False) -> bool:
+    def record_success(self, latency_ms: float, now: float, is_trial: bool = False,
+                       in_flight: Optional[int] = None) -> bool:
         """Count a success; returns True if it re-admitted an ejected node.
 
         Only the half-open trial re-admits: a slow request sent before the node was
-        ejected says nothing about how it is now.
+        ejected says nothing about how it is now. ``in_flight``: the node's requests in
+        flight when it answered, this one included (teaches its concurrency limit).
         """
         self.successes += 1
         self.latency.record(latency_ms)
         self.observe_latency(latency_ms, now)
+        self.mark_answered(now)
+        if in_flight is not None:
+            self.concurrency.observe(in_flight, latency_ms, now)
+        if self.successes % DEFAULT_HANG_POLICY.refresh_every == 0 or self._usual_latency_ms is None:
+            p99 = self.latency.percentile(99) if self.successes % DEFAULT_HANG_POLICY.refresh_every == 0 else None
+            usual = self.mean_ms or latency_ms
+            self._usual_latency_ms = max(usual, 0.5 * p99) if p99 is not None else usual
         self.consecutive_failures = 0
         if is_trial and self.ejected_until is not None:
             self.readmit(now)
@@ -243,11 +359,14 @@ class NodeState:
                        retry_after_s: Optional[float] = None, is_trial: bool = False) -> Optional[float]:
         """Count a failure; returns the ejection duration if this failure ejected the node."""
         self.failures[kind] = self.failures.get(kind, 0) + 1
+        if kind.startswith("status_") or kind == "invalid_response":
+            self.mark_answered(now)  # an answer, if not a good one: the node does not hang
         if kind == "status_429":
             # Throttled, not broken: the node answered. Skip it until Retry-After
             # (1 s when it did not say), and leave its failure streak alone.
             wait_s = retry_after_s if retry_after_s is not None else 1.0
-            self.throttled_until = max(self.throttled_until, now + wait_s)
+            self.retry_after_until = max(self.retry_after_until, now + wait_s)
+            self.throttled_until = max(self.throttled_until, self.retry_after_until)
             if is_trial:
                 self.end_trial()
             return None
@@ -280,6 +399,7 @@ class NodeState:
         self.last_probe_ok = ok
         self.last_probe_error = error
         if ok:
+            self.mark_answered(now)
             if latency_ms is not None:
                 self.observe_probe(latency_ms)
             self.probe_failures_in_row = 0
@@ -316,6 +436,12 @@ class NodeState:
             "times_ejected": self.times_ejected,
             "ejected_for_s": None if self.ejected_until is None else max(0.0, self.ejected_until - now),
             "throttled_for_s": max(0.0, self.throttled_until - now),
+            "hung": self.hung_since is not None,
+            "hung_for_s": None if self.hung_since is None else max(0.0, now - self.hung_since),
+            "oldest_unanswered_s": self.oldest_unanswered_s(now),
+            "hung_calls_rescued": self.hung_rescued,
+            "concurrency_limit": self.concurrency.snapshot()["limit"],
+            "quota": self.quota.snapshot(now),
             "down": self.down,
             "probes": self.probes,
             "probe_failures": self.probe_errors,
@@ -334,5 +460,8 @@ class NodeState:
             "retries": self.retries,
             "in_flight": self.in_flight,
             "success_rate": (self.successes / done) if done else None,
+            "hung": self.hung_since is not None,
+            "concurrency_limit": self.concurrency.snapshot()["limit"],
+            "quota_garbage_headers": self.quota.garbage,
             "latency": self.latency.copy(),
         }

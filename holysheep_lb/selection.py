@@ -1,36 +1,37 @@
-"""Node selection: the routing strategies behind one ``Selector.pick()``.
+"""Node selection: ``Selector.pick()`` filters the usable nodes and asks the routing
+strategy (:mod:`holysheep_lb.strategies`) which one takes the attempt.
 
 The selector owns the one lock that guards all routing state (``_state_lock``): a pick
 and the bookkeeping after an attempt each hold it for microseconds, never across I/O.
 
-A strategy is a small object with ``choose(candidates, ctx) -> NodeState``, called
-with the lock held and a non-empty list of candidates the selector already filtered
-(usable, not yet tried in this call). Adding a strategy is one class and one line in
-``STRATEGIES``; a user may also pass an instance of their own class.
+A strategy's ``choose(candidates, ctx)`` is called with the lock held and a non-empty
+list of candidates the selector already filtered (usable, not yet tried in this call).
+The strategies (``round_robin``, ``weighted``, ``least_connections``, ``geographic``,
+``adaptive``) live in :mod:`holysheep_lb.strategies` and are re-exported here.
 
-=================  =================================================================
-``round_robin``    a true rotation over the available nodes
-``weighted``       smooth weighted round robin (nginx): exact shares in every window
-``least_connections``  fewest in-flight per unit of weight; all nodes scored when ≤ 5
-``geographic``     caller's region first, then the nearest region by measured latency
-``adaptive``       near-fastest nodes by peak-EWMA latency, then least (in-flight+1)/weight
-=================  =================================================================
+Whatever the strategy, the selector leaves out a node that is *hung* (its requests wait
+far past its usual latency and it answers nothing: ``nodes.HangPolicy``) and one out of
+quota (``quota.py``) like a throttled one. ``least_connections`` and ``adaptive`` also
+respect each node's learned concurrency limit (``concurrency.py``): a node at its limit
+is *hot* and gets a request only when every comparable node is hot too.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import random
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from . import forksafe
 from .affinity import AffinityRouter, annotate
 from .errors import ConfigError, NoHealthyNodeError
+from .hangs import DEFAULT_HANG_POLICY, HangPolicy, HangWatcher
 from .nodes import EjectionPolicy, NodeState
 from .stats import LatencyHistogram
+from .strategies import (STRATEGIES, Adaptive, Geographic, LeastConnections, PickContext, RoundRobin,
+                         RoutingStrategy, SmoothWeighted, Strategy, make_strategy)
 
 __all__ = [
     "RoutingStrategy",
@@ -47,257 +48,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class RoutingStrategy(str, enum.Enum):
-    ROUND_ROBIN = "round_robin"
-    WEIGHTED = "weighted"
-    LEAST_CONNECTIONS = "least_connections"
-    GEOGRAPHIC = "geographic"
-    ADAPTIVE = "adaptive"
-
-
-class PickContext:
-    """What a strategy may look at besides the candidates."""
-
-    __slots__ = ("now", "region", "all_nodes", "rand", "slow_start_s")
-
-    def __init__(self, now: float, region: Optional[str], all_nodes: Sequence[NodeState],
-                 rand: Callable[[], float], slow_start_s: float) -> None:
-        self.now = now
-        self.region = region
-        self.all_nodes = all_nodes
-        self.rand = rand
-        self.slow_start_s = slow_start_s
-
-    def weight(self, node: NodeState) -> float:
-        return node.effective_weight(self.now, self.slow_start_s)
-
-
-class Strategy:
-    """Base class of strategies. Subclasses implement ``choose``; state lives on the instance."""
-
-    name = "custom"
-
-    def choose(self, candidates: Sequence[NodeState], ctx: PickContext) -> NodeState:
-        raise NotImplementedError
-
-
-def _rotate(items: Sequence[NodeState], ctx: PickContext) -> Sequence[NodeState]:
-    """Start a scan at a random offset so ties do not always favour the first node."""
-    if len(items) < 2:
-        return items
-    k = int(ctx.rand() * len(items)) % len(items)
-    return list(items[k:]) + list(items[:k])
-
-
-class RoundRobin(Strategy):
-    """Each pick takes the next node after the previous pick in the configured order."""
-
-    name = "round_robin"
-
-    def __init__(self) -> None:
-        self._cursor = 0
-
-    def choose(self, candidates: Sequence[NodeState], ctx: PickContext) -> NodeState:
-        allowed = {id(n) for n in candidates}
-        order = ctx.all_nodes
-        n = len(order)
-        for step in range(n):
-            index = (self._cursor + step) % n
-            node = order[index]
-            if id(node) in allowed:
-                self._cursor = index + 1
-                return node
-        return candidates[0]
-
-
-class SmoothWeighted(Strategy):
-    """nginx's smooth weighted round robin: weights 5,1,1 give ``a a b a c a a``."""
-
-    name = "weighted"
-
-    def __init__(self) -> None:
-        self._current: Dict[str, float] = {}
-
-    def choose(self, candidates: Sequence[NodeState], ctx: PickContext) -> NodeState:
-        total = 0.0
-        best: Optional[NodeState] = None
-        best_value = 0.0
-        current = self._current
-        for node in candidates:
-            w = ctx.weight(node)
-            value = current.get(node.id, 0.0) + w
-            current[node.id] = value
-            total += w
-            if best is None or value > best_value:
-                best, best_value = node, value
-        assert best is not None
-        current[best.id] = best_value - total
-        return best
-
-
-class LeastConnections(Strategy):
-    """Fewest in-flight requests per unit of weight.
-
-    With few nodes every one is scored: power-of-two-choices would pick the busier of
-    two nodes 25% of the time. Above ``score_all_max`` nodes it samples two.
-    """
-
-    name = "least_connections"
-
-    def __init__(self, score_all_max: int = 5) -> None:
-        self.score_all_max = score_all_max
-
-    def choose(self, candidates: Sequence[NodeState], ctx: PickContext) -> NodeState:
-        if len(candidates) > self.score_all_max:
-            i = int(ctx.rand() * len(candidates)) % len(candidates)
-            j = int(ctx.rand() * (len(candidates) - 1)) % (len(candidates) - 1)
-            if j >= i:
-                j += 1
-            pool: Sequence[NodeState] = (candidates[i], candidates[j])
-        else:
-            pool = _rotate(candidates, ctx)
-        return min(pool, key=lambda n: (n.in_flight + 1) / ctx.weight(n))
-
-
-class Adaptive(Strategy):
-    """Fastest expected answer: peak-EWMA latency, then load, among the near-fastest nodes.
-
-    Each node's latency estimate is a peak-EWMA of real request latency (streams: time
-    to first chunk), raised at once by slow samples, failures and requests that have
-    waited long without an answer, and decayed with time so that a node that was slow
-    gets tried again. ``explore_rate`` of picks go to the candidate whose last sample
-    is oldest (if older than ``explore_after_s``) so a recovered node wins traffic back.
-
-    A pick is made in two steps:
-
-    1. the *band*: candidates whose typical latency (a plain EWMA, robust to jitter)
-       is within ``latency_band`` × the best one;
-       a node whose estimate is stale (no sample for ``explore_after_s``) takes one
-       request at a time until a fresh sample arrives, so a slow node whose estimate
-       merely decayed into the band gets a trial, not a burst;
-    2. within it, the lowest cost = estimate × ((in-flight + 1) / weight) ** load_bias
-       (Finagle's and Linkerd's peak-EWMA × load, with Envoy's ``active_request_bias``).
-
-    Why the band: multiplying by load alone (bias 1) spreads traffic onto slower regions
-    whenever the fast node has many requests in flight, even when it is nowhere near
-    saturated; in ``benchmarks/strategies.py`` that sent a third of the traffic to
-    slower regions and doubled p99. With the band, slower nodes only get traffic once
-    the fast one's measured latency (queueing included) has risen to theirs, while nodes
-    of equal latency still share load by in-flight per unit of weight (capacity).
-    """
-
-    name = "adaptive"
-
-    def __init__(self, explore_rate: float = 0.02, explore_after_s: float = 2.0,
-                 load_bias: float = 1.0, latency_band: float = 1.25) -> None:
-        self.explore_rate = explore_rate
-        self.explore_after_s = explore_after_s
-        self.load_bias = load_bias
-        self.latency_band = latency_band
-
-    def cost(self, node: NodeState, ctx: PickContext, estimate_ms: Optional[float] = None) -> float:
-        if estimate_ms is None:
-            estimate_ms = node.latency_estimate_ms(ctx.now)
-        load = (node.in_flight + 1) / ctx.weight(node)
-        return estimate_ms * (load if self.load_bias == 1.0 else load ** self.load_bias)
-
-    def choose(self, candidates: Sequence[NodeState], ctx: PickContext) -> NodeState:
-        if self.explore_rate > 0 and len(candidates) > 1 and ctx.rand() < self.explore_rate:
-            stale = [n for n in candidates
-                     if n.last_sample_at is None or ctx.now - n.last_sample_at >= self.explore_after_s]
-            if stale:
-                return min(stale, key=lambda n: n.last_sample_at or float("-inf"))
-        typical = [(n, n.typical_latency_ms(ctx.now)) for n in _rotate(candidates, ctx)]
-        limit = min(t for _, t in typical) * self.latency_band
-        band = [n for n, t in typical if t <= limit]
-        best: Optional[NodeState] = None
-        best_cost = 0.0
-        for node in band:
-            if node.in_flight and self._stale(node, ctx.now):
-                # Its estimate only decayed into the band: that earns one trial request
-                # at a time until a fresh sample says how fast it really is now.
-                continue
-            c = self.cost(node, ctx)
-            if best is None or c < best_cost:
-                best, best_cost = node, c
-        if best is None:  # every node in the band is stale and busy: least loaded of them
-            best = min(band, key=lambda n: self.cost(n, ctx))
-        return best
-
-    def _stale(self, node: NodeState, now: float) -> bool:
-        return node.last_sample_at is not None and now - node.last_sample_at >= self.explore_after_s
-
-
-class Geographic(Strategy):
-    """The caller's region first, then the nearest region by measured latency, then any.
-
-    "Measured latency" is the lowest latency estimate (probe latency, else request
-    latency) among a region's nodes. Within the chosen region the least-cost node wins,
-    as in ``adaptive``.
-    """
-
-    name = "geographic"
-
-    def __init__(self, default_region: Optional[str] = None) -> None:
-        self.default_region = default_region
-        self._within = Adaptive(explore_rate=0.0)
-        self._warned: Set[str] = set()
-
-    @staticmethod
-    def _distance_ms(node: NodeState, now: float) -> float:
-        if node.probe_ewma_ms is not None:
-            return node.probe_ewma_ms
-        if node.ewma_ms is not None:
-            return node.latency_estimate_ms(now)
-        return float("inf")
-
-    def choose(self, candidates: Sequence[NodeState], ctx: PickContext) -> NodeState:
-        region = ctx.region or self.default_region
-        if region is not None:
-            local = [n for n in candidates if n.region == region]
-            if local:
-                return self._within.choose(local, ctx)
-            if region not in {n.region for n in ctx.all_nodes} and region not in self._warned:
-                if len(self._warned) < 64:  # bounded: regions come from callers
-                    self._warned.add(region)
-                log.debug("geographic: no node in region %r; using the nearest region", region)
-        nearest: Dict[str, float] = {}
-        for n in candidates:
-            d = self._distance_ms(n, ctx.now)
-            if d < nearest.get(n.region, float("inf")) or n.region not in nearest:
-                nearest[n.region] = min(d, nearest.get(n.region, float("inf")))
-        best_region = min(nearest, key=lambda r: nearest[r])
-        if nearest[best_region] == float("inf"):
-            # nothing measured yet: spread by load rather than defaulting to the first node
-            return self._within.choose(candidates, ctx)
-        return self._within.choose([n for n in candidates if n.region == best_region], ctx)
-
-
-STRATEGIES: Dict[str, Callable[[], Strategy]] = {
-    RoutingStrategy.ROUND_ROBIN.value: RoundRobin,
-    RoutingStrategy.WEIGHTED.value: SmoothWeighted,
-    RoutingStrategy.LEAST_CONNECTIONS.value: LeastConnections,
-    RoutingStrategy.GEOGRAPHIC.value: Geographic,
-    RoutingStrategy.ADAPTIVE.value: Adaptive,
-}
-
-
-def make_strategy(value: Union[str, RoutingStrategy, Strategy, type]) -> Strategy:
-    """A strategy from a name, a ``RoutingStrategy``, a Strategy class or instance."""
-    if isinstance(value, RoutingStrategy):
-        value = value.value
-    if isinstance(value, str):
-        factory = STRATEGIES.get(value)
-        if factory is None:
-            raise ConfigError("strategy", value, f"must be one of {sorted(STRATEGIES)} or a Strategy")
-        return factory()
-    if isinstance(value, type) and issubclass(value, Strategy):
-        return value()
-    if callable(getattr(value, "choose", None)):
-        return value  # type: ignore[return-value]
-    raise ConfigError("strategy", value, f"must be one of {sorted(STRATEGIES)} or a Strategy")
 
 
 class Selector:
@@ -321,6 +71,7 @@ class Selector:
         panic_threshold: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
         rand: Optional[Callable[[], float]] = None,
+        hang: HangPolicy = DEFAULT_HANG_POLICY,
         affinity: Optional[AffinityRouter] = None,
     ) -> None:
         if not nodes:
@@ -330,19 +81,49 @@ class Selector:
         self.strategy = strategy
         self.ejection = ejection
         self.panic_threshold = panic_threshold
+        self.hang = hang
         self.clock = clock
         self.rand = rand or random.Random().random
         self._state_lock = threading.Lock()
         self.panicking = False
+        self._watcher = HangWatcher(hang.watch_interval_s)  # guarded by _state_lock
         forksafe.register(self)
         self.affinity = affinity  # prompt-cache affinity (affinity.py): a preference tried before the strategy
 
     @forksafe.once_per_process
     def reset_after_fork(self) -> None:
-        """A lock held by another thread at fork time would stay held forever in the child."""
+        """A lock held by another thread at fork time would stay held forever in the child.
+        (The nodes and the hang watcher reset themselves: they are in the fork registry.)"""
         self._state_lock = threading.Lock()
         if self.affinity is not None:
             self.affinity.reset_after_fork()
+
+    def close(self) -> None:
+        """Stop the hang watcher thread (it also ends by itself once idle)."""
+        self._watcher.close()
+
+    # -- the hang watcher ---------------------------------------------------------------
+
+    def _start_watcher(self) -> None:
+        """After a pick that claimed the watcher: start its thread (outside the lock)."""
+        if not self._watcher.start(self):
+            self._watcher_failed()  # no thread now: picks still check, the next pick tries again
+
+    def _watcher_failed(self) -> None:
+        with self._state_lock:
+            self._watcher.running = False
+
+    def _watch_once(self) -> bool:
+        """One round of the watcher: cut what hangs; False when it should end (idle)."""
+        with self._state_lock:
+            now = self.clock()
+            to_cut = [n for n in self.nodes if n.awaiting and n.check_hung(now, self.hang)
+                      and n.due_for_cut(now, self.hang)]
+            if not self._watcher.idle(busy=any(n.awaiting for n in self.nodes)):
+                return False
+        if to_cut:
+            self._rescue(to_cut)
+        return True
 
     reset_lock_after_fork = reset_after_fork  # the name the Client calls
 
@@ -363,13 +144,20 @@ class Selector:
             if started is None:
                 started = now
             nodes = self.nodes
+            hang = self.hang
+            to_cut = None
+            for n in nodes:
+                n.refresh_quota(now)
+                if n.awaiting and n.check_hung(now, hang) and n.due_for_cut(now, hang):
+                    to_cut = [n] if to_cut is None else to_cut + [n]
             usable = [n for n in nodes if n.unusable_reason(now) is None]
             pool: List[NodeState] = usable
             panic = len(usable) < self.panic_threshold * len(nodes)
             if panic:
                 # Too few survivors: spreading over everything beats crushing them
                 # (Envoy's panic mode). Throttled nodes stay out while others exist.
-                pool = [n for n in nodes if now >= n.throttled_until and not n.trial_in_flight]
+                pool = [n for n in nodes if now >= n.throttled_until and not n.trial_in_flight
+                        and not (n.hung_since is not None and n.awaiting)]
             panic_changed = panic != self.panicking
             if panic_changed:
                 self.panicking = panic
@@ -392,18 +180,34 @@ class Selector:
                 node = self.strategy.choose(candidates, ctx)
             if node is None:
                 raise NoHealthyNodeError("the routing strategy returned no node")
+            start_watcher = self._watcher.claim()
             node.in_flight += 1
             node.start_waiting(started)
+            node.sent()
             node.attempts += 1
             if excluded:
                 node.retries += 1
             if node.is_half_open(now) and not node.trial_in_flight:
                 node.trial_in_flight = True
                 node.trial_started = started
+        if to_cut is not None:  # after the lock: cutting sockets is I/O
+            self._rescue(to_cut)
+        if start_watcher:
+            self._start_watcher()
         if panic_changed:  # logged after the lock: a slow handler must not stall routing
             log.warning("panic mode %s: %d of %d nodes usable", "on" if panic else "off",
                         n_usable, len(nodes))
         return node
+
+    def _rescue(self, hung: List[NodeState]) -> None:
+        """Cut the calls stuck on nodes just found hung: their attempts fail over now."""
+        for node in hung:
+            cut_exchanges = getattr(node.transport, "cut_exchanges", None)  # a custom transport may lack it
+            cut = cut_exchanges() if cut_exchanges is not None else 0
+            with self._state_lock:
+                node.hung_rescued += cut
+            log.warning("node %s is hung (no answer for %.2f s); cut %d call(s) waiting on it to retry elsewhere",
+                        node.id, node.hang_threshold_s(self.hang), cut)
 
     @staticmethod
     def _is_trial(node: NodeState, started: Optional[float]) -> bool:
@@ -429,6 +233,7 @@ class Selector:
         with self._state_lock:
             now = self.clock()
             node.stop_waiting(started)
+            node.mark_answered(now)
             readmitted = self._is_trial(node, started) and node.ejected_until is not None
             if readmitted:
                 node.readmit(now)
@@ -436,10 +241,14 @@ class Selector:
             log.info("node %s re-admitted after a successful trial request", node.id)
 
     def release_success(self, node: NodeState, latency_ms: float, *,
-                        started: Optional[float]) -> None:
+                        started: Optional[float], quota_headers: Optional[Mapping[str, str]] = None) -> None:
+        """``quota_headers``: the answer's ``x-ratelimit-*`` headers, if any (``quota.py``)."""
         with self._state_lock:
             is_trial = self._free(node, started)
-            readmitted = node.record_success(latency_ms, self.clock(), is_trial)
+            now = self.clock()
+            readmitted = node.record_success(latency_ms, now, is_trial, in_flight=node.in_flight + 1)
+            if quota_headers:
+                node.observe_quota(quota_headers, now)
         if readmitted:
             log.info("node %s re-admitted after a successful trial request", node.id)
 
@@ -471,6 +280,11 @@ class Selector:
         elif change == "up":
             log.info("node %s marked up after %d good probes", node.id, healthy_threshold)
         return change
+
+    def is_hung(self, node: NodeState) -> bool:
+        """Whether ``node`` is hung now (its unanswered requests are past the threshold)."""
+        with self._state_lock:
+            return node.check_hung(self.clock(), self.hang)
 
     def snapshot(self) -> List[Dict[str, Any]]:
         with self._state_lock:

@@ -35,6 +35,7 @@ from . import forksafe
 from ._version import __version__
 from .config import Node, check_proxy
 from .deadline import Watch, WatchedAdapter, set_current, watch
+from .hangs import Exchanges
 from .errors import (
     APIConnectionError,
     APIError,
@@ -62,6 +63,8 @@ class HTTPResult(NamedTuple):
     status_code: int
     data: Dict[str, Any]
     request_id: Optional[str]
+    # the node's x-ratelimit-* headers, read by quota.py; None without them
+    quota_headers: Optional[Dict[str, str]] = None
 
 
 def translate_error(exc: BaseException, node_id: str, redact: Redactor = NO_REDACTION) -> APIError:
@@ -130,6 +133,7 @@ class Transport:
         self.closed = False
         self._allow_insecure_http = allow_insecure_http
         self._refused: Optional[ConfigError] = None  # set when a child's proxy would see the key
+        self.exchanges = Exchanges()  # those under way, so that the ones stuck on a hung node can be cut
         self.session = self._new_session()
         self._check_proxy()
         forksafe.register(self, phase=forksafe.PHASE_CONNECTIONS)
@@ -185,6 +189,7 @@ class Transport:
         The proxy is read from the environment again, and checked again: a child whose
         environment sends the key to a cleartext proxy refuses every request with the
         same :class:`ConfigError` the constructor would raise (a fork handler cannot raise).
+        (``exchanges`` resets itself: it is in the fork registry.)
         """
         self.session = self._new_session()
         try:
@@ -239,6 +244,8 @@ class Transport:
         if self._refused is not None:
             raise self._refused
         entry = None if deadline_s is None else watch(deadline_s)
+        if entry is not None:
+            self.exchanges.track(entry)
         set_current(entry)  # read by the connection as it connects and sends (deadline.py)
         error: Optional[APIError]
         try:
@@ -281,7 +288,17 @@ class Transport:
             return self._closed_error()
         return translate_error(exc, self.node.id, self.redactor)
 
+    def cut_exchanges(self) -> int:
+        """Cut every exchange under way on this node (it was found hung): each blocked call
+        fails at once with :class:`APITimeoutError` and can be retried elsewhere. Returns
+        how many were cut."""
+        return self.exchanges.cut_all()
+
     def _past_deadline(self, entry: Watch) -> APITimeoutError:
+        if self.exchanges.was_cut_as_hung(entry):
+            return APITimeoutError("the node answered nothing for far longer than usual (hung); the connection "
+                                   "was cut so that the call can go to another node",
+                                   node_id=self.node.id, request_sent=entry.sent)
         when = "while the response was arriving" if entry.sent else "before the request was sent"
         return APITimeoutError(f"the call's deadline passed {when}; the connection was cut",
                                node_id=self.node.id, request_sent=entry.sent)
@@ -387,7 +404,7 @@ class Transport:
                 f"expected a JSON object, got {type(data).__name__}",
                 node_id=node_id, status_code=status, request_id=request_id,
             )
-        return HTTPResult(status, data, request_id)
+        return HTTPResult(status, data, request_id, _quota_headers(headers))
 
     def _read_capped(self, response: requests.Response, deadline: Optional[float] = None) -> bytes:
         cap = self.max_response_bytes
@@ -496,6 +513,12 @@ def _try_json(raw: bytes) -> Any:
 
 
 _KEPT_HEADERS = ("retry-after", "retry-after-ms", "x-request-id", "x-should-retry", "content-type")
+
+
+def _quota_headers(headers: Mapping[str, str]) -> Optional[Dict[str, str]]:
+    """The x-ratelimit-* headers (quota.py parses them), few and short: nothing secret is in them."""
+    kept = {k.lower(): v[:80] for k, v in headers.items() if k[:12].lower() == "x-ratelimit-"}
+    return dict(list(kept.items())[:12]) if kept else None
 
 
 def _small_headers(headers: Mapping[str, str], redact: Redactor) -> Dict[str, str]:

@@ -136,7 +136,8 @@ def test_the_library_objects_join_the_registry_when_built(gateway):
     try:
         live = {id(o) for o in forksafe.live_objects()}
         p = client._parts
-        parts = [client.selector, *client.selector.nodes, *(n.transport for n in client.selector.nodes),
+        parts = [client.selector, client.selector._watcher, *client.selector.nodes,
+                 *(n.transport for n in client.selector.nodes), *(n.transport.exchanges for n in client.selector.nodes),
                  p.chain, p.breakers, p.chain.limits, *filter(None, p.chain.limits._client), p.retry_budget,
                  p.hedger, p.health, p.ledger, p.ledger.prices, p.ledger.store, p.stream_stats, p.tally, _WATCHDOG]
         missing = [type(p).__name__ for p in parts if id(p) not in live]
@@ -219,7 +220,7 @@ def _hold_locks(client: Client, held: threading.Event, release: threading.Event)
     p = client._parts
     with client.selector._state_lock, p.chain.limits._client[0]._tokens_lock, p.ledger.store._ledger_lock, \
             p.breakers._breakers_lock, p.chain._counts_lock, p.stream_stats._stats_lock, p.tally._tally_lock, \
-            _WATCHDOG._heap_cond:
+            _WATCHDOG._heap_cond, client.selector.nodes[0].transport.exchanges._lock:
         held.set()
         release.wait(10)
 

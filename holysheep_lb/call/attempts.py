@@ -86,7 +86,8 @@ class JsonSender:
         try:
             total_ms = (ctx.clock() - ctx.started) * 1000.0
         finally:
-            self._selector.release_success(node, latency_ms, started=ctx.picked[node.id])
+            self._selector.release_success(node, latency_ms, started=ctx.picked[node.id],
+                                           quota_headers=getattr(result, "quota_headers", None))
         data = result.data
         return Response(data, node_id=node.id, region=node.region, attempts=tuple(ctx.attempts),
                         latency_ms=total_ms, request_id=result.request_id, model=data.get("model", ctx.model))

@@ -15,6 +15,7 @@ from ..fallbacks import ModelChain
 from ..health import HealthChecker
 from ..hedging import Hedger
 from ..models import ModelRouter
+from ..hangs import HangPolicy
 from ..nodes import EjectionPolicy, NodeState
 from ..pricing import SpendLedger
 from ..policy.retry import RetryBudget, RetryPolicy
@@ -83,6 +84,7 @@ def build_parts(cfg: ClientConfig, *, policy: RetryPolicy, clock: Callable[[], f
         ejection=EjectionPolicy(cfg.eject_after_failures, cfg.ejection_base_s,
                                 cfg.ejection_max_s, slow_start_s=cfg.slow_start_s),
         panic_threshold=cfg.panic_threshold, clock=clock, rand=rand,
+        hang=HangPolicy(rescue=cfg.rescue_hung_calls),  # calls stuck on a hung node are cut, retried elsewhere
         affinity=AffinityRouter([s.id for s in states], cfg.affinity),  # prompt-cache affinity
     )
     breakers = BreakerBoard(model_settings=cfg.breaker, per_model=cfg.model_breakers,
@@ -170,10 +172,7 @@ def reset_after_fork(parts: Parts) -> None:
     parts.tally.reset_after_fork()
     parts.selector.reset_lock_after_fork()
     for node in parts.selector.nodes:
-        node.in_flight = 0  # the parent's calls do not exist in this process
-        node.awaiting = 0
-        node.awaiting_started_sum = 0.0
-        node.end_trial()
+        node.reset_after_fork()  # the parent's calls do not exist in this process (nor its hangs)
         node.transport.reset_after_fork()
     parts.chain.reset_after_fork()
     parts.rescue_chain.reset_after_fork()

@@ -75,7 +75,8 @@ class HedgeStage:
         if latency_ms is None:
             self.selector.release_cancelled(node, started=ctx.picked[node.id])
             return
-        self.selector.release_success(node, latency_ms, started=ctx.picked[node.id])
+        self.selector.release_success(node, latency_ms, started=ctx.picked[node.id],
+                                      quota_headers=getattr(result, "quota_headers", None))
         data = getattr(result, "data", None)
         if ctx.model is not None and isinstance(data, Mapping):  # billed all the same: record it
             self.ledger.record_unreserved(ctx.model, data.get("usage"))
