@@ -1,20 +1,19 @@
-"""``Client``: the blocking, thread-safe entry point. A facade: construction, the public
-calls, lifecycle and introspection. One call runs through the pipeline in
+"""``Client``: the blocking, thread-safe entry point. A facade: construction (its typed
+signature in :mod:`holysheep_lb.client_options`), the public calls, lifecycle, and
+introspection (:mod:`holysheep_lb.introspect`). One call runs through the pipeline in
 :mod:`holysheep_lb.call` (costs and cache -> model chain -> attempts -> hedging -> send);
 what an outcome means is :mod:`holysheep_lb.policy.classify`'s answer and what to do
 next is :class:`~holysheep_lb.policy.retry.RetryPolicy`'s.
 
-Share one Client between all threads of a process. It survives ``os.fork()``: the
-child gets fresh sessions and locks, and starts its own health thread on first use.
+Share one Client between all threads of a process. It survives ``os.fork()``: every part
+holding a lock, a thread or a socket joined the fork registry (:mod:`holysheep_lb.forksafe`),
+so the child gets fresh sessions and locks, and starts its own health thread on first use.
 """
 
 from __future__ import annotations
 
-import os
-import weakref
-from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Union, overload
+from typing import Any, Callable, Iterable, List, Literal, Mapping, Optional, Sequence, Union, overload
 
-from . import introspect
 from ._version import __version__
 from .batch import BatchResult, run_batch
 from .call.args import (validate_call_options, validate_first_token_timeout, validate_messages, validate_model,
@@ -24,39 +23,28 @@ from .call.chain import request_parts
 from .call.context import CallContext
 from .call.events import response_end
 from .client_options import ClientOptions
+from .introspect import ClientIntrospection
 from .config import ClientConfig, config_from_env, config_from_mapping
 from .errors import ConfigError, HolySheepError, InvalidRequestError
 from .health import HealthChecker
-from .models import AUTO, ModelRouter
+from .models import AUTO
 from .observe import CallEnd, CallInfo, CallObserver, ObserverSet
 from .openai_api import Chat, ChatCompletionStream, Embeddings, Models
-from .pricing import SpendLedger
 from .policy.retry import RetryPolicy
 from .request_options import RequestOptions, Timeout, check_call_params, request_options
 from .response import Response
-from .selection import Selector
 from .streaming import ChatStream, StreamOutcome
 from .validation import check_json_value
 
 __all__ = ["Client"]
 
-_LIVE_CLIENTS: "weakref.WeakSet[Client]" = weakref.WeakSet()
 # chat_completion's own arguments (not sent as body fields), and the body fields it builds
 _CHAT_ARGS = frozenset({"messages", "model", "stream", "region", "deadline_s", "idempotency_key", "cache",
                         "timeout", "extra_headers", "extra_query", "extra_body", "first_token_timeout_s"})
 _CHAT_BUILT = frozenset({"model", "messages", "stream"})
 
 
-def _after_fork_in_child() -> None:
-    for client in list(_LIVE_CLIENTS):
-        client._reset_after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class Client(ClientOptions):
+class Client(ClientOptions, ClientIntrospection):
     """Spreads OpenAI-compatible calls over several gateway nodes and fails over.
 
     Blocking and thread-safe: create one per process and share it. Use it as a context
@@ -101,7 +89,6 @@ class Client(ClientOptions):
         self._cache = parts.cache
         self._router = parts.router
         self._closed = False
-        self._pid = os.getpid()
         # Models whose breaker is open are skipped, unless the router brings its own
         # check. The router itself is never rewired: one may be shared by many clients.
         self._model_available: Callable[[str], bool] = (
@@ -111,7 +98,6 @@ class Client(ClientOptions):
         self.chat = Chat(self)
         self.embeddings = Embeddings(self)
         self.models = Models(self)
-        _LIVE_CLIENTS.add(self)
 
     # -- construction helpers ---------------------------------------------------------
 
@@ -163,14 +149,15 @@ class Client(ClientOptions):
         self._selector.close()  # its hang watcher thread
         for node in self._selector.nodes:
             node.transport.close()
-        _LIVE_CLIENTS.discard(self)
 
     @property
     def closed(self) -> bool:
         return self._closed
 
     def _reset_after_fork(self) -> None:
-        self._pid = os.getpid()
+        """What a forked child does to this client's parts (each joined the fork registry,
+        :mod:`holysheep_lb.forksafe`, which runs it after ``fork()``); tests call it to
+        play a child in-process."""
         reset_after_fork(self._parts)
 
     def _ensure_running(self) -> None:
@@ -378,59 +365,3 @@ class Client(ClientOptions):
         if model is None:
             raise InvalidRequestError("model", None, "is required: pass model=... or set Client(default_model=...)")
         return validate_model(model)
-
-    # -- introspection -------------------------------------------------------------------
-
-    def stats(self) -> Dict[str, Any]:
-        """A consistent, thread-safe snapshot of counters and latency percentiles;
-        ``observer_errors`` counts exceptions raised by observers."""
-        return introspect.stats(self._parts, self._observers)
-
-    def latency_histograms(self) -> Dict[str, Any]:
-        """Copies of the fixed-size latency histograms behind ``stats()`` (for exporters).
-
-        ``calls`` (successful calls), ``nodes`` (node id -> successful attempts),
-        ``stream_first_chunk`` and ``stream_total`` (completed streams). Each is a
-        :class:`~holysheep_lb.stats.LatencyHistogram` taken under its lock in
-        microseconds; summarise it (``cumulative_counts``, ``percentile``) afterwards.
-        """
-        return introspect.latency_histograms(self._parts)
-
-    def breakers(self) -> List[Dict[str, Any]]:
-        """Each circuit breaker: state, counters, and ``retry_after_s`` until an open one
-        lets a trial call through (after which it may close)."""
-        return self._parts.breakers.snapshot()
-
-    def breaker_allows(self, model: str) -> bool:
-        """Whether ``model``'s breaker would let a call through now (for model routers)."""
-        return self._parts.breakers.allows("model", model)
-
-    def cost_report(self, baseline_model: Optional[str] = None, *, since: Optional[str] = None,
-                    until: Optional[str] = None) -> Dict[str, Any]:
-        """Spend totals, per model and per UTC day, and savings against ``baseline_model``.
-
-        See :meth:`holysheep_lb.pricing.SpendLedger.report`; ``since``/``until`` are
-        inclusive days like ``"2026-11-26"``.
-        """
-        return self._parts.ledger.report(baseline_model, since=since, until=until)
-
-    def nodes(self) -> List[Dict[str, Any]]:
-        """Each node's routing state: usable or not and why, in-flight, latency, ejections, probes."""
-        self._parts.reaper.reap()
-        return self._selector.snapshot()
-
-    @property
-    def selector(self) -> Selector:
-        return self._selector
-
-    @property
-    def router(self) -> ModelRouter:
-        return self._router
-
-    @property
-    def ledger(self) -> SpendLedger:
-        return self._parts.ledger
-
-    @property
-    def health_checker(self) -> Optional[HealthChecker]:
-        return self._health
