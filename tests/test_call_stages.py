@@ -222,3 +222,25 @@ def test_the_costs_stage_answers_an_identical_call_from_the_cache(clock):
     assert len(sent) == 1 and sent[0].payload == {"model": "m", "messages": MSGS, "temperature": 0}
     assert not first.cached and second.cached and second.extra["cost"]["cost_usd"] == 0.0
     assert rec.events == [("decided", "cache_hit", {"model": "m"})]
+
+
+def test_for_model_copies_the_call_and_starts_the_models_progress_afresh():
+    import dataclasses as dc
+
+    from holysheep_lb.call.context import CallContext
+
+    ctx = CallContext("chat", "POST", "/chat/completions", 10.0, lambda: 0.0, lambda: 0.5, model="a",
+                      region="eu", exclude=frozenset({"n9"}), extra_headers={"X-T": "1"}, affinity_key=7)
+    ctx.attempts.append("old")
+    ctx.tried.append("n1")
+    ctx.picked["n1"] = 1.0
+    ctx.retries, ctx.trial, ctx.next_model = 2, True, "b"
+    ctx.silent.add("n1")
+    new = ctx.for_model("b", b"{}", {"H": "v"})
+    expected = dc.replace(ctx, model="b", body=b"{}", headers={"H": "v", "X-T": "1"}, attempts=[],
+                          tried=["n9"], picked={}, hedges=set(), permits={}, retries=0, silent=set(),
+                          trial=False, next_model=None, untried=new.untried)
+    for f in dc.fields(CallContext):  # every field, so a new one cannot be forgotten
+        assert getattr(new, f.name) == getattr(expected, f.name), f.name
+    assert new.attempts is not ctx.attempts and ctx.attempts == ["old"] and ctx.tried == ["n1"]
+    assert new.untried() is False
