@@ -47,6 +47,12 @@ class HangPolicy:
     guess (1 s by default). Requiring silence as well means one long call on a node that
     keeps answering others never marks it hung.
 
+    ``min_waiting`` (default 2): how many unanswered requests must be past the threshold.
+    One lone request is left to its own limits (read timeout, first-token limit): on a
+    quiet node, a single long answer (a reasoning model thinking for a minute among
+    fast calls) looks exactly like a hang, and cutting it would cost the answer. Under
+    load a hang strands several callers at once, which is the case worth rescuing.
+
     ``rescue``: when a node is found hung, the connections of the calls waiting on it
     are cut, so each fails at once (a timeout) and its attempt loop retries it on
     another node, within the retry budget, instead of sitting out the read timeout.
@@ -58,10 +64,13 @@ class HangPolicy:
     it ends after a few idle seconds and starts again with the next pick. None: picks only.
     """
 
-    __slots__ = ("factor", "floor_s", "min_samples", "refresh_every", "rescue", "watch_interval_s")
+    __slots__ = ("factor", "floor_s", "min_samples", "refresh_every", "rescue", "watch_interval_s", "min_waiting")
 
     def __init__(self, factor: float = 4.0, floor_s: float = 0.25, min_samples: int = 20,
-                 refresh_every: int = 64, rescue: bool = True, watch_interval_s: Optional[float] = 0.1) -> None:
+                 refresh_every: int = 64, rescue: bool = True, watch_interval_s: Optional[float] = 0.1,
+                 min_waiting: int = 2) -> None:
+        if isinstance(min_waiting, bool) or not isinstance(min_waiting, int) or min_waiting < 1:
+            raise ConfigError("hang_min_waiting", min_waiting, "must be an integer >= 1")
         if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor >= 1):
             raise ConfigError("hang_factor", factor, "must be a finite number >= 1")
         if not (isinstance(floor_s, (int, float)) and math.isfinite(floor_s) and floor_s > 0):
@@ -72,6 +81,7 @@ class HangPolicy:
         self.refresh_every = refresh_every
         self.rescue = rescue
         self.watch_interval_s = watch_interval_s
+        self.min_waiting = min_waiting
 
 
 DEFAULT_HANG_POLICY: HangPolicy = HangPolicy()

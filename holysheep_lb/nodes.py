@@ -171,7 +171,8 @@ class NodeState:
         if not self._awaiting_starts:
             return False
         threshold_s = self.hang_threshold_s(policy)
-        if now - self._awaiting_starts[0] <= threshold_s:
+        waiting = self._awaiting_starts  # sorted: the min_waiting-th oldest decides
+        if len(waiting) < policy.min_waiting or now - waiting[policy.min_waiting - 1] <= threshold_s:
             return False
         if self.last_answer_at is not None and now - self.last_answer_at <= threshold_s:
             return False

@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 
+from holysheep_lb.hangs import HangPolicy
 from holysheep_lb import ConfigError, InvalidRequestError, Node
 from holysheep_lb.affinity import (
     AffinityRouter,
@@ -29,9 +30,10 @@ class _NoTransport:
         pass
 
 
-def _selector(ids, clock, strategy="round_robin", **settings):
+def _selector(ids, clock, strategy="round_robin", hang=None, **settings):
     states = [NodeState(Node(id=i, base_url=f"http://127.0.0.1:1/{i}"), _NoTransport()) for i in ids]
-    return Selector(states, make_strategy(strategy), clock=clock, rand=random.Random(3).random,
+    extra = {} if hang is None else {"hang": hang}
+    return Selector(states, make_strategy(strategy), clock=clock, rand=random.Random(3).random, **extra,
                     ejection=EjectionPolicy(after_failures=1, base_s=30, max_s=300, jitter=0.0),
                     affinity=AffinityRouter(ids, AffinitySettings(**settings)))
 
@@ -150,7 +152,8 @@ def test_an_ejected_node_loses_its_keys_and_gets_them_back(clock):
 
 
 def test_a_hung_node_loses_its_keys_and_gets_them_back_when_it_answers(clock):
-    sel = _selector(["a", "b", "c", "d"], clock)
+    # one stuck request is enough here (by default a lone one is left to its own limits)
+    sel = _selector(["a", "b", "c", "d"], clock, hang=HangPolicy(watch_interval_s=None, min_waiting=1))
     for k in KEYS[:80]:
         _call(sel, k)  # every node measured at 100 ms
     keys = [k for k in KEYS[:200] if sel.affinity.ring.owner(k) == "c"][:5]

@@ -29,7 +29,7 @@ class _Transport:
 def _selector(clock, strategy, ids=("a", "b", "c"), **kw):
     nodes = [NodeState(Node(id=i, base_url=f"http://127.0.0.1:1/{i}"), _Transport()) for i in ids]
     kw.setdefault("ejection", EjectionPolicy(jitter=0.0))
-    kw.setdefault("hang", HangPolicy(watch_interval_s=None))  # picks only: the fake clock decides
+    kw.setdefault("hang", HangPolicy(watch_interval_s=None, min_waiting=1))  # picks only: the fake clock decides
     return Selector(nodes, make_strategy(strategy) if isinstance(strategy, str) else strategy, clock=clock,
                     rand=random.Random(5).random, **kw)
 
@@ -181,7 +181,7 @@ def test_the_calls_stuck_on_a_hung_node_are_cut_once_and_its_answer_clears_it(cl
 
 
 def test_rescue_can_be_turned_off(clock):
-    sel = _selector(clock, "round_robin", hang=HangPolicy(rescue=False, watch_interval_s=None))
+    sel = _selector(clock, "round_robin", hang=HangPolicy(rescue=False, watch_interval_s=None, min_waiting=1))
     _warm(sel, clock)
     b = sel.nodes[1]
     started = clock()
@@ -208,7 +208,7 @@ def test_bad_hang_settings_name_the_field(kw, field):
 def test_the_watcher_rescues_a_lone_stuck_call_without_any_other_pick(clock):
     from tests.conftest import wait_until
 
-    sel = _selector(clock, "round_robin", hang=HangPolicy(watch_interval_s=0.005))
+    sel = _selector(clock, "round_robin", hang=HangPolicy(watch_interval_s=0.005, min_waiting=1))
     try:
         _warm(sel, clock)
         b = sel.nodes[1]
@@ -226,7 +226,7 @@ def test_the_watcher_rescues_a_lone_stuck_call_without_any_other_pick(clock):
 def test_the_watcher_ends_once_idle_and_a_pick_starts_it_again(clock):
     from tests.conftest import wait_until
 
-    sel = _selector(clock, "round_robin", hang=HangPolicy(watch_interval_s=0.001))
+    sel = _selector(clock, "round_robin", hang=HangPolicy(watch_interval_s=0.001, min_waiting=1))
     try:
         _pick_release(sel, clock)
         assert sel._watcher.running
@@ -310,3 +310,21 @@ def test_a_node_forgets_its_waiting_and_hung_state_after_a_fork(clock):
     assert node.in_flight == 0 and node.awaiting == 0
     assert node.hung_since is None and node.oldest_unanswered_s(clock()) is None
     assert not sel.is_hung(node)
+
+
+def test_a_lone_long_call_on_a_quiet_node_is_left_to_its_own_limits_by_default(clock):
+    # a reasoning model thinking for a minute among fast calls looks like a hang: one
+    # request alone never marks its node hung (nor is it cut); two stranded ones do
+    sel = _selector(clock, "round_robin", hang=HangPolicy(watch_interval_s=None))
+    for _ in range(40):
+        node = sel.pick(started=clock())
+        sel.release_success(node, 50.0, started=clock())
+    lone_at = clock()
+    lone = sel.pick(started=lone_at)
+    clock.advance(30.0)
+    assert lone.check_hung(clock(), sel.hang) is False
+    assert lone.unusable_reason(clock()) is None
+    second = sel.pick(exclude=[n.id for n in sel.nodes if n is not lone], started=clock())
+    assert second is lone
+    clock.advance(5.0)
+    assert lone.check_hung(clock(), sel.hang) is True
