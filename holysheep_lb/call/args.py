@@ -61,7 +61,8 @@ def validate_messages(messages: Any) -> None:
         if content is not None and not isinstance(content, (str, list)):
             raise InvalidRequestError(f"messages[{i}].content", content, "must be a string, a list of parts or None")
         for key, value in m.items():
-            check_json_value(f"messages[{i}].{key}", value)
+            if type(value) is not str or not value.isascii():  # ASCII text: nothing to check
+                check_json_value(f"messages[{i}].{key}", value)
 
 
 def validate_params(params: Mapping[str, Any]) -> None:
