@@ -315,7 +315,12 @@ class Transport:
         prepared = requests.PreparedRequest()
         prepared.method = method
         prepared.url = self._url(path)
-        merged: "CaseInsensitiveDict[Union[str, bytes]]" = CaseInsensitiveDict(self.session.headers)
+        merged: "CaseInsensitiveDict[Union[str, bytes]]" = CaseInsensitiveDict()
+        base = self.session.headers
+        if isinstance(base, CaseInsensitiveDict):  # copy its store: the names were lowered once already
+            merged._store = base._store.copy()  # type: ignore[assignment]
+        else:
+            merged.update(base)
         if headers:
             merged.update(headers)
         if body is not None:
@@ -517,7 +522,9 @@ _KEPT_HEADERS = ("retry-after", "retry-after-ms", "x-request-id", "x-should-retr
 
 def _quota_headers(headers: Mapping[str, str]) -> Optional[Dict[str, str]]:
     """The x-ratelimit-* headers (quota.py parses them), few and short: nothing secret is in them."""
-    kept = {k.lower(): v[:80] for k, v in headers.items() if k[:12].lower() == "x-ratelimit-"}
+    # requests' headers hold each name lowered already: no per-item __getitem__ and lower()
+    pairs = headers.lower_items() if isinstance(headers, CaseInsensitiveDict) else headers.items()
+    kept = {k.lower(): v[:80] for k, v in pairs if k[:12].lower() == "x-ratelimit-"}
     return dict(list(kept.items())[:12]) if kept else None
 
 

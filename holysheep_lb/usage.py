@@ -30,6 +30,8 @@ from typing import Any, List, Mapping, Optional, Tuple
 __all__ = ["TokenUsage", "read_usage", "total_tokens"]
 
 _NO_USAGE = ("usage",)
+# The usage most answers carry; read_usage takes a shortcut for it (same result).
+_PLAIN_KEYS = frozenset(("prompt_tokens", "completion_tokens", "total_tokens"))
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,10 @@ def read_usage(usage: Any) -> TokenUsage:
     """
     if usage is None:
         return TokenUsage(problems=_NO_USAGE)
+    if type(usage) is dict and usage.keys() <= _PLAIN_KEYS:  # the plain form: no cache fields
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if type(prompt) is int and type(completion) is int and prompt >= 0 and completion >= 0:
+            return TokenUsage(prompt, completion, 0, 0, True)
     if not isinstance(usage, Mapping):
         return TokenUsage(problems=_NO_USAGE)
     f = _Fields(usage)

@@ -29,12 +29,16 @@ __all__ = ["ChainStage", "encode_json", "request_parts"]
 log = logging.getLogger(__name__)
 
 
+# One encoder for every body: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 def encode_json(payload: Mapping[str, Any]) -> bytes:
     """A request body; InvalidRequestError names what cannot be sent."""
-    if not isinstance(payload, Mapping):
+    if type(payload) is not dict and not isinstance(payload, Mapping):
         raise InvalidRequestError("json", payload, "must be a dict")
     try:
-        return json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+        return _ENCODER.encode(payload).encode("utf-8")
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidRequestError("json", type(payload).__name__, f"must be JSON-serialisable ({exc})") from None
 
