@@ -201,7 +201,8 @@ class ModelChain:
             ])
             raise
         try:
-            defer = getattr(result, "defer_outcome", None)
+            # a JSON answer reads its fields by attribute: never take one of them for a method
+            defer = None if isinstance(result, Response) else getattr(result, "defer_outcome", None)
             if defer is not None:  # a stream: its breaker outcome is known only when it ends
                 defer(stream_outcome_hook(permit))
             else:

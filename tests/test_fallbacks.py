@@ -284,3 +284,17 @@ def test_fallback_and_canned_answers_are_not_cached_for_the_requested_model(rsps
     assert client.chat_completion(MSGS, model="gpt-4.1", temperature=0).cached is True
     assert gw.models == ["gpt-4.1", "deepseek-v3.2"] * 2 + ["gpt-4.1"]
     assert client.stats()["cache"]["stores"] == 1
+
+
+@pytest.mark.parametrize("field", ["defer_outcome", "stream", "read_text"])
+def test_an_answer_whose_json_has_a_field_named_like_a_stream_method_is_an_answer(rsps, make_client, clock, field):
+    def answer(request):
+        body = _answer(json.loads(request.body)["model"])
+        body[field] = "not a method"  # a gateway's extra field: data, never called
+        return 200, {"Content-Type": "application/json"}, json.dumps(body)
+
+    rsps.add_callback(responses.POST, A + "/chat/completions", callback=answer)
+    client = _client(make_client, clock)
+    resp = client.chat_completion(MSGS, model="gpt-4.1")
+    assert resp[field] == "not a method" and resp.model == "gpt-4.1"
+    assert client.stats()["successes"] == 1 and client.breakers()[0]["state"] == "closed"
