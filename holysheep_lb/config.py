@@ -9,7 +9,6 @@ normalised here (lower-case scheme and host) and every later check reads that fo
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import math
 import os
@@ -25,6 +24,7 @@ from .models import CapabilityTable, ModelRouter
 from .pricing import Budget, PriceTable, SpendStore
 from .rescue import RESCUE_MODES
 from .suggest import unknown_option
+from .urls import _without_userinfo, check_proxy, is_cleartext_url, is_loopback_url
 from .validation import MAX_WAIT_S
 
 __all__ = ["Node", "ClientConfig", "BreakerSettings", "DEFAULT_BASE_URL", "is_loopback_url", "is_cleartext_url",
@@ -80,22 +80,6 @@ def _check_int(name: str, value: Any, *, minimum: int) -> None:
         raise ConfigError(name, value, f"must be >= {minimum}")
 
 
-def is_loopback_url(url: str) -> bool:
-    """True when ``url`` points at this machine (127.0.0.0/8, ::1 or localhost)."""
-    host = urlsplit(url).hostname or ""  # hostname is lower-case
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def is_cleartext_url(url: str) -> bool:
-    """True for an ``http://`` URL (the scheme in any case): what is sent there can be read."""
-    return urlsplit(url).scheme == "http"  # urlsplit lower-cases the scheme
-
-
 def _check_text(name: str, value: Any) -> None:
     """A node id or region: a non-empty printable string (it goes into logs and stats)."""
     if not isinstance(value, str) or not value.strip():
@@ -103,50 +87,6 @@ def _check_text(name: str, value: Any) -> None:
     if not value.isprintable():
         # a newline or escape sequence would let a config value forge log lines
         raise ConfigError(name, value, "must not contain control characters (or other non-printable ones)")
-
-
-def _without_userinfo(url: str) -> str:
-    """``url`` with any ``user:password@`` replaced, for error messages."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    authority_end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    authority = rest[:authority_end]
-    if "@" not in authority:
-        return url
-    return f"{scheme}://<credentials>@{authority.rpartition('@')[2]}{rest[authority_end:]}"
-
-
-def check_proxy(node: "Node", proxy_url: Optional[str], *, sends_key: bool, allow_insecure_http: bool) -> None:
-    """Refuse a proxy that would read ``node``'s API key in cleartext.
-
-    A request to an ``http://`` node through a proxy is handed to the proxy as plain
-    HTTP, Authorization header included (an ``https://`` node is reached with CONNECT:
-    the key stays inside TLS). Like a cleartext node, that is refused unless the proxy
-    is on this machine, is reached over TLS, or ``allow_insecure_http`` is set.
-    """
-    if proxy_url is not None and "://" not in proxy_url:
-        proxy_url = "http://" + proxy_url  # as requests reads a proxy given without a scheme
-    if (proxy_url is None or not sends_key or allow_insecure_http or not is_cleartext_url(node.base_url)
-            or urlsplit(proxy_url).scheme == "https" or is_loopback_url(proxy_url)):
-        return
-    parts = urlsplit(proxy_url)
-    host = parts.hostname or "?"
-    shown = f"{parts.scheme}://{'[' + host + ']' if ':' in host else host}" + (
-        f":{parts.port}" if _port_or_none(parts) is not None else "")
-    raise ConfigError(
-        f"node[{node.id}].base_url", node.base_url,
-        f"requests to this http:// node would go through the proxy {shown} (from the environment) in "
-        "cleartext: the proxy would see the API key; use https://, a loopback proxy, NO_PROXY, "
-        "or pass allow_insecure_http=True",
-    )
-
-
-def _port_or_none(parts: Any) -> Optional[int]:
-    try:
-        return parts.port
-    except ValueError:
-        return None
 
 
 @dataclass(frozen=True)
