@@ -36,6 +36,7 @@ from ._version import __version__
 from .config import Node, check_proxy
 from .deadline import Watch, WatchedAdapter, set_current, watch
 from .hangs import Exchanges
+from .node_adapter import NodeAdapter
 from .errors import (
     APIConnectionError,
     APIError,
@@ -171,13 +172,14 @@ class Transport:
         )
         session.proxies = env.get("proxies") or {}
         session.verify = env.get("verify", self._verify)
-        adapter = WatchedAdapter(  # connections obey each call's deadline (deadline.py)
+        adapter = NodeAdapter(  # connections obey each call's deadline (deadline.py)
             pool_connections=1,
             pool_maxsize=self._pool_maxsize,
             max_retries=Retry(total=0, connect=0, read=0, redirect=0, status=0, raise_on_redirect=False),
         )
         session.mount("http://", adapter)
         session.mount("https://", adapter)
+        self._adapter = adapter
         # Responses' cookies are never stored (nor sent): bounded memory, no hidden state.
         session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         return session
@@ -249,10 +251,11 @@ class Transport:
         set_current(entry)  # read by the connection as it connects and sends (deadline.py)
         error: Optional[APIError]
         try:
-            response = self.session.send(
+            # the adapter directly: Session.send adds hooks, a cookie jar and redirect
+            # handling, none of which a node's session uses (node_adapter.py)
+            response = self._adapter.send(
                 self._prepare(method, path, body, headers),
                 timeout=timeout_s,
-                allow_redirects=False,
                 stream=True,
                 verify=self.session.verify,
                 proxies=self.session.proxies,
