@@ -3,7 +3,8 @@
 One simulated node at 0 ms latency, served from a separate process. Both loops run
 side by side in one run, interleaved in rounds, at 1 and 8 threads; the reported
 number is the ratio of throughputs (client / raw), so machine noise largely cancels.
-Target: >= 0.95 at both thread counts. A second ratio compares with a raw session
+Target: >= 1.2 at both thread counts (the client's pooled, environment-free sends more
+than pay for its routing and bookkeeping). A second ratio compares with a raw session
 whose ``trust_env`` is off (no per-call proxy/netrc lookups), to show the client's own
 bookkeeping cost apart from that saving.
 
@@ -29,6 +30,7 @@ from _simproc import GatewayProcess  # noqa: E402
 from holysheep_lb import Client  # noqa: E402
 
 MSGS = [{"role": "user", "content": "hello"}]
+TARGET = 1.2
 
 
 def measure(call, threads: int, seconds: float) -> float:
@@ -100,13 +102,13 @@ def main() -> int:
                 ratios.append(c / r)
                 ratios_noenv.append(c / n)
             ratio = statistics.median(ratios)
-            ok &= ratio >= 0.95
+            ok &= ratio >= TARGET
             print(f"{threads:>7} {statistics.median(raws):>10.0f} {statistics.median(ours):>13.0f} {ratio:>7.3f}"
                   f" {statistics.median(noenvs):>20.0f} {statistics.median(ratios_noenv):>7.3f}")
         stats = client.stats()
         client.close()
         assert stats["failures"] == 0 and stats["in_flight"] == 0
-    print(f"target >= 0.95 at 1 and 8 threads: {'met' if ok else 'NOT met'}")
+    print(f"target client/raw >= {TARGET} at 1 and 8 threads: {'met' if ok else 'NOT met'}")
     print("reproduce: python benchmarks/overhead.py --seconds %g --rounds %d" % (args.seconds, args.rounds))
     return 0 if ok else 1
 
