@@ -71,7 +71,7 @@ def test_capacity_scenario_compares_with_and_without_weights_at_two_latencies(tm
 def test_quotas_scenario_counts_the_gateways_own_429s(tmp_path):
     run = run_benchmark(tmp_path, "strategies.py", "--scenario", "quotas")
     rows = run["json"]["quotas"]["rows"]
-    assert labels(rows) == ["round_robin", "adaptive"]
+    assert labels(rows) == ["round_robin, quota headers ignored", "round_robin", "adaptive"]
     for row in rows:
         assert row["offered"] == 30 and row["calls"] == 30
         assert sorted(row["server_429s_by_node"]) == ["q0", "q1", "q2", "q3"]
