@@ -1,6 +1,7 @@
 """What a node URL (or a proxy's) says about safety: on this machine, in cleartext, and
 whether a proxy would read the API key. The one place these rules live; ``config`` and
-``transport`` call them (``holysheep_lb.config`` re-exports the public names)."""
+``transport`` call them (``holysheep_lb.config`` re-exports the public names), and so does
+``contrib.redis`` for the Redis password (:func:`is_loopback_host`)."""
 
 from __future__ import annotations
 
@@ -13,18 +14,24 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from .config import Node
 
-__all__ = ["is_loopback_url", "is_cleartext_url", "check_proxy"]
+__all__ = ["is_loopback_host", "is_loopback_url", "is_cleartext_url", "check_proxy"]
 
 
-def is_loopback_url(url: str) -> bool:
-    """True when ``url`` points at this machine (127.0.0.0/8, ::1 or localhost)."""
-    host = urlsplit(url).hostname or ""  # hostname is lower-case
+def is_loopback_host(host: str) -> bool:
+    """True when ``host`` (a name or an IP address, without brackets) is this machine:
+    127.0.0.0/8, ::1 or localhost. Anything else, an empty host included, is not."""
+    host = host.lower()
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def is_loopback_url(url: str) -> bool:
+    """True when ``url`` points at this machine (127.0.0.0/8, ::1 or localhost)."""
+    return is_loopback_host(urlsplit(url).hostname or "")
 
 
 def is_cleartext_url(url: str) -> bool:

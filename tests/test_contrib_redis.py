@@ -181,7 +181,7 @@ def test_the_redis_client_is_checked_and_a_password_never_shown():
     assert "hunter2" not in str(bad_url.value)
     with pytest.raises(ConfigError):
         RedisSharedState(object())
-    state = RedisSharedState("redis://user:hunter2@cache:6379/3", prefix="p:")
+    state = RedisSharedState("rediss://user:hunter2@cache:6379/3", prefix="p:")
     assert repr(state) == "<RedisSharedState cache:6379/3 prefix='p:' fail_open=True>"
     state.close()
 

@@ -7,11 +7,13 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
 import redis
+import redis.connection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ...config import _check_number
 from ...errors import ConfigError
+from ...urls import is_loopback_host
 from .breakers import SharedBreakerStorage, breaker_namespace
 from .buckets import BUCKET_LUA, RedisTokenBucket
 from .link import CONNECTION_CLASSES, RedisLink
@@ -20,32 +22,86 @@ from .spend import RECORD_LUA, RESERVE_LUA, RedisSpendStore
 __all__ = ["RedisSharedState"]
 
 
-def _redacted(url: str) -> str:
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
+_FIELD = "redis_client_or_url"
 
 
-def _make_client(value: Any, socket_timeout_s: float) -> Tuple[Any, bool]:
+def _scheme_only(url: str) -> str:
+    """What an error may show of a URL it could not read: a password may be anywhere in it."""
+    scheme, sep, _ = url.partition("://")
+    return f"{scheme}://..." if sep and len(scheme) <= 10 else "<not a URL>"
+
+
+def _make_client(value: Any, socket_timeout_s: float, allow_insecure_redis: bool) -> Tuple[Any, bool]:
     """(redis client, whether we made it) from a URL or a client."""
     if isinstance(value, str):
         scheme = urlsplit(value).scheme
         if scheme not in CONNECTION_CLASSES:
-            raise ConfigError("redis_client_or_url", _redacted(value),
+            raise ConfigError(_FIELD, _scheme_only(value),
                               "must be a redis://, rediss:// or unix:// URL, or a redis.Redis client")
         # Short timeouts and a single retry (for a pooled connection the server closed):
         # redis-py's default retries with backoff would stall calls while Redis is away.
         # The connections also give up when an operation's budget is spent (op_timeout_s).
-        return redis.Redis.from_url(value, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
-                                    connection_class=CONNECTION_CLASSES[scheme],
-                                    retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))), True
+        try:
+            client = redis.Redis.from_url(
+                value, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
+                connection_class=CONNECTION_CLASSES[scheme],
+                retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)))
+        except ValueError:
+            client = None
+        if client is None:  # raised out here: redis-py's error, even as __context__, may quote the password
+            raise ConfigError(_FIELD, _scheme_only(value),
+                              "redis-py cannot read this URL: check the scheme (lower case), host, port, "
+                              "database and options, and percent-encode a password with / ? # @ or : in it")
+        try:
+            _refuse_cleartext_password(client, made_from_url=True, allowed=allow_insecure_redis)
+        except ConfigError:
+            client.close()  # nothing was connected: redis-py connects on the first command
+            raise
+        return client, True
     if not isinstance(value, redis.Redis):
-        raise ConfigError("redis_client_or_url", type(value).__name__, "must be a redis:// URL or a redis.Redis client")
+        raise ConfigError(_FIELD, type(value).__name__, "must be a redis:// URL or a redis.Redis client")
     if value.connection_pool.connection_kwargs.get("decode_responses"):
-        raise ConfigError("redis_client_or_url", "decode_responses=True",
+        raise ConfigError(_FIELD, "decode_responses=True",
                           "the client must return bytes: create it without decode_responses")
+    _refuse_cleartext_password(value, made_from_url=False, allowed=allow_insecure_redis)
     return value, False
+
+
+def _refuse_cleartext_password(client: Any, *, made_from_url: bool, allowed: bool) -> None:
+    """Refuse a client that would send a password (or a credential provider's) over plain
+    TCP to a host that is not this machine, unless ``allowed``; the HTTP side's rule for
+    the API key (:func:`holysheep_lb.urls.is_loopback_host` decides what is this machine).
+
+    Read from the connection pool redis-py will use, so a URL's ``?password=`` and
+    ``?host=`` count as they will be used. TLS (an ``SSLConnection``) and unix sockets
+    pass. What cannot be read is accepted: no ``connection_kwargs``, a connection class
+    that is none of redis-py's three, or no host (a Sentinel pool finds its host later;
+    a plain pool then uses localhost).
+    """
+    if allowed:
+        return
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None)
+    connection_class = getattr(pool, "connection_class", None)
+    if not isinstance(kwargs, dict) or not isinstance(connection_class, type):
+        return
+    if (issubclass(connection_class, (redis.connection.SSLConnection, redis.connection.UnixDomainSocketConnection))
+            or not issubclass(connection_class, redis.connection.Connection)):
+        return
+    host = kwargs.get("host")
+    if not isinstance(host, str) or is_loopback_host(host):
+        return
+    if not kwargs.get("password") and kwargs.get("credential_provider") is None:
+        return
+    where = f"{'[' + host + ']' if ':' in host else host}:{kwargs.get('port', 6379)}"
+    if made_from_url:
+        shown, fix = f"redis://<credentials>@{where}", "use rediss:// (TLS)"
+    else:
+        shown, fix = f"redis.Redis client of {where} with credentials", "make the client with ssl=True (TLS)"
+    raise ConfigError(_FIELD, shown,
+                      "would send the Redis password in cleartext to a host that is not this machine; "
+                      f"{fix}, use a Redis on this machine (127.0.0.1, ::1, localhost), "
+                      "or pass allow_insecure_redis=True")
 
 
 class RedisSharedState:
@@ -55,7 +111,17 @@ class RedisSharedState:
     ``redis_client_or_url``: a URL (``redis://host:6379/0``; the client made from it has
     ``socket_timeout_s`` timeouts, and gives up on an operation after ``op_timeout_s``)
     or a ``redis.Redis`` client made without ``decode_responses`` (its own timeouts
-    apply). ``fail_open`` (default True): what happens while Redis is unusable.
+    apply). ``allow_insecure_redis`` (default False): like the Client's
+    ``allow_insecure_http`` for the API key, a password (or a ``credential_provider``)
+    that would go in cleartext (``redis://``, or a client without ``ssl=True``) to a host
+    other than 127.0.0.0/8, ::1 or localhost is refused with a ConfigError unless this
+    is True; ``rediss://``, ``unix://`` and no password pass. A client passed in is
+    judged by its pool's ``connection_kwargs`` and ``connection_class``; one that cannot
+    be read (no host there, as with Sentinel, or a connection class of its own) is
+    accepted. The opt-in has its own name rather than reusing ``allow_insecure_http``:
+    the Client never sees the Redis URL (this object is made first and hands the Client
+    only its options), and opting into a cleartext gateway should not also opt into a
+    cleartext Redis. ``fail_open`` (default True): what happens while Redis is unusable.
     ``op_timeout_s``: the most one Redis operation of a call may take; an answer later
     than that, or three in a row slower than half of it, mark Redis as degraded like a
     failure. ``warn_interval_s``: at most one warning per interval about it;
@@ -81,6 +147,7 @@ class RedisSharedState:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         redis_time: Optional[Callable[[], float]] = None,
+        allow_insecure_redis: bool = False,
     ) -> None:
         if not isinstance(prefix, str) or not prefix or any(c.isspace() for c in prefix):
             raise ConfigError("prefix", prefix, "must be a non-empty string without whitespace")
@@ -95,7 +162,9 @@ class RedisSharedState:
                 raise ConfigError(name, fn, "must be callable")
         if redis_time is not None and not callable(redis_time):
             raise ConfigError("redis_time", redis_time, "must be None or a callable returning seconds")
-        client, self._owns_client = _make_client(redis_client_or_url, socket_timeout_s)
+        if not isinstance(allow_insecure_redis, bool):
+            raise ConfigError("allow_insecure_redis", allow_insecure_redis, "must be True or False")
+        client, self._owns_client = _make_client(redis_client_or_url, socket_timeout_s, allow_insecure_redis)
         self.prefix = prefix
         self.breaker_ttl_s = float(breaker_ttl_s)
         self._link = RedisLink(client, fail_open=fail_open, warn_interval_s=warn_interval_s,
