@@ -162,6 +162,17 @@ def test_a_stream_ends_its_span_when_it_ends_with_time_to_first_chunk_and_time_p
     assert per_chunk.sum == pytest.approx((duration.sum - ttfc.sum) / (stream.chunks - 1), rel=1e-6, abs=1e-9)
 
 
+def test_a_streams_span_carries_the_response_id_and_finish_reasons_of_its_chunks(gw, traced):
+    client, t = traced(gw.client_nodes())
+    with client.chat_completion(MSGS, model=MODEL, stream=True) as stream:
+        ids = {chunk["id"] for chunk in stream}
+    span = t.call_span()
+    [response_id] = ids
+    assert response_id.startswith("chatcmpl-") and span.attributes["gen_ai.response.id"] == response_id
+    assert span.attributes["gen_ai.response.finish_reasons"] == (stream.finish_reason,) == ("stop",)
+    assert span.attributes["gen_ai.response.model"] == stream.model
+
+
 def test_an_embeddings_call_is_named_embeddings_with_its_input_tokens(gw, traced):
     client, t = traced(gw.client_nodes())
     resp = client.embeddings("hello there", model="text-embedding-3-small")
