@@ -7,8 +7,9 @@ from typing import Any, List
 
 import pytest
 
-from holysheep_lb import ConfigError
+from holysheep_lb import ConfigError, HolySheepError
 from holysheep_lb.observe import CallObserver
+from holysheep_lb.policy.retry import RETRY, STOP, RetryDecision, RetryPolicy
 
 from .conftest import chat_body
 
@@ -219,3 +220,60 @@ def test_a_rescued_streams_call_ends_with_the_rescuing_answers_id_and_finish_rea
     assert stream.read_text() == "Bye" and [r["to_node"] for r in stream.rescues] == ["b"]
     [end] = rec.ends  # the broken stream on a does not end the call
     assert (end.node_id, end.base_url, end.response_id, end.finish_reasons) == ("b", B, "chatcmpl-b", ("length",))
+
+
+# -- attempt_ended.next_step is the retry policy's decision ----------------------------------------
+
+
+def _next_steps(rec: Recording) -> List[Any]:
+    return [(a.node_id, a.outcome, a.next_step) for a in rec.attempts]
+
+
+def test_next_step_is_retry_when_the_policy_retried_and_none_for_the_answer(rsps, make_client):
+    rec = Recording()
+    rsps.post(A + "/chat/completions", status=503, json={"error": {"message": "down"}})
+    rsps.post(B + "/chat/completions", json=chat_body("m"))
+    client = make_client(NODES, observers=[rec], prices=PRICES, strategy="round_robin", backoff_base_s=0.0)
+    client.chat_completion(MSGS, model="m")
+    assert _next_steps(rec) == [("a", "status_5xx", "retry"), ("b", "ok", None)]  # round robin starts on a
+
+
+def test_next_step_is_stop_when_the_policy_has_no_retry_left(rsps, make_client):
+    rec = Recording()
+    rsps.post(A + "/chat/completions", status=503, json={"error": {"message": "down"}})
+    client = make_client(NODES[:1], observers=[rec], prices=PRICES, max_retries=0)
+    with pytest.raises(HolySheepError):
+        client.chat_completion(MSGS, model="m")
+    assert _next_steps(rec) == [("a", "status_5xx", "stop")]  # retryable, but the policy stopped
+
+
+def test_next_step_is_stop_when_the_retry_budget_refused_the_retry(rsps, make_client):
+    rec = Recording()
+    rsps.post(A + "/chat/completions", status=503, json={"error": {"message": "down"}})
+    client = make_client(NODES[:1], observers=[rec], prices=PRICES, retry_budget_ratio=0.0,
+                         retry_budget_min_per_s=0.0)
+    with pytest.raises(HolySheepError):
+        client.chat_completion(MSGS, model="m")
+    assert _next_steps(rec) == [("a", "status_5xx", "stop")]
+    assert ("decided", "retry_budget_exhausted") in rec.events
+
+
+class Scripted(RetryPolicy):
+    """A policy whose decisions are scripted: retry only a 400, stop on anything else."""
+
+    def decide(self, outcome, ctx, *, scope="attempt"):
+        if scope == "attempt":
+            return RetryDecision(RETRY, reason="scripted") if outcome.status_code == 400 else RetryDecision(
+                STOP, reason="scripted stop")
+        return super().decide(outcome, ctx, scope=scope)
+
+
+def test_next_step_follows_a_custom_policys_decide_not_the_failure_kind(rsps, make_client):
+    rec = Recording()
+    rsps.post(A + "/chat/completions", status=400, json={"error": {"message": "bad"}})
+    rsps.post(B + "/chat/completions", status=503, json={"error": {"message": "down"}})
+    client = make_client(NODES, observers=[rec], prices=PRICES, retry=Scripted(), strategy="round_robin")
+    with pytest.raises(HolySheepError):
+        client.chat_completion(MSGS, model="m")
+    # a 400 is final by its kind, yet this policy retried it; a 503 is retryable, yet it stopped
+    assert _next_steps(rec) == [("a", "status_4xx", "retry"), ("b", "status_5xx", "stop")]

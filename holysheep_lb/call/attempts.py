@@ -124,11 +124,10 @@ class NodeAttempt:
                                          retry_after_s=self.policy.throttle_s(outcome))
                 ctx.attempts.append(Attempt(node.id, latency_ms, outcome.status_code,
                                             f"{type(exc).__name__}: {exc.message}", outcome.kind))
-                if ctx.observers:
-                    ctx.emit("attempt_ended", AttemptEvent(
+                if ctx.observers:  # reported once the policy decided what follows (next_step)
+                    ctx.attempt_failed(exc, AttemptEvent(
                         node.id, node.node.base_url, ctx.model or "", outcome.kind, latency_ms / 1000.0,
-                        outcome.status_code, type(exc).__name__, node.id in ctx.hedges,
-                        "retry" if outcome.retryable else "stop"))
+                        outcome.status_code, type(exc).__name__, node.id in ctx.hedges))
             finally:
                 if not freed:
                     selector.release_cancelled(node, started=started_at)
@@ -237,6 +236,8 @@ class AttemptStage:
                 last_error = exc
                 outcome = classify(exc)
                 decision = policy.decide(outcome, ctx)
+                if ctx.observers:
+                    ctx.attempt_decided(exc, decision.action)
                 if outcome.silent and exc.node_id is not None:
                     ctx.silent.add(exc.node_id)
                 if decision.action == STOP and decision.reason == "final":

@@ -20,7 +20,8 @@ ERROR with ``error.type`` (the holysheep_lb exception class name).
 
 Every attempt is a **child span** (kind INTERNAL, ``"attempt {node id}"``) spanning its
 latency: node id, server address and port, model, outcome, status code, error type,
-hedge flag and ``next_step`` (why the call went on). Child spans rather than span events
+hedge flag and ``next_step`` (the retry policy's decision after a failed attempt: "retry" or
+"stop"; ``holysheep_lb.client.retries`` counts the "retry" ones). Child spans rather than span events
 because hedged copies overlap in time and only spans show that; because each attempt
 has its own server, status and error, which backends index as span attributes; and
 because a failover then reads as a waterfall, node by node. They are INTERNAL so the

@@ -95,6 +95,18 @@ def test_a_failover_call_shows_both_nodes_and_reports_the_one_that_answered(gw, 
     assert [p.value for p in t.points("holysheep_lb.client.retries")] == [1]
 
 
+def test_an_attempt_the_policy_did_not_retry_says_stop_and_counts_no_retry(gw, traced):
+    gw.configure("a", error_rate=1.0)
+    client, t = traced(gw.client_nodes(), max_retries=0)  # a retryable failure, but no retry left
+    with pytest.raises(HolySheepError):
+        client.chat_completion(MSGS, model=MODEL)
+    [failed] = t.children(t.call_span())
+    assert failed.attributes["holysheep_lb.node.id"] == "a"
+    assert failed.attributes["holysheep_lb.attempt.next_step"] == "stop"
+    assert t.points("holysheep_lb.client.retries") == []
+    assert gw.counts() == {"a": 1, "b": 0}
+
+
 def test_a_failing_call_is_an_error_span_with_the_exception_class_as_error_type(gw, traced):
     gw.configure("a", error_rate=1.0)
     gw.configure("b", error_rate=1.0)
