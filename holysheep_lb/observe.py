@@ -68,6 +68,7 @@ class AttemptEvent:
     # or "stop" (this model's attempts end: a fallback model may follow, see ``decided``); None when
     # it answered, or when the policy was not asked (a hedged copy that failed while another went on)
     next_step: Optional[str] = None
+    ended_at: float = 0.0               # the client's clock when it ended (0: unknown); it may be told later
 
 
 @dataclass(frozen=True)

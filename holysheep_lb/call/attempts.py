@@ -113,11 +113,13 @@ class NodeAttempt:
             permit = self.breakers.admit("node", node.id) if self.breakers.nodes_enabled else None
             t0 = clock()
             result = self.sender.send(ctx, node, timeout)
-            latency_ms = (clock() - t0) * 1000.0
+            ended = clock()
+            latency_ms = (ended - t0) * 1000.0
         except APIError as exc:
             freed = False
             try:
-                latency_ms = (clock() - t0) * 1000.0
+                ended = clock()
+                latency_ms = (ended - t0) * 1000.0
                 outcome = classify(exc)
                 freed = True  # a release frees the slot before anything in it can raise
                 selector.release_failure(node, outcome.kind, latency_ms, started=started_at,
@@ -127,7 +129,7 @@ class NodeAttempt:
                 if ctx.observers:  # reported once the policy decided what follows (next_step)
                     ctx.attempt_failed(exc, AttemptEvent(
                         node.id, node.node.base_url, ctx.model or "", outcome.kind, latency_ms / 1000.0,
-                        outcome.status_code, type(exc).__name__, node.id in ctx.hedges))
+                        outcome.status_code, type(exc).__name__, node.id in ctx.hedges, ended_at=ended))
             finally:
                 if not freed:
                     selector.release_cancelled(node, started=started_at)
@@ -150,7 +152,7 @@ class NodeAttempt:
         if ctx.observers:
             ctx.emit("attempt_ended", AttemptEvent(node.id, node.node.base_url, ctx.model or "", "ok",
                                                    latency_ms / 1000.0, status, None, node.id in ctx.hedges,
-                                                   None))
+                                                   None, ended))
         if permit is not None:
             if not self.sender.streams:
                 permit.record(None)
