@@ -318,6 +318,7 @@ class Client(ClientOptions, ClientIntrospection):
             ctx.observers = self._observers
             ctx.info = CallInfo(operation, ctx.model, stream=ctx.stream, params=ctx.params, messages=ctx.messages,
                                 region=ctx.region, started_at=self._clock())
+            ctx.undecided = {}
         return ctx
 
     def _run(self, ctx: CallContext, call: Callable[[], Any]) -> Any:

@@ -48,6 +48,7 @@ def _ctx(clock: FakeClock, observer: Optional[CallObserver] = None, **fields: An
     if observer is not None:
         ctx.observers = ObserverSet([observer])
         ctx.info = CallInfo("chat", ctx.model)
+        ctx.undecided = {}
     return ctx
 
 
@@ -176,7 +177,7 @@ def test_the_loop_reports_a_failed_attempt_with_the_policys_decision(clock, max_
     else:
         with pytest.raises(AllAttemptsFailedError):
             loop.run(ctx)
-    assert rec.events == steps and ctx.undecided == {}
+    assert rec.events == steps and ctx.undecided == {}  # nothing left untold
 
 
 class GatedSend(FakeSend):

@@ -76,9 +76,10 @@ class CallContext:
     trial: bool = False                              # the model's half-open breaker trial: one attempt
     next_model: Optional[str] = None                 # the chain's next model if this one fails (None: last)
     untried: Callable[[], bool] = _never             # whether a node this model has not tried may be used
-    # id(error) -> the event of the failed attempt that raised it, until the policy decided what follows
-    # (shared by the copies for each model: keys are unique while their errors live)
-    undecided: Dict[int, AttemptEvent] = field(default_factory=dict)
+    # id(error) -> the event of the failed attempt that raised it, until the policy decided what follows;
+    # made with ``info`` (None without observers), shared by the copies for each model (an id is unique
+    # while its error lives)
+    undecided: Optional[Dict[int, AttemptEvent]] = None
 
     def for_model(self, model: Optional[str], body: Optional[bytes], headers: Dict[str, str]) -> "CallContext":
         """A copy for one model of the chain: its own body, headers (the call's
@@ -114,12 +115,15 @@ class CallContext:
     def attempt_failed(self, error: BaseException, event: AttemptEvent) -> None:
         """Hold the event of the failed attempt that raised ``error`` until
         :meth:`attempt_decided` says what the call did next."""
-        self.undecided[id(error)] = event
+        undecided = self.undecided
+        if undecided is None:  # a context made without the client's observer plumbing
+            undecided = self.undecided = {}
+        undecided[id(error)] = event
 
     def attempt_decided(self, error: BaseException, next_step: Optional[str]) -> None:
         """Tell the observers about the failed attempt that raised ``error``: ``next_step``
         is the retry policy's decision (None: the policy was not asked)."""
-        event = self.undecided.pop(id(error), None)
+        event = self.undecided.pop(id(error), None) if self.undecided is not None else None
         if event is not None:
             self.emit("attempt_ended", replace(event, next_step=next_step))
 
