@@ -318,6 +318,7 @@ class Client(ClientOptions, ClientIntrospection):
             ctx.observers = self._observers
             ctx.info = CallInfo(operation, ctx.model, stream=ctx.stream, params=ctx.params, messages=ctx.messages,
                                 region=ctx.region, started_at=self._clock())
+            ctx.undecided = {}
         return ctx
 
     def _run(self, ctx: CallContext, call: Callable[[], Any]) -> Any:
@@ -331,7 +332,7 @@ class Client(ClientOptions, ClientIntrospection):
             ctx.emit("call_ended", CallEnd(error=exc, ended_at=self._clock()))
             raise
         if not isinstance(result, ChatStream):  # a stream's call ends with the stream
-            ctx.emit("call_ended", response_end(result, self._clock()))
+            ctx.emit("call_ended", response_end(result, self._clock(), self._selector.by_id))
         return result
 
     def _stream_ended(self, outcome: StreamOutcome) -> None:

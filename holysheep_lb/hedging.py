@@ -46,6 +46,10 @@ ReleaseFn = Callable[[NodeState, Optional[float], Any], None]
 # the node's in-flight slot.
 AttemptFn = Callable[[NodeState, Tuple[float, float]], Tuple[Any, float]]
 
+# drop_failure(error): a copy failed and run() does not raise its error (another copy
+# answered, or failed last, or the caller stopped waiting); nothing decides what follows it.
+DropFailureFn = Callable[[BaseException], None]
+
 _P95_MIN_SAMPLES = 20
 
 
@@ -79,8 +83,9 @@ class _Race:
     The caller sleeps on ``wakeups``, a C-level queue with one token per finished copy.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, drop_failure: Optional[DropFailureFn] = None) -> None:
         self.lock = threading.Lock()
+        self.drop_failure = drop_failure
         self.wakeups: "queue.SimpleQueue[None]" = queue.SimpleQueue()
         self.copies: List[_Copy] = []
         self.finished: List[_Copy] = []  # in the order they finished
@@ -176,8 +181,8 @@ class Hedger:
             self._threads_busy -= 1
 
     def run(self, node: NodeState, timeout: Tuple[float, float], *, attempt: AttemptFn,
-            pick_other: Callable[[], Optional[NodeState]], release: ReleaseFn, deadline: float
-            ) -> Tuple[NodeState, Any, float]:
+            pick_other: Callable[[], Optional[NodeState]], release: ReleaseFn, deadline: float,
+            drop_failure: Optional[DropFailureFn] = None) -> Tuple[NodeState, Any, float]:
         """One attempt on ``node``, hedged on ``pick_other()`` if it is slow.
 
         Takes over ``node``'s in-flight slot. Returns (node that answered, result,
@@ -185,7 +190,8 @@ class Hedger:
         last copy's error (each copy's node is already released). Whatever interrupts
         it (KeyboardInterrupt...), every node it took is released, now or when its copy
         ends. ``release(node, latency_ms, result)`` frees the node of a copy whose
-        answer is dropped (``latency_ms`` None: it was never sent).
+        answer is dropped (``latency_ms`` None: it was never sent); ``drop_failure(error)``
+        hears, once each, the failures of copies whose error it does not raise.
         """
         try:
             delay_s = self.delay_for(node)
@@ -198,7 +204,7 @@ class Hedger:
         if not threaded:
             result, latency_ms = attempt(node, timeout)
             return node, result, latency_ms
-        race = _Race()
+        race = _Race(drop_failure)
         primary = race.add(node, hedge=False)
         try:
             started = self._start(race, primary, timeout, attempt, release)
@@ -289,8 +295,11 @@ class Hedger:
                 return
             if error is None:  # lost the race: drop the answer, free the node
                 release(copy.node, latency_ms, result)
-            elif not isinstance(error, HolySheepError):
-                log.warning("a losing hedged copy on node %s raised", copy.node.id, exc_info=error)
+            else:
+                if not isinstance(error, HolySheepError):
+                    log.warning("a losing hedged copy on node %s raised", copy.node.id, exc_info=error)
+                if race.drop_failure is not None:
+                    race.drop_failure(error)
         finally:
             self._give_thread()
             error = None  # its traceback holds this frame: no cycle through the locals
@@ -308,12 +317,19 @@ class Hedger:
                     race.decided = True
                     seconds = [c for c in race.finished if c.error is None and c is not winner]
                     last = race.finished[-1] if race.finished else None
+                    # failures not raised: all of them when a copy won, else all but the last
+                    dropped = [c.error for c in race.finished
+                               if c.error is not None and (winner is not None or c is not last)]
                     break
             race.wait(None)
         for c in seconds:  # a second success that also arrived: drop it
             if not c.handed:
                 c.handed = True  # before the release, which frees the node before it can raise
                 release(c.node, c.latency_ms, c.result)
+        if race.drop_failure is not None:
+            for error in dropped:
+                race.drop_failure(error)
+        dropped = []  # their tracebacks hold frames: no cycle through the locals
         if winner is None:
             if last is None or last.error is None:  # cannot happen: every copy ran and failed
                 raise HolySheepError("a hedged attempt ended without an outcome")
@@ -329,6 +345,8 @@ class Hedger:
         free their nodes when they end.
         """
         with race.lock:
+            # not decided yet: the caller stopped waiting, and no failure so far will be raised
+            dropped = [] if race.decided else [c.error for c in race.finished if c.error is not None]
             race.decided = True
             mine = [c for c in race.copies
                     if not c.handed and (c.state == "pending" or (c.state == "done" and c.error is None))]
@@ -336,8 +354,9 @@ class Hedger:
                 c.handed = True
                 if c.state == "pending":
                     c.state = "dropped"
+        drop = race.drop_failure
         call_each([functools.partial(release, c.node, None if c.state == "dropped" else c.latency_ms, c.result)
-                   for c in mine])
+                   for c in mine] + ([functools.partial(drop, e) for e in dropped] if drop is not None else []))
 
     def _count(self, name: str) -> None:
         with self._counts_lock:

@@ -11,6 +11,8 @@ Contract:
 
 - Methods run synchronously on the thread that makes the call (or, for attempts of a
   hedged copy, on the copy's thread), never under a lock of the client's. Keep them cheap.
+- A failed attempt is reported once the retry policy decided what follows it (its
+  ``next_step``), so just before the next attempt or the call's end.
 - An observer that raises is logged once per observer and exception type, counted in
   ``stats()["observer_errors"]``, and otherwise ignored: telemetry never breaks a call.
 - ``CallInfo.state`` is a dict private to the observers of that call (one per call), where
@@ -62,7 +64,11 @@ class AttemptEvent:
     status_code: Optional[int] = None
     error_type: Optional[str] = None    # the exception class name on failure
     hedge: bool = False                 # a hedged copy (not the call's first attempt at this step)
-    next_step: Optional[str] = None     # why the call went on: "retry", "fallback", "stop", ...
+    # after a failure, the retry policy's decision (RetryDecision.action): "retry" (on another node)
+    # or "stop" (this model's attempts end: a fallback model may follow, see ``decided``); None when
+    # it answered, or when the policy was not asked (a hedged copy that failed while another went on)
+    next_step: Optional[str] = None
+    ended_at: float = 0.0               # the client's clock when it ended (0: unknown); it may be told later
 
 
 @dataclass(frozen=True)
@@ -82,10 +88,10 @@ class CallEnd:
     result: Any = None                  # the Response (or the stream) on success
     error: Optional[BaseException] = None
     node_id: Optional[str] = None       # the node that answered
-    base_url: Optional[str] = None
+    base_url: Optional[str] = None      # its configured URL (no credentials); None for a cache hit
     response_model: Optional[str] = None
-    response_id: Optional[str] = None
-    finish_reasons: Tuple[str, ...] = ()
+    response_id: Optional[str] = None   # the answer's "id" (a stream: its chunks')
+    finish_reasons: Tuple[str, ...] = ()  # each choice's, in choice order (a stream: as far as it got)
     input_tokens: Optional[int] = None
     output_tokens: Optional[int] = None
     cached: bool = False                # served from the response cache

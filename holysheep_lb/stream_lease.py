@@ -41,6 +41,8 @@ class StreamOutcome:
     of the call, failed attempts and backoff included. ``skipped_events``: events that
     did not parse and were skipped. ``ends_call`` is False for a stream that broke and
     was rescued by another (which reports the call's end); ``reason`` is then still set.
+    ``response_id`` is the chunks' ``id`` (the first non-empty one) and ``finish_reasons``
+    each choice's ``finish_reason``, by choice index, as far as the stream got.
     """
 
     model: str
@@ -55,6 +57,8 @@ class StreamOutcome:
     reason: Optional[str] = None
     skipped_events: int = 0
     ends_call: bool = True
+    response_id: Optional[str] = None
+    finish_reasons: Tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -93,6 +97,8 @@ class StreamLease:
         self.attempt_started = opened.first_chunk_at - opened.ttft_ms / 1000.0
         self.ttft_ms = (opened.first_chunk_at - started) * 1000.0
         self.usage: Optional[Dict[str, Any]] = None
+        self.response_id: Optional[str] = None
+        self.finish_reasons: Dict[int, str] = {}  # choice index -> finish_reason
         self.chunks = 0
         self.abandoned_at: Optional[float] = None
         self._selector = selector
@@ -142,7 +148,8 @@ class StreamLease:
             end_s: float = ended
             outcome = StreamOutcome(self.model, self.node.id, status, self.usage, self.chunks, self.ttft_ms,
                                     (end_s - self.started) * 1000.0, self.started, error, reason,
-                                    getattr(self.reader, "skipped_events", 0), ends_call)
+                                    getattr(self.reader, "skipped_events", 0), ends_call, self.response_id,
+                                    tuple(self.finish_reasons[i] for i in sorted(self.finish_reasons)))
             call_each([
                 lambda: close_response(self.response),  # fully read: back to the pool for reuse; else the socket closes
                 self.reader.close,

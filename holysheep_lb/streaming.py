@@ -287,11 +287,18 @@ class ChatStream:
     # -- internals -----------------------------------------------------------------------
 
     def _absorb(self, chunk: Dict[str, Any]) -> None:
+        # this stream's own chunks also go to its lease, which reports how it ended (a
+        # rescuing stream's chunks pass through here too, but its own lease has them)
+        lease = self._lease if self._delegate is None else None
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self.usage = usage
-            if self._delegate is None:
-                self._lease.usage = usage
+            if lease is not None:
+                lease.usage = usage
+        if lease is not None and lease.response_id is None:
+            response_id = chunk.get("id")
+            if isinstance(response_id, str) and response_id:  # Azure's prompt-filter chunk has id ""
+                lease.response_id = response_id
         model = chunk.get("model")
         if isinstance(model, str) and model:
             self.model = model
@@ -309,8 +316,11 @@ class ChatStream:
             if isinstance(delta, dict) and delta.get("tool_calls") or index != 0:
                 self._tool_calls = True  # a prefill cannot carry these: restart only
             reason = choice.get("finish_reason")
-            if isinstance(reason, str) and index == 0:
-                self.finish_reason = reason
+            if isinstance(reason, str):
+                if index == 0:
+                    self.finish_reason = reason
+                if lease is not None and isinstance(index, int):
+                    lease.finish_reasons[index] = reason
 
     def _finish_body(self) -> None:
         """After [DONE]: read the end of the body so the connection can be reused."""

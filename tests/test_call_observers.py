@@ -7,8 +7,9 @@ from typing import Any, List
 
 import pytest
 
-from holysheep_lb import ConfigError
+from holysheep_lb import ConfigError, HolySheepError
 from holysheep_lb.observe import CallObserver
+from holysheep_lb.policy.retry import RETRY, STOP, RetryDecision, RetryPolicy
 
 from .conftest import chat_body
 
@@ -22,12 +23,14 @@ class Recording(CallObserver):
     def __init__(self) -> None:
         self.events: List[Any] = []
         self.ends: List[Any] = []
+        self.attempts: List[Any] = []
 
     def call_started(self, call):
         self.events.append(("started", call.operation, call.model))
 
     def attempt_ended(self, call, attempt):
         self.events.append(("attempt", attempt.node_id, attempt.outcome))
+        self.attempts.append(attempt)
 
     def decided(self, call, decision):
         self.events.append(("decided", decision.kind))
@@ -124,3 +127,153 @@ def test_observers_are_validated(make_client):
         make_client(NODES[:1], observers=[object()])
     with pytest.raises(ConfigError, match="observer"):
         make_client(NODES[:1]).add_observer(print)  # type: ignore[arg-type]
+
+
+# -- what call_ended says about the answer -------------------------------------------------------
+
+
+def sse(*chunks: Any) -> bytes:
+    return b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in chunks) + b"data: [DONE]\n\n"
+
+
+def test_a_json_calls_end_names_the_base_url_of_the_node_that_answered(rsps, make_client):
+    rec = Recording()
+    rsps.post(A + "/chat/completions", status=503, json={"error": {"message": "down"}})
+    rsps.post(B + "/chat/completions", json=chat_body("m"))
+    client = make_client(NODES, observers=[rec], prices=PRICES, strategy="round_robin", backoff_base_s=0.0)
+    resp = client.chat_completion(MSGS, model="m")
+    assert [a.node_id for a in resp.attempts] == ["a", "b"]  # round robin starts on a
+    end = rec.ends[0]
+    assert (end.node_id, end.base_url) == ("b", B)
+    assert "@" not in end.base_url and "?" not in end.base_url  # node URLs carry no credentials
+
+
+def test_a_cache_hits_end_names_no_node_url(rsps, make_client):
+    rec = Recording()
+    rsps.post(A + "/chat/completions", json=chat_body("m"))
+    client = make_client(NODES[:1], observers=[rec], prices=PRICES, cache={"ttl_s": 60})
+    client.chat_completion(MSGS, model="m", temperature=0)
+    assert client.chat_completion(MSGS, model="m", temperature=0).cached
+    assert [(e.cached, e.base_url) for e in rec.ends] == [(False, A), (True, None)]  # no node answered the hit
+
+
+def test_a_streams_end_carries_its_response_id_finish_reasons_and_node_url(rsps, make_client):
+    rec = Recording()
+    chunks = [{"id": "chatcmpl-s1", "object": "chat.completion.chunk", "model": "m", "choices": [
+                  {"index": 0, "delta": {"role": "assistant", "content": "Hi"}, "finish_reason": None},
+                  {"index": 1, "delta": {"role": "assistant", "content": "Yo"}, "finish_reason": None}]},
+              {"id": "chatcmpl-s1", "object": "chat.completion.chunk", "model": "m", "choices": [
+                  {"index": 1, "delta": {}, "finish_reason": "length"}]},
+              {"id": "chatcmpl-s1", "object": "chat.completion.chunk", "model": "m", "choices": [
+                  {"index": 0, "delta": {}, "finish_reason": "stop"}]},
+              {"id": "chatcmpl-s1", "object": "chat.completion.chunk", "model": "m", "choices": [],
+               "usage": {"prompt_tokens": 4, "completion_tokens": 2}}]
+    rsps.post(B + "/chat/completions", body=sse(*chunks), content_type="text/event-stream")
+    client = make_client(NODES[1:], observers=[rec], prices=PRICES)
+    with client.chat_completion(MSGS, model="m", stream=True, n=2) as stream:
+        assert stream.read_text() == "Hi"
+    [end] = rec.ends
+    assert (end.response_id, end.finish_reasons) == ("chatcmpl-s1", ("stop", "length"))  # in choice order
+    assert (end.node_id, end.base_url, end.chunks) == ("b", B, 4)
+
+
+def test_a_stream_closed_early_ends_with_its_id_and_no_finish_reason(rsps, make_client):
+    rec = Recording()
+    chunks = [{"id": "chatcmpl-s2", "object": "chat.completion.chunk", "model": "m", "choices": [
+                  {"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]},
+              {"id": "chatcmpl-s2", "object": "chat.completion.chunk", "model": "m", "choices": [
+                  {"index": 0, "delta": {"content": " there"}, "finish_reason": "stop"}]}]
+    rsps.post(A + "/chat/completions", body=sse(*chunks), content_type="text/event-stream")
+    client = make_client(NODES[:1], observers=[rec], prices=PRICES)
+    stream = client.chat_completion(MSGS, model="m", stream=True)
+    stream.close()  # after the first chunk only
+    [end] = rec.ends
+    assert (end.response_id, end.finish_reasons, end.base_url) == ("chatcmpl-s2", (), A)
+
+
+def test_a_streams_response_id_is_the_first_non_empty_chunk_id(rsps, make_client):
+    rec = Recording()
+    chunks = [{"id": "", "object": "", "model": "", "choices": [], "prompt_filter_results": []},  # Azure's first
+              {"id": "chatcmpl-s3", "object": "chat.completion.chunk", "model": "m", "choices": [
+                  {"index": 0, "delta": {"content": "Hi"}, "finish_reason": "stop"}]}]
+    rsps.post(A + "/chat/completions", body=sse(*chunks), content_type="text/event-stream")
+    client = make_client(NODES[:1], observers=[rec], prices=PRICES)
+    assert client.chat_completion(MSGS, model="m", stream=True).read_text() == "Hi"
+    assert (rec.ends[0].response_id, rec.ends[0].finish_reasons) == ("chatcmpl-s3", ("stop",))
+
+
+def test_a_rescued_streams_call_ends_with_the_rescuing_answers_id_and_finish_reason(rsps, make_client, clock):
+    rec = Recording()
+
+    def chunk(cid, content=None, reason=None):
+        delta = {} if content is None else {"content": content}
+        return {"id": cid, "object": "chat.completion.chunk", "model": "m",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+
+    cut = b"".join(f"data: {json.dumps(chunk('chatcmpl-a', t))}\n\n".encode() for t in ("Hel", "lo"))
+    rsps.post(A + "/chat/completions", body=cut, content_type="text/event-stream")  # no [DONE], no finish
+    rsps.post(B + "/chat/completions", body=sse(chunk("chatcmpl-b", "Bye"), chunk("chatcmpl-b", reason="length")),
+              content_type="text/event-stream")
+    client = make_client(NODES, observers=[rec], prices=PRICES, clock=clock, sleep=clock.sleep, rand=lambda: 0.5,
+                         strategy="round_robin")  # "m" takes no prefill: the rescue restarts on b
+    stream = client.chat_completion(MSGS, model="m", stream=True)
+    assert stream.read_text() == "Bye" and [r["to_node"] for r in stream.rescues] == ["b"]
+    [end] = rec.ends  # the broken stream on a does not end the call
+    assert (end.node_id, end.base_url, end.response_id, end.finish_reasons) == ("b", B, "chatcmpl-b", ("length",))
+
+
+# -- attempt_ended.next_step is the retry policy's decision ----------------------------------------
+
+
+def _next_steps(rec: Recording) -> List[Any]:
+    return [(a.node_id, a.outcome, a.next_step) for a in rec.attempts]
+
+
+def test_next_step_is_retry_when_the_policy_retried_and_none_for_the_answer(rsps, make_client):
+    rec = Recording()
+    rsps.post(A + "/chat/completions", status=503, json={"error": {"message": "down"}})
+    rsps.post(B + "/chat/completions", json=chat_body("m"))
+    client = make_client(NODES, observers=[rec], prices=PRICES, strategy="round_robin", backoff_base_s=0.0)
+    client.chat_completion(MSGS, model="m")
+    assert _next_steps(rec) == [("a", "status_5xx", "retry"), ("b", "ok", None)]  # round robin starts on a
+
+
+def test_next_step_is_stop_when_the_policy_has_no_retry_left(rsps, make_client):
+    rec = Recording()
+    rsps.post(A + "/chat/completions", status=503, json={"error": {"message": "down"}})
+    client = make_client(NODES[:1], observers=[rec], prices=PRICES, max_retries=0)
+    with pytest.raises(HolySheepError):
+        client.chat_completion(MSGS, model="m")
+    assert _next_steps(rec) == [("a", "status_5xx", "stop")]  # retryable, but the policy stopped
+
+
+def test_next_step_is_stop_when_the_retry_budget_refused_the_retry(rsps, make_client):
+    rec = Recording()
+    rsps.post(A + "/chat/completions", status=503, json={"error": {"message": "down"}})
+    client = make_client(NODES[:1], observers=[rec], prices=PRICES, retry_budget_ratio=0.0,
+                         retry_budget_min_per_s=0.0)
+    with pytest.raises(HolySheepError):
+        client.chat_completion(MSGS, model="m")
+    assert _next_steps(rec) == [("a", "status_5xx", "stop")]
+    assert ("decided", "retry_budget_exhausted") in rec.events
+
+
+class Scripted(RetryPolicy):
+    """A policy whose decisions are scripted: retry only a 400, stop on anything else."""
+
+    def decide(self, outcome, ctx, *, scope="attempt"):
+        if scope == "attempt":
+            return RetryDecision(RETRY, reason="scripted") if outcome.status_code == 400 else RetryDecision(
+                STOP, reason="scripted stop")
+        return super().decide(outcome, ctx, scope=scope)
+
+
+def test_next_step_follows_a_custom_policys_decide_not_the_failure_kind(rsps, make_client):
+    rec = Recording()
+    rsps.post(A + "/chat/completions", status=400, json={"error": {"message": "bad"}})
+    rsps.post(B + "/chat/completions", status=503, json={"error": {"message": "down"}})
+    client = make_client(NODES, observers=[rec], prices=PRICES, retry=Scripted(), strategy="round_robin")
+    with pytest.raises(HolySheepError):
+        client.chat_completion(MSGS, model="m")
+    # a 400 is final by its kind, yet this policy retried it; a 503 is retryable, yet it stopped
+    assert _next_steps(rec) == [("a", "status_4xx", "retry"), ("b", "status_5xx", "stop")]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Dict, List, Optional
 
 import pytest
 
 from holysheep_lb import AllAttemptsFailedError, BadRequestError, InternalServerError
-from holysheep_lb.call.attempts import AttemptStage, NodeAttempt
+from holysheep_lb.call.attempts import AttemptStage, Direct, NodeAttempt
+from holysheep_lb.call.hedge import HedgeStage
 from holysheep_lb.call.build import Parts, build_parts
 from holysheep_lb.call.chain import ChainStage, request_parts
 from holysheep_lb.call.context import CallContext
@@ -46,6 +48,7 @@ def _ctx(clock: FakeClock, observer: Optional[CallObserver] = None, **fields: An
     if observer is not None:
         ctx.observers = ObserverSet([observer])
         ctx.info = CallInfo("chat", ctx.model)
+        ctx.undecided = {}
     return ctx
 
 
@@ -146,12 +149,80 @@ def test_a_node_attempt_records_classifies_and_releases(clock):
     for node in (a, b):
         parts.selector.pick(exclude=[n.id for n in parts.selector.nodes if n is not node], started=clock())
         ctx.picked[node.id] = clock()
-    with pytest.raises(InternalServerError):
+    with pytest.raises(InternalServerError) as info:
         attempt.run(ctx, a, (1.0, 1.0))
     attempt.run(ctx, b, (1.0, 1.0))
     assert [(x.node_id, x.kind, x.status_code) for x in ctx.attempts] == [("a", "status_5xx", 502), ("b", None, 200)]
-    assert rec.events == [("attempt", "a", "status_5xx", "retry"), ("attempt", "b", "ok", None)]
+    assert rec.events == [("attempt", "b", "ok", None)]  # a failure waits for the policy's decision ...
+    ctx.attempt_decided(info.value, "retry")  # ... which the attempt loop reports with it
+    assert rec.events == [("attempt", "b", "ok", None), ("attempt", "a", "status_5xx", "retry")]
     assert a.in_flight == 0 and a.failures["status_5xx"] == 1 and b.in_flight == 1  # the caller owns b's slot
+
+
+@pytest.mark.parametrize("max_retries,steps", [
+    (3, [("attempt", "a", "status_5xx", "retry"), ("attempt", "b", "ok", None)]),
+    (0, [("attempt", "a", "status_5xx", "stop")]),
+])
+def test_the_loop_reports_a_failed_attempt_with_the_policys_decision(clock, max_retries, steps):
+    parts = _parts(clock, strategy="round_robin")
+    rec = Recorder()
+    attempt = NodeAttempt(selector=parts.selector, breakers=parts.breakers, policy=parts.policy,
+                          sender=FakeSend(parts, {"a": InternalServerError("down", status_code=502)}))
+    loop = AttemptStage(selector=parts.selector, breakers=parts.breakers,
+                        policy=RetryPolicy(max_retries, 0.1, 1.0, 60.0), next=Direct(attempt),
+                        sender=FakeSender(parts), timeouts=(1.0, 5.0), sleep=lambda s: None)
+    ctx = _ctx(clock, rec, model="m")
+    if max_retries:
+        assert loop.run(ctx)[0] == "b"
+    else:
+        with pytest.raises(AllAttemptsFailedError):
+            loop.run(ctx)
+    assert rec.events == steps and ctx.undecided == {}  # nothing left untold
+
+
+class GatedSend(FakeSend):
+    """FakeSend whose sends wait for their node's gate first."""
+
+    def __init__(self, parts: Parts, fail: Dict[str, Exception], gates: Dict[str, threading.Event]) -> None:
+        super().__init__(parts, fail)
+        self.gates = gates
+        self.started: List[str] = []
+
+    def send(self, ctx, node, timeout):
+        self.started.append(node.id)
+        assert self.gates[node.id].wait(3.0)
+        return super().send(ctx, node, timeout)
+
+
+def test_a_hedged_copy_that_failed_while_the_other_answered_is_reported_with_no_next_step(clock):
+    parts = _parts(clock, strategy="round_robin", hedge_delay_s=0.01, hedge_max_ratio=1.0)
+    assert parts.hedger is not None
+    parts.hedger.deposit()
+    rec = Recorder()
+    gates = {"a": threading.Event(), "b": threading.Event()}
+    send = GatedSend(parts, {"a": InternalServerError("down", status_code=502)}, gates)
+    attempt = NodeAttempt(selector=parts.selector, breakers=parts.breakers, policy=parts.policy, sender=send)
+    hedge = HedgeStage(hedger=parts.hedger, selector=parts.selector, breakers=parts.breakers, ledger=parts.ledger,
+                       next=attempt)
+    ctx = _ctx(clock, rec, model="m")
+    out: List[Any] = []
+    caller = threading.Thread(target=lambda: out.append(_loop(parts, hedge, []).run(ctx)))
+    caller.start()
+    for _ in range(1500):  # bounded: until both copies are sending
+        if send.started == ["a", "b"]:
+            break
+        threading.Event().wait(0.002)
+    gates["a"].set()  # the primary fails while the hedge is still running: the call goes on with it
+    for _ in range(1500):
+        if parts.selector.by_id["a"].in_flight == 0:
+            break
+        threading.Event().wait(0.002)
+    gates["b"].set()
+    caller.join(3.0)
+    assert out and out[0][0] == "b"
+    attempts = sorted(e for e in rec.events if e[0] == "attempt")
+    assert attempts == [("attempt", "a", "status_5xx", None), ("attempt", "b", "ok", None)]  # the policy was not asked
+    assert ctx.undecided == {}
 
 
 class FakeLoop:

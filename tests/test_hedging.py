@@ -135,6 +135,77 @@ def test_when_both_copies_fail_the_last_error_is_raised_and_both_nodes_are_free(
     assert hedger.stats()["won"] == 0
 
 
+def _run_in_thread(hedger, selector, script, dropped):
+    """hedger.run on a thread of its own: the caller's view, as (node id or error message)."""
+    out = []
+
+    def call():
+        try:
+            node, _, _ = hedger.run(selector.pick(exclude=["b"]), TIMEOUT, attempt=script,
+                                    release=_release(selector), pick_other=_pick_other(selector, ["a"]),
+                                    deadline=time.monotonic() + 10, drop_failure=lambda e: dropped.append(e.message))
+            selector.release_success(node, 1.0, started=None)
+            out.append(node.id)
+        except InternalServerError as exc:
+            out.append(exc.message)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    return caller, out
+
+
+def test_a_failed_copy_whose_error_is_not_raised_is_handed_to_drop_failure_once(selector):
+    # both fail: the last error is raised, the first one dropped
+    gate_a, gate_b = threading.Event(), threading.Event()
+    dropped = []
+    script = Script(selector, {"a": ("fail", gate_a), "b": ("fail", gate_b)})
+    caller, out = _run_in_thread(_hedger(selector), selector, script, dropped)
+    _wait_for(lambda: script.started == ["a", "b"])
+    gate_a.set()
+    _wait_for(lambda: _in_flight(selector)["a"] == 0)
+    gate_b.set()
+    caller.join(WAIT_S)
+    assert (out, dropped) == (["b failed"], ["a failed"])
+
+
+def test_a_copy_that_failed_before_the_other_won_is_dropped_not_raised(selector):
+    gate_a, gate_b = threading.Event(), threading.Event()
+    dropped = []
+    script = Script(selector, {"a": ("fail", gate_a), "b": ("ok", gate_b)})
+    caller, out = _run_in_thread(_hedger(selector), selector, script, dropped)
+    _wait_for(lambda: script.started == ["a", "b"])
+    gate_a.set()
+    _wait_for(lambda: _in_flight(selector)["a"] == 0)
+    assert dropped == []  # not yet: the race is not decided
+    gate_b.set()
+    caller.join(WAIT_S)
+    assert (out, dropped) == (["b"], ["a failed"])
+
+
+def test_a_copy_that_fails_after_the_race_was_won_is_dropped_from_its_own_thread(selector):
+    gate_a, gate_b = threading.Event(), threading.Event()
+    dropped = []
+    script = Script(selector, {"a": ("ok", gate_a), "b": ("fail", gate_b)})
+    caller, out = _run_in_thread(_hedger(selector), selector, script, dropped)
+    _wait_for(lambda: script.started == ["a", "b"])
+    gate_a.set()
+    caller.join(WAIT_S)
+    assert (out, dropped) == (["a"], [])
+    gate_b.set()
+    _wait_for(lambda: dropped == ["b failed"])
+    assert _in_flight(selector) == {"a": 0, "b": 0}
+
+
+def test_an_error_that_is_raised_is_never_dropped(selector):
+    dropped = []
+    script = Script(selector, {"a": ("fail", None), "b": ("ok", None)})
+    with pytest.raises(InternalServerError, match="a failed"):
+        _hedger(selector, delay_s=1.0).run(selector.pick(exclude=["b"]), TIMEOUT, attempt=script,
+                                           release=_release(selector), pick_other=_pick_other(selector, ["a"]),
+                                           deadline=time.monotonic() + 10, drop_failure=dropped.append)
+    assert dropped == []
+
+
 def test_the_hedge_cap_counts_calls(selector):
     hedger = Hedger(selector=selector, delay_s=0.001, max_ratio=0.25)
     caller = threading.current_thread()

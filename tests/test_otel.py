@@ -608,3 +608,15 @@ def test_without_the_extra_the_library_works_and_contrib_otel_says_what_to_insta
             "    print(exc)\n")
     out = subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True, text=True)
     assert "pip install 'holysheep-lb[otel]'" in out.stdout
+
+
+def test_an_attempt_reported_after_it_ended_keeps_its_place_in_time():
+    # a failed attempt is reported once the retry policy decided; a hedged copy's, once the race did
+    t = Telemetry()
+    call = chat_call()
+    t.observer.call_started(call)
+    t.observer.attempt_ended(call, attempt("a", URL_A, outcome="status_5xx", latency_s=0.25, ended_at=T0 + 0.5))
+    t.observer.call_ended(call, ok_end(ended_at=T0 + 2.0))
+    span = t.call_span()
+    [late] = t.attempt_spans()
+    assert (late.start_time - span.start_time, late.end_time - span.start_time) == (250_000_000, 500_000_000)

@@ -113,22 +113,23 @@ class NodeAttempt:
             permit = self.breakers.admit("node", node.id) if self.breakers.nodes_enabled else None
             t0 = clock()
             result = self.sender.send(ctx, node, timeout)
-            latency_ms = (clock() - t0) * 1000.0
+            ended = clock()
+            latency_ms = (ended - t0) * 1000.0
         except APIError as exc:
             freed = False
             try:
-                latency_ms = (clock() - t0) * 1000.0
+                ended = clock()
+                latency_ms = (ended - t0) * 1000.0
                 outcome = classify(exc)
                 freed = True  # a release frees the slot before anything in it can raise
                 selector.release_failure(node, outcome.kind, latency_ms, started=started_at,
                                          retry_after_s=self.policy.throttle_s(outcome))
                 ctx.attempts.append(Attempt(node.id, latency_ms, outcome.status_code,
                                             f"{type(exc).__name__}: {exc.message}", outcome.kind))
-                if ctx.observers:
-                    ctx.emit("attempt_ended", AttemptEvent(
+                if ctx.observers:  # reported once the policy decided what follows (next_step)
+                    ctx.attempt_failed(exc, AttemptEvent(
                         node.id, node.node.base_url, ctx.model or "", outcome.kind, latency_ms / 1000.0,
-                        outcome.status_code, type(exc).__name__, node.id in ctx.hedges,
-                        "retry" if outcome.retryable else "stop"))
+                        outcome.status_code, type(exc).__name__, node.id in ctx.hedges, ended_at=ended))
             finally:
                 if not freed:
                     selector.release_cancelled(node, started=started_at)
@@ -151,7 +152,7 @@ class NodeAttempt:
         if ctx.observers:
             ctx.emit("attempt_ended", AttemptEvent(node.id, node.node.base_url, ctx.model or "", "ok",
                                                    latency_ms / 1000.0, status, None, node.id in ctx.hedges,
-                                                   None))
+                                                   None, ended))
         if permit is not None:
             if not self.sender.streams:
                 permit.record(None)
@@ -237,6 +238,8 @@ class AttemptStage:
                 last_error = exc
                 outcome = classify(exc)
                 decision = policy.decide(outcome, ctx)
+                if ctx.observers:
+                    ctx.attempt_decided(exc, decision.action)
                 if outcome.silent and exc.node_id is not None:
                     ctx.silent.add(exc.node_id)
                 if decision.action == STOP and decision.reason == "final":

@@ -5,12 +5,12 @@ of ``attempts`` and ``tried``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Set, Tuple
 
 from ..errors import Attempt
-from ..observe import CallInfo, ObserverSet
+from ..observe import AttemptEvent, CallInfo, ObserverSet
 from ..policy.retry import RetryBudget
 
 __all__ = ["CallContext"]
@@ -76,6 +76,10 @@ class CallContext:
     trial: bool = False                              # the model's half-open breaker trial: one attempt
     next_model: Optional[str] = None                 # the chain's next model if this one fails (None: last)
     untried: Callable[[], bool] = _never             # whether a node this model has not tried may be used
+    # id(error) -> the event of the failed attempt that raised it, until the policy decided what follows;
+    # made with ``info`` (None without observers), shared by the copies for each model (an id is unique
+    # while its error lives)
+    undecided: Optional[Dict[int, AttemptEvent]] = None
 
     def for_model(self, model: Optional[str], body: Optional[bytes], headers: Dict[str, str]) -> "CallContext":
         """A copy for one model of the chain: its own body, headers (the call's
@@ -107,6 +111,21 @@ class CallContext:
 
     def went_silent(self) -> bool:
         return bool(self.silent)
+
+    def attempt_failed(self, error: BaseException, event: AttemptEvent) -> None:
+        """Hold the event of the failed attempt that raised ``error`` until
+        :meth:`attempt_decided` says what the call did next."""
+        undecided = self.undecided
+        if undecided is None:  # a context made without the client's observer plumbing
+            undecided = self.undecided = {}
+        undecided[id(error)] = event
+
+    def attempt_decided(self, error: BaseException, next_step: Optional[str]) -> None:
+        """Tell the observers about the failed attempt that raised ``error``: ``next_step``
+        is the retry policy's decision (None: the policy was not asked)."""
+        event = self.undecided.pop(id(error), None) if self.undecided is not None else None
+        if event is not None:
+            self.emit("attempt_ended", replace(event, next_step=next_step))
 
     def emit(self, event: str, *args: Any) -> None:
         """Tell the observers (callers check ``ctx.observers`` first, to build nothing otherwise)."""

@@ -8,7 +8,7 @@ a copy whose answer is dropped, from the call's context.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 from ..breakers import BreakerBoard
 from ..errors import NoHealthyNodeError
@@ -42,7 +42,15 @@ class HedgeStage:
 
         return self.hedger.run(node, timeout, attempt=attempt, pick_other=lambda: self.pick_other(ctx),
                                release=lambda n, ms, result: self.release_unused(ctx, n, ms, result),
-                               deadline=ctx.deadline)
+                               deadline=ctx.deadline, drop_failure=self.drop_failure(ctx))
+
+    @staticmethod
+    def drop_failure(ctx: CallContext) -> Optional[Callable[[BaseException], None]]:
+        """A copy's failure the attempt loop never sees (another copy went on): its attempt
+        is reported with no next step, as the retry policy was not asked."""
+        if not ctx.observers:
+            return None
+        return lambda error: ctx.attempt_decided(error, None)
 
     def pick_other(self, ctx: CallContext) -> Optional[NodeState]:
         """A node for a hedged copy, or None (none fresh, or it is throttled)."""

@@ -123,7 +123,8 @@ class StreamStage:
             finally:  # the stream's cost is settled even if counting it was interrupted
                 costs.ended(outcome)
                 if ctx.observers and outcome.ends_call:  # a rescued stream's call ends with its rescuer
-                    ctx.emit("call_ended", stream_end(outcome, ctx.clock()))
+                    nodes = self.selector.by_id if self.selector is not None else {}
+                    ctx.emit("call_ended", stream_end(outcome, ctx.clock(), nodes))
         return ended
 
     def run(self, ctx: CallContext) -> Any:

@@ -20,7 +20,8 @@ ERROR with ``error.type`` (the holysheep_lb exception class name).
 
 Every attempt is a **child span** (kind INTERNAL, ``"attempt {node id}"``) spanning its
 latency: node id, server address and port, model, outcome, status code, error type,
-hedge flag and ``next_step`` (why the call went on). Child spans rather than span events
+hedge flag and ``next_step`` (the retry policy's decision after a failed attempt: "retry" or
+"stop"; ``holysheep_lb.client.retries`` counts the "retry" ones). Child spans rather than span events
 because hedged copies overlap in time and only spans show that; because each attempt
 has its own server, status and error, which backends index as span attributes; and
 because a failover then reads as a waterfall, node by node. They are INTERNAL so the
@@ -38,7 +39,8 @@ no tokens), and for streams ``gen_ai.client.operation.time_to_first_chunk`` (s) 
 between chunks after the first, as the client reports no single chunk). The client's own
 counters: ``holysheep_lb.client.attempts``, ``.retries``, ``.fallbacks``, ``.hedges``,
 ``.cache_hits``, ``.budget_refusals`` and ``.spend`` (USD). Durations come from the
-client's clock, so they equal what the client measured.
+client's clock, so they equal what the client measured; so does an attempt span's place
+in its call (a failed attempt is reported once the retry policy has decided what follows).
 
 **Content.** Prompts and answers are recorded only with ``record_content=True``, as
 ``gen_ai.input.messages`` / ``gen_ai.output.messages`` (JSON, the conventions' parts
@@ -215,11 +217,12 @@ class _CallState:
     It stays there after the call ended: a hedged copy that loses may report its attempt
     later, from its own thread, and still becomes a child span of the call."""
 
-    __slots__ = ("span", "base", "attempts", "node_urls", "first_chunk_at", "ended", "lock")
+    __slots__ = ("span", "base", "started_ns", "attempts", "node_urls", "first_chunk_at", "ended", "lock")
 
-    def __init__(self, span: Span, base: Dict[str, AttributeValue]) -> None:
+    def __init__(self, span: Span, base: Dict[str, AttributeValue], started_ns: int) -> None:
         self.span = span
         self.base = base                 # the metric attributes known at the start
+        self.started_ns = started_ns     # the span's start time (CallInfo.started_at on the client's clock)
         self.attempts = 0
         self.node_urls: Dict[str, str] = {}  # node id -> base URL, from the attempts (one per node tried)
         self.first_chunk_at: Optional[float] = None
@@ -319,8 +322,9 @@ class OTelObserver(CallObserver):
             if prompt is not None:
                 attrs["gen_ai.input.messages"] = prompt
         name = (f"{operation} {model}" if model else operation) if genai else f"holysheep_lb {operation}"
-        span = self._tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attrs)
-        call.state[self._key] = _CallState(span, base)
+        started_ns = time_ns()
+        span = self._tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attrs, start_time=started_ns)
+        call.state[self._key] = _CallState(span, base, started_ns)
 
     def attempt_ended(self, call: CallInfo, attempt: AttemptEvent) -> None:
         state = call.state.get(self._key)
@@ -339,7 +343,10 @@ class OTelObserver(CallObserver):
             attrs["error.type"] = attempt.error_type
         if attempt.next_step:
             attrs["holysheep_lb.attempt.next_step"] = attempt.next_step
-        end_ns = time_ns()
+        if attempt.ended_at and call.started_at:  # on the client's clock: a failure is told after the policy decided
+            end_ns = state.started_ns + int(round((attempt.ended_at - call.started_at) * 1e9))
+        else:
+            end_ns = time_ns()
         span = self._tracer.start_span(f"attempt {attempt.node_id}", context=_trace.set_span_in_context(state.span),
                                        kind=SpanKind.INTERNAL, attributes=attrs,
                                        start_time=end_ns - int(max(0.0, attempt.latency_s) * 1e9))

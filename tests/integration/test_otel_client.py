@@ -95,6 +95,18 @@ def test_a_failover_call_shows_both_nodes_and_reports_the_one_that_answered(gw, 
     assert [p.value for p in t.points("holysheep_lb.client.retries")] == [1]
 
 
+def test_an_attempt_the_policy_did_not_retry_says_stop_and_counts_no_retry(gw, traced):
+    gw.configure("a", error_rate=1.0)
+    client, t = traced(gw.client_nodes(), max_retries=0)  # a retryable failure, but no retry left
+    with pytest.raises(HolySheepError):
+        client.chat_completion(MSGS, model=MODEL)
+    [failed] = t.children(t.call_span())
+    assert failed.attributes["holysheep_lb.node.id"] == "a"
+    assert failed.attributes["holysheep_lb.attempt.next_step"] == "stop"
+    assert t.points("holysheep_lb.client.retries") == []
+    assert gw.counts() == {"a": 1, "b": 0}
+
+
 def test_a_failing_call_is_an_error_span_with_the_exception_class_as_error_type(gw, traced):
     gw.configure("a", error_rate=1.0)
     gw.configure("b", error_rate=1.0)
@@ -160,6 +172,17 @@ def test_a_stream_ends_its_span_when_it_ends_with_time_to_first_chunk_and_time_p
     [per_chunk] = t.points("gen_ai.client.operation.time_per_output_chunk")
     assert per_chunk.count == 1
     assert per_chunk.sum == pytest.approx((duration.sum - ttfc.sum) / (stream.chunks - 1), rel=1e-6, abs=1e-9)
+
+
+def test_a_streams_span_carries_the_response_id_and_finish_reasons_of_its_chunks(gw, traced):
+    client, t = traced(gw.client_nodes())
+    with client.chat_completion(MSGS, model=MODEL, stream=True) as stream:
+        ids = {chunk["id"] for chunk in stream}
+    span = t.call_span()
+    [response_id] = ids
+    assert response_id.startswith("chatcmpl-") and span.attributes["gen_ai.response.id"] == response_id
+    assert span.attributes["gen_ai.response.finish_reasons"] == (stream.finish_reason,) == ("stop",)
+    assert span.attributes["gen_ai.response.model"] == stream.model
 
 
 def test_an_embeddings_call_is_named_embeddings_with_its_input_tokens(gw, traced):
