@@ -53,7 +53,10 @@ def test_96_threads_over_2_nodes_reuse_their_connections_with_the_default_pools(
     full, accepted = _hammer(two_nodes, caplog)
     assert full == []
     assert all(n <= THREADS for n in accepted), accepted  # at most one socket per concurrent caller
-    assert sum(accepted) <= THREADS + 16, accepted  # no churn: reused, not reopened (some slack: the split shifts)
+    # Reused, not reopened. The slack is for the split between the nodes, which shifts
+    # on a busy machine (each node's pool grows to the most callers it had at once);
+    # churn itself is what the log check above catches.
+    assert sum(accepted) <= THREADS + THREADS // 2, accepted
 
 
 def test_the_old_default_of_32_churned_connections(two_nodes, caplog):
