@@ -44,7 +44,7 @@ from urllib3 import poolmanager as _poolmanager
 from . import forksafe
 from .errors import ConfigError
 
-__all__ = ["Watch", "Watchdog", "watch", "WatchedAdapter", "TransportClosedError", "IDLE_EXIT_S"]
+__all__ = ["Watch", "Watchdog", "watch", "WatchedAdapter", "TransportClosedError", "IDLE_EXIT_S", "THREAD_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ _PURGE_MIN = 64
 #: Seconds the watchdog thread stays with no live exchange to watch before it ends (a
 #: :class:`Watchdog` built without ``idle_exit_s`` reads it at each decision).
 IDLE_EXIT_S = 5.0
+#: The watchdog thread's name.
+THREAD_NAME = "holysheep-lb-deadline"
 
 
 class Watch:
@@ -173,7 +175,7 @@ class Watchdog:
     def _start_thread(self) -> None:
         # Under the heap's lock. Thread.start() returns once the thread runs; the thread then
         # waits for this lock, so it sees the registration that started it.
-        thread = threading.Thread(target=self._run, name="holysheep-lb-deadline", daemon=True)
+        thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
         self._thread = thread
         try:
             thread.start()

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from holysheep_lb import deadline
-from holysheep_lb.deadline import _PURGE_MIN, Watchdog, watch
+from holysheep_lb.deadline import _PURGE_MIN, THREAD_NAME, Watchdog, watch
 from holysheep_lb.errors import ConfigError
 
 from .conftest import wait_until
@@ -123,7 +123,7 @@ class CountingClock:
         self.rounds = 0
 
     def __call__(self) -> float:
-        if threading.current_thread().name == "holysheep-lb-deadline":
+        if threading.current_thread().name == THREAD_NAME:
             self.rounds += 1
         return time.monotonic()
 
@@ -179,7 +179,7 @@ def test_a_watch_registered_while_the_thread_idles_keeps_it_until_the_watch_is_c
     reads: list = []
 
     def counting_clock() -> float:
-        if threading.current_thread().name == "holysheep-lb-deadline":
+        if threading.current_thread().name == THREAD_NAME:
             reads.append(clock.now)
         return clock()
 
@@ -210,7 +210,7 @@ class LingeringCondition(threading.Condition):
 
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)
-        if self.armed and threading.current_thread().name == "holysheep-lb-deadline":
+        if self.armed and threading.current_thread().name == THREAD_NAME:
             self.armed = False
             self.then.wait(5.0)
 
@@ -231,7 +231,7 @@ def test_a_registration_made_while_the_thread_decides_to_end_is_still_watched(cl
 
     def hooked_clock() -> float:
         now = clock()
-        if threading.current_thread().name == "holysheep-lb-deadline":
+        if threading.current_thread().name == THREAD_NAME:
             reads.append(now)
             if now >= fire_at[0]:  # the first round past the idle period: the thread ends in it
                 fire_at[0] = math.inf
