@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -319,3 +320,23 @@ def _race_idle_exits() -> None:
     last = dog._thread
     assert last is None or wait_until(lambda: not last.is_alive(), 5.0)
     assert not dog.running
+
+
+def test_a_thread_that_cannot_start_is_logged_and_the_next_registration_starts_one(monkeypatch, pair, caplog):
+    a, _ = pair
+
+    class NoThread(threading.Thread):
+        def start(self) -> None:
+            raise RuntimeError("can't start new thread")
+
+    dog = Watchdog(idle_exit_s=0.05)
+    monkeypatch.setattr(deadline.threading, "Thread", NoThread)
+    with caplog.at_level(logging.WARNING, logger="holysheep_lb.deadline"):
+        first = dog.watch(0.05)  # registered, though no thread watches it yet
+    monkeypatch.undo()
+    assert not dog.running and "could not start" in caplog.text
+    first.attach(a)
+    later = dog.watch(3600.0)
+    assert dog.running
+    assert a.recv(1) == b""  # the thread the later registration started cut the first one
+    assert first.end() is True and later.end() is False
