@@ -46,8 +46,8 @@ MAX_TRACKED = 64  # in-flight counts above this share the last average
 class ConcurrencyLimit:
     """One node's learned concurrency limit. O(1) per sample, O(MAX_TRACKED) memory."""
 
-    __slots__ = ("queue_margin", "limit_margin", "probe_rounds", "gain", "smoothing", "min_samples", "_limit", "_avg_ms", "_count",
-                 "_base_ms", "samples", "queued_samples")
+    __slots__ = ("queue_margin", "limit_margin", "probe_rounds", "gain", "smoothing", "min_samples", "_limit",
+                 "_avg_ms", "_count", "_base_ms", "samples", "queued_samples")
 
     def __init__(self, *, queue_margin: float = 0.25, limit_margin: float = 0.1, probe_rounds: float = 12.0,
                  gain: float = 0.5, smoothing: float = 0.03, min_samples: int = 5) -> None:

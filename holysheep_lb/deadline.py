@@ -9,11 +9,16 @@ deadline passes first, the watchdog thread shuts the socket down
 (``shutdown(SHUT_RDWR)``): the blocked read returns at once, and the transport, seeing
 :attr:`Watch.cut`, raises :class:`~holysheep_lb.errors.APITimeoutError`.
 
-One daemon thread per process, started on first use and again, lazily, in a child
-after ``fork()``. Registrations wait in a heap ordered by deadline; the heap's lock is
-held for pushes and pops only, never while a socket is touched, and entries of
-exchanges that ended are purged once they are half the heap, so memory follows the
-exchanges in flight. Per exchange: a heap push and a few uncontended lock acquisitions.
+One daemon thread per process at most, started by the first registration. Once it has
+had no live exchange to watch for :data:`IDLE_EXIT_S` seconds it ends, and the next
+registration starts another (so does the first one in a child after ``fork()``). Both
+decisions are made under the heap's lock: a registration either lands in the heap
+before the thread looks at it one last time, or finds the thread gone and starts a new
+one, so no exchange is left unwatched. Registrations wait in a heap ordered by deadline;
+the heap's lock is held for pushes, pops and those decisions only, never while a socket
+is touched, and entries of exchanges that ended are purged once they are half the heap,
+so memory follows the exchanges in flight. Per exchange: a heap push and a few
+uncontended lock acquisitions.
 
 A watch ends when the transport says so or when its connection goes back to the pool
 or is closed, whichever comes first; a watch that ended never touches its socket
@@ -25,6 +30,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import socket
 import threading
 import time
@@ -36,14 +42,20 @@ from urllib3 import connectionpool as _connectionpool
 from urllib3 import poolmanager as _poolmanager
 
 from . import forksafe
+from .errors import ConfigError
 
-__all__ = ["Watch", "Watchdog", "watch", "WatchedAdapter", "TransportClosedError"]
+__all__ = ["Watch", "Watchdog", "watch", "WatchedAdapter", "TransportClosedError", "IDLE_EXIT_S", "THREAD_NAME"]
 
 log = logging.getLogger(__name__)
 
 # Ended entries are purged from the heap once there are this many and they are at least
 # half of it: O(1) amortised per exchange, memory proportional to the exchanges in flight.
 _PURGE_MIN = 64
+#: Seconds the watchdog thread stays with no live exchange to watch before it ends (a
+#: :class:`Watchdog` built without ``idle_exit_s`` reads it at each decision).
+IDLE_EXIT_S = 5.0
+#: The watchdog thread's name.
+THREAD_NAME = "holysheep-lb-deadline"
 
 
 class Watch:
@@ -116,14 +128,25 @@ def _shutdown(sock: Any) -> None:
 
 
 class Watchdog:
-    """The thread that cuts the sockets of expired watches. One per process (:func:`watch`)."""
+    """The thread that cuts the sockets of expired watches. One per process (:func:`watch`).
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    ``idle_exit_s``: how long the thread stays with no live watch before it ends (None:
+    :data:`IDLE_EXIT_S`, read at each decision); the next registration starts another.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, idle_exit_s: Optional[float] = None) -> None:
+        if idle_exit_s is not None and (isinstance(idle_exit_s, bool) or not isinstance(idle_exit_s, (int, float))
+                                        or not math.isfinite(idle_exit_s) or idle_exit_s <= 0):
+            raise ConfigError("idle_exit_s", idle_exit_s, "must be a finite number of seconds > 0, or None")
         self._clock = clock
+        self._idle_exit_s = idle_exit_s
         self._heap_cond = threading.Condition(threading.Lock())
         self._heap: List[Tuple[float, int, Watch]] = []
         self._ended_in_heap = 0
         self._seq = itertools.count()
+        # The thread watching the heap, None when it ended (or none started yet). Guarded by
+        # the heap's lock: the thread clears it there as it decides to end, and a registration
+        # checks it there, so a registration either is seen by the thread or starts a new one.
         self._thread: Optional[threading.Thread] = None
         forksafe.register(self, phase=forksafe.PHASE_THREADS)
 
@@ -131,18 +154,39 @@ class Watchdog:
         """A new watch expiring ``timeout_s`` seconds from now; call ``end()`` when done."""
         entry = Watch(self._clock() + timeout_s, self)
         with self._heap_cond:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="holysheep-lb-deadline", daemon=True)
-                self._thread.start()
             heapq.heappush(self._heap, (entry.deadline, next(self._seq), entry))
-            if self._heap[0][2] is entry:  # earlier than what the thread waits for
+            if self._thread is None:
+                self._start_thread()
+            elif self._heap[0][2] is entry:  # earlier than what the thread waits for
                 self._heap_cond.notify()
         return entry
+
+    @property
+    def running(self) -> bool:
+        """Whether a thread watches the heap now (it ends after ``idle_exit_s`` with nothing to watch)."""
+        with self._heap_cond:
+            return self._thread is not None
 
     def pending(self) -> int:
         """Entries in the heap (live and not yet purged): for tests and stats."""
         with self._heap_cond:
             return len(self._heap)
+
+    def _start_thread(self) -> None:
+        # Under the heap's lock. Thread.start() returns once the thread runs; the thread then
+        # waits for this lock, so it sees the registration that started it.
+        thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
+        self._thread = thread
+        try:
+            thread.start()
+        except BaseException as exc:
+            # None again, so that the next registration tries: if start() was interrupted
+            # after the thread began, that one only watches alongside (see _run's exit)
+            self._thread = None
+            if not isinstance(exc, RuntimeError):
+                raise
+            log.warning("the deadline watchdog thread could not start (%s): exchanges registered meanwhile are "
+                        "bounded by their read timeouts until a later registration starts it", exc)
 
     def _ended(self, entry: Watch) -> None:
         with self._heap_cond:
@@ -159,21 +203,47 @@ class Watchdog:
                 self._ended_in_heap = 0
 
     def _run(self) -> None:
+        me = threading.current_thread()
+        try:
+            self._watch_until_idle(me)
+        except Exception:  # noqa: BLE001 - logged: a thread has no caller to raise to
+            with self._heap_cond:
+                if self._thread is me:
+                    self._thread = None
+            log.error("the deadline watchdog thread failed; the next registration starts another", exc_info=True)
+
+    def _watch_until_idle(self, me: threading.Thread) -> None:
+        idle_since: Optional[float] = None  # when the heap was first seen with nothing live in it
         while True:
             due: List[Watch] = []
             with self._heap_cond:
                 while not due:
                     heap = self._heap
                     now = self._clock()
+                    popped = False
                     while heap and (heap[0][2].ended or heap[0][0] <= now):
+                        popped = True
                         entry = heapq.heappop(heap)[2]
                         entry._in_heap = False
                         if entry.ended:
                             self._ended_in_heap -= 1
                         else:
                             due.append(entry)
-                    if not due:
-                        self._heap_cond.wait(heap[0][0] - now if heap else None)
+                    if due:
+                        break
+                    grace = IDLE_EXIT_S if self._idle_exit_s is None else self._idle_exit_s
+                    if heap:  # a live watch: wake at its deadline, or after `grace` to see if all ended
+                        idle_since = None
+                        self._heap_cond.wait(min(heap[0][0] - now, grace))
+                    elif popped or idle_since is None:  # nothing live since just now
+                        idle_since = now
+                        self._heap_cond.wait(grace)
+                    elif now - idle_since < grace:
+                        self._heap_cond.wait(idle_since + grace - now)
+                    else:  # idle for `grace`: end, under this lock (see watch())
+                        if self._thread is me:
+                            self._thread = None
+                        return
             for entry in due:  # outside the heap lock: registrations go on meanwhile
                 entry._expire()
 

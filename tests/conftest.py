@@ -11,6 +11,7 @@ import pytest
 import responses
 
 from holysheep_lb import Client
+from holysheep_lb.deadline import THREAD_NAME as WATCHDOG_THREAD
 
 API_KEY = "sk-test-SECRET-never-log-me-1234567890"
 
@@ -42,6 +43,12 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 3.0, interval_s
             return True
         pause.wait(interval_s)
     return predicate()
+
+
+def thread_count() -> int:
+    """``threading.active_count()`` without the deadline watchdog, which a call may start
+    and which ends on its own once idle (deadline.py): whatever the test under way does."""
+    return sum(1 for t in threading.enumerate() if t.name != WATCHDOG_THREAD)
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ from holysheep_lb import InternalServerError, InvalidRequestError, Response
 from holysheep_lb import batch as batch_module
 from holysheep_lb.batch import run_batch
 
+from .conftest import thread_count
+
 
 def wait_until(predicate, timeout_s: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout_s
@@ -128,7 +130,7 @@ def test_first_failure_cancels_calls_not_started_and_is_raised(recording_pool):
 
 
 def test_keyboard_interrupt_cancels_the_rest_and_leaves_no_threads(recording_pool):
-    baseline = threading.active_count()
+    baseline = thread_count()
 
     def behaviour(i):
         if i != 0:
@@ -140,7 +142,7 @@ def test_keyboard_interrupt_cancels_the_rest_and_leaves_no_threads(recording_poo
     client = FakeClient(behaviour)
     with pytest.raises(KeyboardInterrupt):
         run_batch(client, [req(i) for i in range(40)], max_workers=4, on_progress=on_progress)
-    assert wait_until(lambda: threading.active_count() == baseline, timeout_s=5)
+    assert wait_until(lambda: thread_count() == baseline, timeout_s=5)
     assert not [t for t in threading.enumerate() if t.name.startswith("holysheep-batch")]
     assert set(client.started) in ({0, 1, 2, 3}, {0, 1, 2, 3, 4})
     assert sum(f.cancelled() for f in recording_pool.futures) == 40 - len(client.started)
@@ -156,9 +158,9 @@ def test_a_bug_in_a_call_is_raised_even_with_return_exceptions():
 
 
 def test_empty_batch_starts_no_thread():
-    baseline = threading.active_count()
+    baseline = thread_count()
     assert run_batch(FakeClient(), [], max_workers=4) == []
-    assert threading.active_count() == baseline
+    assert thread_count() == baseline
 
 
 @pytest.mark.parametrize("kwargs, field", [

@@ -9,7 +9,6 @@ import gzip
 import ipaddress
 import json
 import ssl
-import threading
 import tracemalloc
 import zlib
 
@@ -30,7 +29,7 @@ from holysheep_lb.errors import (
 from holysheep_lb.simulator import SimulatedGateway
 from holysheep_lb.transport import Transport
 
-from ..conftest import API_KEY, wait_until
+from ..conftest import API_KEY, thread_count, wait_until
 from .scripted_server import ScriptedServer, http_response
 
 MSGS = [{"role": "user", "content": "hi"}]
@@ -223,7 +222,7 @@ def test_close_closes_pooled_connections_even_while_an_error_still_holds_the_poo
     """urllib3 >= 2.0.3 leaves cleared pools to the garbage collector: a traceback kept
     alive by a reference cycle used to keep every socket of the client open after close()."""
     with SimulatedGateway([{"id": "a", "error_rate": 1.0}, {"id": "b"}], seed=1) as gw:
-        baseline = threading.active_count()  # one simulator thread per open connection
+        baseline = thread_count()  # one simulator thread per open connection
         gc_was_enabled = gc.isenabled()
         gc.disable()  # the collector must not do the job for close()
         try:
@@ -234,10 +233,10 @@ def test_close_closes_pooled_connections_even_while_an_error_still_holds_the_poo
                     client.chat_completion(MSGS, model="m")
                 except Exception as exc:  # noqa: BLE001 - kept on purpose, with its traceback
                     kept.append(exc)
-            assert threading.active_count() > baseline  # keep-alive connections are open
+            assert thread_count() > baseline  # keep-alive connections are open
             client.close()
-            assert wait_until(lambda: threading.active_count() == baseline, 5.0), (
-                threading.active_count(), baseline)
+            assert wait_until(lambda: thread_count() == baseline, 5.0), (
+                thread_count(), baseline)
         finally:
             if gc_was_enabled:
                 gc.enable()

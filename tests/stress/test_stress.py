@@ -14,6 +14,7 @@ import threading
 import pytest
 
 from holysheep_lb import Client
+from holysheep_lb.deadline import THREAD_NAME as WATCHDOG_THREAD
 from holysheep_lb.loadgen import run_load
 from holysheep_lb.simulator import SimulatedGateway
 from holysheep_lb.stats import FAILURE_KINDS
@@ -45,8 +46,10 @@ def run():
     try:
         baseline_os = _os_threads()
         # the deadline watchdog is one daemon thread for the whole process (deadline.py),
-        # started by the first call that needs it and shared by every client: not the client's
-        baseline_names = {t.name for t in threading.enumerate()} | {"holysheep-lb-deadline"}
+        # started by the first call that needs it, shared by every client and ended once idle
+        # for IDLE_EXIT_S: not the client's. It may be running or not at either count below
+        # (hence the + 1 on the OS threads, and its name among the baseline's)
+        baseline_names = {t.name for t in threading.enumerate()} | {WATCHDOG_THREAD}
         client = Client(api_key="sk-stress-test", nodes=gateway.client_nodes(), **CLIENT_OPTIONS)
         tally = Tally()
         with Chaos(gateway) as chaos:
