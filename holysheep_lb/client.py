@@ -24,7 +24,7 @@ from .call.context import CallContext
 from .call.events import response_end
 from .client_options import ClientOptions
 from .introspect import ClientIntrospection
-from .config import ClientConfig, config_from_env, config_from_mapping
+from .config import ClientConfig
 from .errors import ConfigError, HolySheepError, InvalidRequestError
 from .health import HealthChecker
 from .models import AUTO
@@ -98,20 +98,6 @@ class Client(ClientOptions, ClientIntrospection):
         self.chat = Chat(self)
         self.embeddings = Embeddings(self)
         self.models = Models(self)
-
-    # -- construction helpers ---------------------------------------------------------
-
-    @classmethod
-    def from_env(cls, environ: Optional[Mapping[str, str]] = None, **overrides: Any) -> "Client":
-        """Build from ``HOLYSHEEP_API_KEY`` and ``HOLYSHEEP_NODES`` (JSON) or ``HOLYSHEEP_BASE_URL``."""
-        return cls(**config_from_env(environ, **overrides))
-
-    @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any], **overrides: Any) -> "Client":
-        """Build from a dict of Client options, e.g. Django's ``settings.HOLYSHEEP``."""
-        kwargs = config_from_mapping(mapping)
-        kwargs.update(overrides)
-        return cls(**kwargs)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

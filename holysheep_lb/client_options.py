@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 import time
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, NoReturn, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Mapping, NoReturn, Optional, Sequence, Tuple, Type, TypeVar, Union
 
-from .config import API_KEY_ENV, CLIENT_OPTIONS, BreakerSettings, ClientConfig, parse_nodes
+from .config import (API_KEY_ENV, CLIENT_OPTIONS, BreakerSettings, ClientConfig, config_from_env, config_from_mapping,
+                     parse_nodes)
 from .errors import ConfigError
 from .models import ModelRouter
 from .observe import CallObserver
@@ -25,11 +26,13 @@ from .suggest import unknown_option
 
 __all__ = ["ClientOptions"]
 
+_C = TypeVar("_C", bound="ClientOptions")
 _EMPTY: Mapping[str, Any] = MappingProxyType({})  # the default of the mapping options (immutable)
 
 
 class ClientOptions:
-    """Checks the constructor's arguments and builds the :class:`ClientConfig`."""
+    """Checks the constructor's arguments and builds the :class:`ClientConfig`; the
+    alternative constructors ``from_env`` and ``from_mapping``."""
 
     config: ClientConfig
 
@@ -123,6 +126,18 @@ class ClientOptions:
             api_key = os.environ.get(API_KEY_ENV) or None
         self._start(ClientConfig(nodes=parse_nodes(nodes), api_key=api_key, **options), retry=retry,
                     observers=observers or (), clock=clock, sleep=sleep, rand=rand, wall_clock=wall_clock)
+
+    @classmethod
+    def from_env(cls: Type[_C], environ: Optional[Mapping[str, str]] = None, **overrides: Any) -> _C:
+        """Build from ``HOLYSHEEP_API_KEY`` and ``HOLYSHEEP_NODES`` (JSON) or ``HOLYSHEEP_BASE_URL``."""
+        return cls(**config_from_env(environ, **overrides))
+
+    @classmethod
+    def from_mapping(cls: Type[_C], mapping: Mapping[str, Any], **overrides: Any) -> _C:
+        """Build from a dict of Client options, e.g. Django's ``settings.HOLYSHEEP``."""
+        kwargs = config_from_mapping(mapping)
+        kwargs.update(overrides)
+        return cls(**kwargs)
 
     def _start(self, config: ClientConfig, *, retry: Optional[RetryPolicy], observers: Sequence[CallObserver],
                clock: Callable[[], float], sleep: Callable[[float], None], rand: Optional[Callable[[], float]],
