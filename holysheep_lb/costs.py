@@ -23,6 +23,7 @@ __all__ = ["CallCosts", "StreamCosts", "cost_info"]
 log = logging.getLogger(__name__)
 
 SettleTokens = Callable[[Optional[int]], None]
+OnSettled = Callable[[Any, Dict[str, Any]], None]  # (a stream's outcome, its cost_info)
 
 
 def cost_info(reservation: Optional[Reservation], settled: Optional[Settled]) -> Dict[str, Any]:
@@ -110,12 +111,19 @@ class CallCosts:
 class StreamCosts(CallCosts):
     """``ModelCosts`` for a stream: the answering model is settled from the usage that
     ends the stream (pass :meth:`ended` as the stream's ``on_end``); a stream cut short
-    keeps its estimates. :meth:`ended` may run on another thread (the stream reaper)."""
+    keeps its estimates. :meth:`ended` may run on another thread (the stream reaper).
+
+    ``on_settled(outcome, cost)`` hears each stream it settles (``cost`` as
+    :func:`cost_info`), once: from :meth:`ended`, or from :meth:`answered` for a stream
+    that ended while it was opened.
+    """
 
     def __init__(self, ledger: SpendLedger, first: Reservation, messages: Sequence[Mapping[str, Any]],
-                 params: Mapping[str, Any]) -> None:
+                 params: Mapping[str, Any], on_settled: Optional[OnSettled] = None) -> None:
         super().__init__(ledger, first, messages, params)
         self._open: Optional[Tuple[Reservation, SettleTokens]] = None
+        self._ended: Any = None  # the outcome of a stream that ended before answered() took it
+        self._on_settled = on_settled
 
     def answered(self, held: Reservation, result: Any, settle_tokens: SettleTokens) -> None:
         if not self._take(held):
@@ -123,16 +131,25 @@ class StreamCosts(CallCosts):
         if getattr(result, "state", "open") == "open":
             self._open = (held, settle_tokens)  # settled by ended()
         else:  # the stream already ended while it was opened: ended() found nothing to settle
-            self._settle(held, settle_tokens, getattr(result, "usage", None))
+            outcome, self._ended = self._ended, None
+            self._settle(held, settle_tokens, getattr(result, "usage", None), outcome)
 
     def ended(self, outcome: Any) -> None:
         """The stream's ``on_end`` hook (a :class:`~holysheep_lb.streaming.StreamOutcome`)."""
         pending, self._open = self._open, None
-        if pending is not None:
-            self._settle(*pending, outcome.usage)
+        if pending is None:
+            self._ended = outcome  # answered() settles it, if the chain takes the stream
+        else:
+            self._settle(*pending, outcome.usage, outcome)
 
-    def _settle(self, held: Reservation, settle_tokens: SettleTokens, usage: Any) -> None:
+    def close(self) -> None:
+        self._ended = None
+        super().close()
+
+    def _settle(self, held: Reservation, settle_tokens: SettleTokens, usage: Any, outcome: Any) -> None:
         try:
-            self._ledger.settle(held, usage)
+            settled = self._ledger.settle(held, usage)
         finally:
             settle_tokens(total_tokens(usage))
+        if self._on_settled is not None and outcome is not None:
+            self._on_settled(outcome, cost_info(held, settled))

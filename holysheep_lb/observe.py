@@ -83,9 +83,19 @@ class Decision:
 
 @dataclass(frozen=True)
 class CallEnd:
-    """How a call ended. ``error`` is None on success."""
+    """How a call ended. ``error`` is None on success.
 
-    result: Any = None                  # the Response (or the stream) on success
+    For a chat call (a JSON answer or a stream, alike) the tokens and ``cost_usd`` are what
+    the spend ledger settled: the usage as :mod:`holysheep_lb.usage` reads it, or, when the
+    server reported none (a stream without a usage chunk, one that was cut or closed
+    early), the ledger's estimate, and then ``usage_estimated`` is True. A stream that
+    broke and was rescued by another counts both. ``cost_usd`` is None when nothing was
+    settled (a call that failed before an answer; embeddings and plain requests are not
+    priced) and 0.0 for a cache hit or a canned reply; the tokens of those are the
+    answer's own ``usage``.
+    """
+
+    result: Any = None                  # the Response (or a canned stream) on success; None for a ChatStream
     error: Optional[BaseException] = None
     node_id: Optional[str] = None       # the node that answered
     base_url: Optional[str] = None      # its configured URL (no credentials); None for a cache hit
@@ -97,6 +107,10 @@ class CallEnd:
     cached: bool = False                # served from the response cache
     chunks: int = 0                     # streams: chunks delivered
     ended_at: float = 0.0               # the client's clock
+    cost_usd: Optional[float] = None    # what the ledger settled for the call, USD (see above)
+    cached_input_tokens: Optional[int] = None  # of input_tokens: read from the provider's prompt cache
+    cache_write_tokens: Optional[int] = None   # of input_tokens: written to it
+    usage_estimated: bool = False       # the tokens and cost are the ledger's estimate: no usage reported
 
 
 class CallObserver:

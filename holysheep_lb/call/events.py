@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from ..nodes import NodeState
 from ..observe import CallEnd
@@ -13,6 +13,25 @@ __all__ = ["response_end", "stream_end", "node_url"]
 def _tokens(usage: Any, name: str) -> Optional[int]:
     value = usage.get(name) if isinstance(usage, Mapping) else None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _number(cost: Mapping[str, Any], name: str) -> float:
+    value = cost.get(name)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+def _spent(costs: Sequence[Mapping[str, Any]], usage: Any) -> Dict[str, Any]:
+    """CallEnd's usage and cost fields. ``costs``: what the ledger settled for each model
+    answer of the call (``costs.cost_info`` dicts: the usage as usage.py read it, or the
+    estimate); without any (nothing paid for, or not priced), the tokens of ``usage``."""
+    if not costs:
+        return {"input_tokens": _tokens(usage, "prompt_tokens"), "output_tokens": _tokens(usage, "completion_tokens")}
+    return {"input_tokens": int(sum(_number(c, "input_tokens") for c in costs)),
+            "output_tokens": int(sum(_number(c, "output_tokens") for c in costs)),
+            "cached_input_tokens": int(sum(_number(c, "cached_tokens") for c in costs)),
+            "cache_write_tokens": int(sum(_number(c, "cache_write_tokens") for c in costs)),
+            "cost_usd": sum(_number(c, "cost_usd") for c in costs),
+            "usage_estimated": not all(c.get("from_usage") is True for c in costs)}
 
 
 def node_url(nodes: Mapping[str, NodeState], node_id: Optional[str]) -> Optional[str]:
@@ -31,21 +50,28 @@ def response_end(result: Any, now: float, nodes: Mapping[str, NodeState]) -> Cal
     if isinstance(choices, list):
         reasons = tuple(str(c["finish_reason"]) for c in choices
                         if isinstance(c, Mapping) and isinstance(c.get("finish_reason"), str))
-    usage = data.get("usage")
     response_id = data.get("id")
     node_id = getattr(result, "node_id", None)
     cached = bool(getattr(result, "cached", False))
+    extra = getattr(result, "extra", None)
+    cost = extra.get("cost") if isinstance(extra, Mapping) else None  # a chat answer's (costs.cost_info)
+    cost = cost if isinstance(cost, Mapping) else None
+    paid = (cost,) if cost is not None and not cached and cost.get("model") is not None else ()  # not canned
+    spent = _spent(paid, data.get("usage"))
+    if cost is not None and not paid:
+        spent["cost_usd"] = _number(cost, "cost_usd")  # nothing was paid: 0.0
     return CallEnd(result=result, node_id=node_id, base_url=None if cached else node_url(nodes, node_id),
                    response_model=getattr(result, "model", None),
                    response_id=response_id if isinstance(response_id, str) else None,
-                   finish_reasons=reasons, input_tokens=_tokens(usage, "prompt_tokens"),
-                   output_tokens=_tokens(usage, "completion_tokens"), cached=cached, ended_at=now)
+                   finish_reasons=reasons, cached=cached, ended_at=now, **spent)
 
 
-def stream_end(outcome: Any, now: float, nodes: Mapping[str, NodeState]) -> CallEnd:
+def stream_end(outcome: Any, now: float, nodes: Mapping[str, NodeState],
+               costs: Sequence[Mapping[str, Any]] = ()) -> CallEnd:
     """``call_ended`` for a stream that ended (a :class:`~holysheep_lb.streaming.StreamOutcome`):
-    its response id and finish reasons as its chunks gave them."""
+    its response id and finish reasons as its chunks gave them; ``costs`` what the ledger
+    settled for each stream of the call (the ones it rescued first), as ``costs.cost_info``."""
     return CallEnd(error=outcome.error, node_id=outcome.node_id, base_url=node_url(nodes, outcome.node_id),
                    response_model=outcome.model, response_id=outcome.response_id,
-                   finish_reasons=outcome.finish_reasons, input_tokens=_tokens(outcome.usage, "prompt_tokens"),
-                   output_tokens=_tokens(outcome.usage, "completion_tokens"), chunks=outcome.chunks, ended_at=now)
+                   finish_reasons=outcome.finish_reasons, chunks=outcome.chunks, ended_at=now,
+                   **_spent(costs, outcome.usage))

@@ -11,9 +11,9 @@ open through ``rescue_next`` (one model, no fallbacks, nodes that failed exclude
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, FrozenSet, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
-from ..costs import StreamCosts
+from ..costs import OnSettled, StreamCosts
 from ..errors import NoHealthyNodeError
 from ..fallbacks import ModelChain
 from ..ledger import SpendLedger
@@ -116,31 +116,44 @@ class StreamStage:
         self.rescue_mode = rescue_mode if rescue_next is not None else "off"
         self.max_rescues = max_rescues
 
-    def _ended_hook(self, ctx: CallContext, costs: StreamCosts) -> Callable[[StreamOutcome], None]:
+    def _ended_hook(self, costs: StreamCosts) -> Callable[[StreamOutcome], None]:
         def ended(outcome: StreamOutcome) -> None:
             try:
                 self.record_end(outcome)
             finally:  # the stream's cost is settled even if counting it was interrupted
                 costs.ended(outcome)
-                if ctx.observers and outcome.ends_call:  # a rescued stream's call ends with its rescuer
-                    nodes = self.selector.by_id if self.selector is not None else {}
-                    ctx.emit("call_ended", stream_end(outcome, ctx.clock(), nodes))
         return ended
+
+    def _call_end(self, ctx: CallContext) -> Optional[OnSettled]:
+        """What tells the observers that a stream call ended, with what the ledger settled
+        for it: for each stream of the call, once its cost is settled (None: no observers)."""
+        if not ctx.observers:
+            return None
+        rescued: List[Dict[str, Any]] = []  # what the streams that broke and were rescued cost
+
+        def settled(outcome: StreamOutcome, cost: Dict[str, Any]) -> None:
+            if not outcome.ends_call:  # a rescued stream's call ends with its rescuer
+                rescued.append(cost)
+                return
+            nodes = self.selector.by_id if self.selector is not None else {}
+            ctx.emit("call_ended", stream_end(outcome, ctx.clock(), nodes, rescued + [cost]))
+        return settled
 
     def run(self, ctx: CallContext) -> Any:
         model = ctx.model
         assert model is not None
         first = admit(ctx, self.ledger, self.tally, model, self.is_available)
-        costs = StreamCosts(self.ledger, first, ctx.messages or [], ctx.params)
+        call_end = self._call_end(ctx)
+        costs = StreamCosts(self.ledger, first, ctx.messages or [], ctx.params, call_end)
         payload = {"model": first.model, "messages": list(ctx.messages or []), **ctx.params}
         payload["stream_options"] = {"include_usage": True, **(ctx.params.get("stream_options") or {})}
         body, headers = request_parts(ctx.method, payload, ctx.idempotency_key)
         headers.update(STREAM_HEADERS)
         sent = ctx.for_model(first.model, body, headers)
         sent.payload, sent.costs, sent.stream = payload, costs, True
-        sent.on_end = self._ended_hook(ctx, costs)
+        sent.on_end = self._ended_hook(costs)
         try:  # usage arrives at the end of a stream: costs.ended settles the model that streamed
-            sent.rescue = self._rescuer(ctx, first.model, payload) if self.rescue_mode != "off" else None
+            sent.rescue = self._rescuer(ctx, first.model, payload, call_end) if self.rescue_mode != "off" else None
             stream = self.next.run(sent)
         finally:
             costs.close()
@@ -149,7 +162,8 @@ class StreamStage:
             stream.extra["downgraded_from"] = model
         return stream
 
-    def _rescuer(self, ctx: CallContext, model: str, payload: Mapping[str, Any]) -> Rescuer:
+    def _rescuer(self, ctx: CallContext, model: str, payload: Mapping[str, Any],
+                 call_end: Optional[OnSettled]) -> Rescuer:
         """The call's rescuer: each route it opens reserves and settles as its own model."""
         assert self.rescue_next is not None
         rescue_next = self.rescue_next
@@ -160,7 +174,7 @@ class StreamStage:
             if nodes and nodes <= exclude:
                 raise NoHealthyNodeError(f"every node already failed this call for model {route_model}")
             held = self.ledger.admit(route_model, messages, ctx.params, is_available=self.is_available)
-            route_costs = StreamCosts(self.ledger, held, messages, ctx.params)
+            route_costs = StreamCosts(self.ledger, held, messages, ctx.params, call_end)
             route_payload = {**payload, **extra, "model": held.model, "messages": messages}
             body, headers = request_parts(ctx.method, route_payload, None)
             headers.update(STREAM_HEADERS)
@@ -169,7 +183,7 @@ class StreamStage:
             route.tried = list(exclude)
             route.payload, route.costs, route.stream, route.rescue = route_payload, route_costs, True, rescuer
             route.messages = messages
-            route.on_end = self._ended_hook(ctx, route_costs)
+            route.on_end = self._ended_hook(route_costs)
             try:
                 return rescue_next.run(route)
             finally:

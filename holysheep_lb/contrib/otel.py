@@ -16,7 +16,11 @@ runs on the caller's thread, after each event, never under a client lock.
 (``gen_ai.operation.name``, ``gen_ai.provider.name``, ``gen_ai.request.*``,
 ``gen_ai.response.model|id|finish_reasons``, ``gen_ai.usage.input_tokens|output_tokens``),
 ``server.address`` / ``server.port`` of the node that answered, and on failure status
-ERROR with ``error.type`` (the holysheep_lb exception class name).
+ERROR with ``error.type`` (the holysheep_lb exception class name). The usage
+(``gen_ai.usage.*``, with ``cache_read.input_tokens`` / ``cache_creation.input_tokens``)
+and ``holysheep_lb.cost_usd`` are what the spend ledger settled, for a JSON answer and a
+stream alike: when the server reported no usage (a stream without a usage chunk, or
+cut), that is the ledger's estimate, flagged ``holysheep_lb.usage.estimated``.
 
 Every attempt is a **child span** (kind INTERNAL, ``"attempt {node id}"``) spanning its
 latency: node id, server address and port, model, outcome, status code, error type,
@@ -38,7 +42,8 @@ no tokens), and for streams ``gen_ai.client.operation.time_to_first_chunk`` (s) 
 ``gen_ai.client.operation.time_per_output_chunk`` (s: one sample per stream, the mean gap
 between chunks after the first, as the client reports no single chunk). The client's own
 counters: ``holysheep_lb.client.attempts``, ``.retries``, ``.fallbacks``, ``.hedges``,
-``.cache_hits``, ``.budget_refusals`` and ``.spend`` (USD). Durations come from the
+``.cache_hits``, ``.budget_refusals`` and ``.spend`` (USD, as settled); token usage that is
+the ledger's estimate carries ``holysheep_lb.usage.estimated``. Durations come from the
 client's clock, so they equal what the client measured; so does an attempt span's place
 in its call (a failed attempt is reported once the retry policy has decided what follows).
 
@@ -204,11 +209,24 @@ def output_messages(result: Any) -> Optional[str]:
     return json.dumps(out, ensure_ascii=False, default=str)
 
 
-def _spend_usd(result: Any) -> Optional[float]:
-    extra = getattr(result, "extra", None)
-    cost = extra.get("cost") if isinstance(extra, Mapping) else None
-    value = cost.get("cost_usd") if isinstance(cost, Mapping) else None
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+def usage_attributes(end: CallEnd) -> Dict[str, AttributeValue]:
+    """The span's usage and cost attributes, for a JSON answer and a stream alike: the tokens
+    and cost the spend ledger settled (``holysheep_lb.usage.estimated`` when they are its
+    estimate: the server reported no usage), cached tokens as the conventions name them."""
+    attrs: Dict[str, AttributeValue] = {}
+    if end.input_tokens is not None:
+        attrs["gen_ai.usage.input_tokens"] = end.input_tokens
+    if end.output_tokens is not None:
+        attrs["gen_ai.usage.output_tokens"] = end.output_tokens
+    if end.cached_input_tokens:
+        attrs["gen_ai.usage.cache_read.input_tokens"] = end.cached_input_tokens
+    if end.cache_write_tokens:
+        attrs["gen_ai.usage.cache_creation.input_tokens"] = end.cache_write_tokens
+    if end.usage_estimated:
+        attrs["holysheep_lb.usage.estimated"] = True
+    if end.cost_usd is not None:
+        attrs["holysheep_lb.cost_usd"] = end.cost_usd
+    return attrs
 
 
 class _CallState:
@@ -414,41 +432,34 @@ class OTelObserver(CallObserver):
             attrs["gen_ai.response.id"] = end.response_id
         if end.finish_reasons:
             attrs["gen_ai.response.finish_reasons"] = list(end.finish_reasons)
-        if end.input_tokens is not None:
-            attrs["gen_ai.usage.input_tokens"] = end.input_tokens
-        if end.output_tokens is not None:
-            attrs["gen_ai.usage.output_tokens"] = end.output_tokens
+        attrs.update(usage_attributes(end))
         if end.cached:
             attrs["holysheep_lb.cached"] = True
         if end.chunks:
             attrs["holysheep_lb.stream.chunks"] = end.chunks
         if end.error is not None:
             attrs["error.type"] = type(end.error).__name__
-        else:
-            spend = _spend_usd(end.result)
-            if spend is not None:
-                attrs["holysheep_lb.cost_usd"] = spend
-            if self.record_content:
-                answer = output_messages(end.result)
-                if answer is not None:
-                    attrs["gen_ai.output.messages"] = answer
+        elif self.record_content:
+            answer = output_messages(end.result)
+            if answer is not None:
+                attrs["gen_ai.output.messages"] = answer
         return attrs
 
     def _record_metrics(self, call: CallInfo, state: _CallState, end: CallEnd,
                         attrs: Dict[str, AttributeValue]) -> None:
-        spend = _spend_usd(end.result) if end.error is None else None
-        if spend:
+        if end.cost_usd:  # what the ledger settled, a stream that broke or was closed early included
             model = end.response_model or call.model
-            self._spend.add(spend, {"gen_ai.response.model": model} if model else {})
+            self._spend.add(end.cost_usd, {"gen_ai.response.model": model} if model else {})
         if "gen_ai.operation.name" not in attrs:
             return  # GenAI metrics describe GenAI operations only (not GET /models)
         if end.ended_at and call.started_at:
             self._duration.record(max(0.0, end.ended_at - call.started_at), attrs)
         if not end.cached:  # an answer from the response cache used no tokens
+            tokens = {**attrs, "holysheep_lb.usage.estimated": True} if end.usage_estimated else attrs
             if end.input_tokens is not None:
-                self._tokens.record(end.input_tokens, {**attrs, "gen_ai.token.type": "input"})
+                self._tokens.record(end.input_tokens, {**tokens, "gen_ai.token.type": "input"})
             if end.output_tokens is not None:
-                self._tokens.record(end.output_tokens, {**attrs, "gen_ai.token.type": "output"})
+                self._tokens.record(end.output_tokens, {**tokens, "gen_ai.token.type": "output"})
         first = state.first_chunk_at
         if call.stream and first is not None and call.started_at:
             self._ttfc.record(max(0.0, first - call.started_at), attrs)
