@@ -7,7 +7,7 @@ from typing import Any, List
 
 import pytest
 
-from holysheep_lb import ConfigError, HolySheepError
+from holysheep_lb import ConfigError, HolySheepError, StreamInterruptedError
 from holysheep_lb.observe import CallObserver
 from holysheep_lb.policy.retry import RETRY, STOP, RetryDecision, RetryPolicy
 
@@ -277,3 +277,121 @@ def test_next_step_follows_a_custom_policys_decide_not_the_failure_kind(rsps, ma
         client.chat_completion(MSGS, model="m")
     # a 400 is final by its kind, yet this policy retried it; a 503 is retryable, yet it stopped
     assert _next_steps(rec) == [("a", "status_4xx", "retry"), ("b", "status_5xx", "stop")]
+
+
+# -- call_ended carries the usage and cost the spend ledger settled, for streams as for answers ----
+
+RATES = {"m": (2.0, 8.0, 0.5)}  # USD per 1M tokens: input, output, cached input
+CACHED_USAGE = {"prompt_tokens": 1000, "completion_tokens": 10, "total_tokens": 1010,
+                "prompt_tokens_details": {"cached_tokens": 800}}
+CACHED_COST_USD = (200 * 2.0 + 800 * 0.5 + 10 * 8.0) / 1e6  # 0.00088
+
+
+def text_chunk(text=None, reason=None, cid="chatcmpl-u"):
+    delta = {} if text is None else {"content": text}
+    return {"id": cid, "object": "chat.completion.chunk", "model": "m",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+
+
+def spent(end):
+    return (end.input_tokens, end.output_tokens, end.cached_input_tokens, end.usage_estimated)
+
+
+def test_a_streams_end_carries_the_usage_and_cost_the_ledger_settled(rsps, make_client):
+    rec = Recording()
+    usage_chunk = {"id": "chatcmpl-u", "object": "chat.completion.chunk", "model": "m", "choices": [],
+                   "usage": CACHED_USAGE}
+    rsps.post(A + "/chat/completions", body=sse(text_chunk("Hi", "stop"), usage_chunk),
+              content_type="text/event-stream")
+    client = make_client(NODES[:1], observers=[rec], prices=RATES)
+    with client.chat_completion(MSGS, model="m", stream=True) as stream:
+        assert stream.read_text() == "Hi"
+    [end] = rec.ends
+    assert end.error is None and spent(end) == (1000, 10, 800, False)
+    assert end.cost_usd == pytest.approx(CACHED_COST_USD)
+    assert end.cost_usd == pytest.approx(client.cost_report()["totals"]["cost_usd"])  # what the ledger holds
+
+
+def test_a_json_answers_end_carries_the_same_fields_from_the_same_reading(rsps, make_client):
+    rec = Recording()
+    rsps.post(A + "/chat/completions", json={**chat_body("m"), "usage": CACHED_USAGE})
+    client = make_client(NODES[:1], observers=[rec], prices=RATES)
+    resp = client.chat_completion(MSGS, model="m")
+    [end] = rec.ends
+    assert spent(end) == (1000, 10, 800, False)
+    assert end.cost_usd == pytest.approx(CACHED_COST_USD) == resp.extra["cost"]["cost_usd"]
+
+
+def test_a_stream_without_usage_ends_with_the_estimate_it_was_charged_marked_estimated(rsps, make_client):
+    rec = Recording()
+    rsps.post(A + "/chat/completions", body=sse(text_chunk("Hi"), text_chunk(reason="stop")),
+              content_type="text/event-stream")
+    client = make_client(NODES[:1], observers=[rec], prices=RATES)
+    estimate = client.ledger.estimate("m", MSGS, {"max_tokens": 10})
+    assert client.chat_completion(MSGS, model="m", stream=True, max_tokens=10).read_text() == "Hi"
+    [end] = rec.ends
+    assert end.error is None and spent(end) == (estimate.input_tokens, 10, 0, True)
+    assert end.cost_usd == pytest.approx(float(estimate.amount_usd))
+    assert end.cost_usd == pytest.approx(client.cost_report()["totals"]["cost_usd"])
+
+
+def test_a_stream_closed_early_ends_with_the_estimate_it_was_charged(rsps, make_client):
+    rec = Recording()
+    rsps.post(A + "/chat/completions", body=sse(text_chunk("Hi"), text_chunk(" there", "stop")),
+              content_type="text/event-stream")
+    client = make_client(NODES[:1], observers=[rec], prices=RATES)
+    estimate = client.ledger.estimate("m", MSGS, {"max_tokens": 10})
+    client.chat_completion(MSGS, model="m", stream=True, max_tokens=10).close()  # after the first chunk
+    [end] = rec.ends
+    assert end.finish_reasons == () and spent(end) == (estimate.input_tokens, 10, 0, True)
+    assert end.cost_usd == pytest.approx(float(estimate.amount_usd))
+    assert end.cost_usd == pytest.approx(client.cost_report()["totals"]["cost_usd"])
+
+
+def test_a_stream_cut_without_a_rescue_ends_in_error_with_the_estimate_it_was_charged(rsps, make_client):
+    rec = Recording()
+    cut = f"data: {json.dumps(text_chunk('Hel'))}\n\n".encode()  # no finish_reason, no [DONE]
+    rsps.post(A + "/chat/completions", body=cut, content_type="text/event-stream")
+    client = make_client(NODES[:1], observers=[rec], prices=RATES, stream_rescue="off")
+    estimate = client.ledger.estimate("m", MSGS, {"max_tokens": 10})
+    with pytest.raises(StreamInterruptedError):
+        client.chat_completion(MSGS, model="m", stream=True, max_tokens=10).read_text()
+    [end] = rec.ends
+    assert end.error is not None  # never a success (the cause of the StreamInterruptedError)
+    assert spent(end) == (estimate.input_tokens, 10, 0, True)
+    assert end.cost_usd == pytest.approx(float(estimate.amount_usd))
+    assert end.cost_usd == pytest.approx(client.cost_report()["totals"]["cost_usd"])
+
+
+def test_an_empty_stream_ends_with_the_cost_settled_once_it_was_opened(rsps, make_client):
+    rec = Recording()
+    rsps.post(A + "/chat/completions", body=b"data: [DONE]\n\n", content_type="text/event-stream")
+    client = make_client(NODES[:1], observers=[rec], prices=RATES)
+    estimate = client.ledger.estimate("m", MSGS, {"max_tokens": 10})
+    stream = client.chat_completion(MSGS, model="m", stream=True, max_tokens=10)
+    assert stream.state == "completed" and stream.read_text() == ""
+    [end] = rec.ends  # told once the chain settled it, not before
+    assert end.error is None and spent(end) == (estimate.input_tokens, 10, 0, True)
+    assert end.cost_usd == pytest.approx(float(estimate.amount_usd))
+    assert end.cost_usd == pytest.approx(client.cost_report()["totals"]["cost_usd"])
+
+
+def test_a_rescued_streams_call_ends_with_what_both_of_its_streams_were_charged(rsps, make_client, clock):
+    rec = Recording()
+    cut = b"".join(f"data: {json.dumps(text_chunk(t, cid='chatcmpl-a'))}\n\n".encode() for t in ("Hel", "lo"))
+    rsps.post(A + "/chat/completions", body=cut, content_type="text/event-stream")
+    usage_chunk = {"id": "chatcmpl-b", "object": "chat.completion.chunk", "model": "m", "choices": [],
+                   "usage": CACHED_USAGE}
+    rsps.post(B + "/chat/completions", body=sse(text_chunk("Bye", "stop", cid="chatcmpl-b"), usage_chunk),
+              content_type="text/event-stream")
+    client = make_client(NODES, observers=[rec], prices=RATES, clock=clock, sleep=clock.sleep,
+                         rand=lambda: 0.5, strategy="round_robin")  # "m" takes no prefill: restarted on b
+    estimate = client.ledger.estimate("m", MSGS, {"max_tokens": 10})
+    stream = client.chat_completion(MSGS, model="m", stream=True, max_tokens=10)
+    assert stream.read_text() == "Bye" and [r["to_node"] for r in stream.rescues] == ["b"]
+    [end] = rec.ends
+    assert end.error is None and end.node_id == "b"
+    # the cut stream on a was charged its estimate, the answer on b its usage: both are the call's
+    assert spent(end) == (estimate.input_tokens + 1000, 10 + 10, 800, True)
+    assert end.cost_usd == pytest.approx(float(estimate.amount_usd) + CACHED_COST_USD)
+    assert end.cost_usd == pytest.approx(client.cost_report()["totals"]["cost_usd"])
