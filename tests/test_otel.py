@@ -397,6 +397,26 @@ def test_spend_is_counted_by_the_answering_model_and_put_on_the_span():
     assert t.spans()[-1].attributes["holysheep_lb.cost_usd"] == pytest.approx(0.0075)
 
 
+def test_cached_tokens_take_the_conventions_names_and_an_estimate_is_flagged_on_span_and_tokens():
+    t = Telemetry()
+    run_ok_call(t, end=ok_end(input_tokens=1000, output_tokens=10, cached_input_tokens=800, cache_write_tokens=100,
+                              cost_usd=0.001))
+    reported = t.spans()[-1].attributes
+    assert (reported["gen_ai.usage.cache_read.input_tokens"], reported["gen_ai.usage.cache_creation.input_tokens"]) \
+        == (800, 100)
+    assert "holysheep_lb.usage.estimated" not in reported
+    run_ok_call(t, end=ok_end(input_tokens=7, output_tokens=256, cached_input_tokens=0, usage_estimated=True,
+                              cost_usd=0.002))
+    estimated = t.spans()[-1].attributes
+    assert estimated["holysheep_lb.usage.estimated"] is True
+    assert "gen_ai.usage.cache_read.input_tokens" not in estimated  # none read from a cache
+    by_flag = {(p.attributes["gen_ai.token.type"], p.attributes.get("holysheep_lb.usage.estimated")): p.sum
+               for p in t.points("gen_ai.client.token.usage")}
+    assert by_flag == {("input", None): 1000, ("output", None): 10, ("input", True): 7, ("output", True): 256}
+    [spend] = t.points("holysheep_lb.client.spend")
+    assert spend.value == pytest.approx(0.003)
+
+
 # -- content and secrets ---------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed
 
 from opentelemetry.trace import SpanKind, StatusCode  # noqa: E402
 
-from holysheep_lb import Client, HolySheepError  # noqa: E402
+from holysheep_lb import Client, HolySheepError, StreamInterruptedError  # noqa: E402
 from holysheep_lb.contrib.otel import instrument  # noqa: E402
 from tests.otel_support import Telemetry  # noqa: E402
 
@@ -183,6 +183,79 @@ def test_a_streams_span_carries_the_response_id_and_finish_reasons_of_its_chunks
     assert response_id.startswith("chatcmpl-") and span.attributes["gen_ai.response.id"] == response_id
     assert span.attributes["gen_ai.response.finish_reasons"] == (stream.finish_reason,) == ("stop",)
     assert span.attributes["gen_ai.response.model"] == stream.model
+
+
+def _usage_keys(span):
+    return {k for k in span.attributes if k.startswith("gen_ai.usage.")
+            or k in ("holysheep_lb.cost_usd", "holysheep_lb.usage.estimated")}
+
+
+def _token_sums(t):
+    """gen_ai.client.token.usage by (token type, estimated): (count, sum) over every series."""
+    sums = {}
+    for p in t.points("gen_ai.client.token.usage"):
+        key = (p.attributes["gen_ai.token.type"], p.attributes.get("holysheep_lb.usage.estimated", False))
+        count, total = sums.get(key, (0, 0))
+        sums[key] = (count + p.count, total + p.sum)
+    return sums
+
+
+def test_a_stream_records_its_tokens_and_cost_as_a_json_call_does(gw, traced):
+    client, t = traced(gw.client_nodes())
+    resp = client.chat_completion(MSGS, model=MODEL)
+    with client.chat_completion(MSGS, model=MODEL, stream=True) as stream:
+        stream.read_text()
+    json_span, stream_span = t.call_spans()
+    assert stream.usage  # include_usage: the simulator ends the stream with a usage chunk
+    assert _usage_keys(stream_span) == _usage_keys(json_span) == {
+        "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "holysheep_lb.cost_usd"}
+    assert stream_span.attributes["gen_ai.usage.input_tokens"] == stream.usage["prompt_tokens"]
+    assert stream_span.attributes["gen_ai.usage.output_tokens"] == stream.usage["completion_tokens"]
+    spent = client.cost_report()["totals"]["cost_usd"]
+    json_cost = resp.extra["cost"]["cost_usd"]
+    assert json_span.attributes["holysheep_lb.cost_usd"] == json_cost > 0
+    assert spent > json_cost
+    assert stream_span.attributes["holysheep_lb.cost_usd"] == pytest.approx(spent - json_cost)
+    assert _token_sums(t) == {
+        ("input", False): (2, resp.usage.prompt_tokens + stream.usage["prompt_tokens"]),
+        ("output", False): (2, resp.usage.completion_tokens + stream.usage["completion_tokens"])}
+    [spend] = t.points("holysheep_lb.client.spend")
+    assert spend.value == pytest.approx(spent)  # the counter holds what the ledger holds, streams included
+
+
+def test_a_stream_without_a_usage_chunk_records_the_estimate_it_was_charged_marked_estimated(gw, traced):
+    client, t = traced(gw.client_nodes())
+    with client.chat_completion(MSGS, model=MODEL, stream=True, max_tokens=40,
+                                stream_options={"include_usage": False}) as stream:
+        assert stream.read_text()
+    assert stream.usage is None  # the server sent none: the ledger charged its estimate
+    estimate = client.ledger.estimate(MODEL, MSGS, {"max_tokens": 40})
+    report = client.cost_report()["totals"]
+    assert (report["input_tokens"], report["output_tokens"]) == (estimate.input_tokens, 40)
+    attrs = t.call_span().attributes
+    assert (attrs["gen_ai.usage.input_tokens"], attrs["gen_ai.usage.output_tokens"]) == (estimate.input_tokens, 40)
+    assert attrs["holysheep_lb.usage.estimated"] is True
+    assert attrs["holysheep_lb.cost_usd"] == pytest.approx(report["cost_usd"]) == float(estimate.amount_usd)
+    assert _token_sums(t) == {("input", True): (1, estimate.input_tokens), ("output", True): (1, 40)}
+    [spend] = t.points("holysheep_lb.client.spend")
+    assert spend.value == pytest.approx(report["cost_usd"])
+
+
+def test_a_cut_stream_records_the_estimate_it_was_charged_and_stays_an_error(gw, traced):
+    client, t = traced(gw.client_nodes(), stream_rescue="off")
+    gw.configure(model=MODEL, fault="stream_cut", fault_after_chunks=2)
+    with pytest.raises(StreamInterruptedError):
+        client.chat_completion(MSGS, model=MODEL, stream=True, max_tokens=40).read_text()
+    span = t.call_span()
+    assert span.status.status_code == StatusCode.ERROR and "error.type" in span.attributes
+    assert "gen_ai.response.finish_reasons" not in span.attributes
+    report = client.cost_report()["totals"]
+    assert report["cost_usd"] > 0  # a cut stream keeps its estimate as spend
+    assert span.attributes["holysheep_lb.usage.estimated"] is True
+    assert span.attributes["gen_ai.usage.output_tokens"] == report["output_tokens"] == 40
+    assert span.attributes["holysheep_lb.cost_usd"] == pytest.approx(report["cost_usd"])
+    [spend] = t.points("holysheep_lb.client.spend")
+    assert spend.value == pytest.approx(report["cost_usd"])
 
 
 def test_an_embeddings_call_is_named_embeddings_with_its_input_tokens(gw, traced):

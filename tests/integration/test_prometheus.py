@@ -124,6 +124,29 @@ def test_stream_outcomes_and_time_to_first_chunk(gateway_factory):
     assert total(samples, "holysheep_lb_stream_duration_seconds_count") == 3
 
 
+def test_streams_spend_and_tokens_are_counted_with_or_without_a_usage_chunk_and_when_cut(gateway_factory):
+    # the collector reads the spend ledger, which settles a stream when it ends: a usage
+    # chunk's tokens, else (none sent, or cut) the estimate it charged
+    gw = gateway_factory([{"id": "a", "latency_ms": 2}])
+    with Client(api_key=KEY, nodes=gw.client_nodes(), health_check_interval_s=None, stream_rescue="off") as client:
+        with client.chat_completion(MSGS, model="gpt-4.1", stream=True) as stream:
+            stream.read_text()
+        with client.chat_completion(MSGS, model="gpt-4.1", stream=True, max_tokens=30,
+                                    stream_options={"include_usage": False}) as quiet:
+            quiet.read_text()
+        gw.configure(model="gpt-4.1", fault="stream_cut", fault_after_chunks=2)
+        with pytest.raises(HolySheepError):
+            client.chat_completion(MSGS, model="gpt-4.1", stream=True, max_tokens=20).read_text()
+        _, samples = scrape(HolySheepCollector(client))
+        report = client.cost_report()["totals"]
+    assert stream.usage and quiet.usage is None
+    assert report["output_tokens"] == stream.usage["completion_tokens"] + 30 + 20  # two estimates
+    assert total(samples, "holysheep_lb_model_requests_total", model="gpt-4.1") == report["requests"] == 3
+    assert total(samples, "holysheep_lb_model_tokens_total", model="gpt-4.1", type="input") == report["input_tokens"]
+    assert total(samples, "holysheep_lb_model_tokens_total", model="gpt-4.1", type="output") == report["output_tokens"]
+    assert total(samples, "holysheep_lb_model_cost_usd_total", model="gpt-4.1") == pytest.approx(report["cost_usd"])
+
+
 # -- scraping while calls run ------------------------------------------------------------------------
 
 
