@@ -12,7 +12,7 @@ pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed
 
 from opentelemetry.trace import SpanKind, StatusCode  # noqa: E402
 
-from holysheep_lb import Client, HolySheepError, StreamInterruptedError  # noqa: E402
+from holysheep_lb import HolySheepError, StreamInterruptedError  # noqa: E402
 from holysheep_lb.contrib.otel import instrument  # noqa: E402
 from tests.otel_support import Telemetry  # noqa: E402
 
