@@ -20,18 +20,27 @@ def _number(cost: Mapping[str, Any], name: str) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
+# CallEnd's token fields <- cost_info's
+_SETTLED_TOKENS = (("input_tokens", "input_tokens"), ("output_tokens", "output_tokens"),
+                   ("cached_input_tokens", "cached_tokens"), ("cache_write_tokens", "cache_write_tokens"))
+
+
 def _spent(costs: Sequence[Mapping[str, Any]], usage: Any) -> Dict[str, Any]:
     """CallEnd's usage and cost fields. ``costs``: what the ledger settled for each model
     answer of the call (``costs.cost_info`` dicts: the usage as usage.py read it, or the
     estimate); without any (nothing paid for, or not priced), the tokens of ``usage``."""
     if not costs:
         return {"input_tokens": _tokens(usage, "prompt_tokens"), "output_tokens": _tokens(usage, "completion_tokens")}
-    return {"input_tokens": int(sum(_number(c, "input_tokens") for c in costs)),
-            "output_tokens": int(sum(_number(c, "output_tokens") for c in costs)),
-            "cached_input_tokens": int(sum(_number(c, "cached_tokens") for c in costs)),
-            "cache_write_tokens": int(sum(_number(c, "cache_write_tokens") for c in costs)),
-            "cost_usd": sum(_number(c, "cost_usd") for c in costs),
-            "usage_estimated": not all(c.get("from_usage") is True for c in costs)}
+    spent: Dict[str, Any] = {"cost_usd": 0.0, "usage_estimated": False}
+    for field, _ in _SETTLED_TOKENS:
+        spent[field] = 0
+    for cost in costs:
+        for field, key in _SETTLED_TOKENS:
+            spent[field] += int(_number(cost, key))
+        spent["cost_usd"] += _number(cost, "cost_usd")
+        if cost.get("from_usage") is not True:
+            spent["usage_estimated"] = True
+    return spent
 
 
 def node_url(nodes: Mapping[str, NodeState], node_id: Optional[str]) -> Optional[str]:
