@@ -46,14 +46,12 @@ MAX_TRACKED = 64  # in-flight counts above this share the last average
 class ConcurrencyLimit:
     """One node's learned concurrency limit. O(1) per sample, O(MAX_TRACKED) memory."""
 
-    __slots__ = ("queue_margin", "limit_margin", "probe_rounds", "gain", "smoothing", "min_samples", "_limit",
-                 "_avg_ms", "_count", "_base_ms", "samples", "queued_samples")
+    __slots__ = ("queue_margin", "gain", "smoothing", "min_samples", "_limit", "_avg_ms", "_count",
+                 "_base_ms", "samples", "queued_samples")
 
-    def __init__(self, *, queue_margin: float = 0.25, limit_margin: float = 0.1, probe_rounds: float = 12.0,
-                 gain: float = 0.5, smoothing: float = 0.03, min_samples: int = 5) -> None:
+    def __init__(self, *, queue_margin: float = 0.25, gain: float = 0.2, smoothing: float = 0.03,
+                 min_samples: int = 5) -> None:
         self.queue_margin = queue_margin
-        self.limit_margin = limit_margin
-        self.probe_rounds = probe_rounds
         self.gain = gain
         self.smoothing = smoothing
         self.min_samples = min_samples
@@ -73,8 +71,7 @@ class ConcurrencyLimit:
 
     def is_hot(self, in_flight: int) -> bool:
         """True when one more request would exceed the learned limit."""
-        limit = self._limit  # rounded: a limit of 4.4 admits 4 requests, one of 4.5 admits 5
-        return limit is not None and in_flight + 1 > max(1, int(limit + 0.5))
+        return self._limit is not None and in_flight + 1 > max(1.0, self._limit)
 
     def observe(self, in_flight: int, latency_ms: float, now: float) -> None:
         """A successful answer that took ``latency_ms`` with ``in_flight`` requests on the node
@@ -99,21 +96,15 @@ class ConcurrencyLimit:
             self._base_ms = base = min(
                 a for a, c in zip(self._avg_ms, self._count) if c >= self.min_samples)
         ratio = avg / base
-        limit = self._limit
-        # Past a learned limit, a small rise is queueing (the node was seen to saturate);
-        # before any, only a clear one is (jitter must not invent a limit).
-        margin = self.queue_margin if limit is None or n <= limit else self.limit_margin
-        if ratio > 1.0 + margin:
+        if ratio > 1.0 + self.queue_margin:
             self.queued_samples += 1
             estimate = max(1.0, n / ratio)
             if self._limit is None:
                 self._limit = estimate
             else:
                 self._limit = max(1.0, self._limit + self.gain * (estimate - self._limit))
-        elif limit is not None and in_flight >= int(limit + 0.5):
-            # no queueing at the limit: creep up (+1 in about ``probe_rounds`` round trips),
-            # so that a node that grew is found out
-            self._limit = limit + 1.0 / (self.probe_rounds * limit)
+        elif self._limit is not None and in_flight >= int(self._limit):
+            self._limit += 1.0 / self._limit
 
     def forget(self) -> None:
         """Drop what was learned (a node re-admitted after an ejection may have changed)."""

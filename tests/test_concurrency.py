@@ -68,38 +68,3 @@ def test_forget_drops_what_was_learned():
     assert limit.limit() is not None
     limit.forget()
     assert limit.limit() is None and limit.base_latency_ms() is None
-
-
-def test_past_a_learned_limit_a_small_rise_is_queueing_but_not_before_one():
-    fresh = ConcurrencyLimit()
-    for _ in range(40):  # 15% slower at 11 in flight: within jitter for a node never seen to saturate
-        for n, ms in ((1, 100.0), (2, 100.0), (11, 115.0)):
-            fresh.observe(n, ms, now=0.0)
-    assert fresh.limit() is None
-    learned = ConcurrencyLimit()
-    _queueing_node(learned, capacity=4, service_ms=100.0, loads=[1, 2, 8])
-    assert learned.limit() is not None
-    learned._limit = 10.0  # as if the node had grown to 10; then 11 in flight answer 15% slower
-    queued_before = learned.snapshot()["queued_samples"]
-    for _ in range(20):
-        learned.observe(11, 115.0, now=0.0)
-    assert learned.snapshot()["queued_samples"] - queued_before >= 15
-    assert learned.limit() == pytest.approx(11 / 1.15, abs=0.3)
-
-
-def test_the_limit_admits_its_nearest_whole_request_count():
-    limit = ConcurrencyLimit()
-    limit._limit = 4.4
-    assert limit.is_hot(4) and not limit.is_hot(3)
-    limit._limit = 4.5
-    assert not limit.is_hot(4) and limit.is_hot(5)
-
-
-def test_no_queueing_at_the_limit_creeps_up_about_one_request_per_probe_rounds_round_trips():
-    limit = ConcurrencyLimit(probe_rounds=12.0)
-    _queueing_node(limit, capacity=4, service_ms=100.0, loads=[1, 2, 3, 4, 6])
-    start = limit.limit()
-    assert start is not None
-    for _ in range(int(12 * start)):  # ~12 round trips of 4 answers at the limit, none queued
-        limit.observe(int(limit.limit() + 0.5), 100.0, now=0.0)
-    assert start + 0.8 <= limit.limit() <= start + 1.2
