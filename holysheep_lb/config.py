@@ -24,7 +24,7 @@ from .models import CapabilityTable, ModelRouter
 from .pricing import Budget, PriceTable, SpendStore
 from .rescue import RESCUE_MODES
 from .suggest import unknown_option
-from .urls import _without_userinfo, check_proxy, is_cleartext_url, is_loopback_url
+from .urls import check_proxy, is_cleartext_url, is_loopback_url, redact_url
 from .validation import MAX_WAIT_S
 
 __all__ = ["Node", "ClientConfig", "BreakerSettings", "DEFAULT_BASE_URL", "is_loopback_url", "is_cleartext_url",
@@ -147,25 +147,27 @@ def _validate_base_url(name: str, url: Any) -> str:
     """The URL in its one normalised form: scheme and host lower-case, no trailing slash."""
     if not isinstance(url, str):
         raise ConfigError(name, type(url).__name__, "must be an http:// or https:// URL string")
-    shown = _without_userinfo(url)  # every message below: a password in the URL is never echoed
-    if shown != url:
+    shown = redact_url(url)  # every message below quotes this: no password, query or fragment
+    after_scheme = url.partition("://")[2]
+    if "@" in after_scheme[:min((i for i in map(after_scheme.find, "/?#") if i >= 0), default=len(after_scheme))]:
         raise ConfigError(name, shown, "credentials in the URL are not allowed; use api_key or node headers")
     if any(c.isspace() or not c.isprintable() for c in url):
-        raise ConfigError(name, url, "must not contain whitespace or control characters")
+        raise ConfigError(name, shown, "must not contain whitespace or control characters")
     try:
         parts = urlsplit(url)
     except ValueError:  # e.g. an unbalanced "[" in the host
-        raise ConfigError(name, url, "must be an http:// or https:// URL with a host") from None
+        raise ConfigError(name, shown, "must be an http:// or https:// URL with a host") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(name, url, "must be an http:// or https:// URL with a host")
+        raise ConfigError(name, shown, "must be an http:// or https:// URL with a host")
     if parts.username is not None or parts.password is not None:
         raise ConfigError(name, shown, "credentials in the URL are not allowed; use api_key or node headers")
     if parts.query or parts.fragment:
-        raise ConfigError(name, url, "must not have a query or fragment")
+        raise ConfigError(name, shown, "must not have a query or fragment (a key belongs in api_key or node "
+                                       "headers, where it is never shown)")
     try:
         port = parts.port  # raises on a non-numeric or out-of-range port
     except ValueError:
-        raise ConfigError(name, url, "has an invalid port") from None
+        raise ConfigError(name, shown, "has an invalid port") from None
     host = parts.hostname  # lower-case, brackets of an IPv6 address removed
     netloc = f"[{host}]" if ":" in host else host
     if port is not None:

@@ -13,7 +13,7 @@ from redis.retry import Retry
 
 from ...config import _check_number
 from ...errors import ConfigError
-from ...urls import is_loopback_host
+from ...urls import is_loopback_host, redact_url
 from .breakers import SharedBreakerStorage, breaker_namespace
 from .buckets import BUCKET_LUA, RedisTokenBucket
 from .link import CONNECTION_CLASSES, RedisLink
@@ -25,31 +25,31 @@ __all__ = ["RedisSharedState"]
 _FIELD = "redis_client_or_url"
 
 
-def _scheme_only(url: str) -> str:
-    """What an error may show of a URL it could not read: a password may be anywhere in it."""
-    scheme, sep, _ = url.partition("://")
-    return f"{scheme}://..." if sep and len(scheme) <= 10 else "<not a URL>"
-
-
 def _make_client(value: Any, socket_timeout_s: float, allow_insecure_redis: bool) -> Tuple[Any, bool]:
     """(redis client, whether we made it) from a URL or a client."""
     if isinstance(value, str):
-        scheme = urlsplit(value).scheme
-        if scheme not in CONNECTION_CLASSES:
-            raise ConfigError(_FIELD, _scheme_only(value),
+        scheme: Optional[str]
+        try:
+            scheme = urlsplit(value).scheme
+        except ValueError:  # an unbalanced "[": redis-py could not read it either
+            scheme = None
+        if scheme is not None and scheme not in CONNECTION_CLASSES:
+            raise ConfigError(_FIELD, redact_url(value, scheme_only=True),
                               "must be a redis://, rediss:// or unix:// URL, or a redis.Redis client")
         # Short timeouts and a single retry (for a pooled connection the server closed):
         # redis-py's default retries with backoff would stall calls while Redis is away.
         # The connections also give up when an operation's budget is spent (op_timeout_s).
-        try:
-            client = redis.Redis.from_url(
-                value, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
-                connection_class=CONNECTION_CLASSES[scheme],
-                retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)))
-        except ValueError:
-            client = None
+        client: Any = None
+        if scheme is not None:
+            try:
+                client = redis.Redis.from_url(
+                    value, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
+                    connection_class=CONNECTION_CLASSES[scheme],
+                    retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)))
+            except ValueError:
+                pass
         if client is None:  # raised out here: redis-py's error, even as __context__, may quote the password
-            raise ConfigError(_FIELD, _scheme_only(value),
+            raise ConfigError(_FIELD, redact_url(value, scheme_only=True),
                               "redis-py cannot read this URL: check the scheme (lower case), host, port, "
                               "database and options, and percent-encode a password with / ? # @ or : in it")
         try:
