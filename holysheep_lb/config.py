@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from .affinity import AffinitySettings
 from .cache import check_cache_option
@@ -25,7 +25,7 @@ from .pricing import Budget, PriceTable, SpendStore
 from .rescue import RESCUE_MODES
 from .suggest import unknown_option
 from .urls import check_proxy, is_cleartext_url, is_loopback_url, redact_url
-from .validation import MAX_WAIT_S
+from .validation import MAX_WAIT_S, latin1_size
 
 __all__ = ["Node", "ClientConfig", "BreakerSettings", "DEFAULT_BASE_URL", "is_loopback_url", "is_cleartext_url",
            "check_proxy", "parse_nodes"]
@@ -52,11 +52,8 @@ def _check_header_text(field_name: str, value: Any, *, secret: bool = False) -> 
     if any(c in value for c in "\r\n\x00"):
         # A CR/LF would let a value inject a second header into the request.
         raise ConfigError(field_name, shown, "must not contain CR, LF or NUL characters")
-    try:
-        value.encode("latin-1")
-    except UnicodeEncodeError:
-        raise ConfigError(field_name, shown, "must be latin-1 text (HTTP headers cannot carry other characters)") \
-            from None
+    if latin1_size(value) is None:
+        raise ConfigError(field_name, shown, "must be latin-1 text (HTTP headers cannot carry other characters)")
 
 
 def _check_number(name: str, value: Any, *, minimum: float = 0.0, strict: bool = False,
@@ -153,11 +150,13 @@ def _validate_base_url(name: str, url: Any) -> str:
         raise ConfigError(name, shown, "credentials in the URL are not allowed; use api_key or node headers")
     if any(c.isspace() or not c.isprintable() for c in url):
         raise ConfigError(name, shown, "must not contain whitespace or control characters")
+    # Each ValueError below is dealt with after its except block: raised inside it, the
+    # ConfigError would keep it as __context__, and it quotes the URL (a port that is a password).
     try:
-        parts = urlsplit(url)
+        parts: Optional[SplitResult] = urlsplit(url)
     except ValueError:  # e.g. an unbalanced "[" in the host
-        raise ConfigError(name, shown, "must be an http:// or https:// URL with a host") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(name, shown, "must be an http:// or https:// URL with a host")
     if parts.username is not None or parts.password is not None:
         raise ConfigError(name, shown, "credentials in the URL are not allowed; use api_key or node headers")
@@ -166,8 +165,11 @@ def _validate_base_url(name: str, url: Any) -> str:
                                        "headers, where it is never shown)")
     try:
         port = parts.port  # raises on a non-numeric or out-of-range port
+        bad_port = False
     except ValueError:
-        raise ConfigError(name, shown, "has an invalid port") from None
+        port, bad_port = None, True
+    if bad_port:
+        raise ConfigError(name, shown, "has an invalid port")
     host = parts.hostname  # lower-case, brackets of an IPv6 address removed
     netloc = f"[{host}]" if ":" in host else host
     if port is not None:
@@ -535,11 +537,13 @@ def config_from_env(environ: Optional[Mapping[str, str]] = None, **overrides: An
         kwargs["api_key"] = env[API_KEY_ENV]
     raw_nodes = env.get(NODES_ENV)
     if raw_nodes:
+        problem = None
         try:
             kwargs["nodes"] = json.loads(raw_nodes)
         except ValueError as exc:
-            # the raw value is not shown: it may hold per-node keys
-            raise ConfigError(NODES_ENV, _REDACTED, f"must be a JSON list of node objects ({exc})") from None
+            problem = str(exc)  # raised after the except block: the JSONDecodeError keeps the text (its doc)
+        if problem is not None:  # the raw value is not shown: it may hold per-node keys
+            raise ConfigError(NODES_ENV, _REDACTED, f"must be a JSON list of node objects ({problem})")
     elif env.get(BASE_URL_ENV):
         kwargs["nodes"] = [{"id": "default", "base_url": env[BASE_URL_ENV]}]
     kwargs.update(overrides)

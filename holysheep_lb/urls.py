@@ -90,12 +90,14 @@ def check_proxy(node: "Node", proxy_url: Optional[str], *, sends_key: bool, allo
     if proxy_url is None or not sends_key or allow_insecure_http or not is_cleartext_url(node.base_url):
         return
     try:
-        scheme = urlsplit(proxy_url).scheme
+        scheme: Optional[str] = urlsplit(proxy_url).scheme
         loopback = is_loopback_url(proxy_url)
     except ValueError:  # "http://[::1": requests would fail on every request, quoting it
+        scheme, loopback = None, False
+    if scheme is None:  # raised out here: the ValueError must not be kept as its __context__
         raise ConfigError(f"node[{node.id}].base_url", node.base_url,
                           f"the proxy {redact_url(proxy_url)} (from the environment) for this node cannot be "
-                          "read: fix it, or set NO_PROXY for this host") from None
+                          "read: fix it, or set NO_PROXY for this host")
     if scheme == "https" or loopback:
         return
     raise ConfigError(
