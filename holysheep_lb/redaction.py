@@ -17,11 +17,12 @@ values, the request's query string and each of its values, a proxy's user inform
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import threading
 from typing import Any, Collection, Iterable, List, Optional, Tuple, Union
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 __all__ = ["REDACTED", "Redactor", "NO_REDACTION", "MIN_SECRET_CHARS", "proxy_secrets", "install_log_filter",
            "set_current"]
@@ -147,7 +148,8 @@ class Redactor:
         return self.value(decoded)
 
     def found_in(self, exc: BaseException) -> bool:
-        """Whether a secret shows anywhere in ``exc``: its text, its chain, exceptions in its args."""
+        """Whether a secret shows anywhere in ``exc``: its text, its text attributes (urllib3
+        keeps the request's URL in ``url``), its chain, exceptions in its args or attributes."""
         if not self._texts:
             return False
         pending: List[Any] = [exc]
@@ -157,13 +159,14 @@ class Redactor:
             if not isinstance(item, BaseException) or id(item) in seen:
                 continue
             seen.add(id(item))
+            attributes = list(getattr(item, "__dict__", {}).values())
             try:
-                text = f"{item!s} {item!r}"
+                text = " ".join([str(item), repr(item), *(repr(v) for v in attributes if isinstance(v, (str, bytes)))])
             except Exception:  # noqa: BLE001 - an exception that cannot describe itself: assume the worst
                 return True
             if any(secret in text for secret in self._texts):
                 return True
-            pending.extend([item.__cause__, item.__context__, *item.args])
+            pending.extend([item.__cause__, item.__context__, *item.args, *attributes])
         return False
 
     def header(self, value: Optional[str]) -> Optional[str]:
@@ -175,21 +178,24 @@ NO_REDACTION = Redactor(None)
 
 
 def proxy_secrets(proxy_urls: Iterable[str]) -> List[str]:
-    """The user information of proxy URLs (``user:password``, the password as written and
-    decoded): an HTTP library's error may quote a proxy URL."""
+    """What may quote a proxy's credentials: the URL, its ``user:password`` and password
+    as written and decoded, and the ``Proxy-Authorization`` value requests makes of them
+    (a proxy may echo it in an error page)."""
     out: List[str] = []
     for url in proxy_urls:
         if not isinstance(url, str):
             continue
         try:
             parts = urlsplit(url if "://" in url else "http://" + url)
-            password = parts.password
+            user, password = parts.username, parts.password
         except ValueError:  # unreadable: the whole URL is the secret
             out.append(url)
             continue
         userinfo = parts.netloc.rpartition("@")[0]
         if userinfo:
-            out += [url, userinfo, userinfo.partition(":")[2], password or ""]
+            plain = f"{unquote(user or '')}:{unquote(password or '')}"
+            out += [url, userinfo, userinfo.partition(":")[2], unquote(password or ""), plain,
+                    base64.b64encode(plain.encode("latin-1", "replace")).decode("ascii")]
     return out
 
 
