@@ -450,7 +450,8 @@ def test_no_credential_from_any_place_shows_in_errors_logs_stats_or_reprs(every_
         return http_response(status, said.encode(), headers={"x-request-id": request.headers.get("x-key", "")})
 
     node_extras = {"api_key": PLACED["node api_key"], "headers": {"X-Key": PLACED["node header"]}}
-    per_call = {"extra_headers": {"X-Call-Key": PLACED["extra_headers"]}, "extra_query": {"key": PLACED["extra_query"]}}
+    per_call = {"extra_headers": {"X-Call-Key": PLACED["extra_headers"]},
+                "extra_query": {"key": PLACED["extra_query"]}}
     caught = []
 
     def attempt(fn):
