@@ -2,7 +2,8 @@
 
 Every invalid setting raises :class:`ConfigError` (also a ``ValueError``) naming the
 field, the bad value and what is allowed; a value that may be a secret (an API key, a
-header, an unknown option, a URL's password) is never shown. Validation happens once,
+header, an unknown option, a URL's password, query or fragment) is never shown: a URL is
+quoted as :func:`holysheep_lb.urls.redact_url` shows it. Validation happens once,
 at construction, so nothing on the request path re-checks settings. Node URLs are
 normalised here (lower-case scheme and host) and every later check reads that form.
 """
@@ -92,7 +93,9 @@ class Node:
 
     ``base_url`` is the API root (``https://host/v1``); paths like ``/chat/completions``
     are appended to it. ``api_key`` overrides the client's key for this node only and is
-    never shown in ``repr``. ``headers`` are extra headers sent on every request.
+    never shown in ``repr``. ``headers`` are extra headers sent on every request; like the
+    key, their values (from 8 characters on) are blanked in every error built from what
+    the node sends back (:mod:`holysheep_lb.redaction`).
     """
 
     id: str

@@ -12,8 +12,11 @@ pipeline carries on its :class:`~holysheep_lb.call.context.CallContext`:
 - ``extra_headers``: sent on every attempt of the call. They may not replace
   ``Authorization`` (each node is sent its own key) or the framing headers the HTTP
   library computes. Header *values* may be credentials: they are never shown in an
-  error, a log line or a repr.
-- ``extra_query``: appended to the request URL.
+  error, a log line or a repr, nor in an error quoting what the node sent back
+  (:mod:`holysheep_lb.redaction`; values from 8 characters on).
+- ``extra_query``: appended to the request URL. The query string, and each of its
+  values, is blanked like a header value in errors and in urllib3's log lines (which
+  quote the URL).
 - ``extra_body``: merged into the JSON body (its keys win over the call's parameters);
   the fields the client builds itself (``model``, ``messages``, ``input``, ``stream``)
   must be passed as arguments.

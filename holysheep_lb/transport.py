@@ -14,7 +14,9 @@ off (the client retries on *another* node instead), redirects are never followed
 header must not travel to another host), and ``trust_env`` is off: proxies and the CA
 bundle are read from the environment once per node here instead of on every request.
 A proxy that would read the API key in cleartext is refused at construction
-(:func:`holysheep_lb.config.check_proxy`).
+(:func:`holysheep_lb.config.check_proxy`). Every error quotes what the node or the HTTP
+library said only through a :class:`~holysheep_lb.redaction.Redactor`: the node's key,
+headers and proxy credentials, and each request's query and ``extra_headers`` values.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """What a node URL (or a proxy's) says about safety: on this machine, in cleartext, and
-whether a proxy would read the API key. The one place these rules live; ``config`` and
-``transport`` call them (``holysheep_lb.config`` re-exports the public names), and so does
-``contrib.redis`` for the Redis password (:func:`is_loopback_host`)."""
+whether a proxy would read the API key; and how any URL is shown in a message
+(:func:`redact_url`). The one place these rules live; ``config`` and ``transport`` call
+them (``holysheep_lb.config`` re-exports the public names), and so does ``contrib.redis``
+for the Redis password (:func:`is_loopback_host`) and the URLs it refuses."""
 
 from __future__ import annotations
 
