@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -148,8 +149,8 @@ def _validate_base_url(name: str, url: Any) -> str:
     if not isinstance(url, str):
         raise ConfigError(name, type(url).__name__, "must be an http:// or https:// URL string")
     shown = redact_url(url)  # every message below quotes this: no password, query or fragment
-    after_scheme = url.partition("://")[2]
-    if "@" in after_scheme[:min((i for i in map(after_scheme.find, "/?#") if i >= 0), default=len(after_scheme))]:
+    authority = re.split(r"[/?#]", url.partition("://")[2], maxsplit=1)[0]
+    if "@" in authority:  # before any other check: whatever else is wrong, this is the news
         raise ConfigError(name, shown, "credentials in the URL are not allowed; use api_key or node headers")
     if any(c.isspace() or not c.isprintable() for c in url):
         raise ConfigError(name, shown, "must not contain whitespace or control characters")
