@@ -2,7 +2,8 @@
 
 Every invalid setting raises :class:`ConfigError` (also a ``ValueError``) naming the
 field, the bad value and what is allowed; a value that may be a secret (an API key, a
-header, an unknown option, a URL's password) is never shown. Validation happens once,
+header, an unknown option, a URL's password, query or fragment) is never shown: a URL is
+quoted as :func:`holysheep_lb.urls.redact_url` shows it. Validation happens once,
 at construction, so nothing on the request path re-checks settings. Node URLs are
 normalised here (lower-case scheme and host) and every later check reads that form.
 """
@@ -12,10 +13,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from .affinity import AffinitySettings
 from .cache import check_cache_option
@@ -24,8 +26,8 @@ from .models import CapabilityTable, ModelRouter
 from .pricing import Budget, PriceTable, SpendStore
 from .rescue import RESCUE_MODES
 from .suggest import unknown_option
-from .urls import _without_userinfo, check_proxy, is_cleartext_url, is_loopback_url
-from .validation import MAX_WAIT_S
+from .urls import check_proxy, is_cleartext_url, is_loopback_url, redact_url
+from .validation import MAX_WAIT_S, latin1_size
 
 __all__ = ["Node", "ClientConfig", "BreakerSettings", "DEFAULT_BASE_URL", "is_loopback_url", "is_cleartext_url",
            "check_proxy", "parse_nodes"]
@@ -52,11 +54,8 @@ def _check_header_text(field_name: str, value: Any, *, secret: bool = False) -> 
     if any(c in value for c in "\r\n\x00"):
         # A CR/LF would let a value inject a second header into the request.
         raise ConfigError(field_name, shown, "must not contain CR, LF or NUL characters")
-    try:
-        value.encode("latin-1")
-    except UnicodeEncodeError:
-        raise ConfigError(field_name, shown, "must be latin-1 text (HTTP headers cannot carry other characters)") \
-            from None
+    if latin1_size(value) is None:
+        raise ConfigError(field_name, shown, "must be latin-1 text (HTTP headers cannot carry other characters)")
 
 
 def _check_number(name: str, value: Any, *, minimum: float = 0.0, strict: bool = False,
@@ -95,7 +94,9 @@ class Node:
 
     ``base_url`` is the API root (``https://host/v1``); paths like ``/chat/completions``
     are appended to it. ``api_key`` overrides the client's key for this node only and is
-    never shown in ``repr``. ``headers`` are extra headers sent on every request.
+    never shown in ``repr``. ``headers`` are extra headers sent on every request; like the
+    key, their values (from 8 characters on) are blanked in every error built from what
+    the node sends back (:mod:`holysheep_lb.redaction`).
     """
 
     id: str
@@ -147,25 +148,32 @@ def _validate_base_url(name: str, url: Any) -> str:
     """The URL in its one normalised form: scheme and host lower-case, no trailing slash."""
     if not isinstance(url, str):
         raise ConfigError(name, type(url).__name__, "must be an http:// or https:// URL string")
-    shown = _without_userinfo(url)  # every message below: a password in the URL is never echoed
-    if shown != url:
+    shown = redact_url(url)  # every message below quotes this: no password, query or fragment
+    authority = re.split(r"[/?#]", url.partition("://")[2], maxsplit=1)[0]
+    if "@" in authority:  # before any other check: whatever else is wrong, this is the news
         raise ConfigError(name, shown, "credentials in the URL are not allowed; use api_key or node headers")
     if any(c.isspace() or not c.isprintable() for c in url):
-        raise ConfigError(name, url, "must not contain whitespace or control characters")
+        raise ConfigError(name, shown, "must not contain whitespace or control characters")
+    # Each ValueError below is dealt with after its except block: raised inside it, the
+    # ConfigError would keep it as __context__, and it quotes the URL (a port that is a password).
     try:
-        parts = urlsplit(url)
+        parts: Optional[SplitResult] = urlsplit(url)
     except ValueError:  # e.g. an unbalanced "[" in the host
-        raise ConfigError(name, url, "must be an http:// or https:// URL with a host") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(name, url, "must be an http:// or https:// URL with a host")
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(name, shown, "must be an http:// or https:// URL with a host")
     if parts.username is not None or parts.password is not None:
         raise ConfigError(name, shown, "credentials in the URL are not allowed; use api_key or node headers")
     if parts.query or parts.fragment:
-        raise ConfigError(name, url, "must not have a query or fragment")
+        raise ConfigError(name, shown, "must not have a query or fragment (a key belongs in api_key or node "
+                                       "headers, where it is never shown)")
     try:
         port = parts.port  # raises on a non-numeric or out-of-range port
+        bad_port = False
     except ValueError:
-        raise ConfigError(name, url, "has an invalid port") from None
+        port, bad_port = None, True
+    if bad_port:
+        raise ConfigError(name, shown, "has an invalid port")
     host = parts.hostname  # lower-case, brackets of an IPv6 address removed
     netloc = f"[{host}]" if ":" in host else host
     if port is not None:
@@ -533,11 +541,13 @@ def config_from_env(environ: Optional[Mapping[str, str]] = None, **overrides: An
         kwargs["api_key"] = env[API_KEY_ENV]
     raw_nodes = env.get(NODES_ENV)
     if raw_nodes:
+        problem = None
         try:
             kwargs["nodes"] = json.loads(raw_nodes)
         except ValueError as exc:
-            # the raw value is not shown: it may hold per-node keys
-            raise ConfigError(NODES_ENV, _REDACTED, f"must be a JSON list of node objects ({exc})") from None
+            problem = str(exc)  # raised after the except block: the JSONDecodeError keeps the text (its doc)
+        if problem is not None:  # the raw value is not shown: it may hold per-node keys
+            raise ConfigError(NODES_ENV, _REDACTED, f"must be a JSON list of node objects ({problem})")
     elif env.get(BASE_URL_ENV):
         kwargs["nodes"] = [{"id": "default", "base_url": env[BASE_URL_ENV]}]
     kwargs.update(overrides)

@@ -12,8 +12,11 @@ pipeline carries on its :class:`~holysheep_lb.call.context.CallContext`:
 - ``extra_headers``: sent on every attempt of the call. They may not replace
   ``Authorization`` (each node is sent its own key) or the framing headers the HTTP
   library computes. Header *values* may be credentials: they are never shown in an
-  error, a log line or a repr.
-- ``extra_query``: appended to the request URL.
+  error, a log line or a repr, nor in an error quoting what the node sent back
+  (:mod:`holysheep_lb.redaction`; values from 8 characters on).
+- ``extra_query``: appended to the request URL. The query string, and each of its
+  values, is blanked like a header value in errors and in urllib3's log lines (which
+  quote the URL).
 - ``extra_body``: merged into the JSON body (its keys win over the call's parameters);
   the fields the client builds itself (``model``, ``messages``, ``input``, ``stream``)
   must be passed as arguments.
@@ -37,7 +40,7 @@ from urllib.parse import quote, urlencode
 
 from .errors import REDACTED, InvalidRequestError
 from .suggest import closest_name
-from .validation import MAX_WAIT_S, check_json_value
+from .validation import MAX_WAIT_S, check_json_value, latin1_size
 
 __all__ = ["RequestOptions", "Timeout", "request_options", "check_call_params", "CLIENT_ONLY_ARGUMENTS",
            "RESERVED_HEADERS"]
@@ -165,11 +168,10 @@ def _headers(value: Any) -> Dict[str, str]:
             raise InvalidRequestError(where, REDACTED, "must not contain CR, LF or NUL (header injection)")
         if text[:1] in (" ", "\t"):
             raise InvalidRequestError(where, REDACTED, "must not start with whitespace")
-        try:
-            size = len(text.encode("latin-1"))
-        except UnicodeEncodeError:
+        size = latin1_size(text)
+        if size is None:
             raise InvalidRequestError(where, REDACTED, "must be latin-1 text (HTTP headers cannot carry other "
-                                                       "characters)") from None
+                                                       "characters)")
         if size > _MAX_HEADER_BYTES:
             raise InvalidRequestError(where, REDACTED, f"must be at most {_MAX_HEADER_BYTES} bytes")
         headers[name] = text
@@ -196,9 +198,11 @@ def _query(value: Any) -> str:
         for one in (item if isinstance(item, (list, tuple)) else (item,)):
             pairs.append((key, _query_value(where, one)))
     try:
-        query = urlencode(pairs, quote_via=quote)
-    except UnicodeEncodeError:  # a lone surrogate
-        raise InvalidRequestError("extra_query", REDACTED, "must be valid Unicode text") from None
+        query: Optional[str] = urlencode(pairs, quote_via=quote)
+    except UnicodeEncodeError:  # a lone surrogate; raised after the except block: the error quotes the value
+        query = None
+    if query is None:
+        raise InvalidRequestError("extra_query", REDACTED, "must be valid Unicode text")
     if len(query) > _MAX_QUERY_BYTES:
         raise InvalidRequestError("extra_query", f"<{len(query)} bytes>", f"must encode to at most "
                                                                           f"{_MAX_QUERY_BYTES} bytes")

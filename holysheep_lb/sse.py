@@ -12,7 +12,7 @@ import enum
 import json
 import logging
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, NamedTuple, Optional, Union
+from typing import Any, Callable, Collection, Deque, Dict, Iterator, List, Mapping, NamedTuple, Optional, Union
 
 import requests
 
@@ -348,6 +348,7 @@ def open_stream(
     first_chunk_timeout_s: float,
     clock: Callable[[], float],
     max_bytes: int,
+    secrets: Collection[str] = (),
 ) -> OpenedStream:
     """One streaming attempt: send, check the status, read until the first chunk.
 
@@ -355,14 +356,14 @@ def open_stream(
     malformed SSE, an error event), and the response is closed before it propagates.
     No first chunk within ``first_chunk_timeout_s`` (headers included) raises
     :class:`FirstTokenTimeoutError` (kind ``"ttft_timeout"``). Blocks; holds no lock.
+    ``secrets``: values of the request that may be credentials (see ``Transport.open``).
     """
     started = clock()
     node_id = transport.node.id
-    redact = transport.redactor
     try:
         response = transport.open(method, path, body=body, headers=headers,
                                   timeout_s=(connect_timeout_s, first_chunk_timeout_s),
-                                  deadline_s=first_chunk_timeout_s)
+                                  deadline_s=first_chunk_timeout_s, secrets=secrets)
     except FirstTokenTimeoutError:
         raise
     except APITimeoutError as exc:
@@ -370,6 +371,7 @@ def open_stream(
             raise
         raise FirstTokenTimeoutError(f"no first chunk within {first_chunk_timeout_s:g} s ({exc.message})",
                                      timeout_s=first_chunk_timeout_s, node_id=node_id) from exc
+    redact = transport.redactor_of(response)
     try:
         transport.raise_for_error_status(response)
         request_id = redact.header(response.headers.get("x-request-id") or response.headers.get("request-id"))

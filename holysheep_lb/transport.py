@@ -14,7 +14,9 @@ off (the client retries on *another* node instead), redirects are never followed
 header must not travel to another host), and ``trust_env`` is off: proxies and the CA
 bundle are read from the environment once per node here instead of on every request.
 A proxy that would read the API key in cleartext is refused at construction
-(:func:`holysheep_lb.config.check_proxy`).
+(:func:`holysheep_lb.config.check_proxy`). Every error quotes what the node or the HTTP
+library said only through a :class:`~holysheep_lb.redaction.Redactor`: the node's key,
+headers and proxy credentials, and each request's query and ``extra_headers`` values.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import json
 import logging
 import socket
 import time
-from typing import Any, Dict, Iterator, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Any, Collection, Dict, Iterator, Mapping, NamedTuple, Optional, Tuple, Union
 
 import requests
 import urllib3.exceptions
@@ -47,7 +49,8 @@ from .errors import (
     status_error,
 )
 from .policy.classify import local_failure
-from .redaction import NO_REDACTION, Redactor
+from . import redaction
+from .redaction import NO_REDACTION, Redactor, proxy_secrets
 from .retry import parse_retry_after, parse_should_retry
 
 __all__ = ["Transport", "HTTPResult", "translate_error", "USER_AGENT"]
@@ -126,7 +129,7 @@ class Transport:
     ) -> None:
         self.node = node
         self._api_key = node.api_key or api_key
-        self.redactor = Redactor(self._api_key)  # for every error built from what this node sends
+        self.redactor = NO_REDACTION  # set with the session: it knows the proxy's credentials
         self._pool_maxsize = pool_maxsize
         self._verify = verify
         self.max_response_bytes = max_response_bytes
@@ -137,6 +140,7 @@ class Transport:
         self.exchanges = Exchanges()  # those under way, so that the ones stuck on a hung node can be cut
         self.session = self._new_session()
         self._check_proxy()
+        redaction.install_log_filter()
         forksafe.register(self, phase=forksafe.PHASE_CONNECTIONS)
 
     def _check_proxy(self) -> None:
@@ -171,6 +175,9 @@ class Transport:
             self.node.base_url, {}, None, self._verify, None
         )
         session.proxies = env.get("proxies") or {}
+        # for every error built from what this node sends or what the HTTP library says:
+        # the key, the node's headers (a gateway's own key header), the proxy's credentials
+        self.redactor = Redactor(self._api_key, [*self.node.headers.values(), *proxy_secrets(session.proxies.values())])
         session.verify = env.get("verify", self._verify)
         adapter = NodeAdapter(  # connections obey each call's deadline (deadline.py)
             pool_connections=1,
@@ -234,12 +241,16 @@ class Transport:
         headers: Optional[Mapping[str, str]],
         timeout_s: Tuple[float, float],
         deadline_s: Optional[float] = None,
+        secrets: Collection[str] = (),
     ) -> requests.Response:
         """Send a request and return the response with its body unread (streaming).
 
         ``deadline_s`` bounds the exchange from connect to the last header, and the
         body's reads until :meth:`end_deadline` (or the response's release): past it
-        the connection is cut and :class:`APITimeoutError` raised.
+        the connection is cut and :class:`APITimeoutError` raised. ``secrets``: values
+        of this request that may be credentials (a call's ``extra_headers`` values);
+        they, the path's query and the node's own secrets never show in an error
+        (:meth:`redactor_of` the response says what to blank in what it brings).
         """
         if self.closed:
             raise self._closed_error()
@@ -248,7 +259,9 @@ class Transport:
         entry = None if deadline_s is None else watch(deadline_s)
         if entry is not None:
             self.exchanges.track(entry)
+        redact = self.redactor.for_request(path, secrets)
         set_current(entry)  # read by the connection as it connects and sends (deadline.py)
+        redaction.set_current(redact)  # urllib3 logs the URL meanwhile, query included
         error: Optional[APIError]
         try:
             # the adapter directly: Session.send adds hooks, a cookie jar and redirect
@@ -262,16 +275,24 @@ class Transport:
                 cert=None,
             )
         except Exception as exc:  # noqa: BLE001 - every error is translated, none swallowed
-            error = self._failure(exc, entry)
+            error = self._failure(exc, entry, redact)
         else:
             error = None
         finally:
             set_current(None)
+            redaction.set_current(None)
         if error is not None:
             raise error  # outside the except block (see translate_error)
         if entry is not None:
             response.holysheep_watch = entry  # type: ignore[attr-defined]
+        if redact is not self.redactor:
+            response.holysheep_redactor = redact  # type: ignore[attr-defined]
         return response
+
+    def redactor_of(self, response: requests.Response) -> Redactor:
+        """What to blank in errors built from ``response``: this node's secrets and its request's."""
+        redact = getattr(response, "holysheep_redactor", None)
+        return redact if isinstance(redact, Redactor) else self.redactor
 
     def end_deadline(self, response: requests.Response) -> None:
         """Stop bounding ``response`` by its deadline (a stream past its first chunk).
@@ -282,14 +303,14 @@ class Transport:
         if entry is not None and entry.end():
             raise self._past_deadline(entry)
 
-    def _failure(self, exc: BaseException, entry: Optional[Watch]) -> APIError:
+    def _failure(self, exc: BaseException, entry: Optional[Watch], redact: Redactor) -> APIError:
         """The typed error for a failed exchange: the deadline's cut and a closed client
         explain the failure better than what the socket said."""
         if entry is not None and entry.end():
             return self._past_deadline(entry)
         if self.closed:
             return self._closed_error()
-        return translate_error(exc, self.node.id, self.redactor)
+        return translate_error(exc, self.node.id, redact)
 
     def cut_exchanges(self) -> int:
         """Cut every exchange under way on this node (it was found hung): each blocked call
@@ -353,14 +374,17 @@ class Transport:
         headers: Optional[Mapping[str, str]] = None,
         timeout_s: Tuple[float, float],
         deadline_s: Optional[float] = None,
+        secrets: Collection[str] = (),
     ) -> HTTPResult:
         """Send a request and decode the answer; raise a typed error for anything but 2xx JSON.
 
         ``deadline_s`` bounds the whole exchange: the read timeout applies to each socket
         read, so without it a node trickling its body could hold the caller much longer.
+        ``secrets`` as for :meth:`open`.
         """
         deadline = None if deadline_s is None else time.monotonic() + deadline_s
-        response = self.open(method, path, body=body, headers=headers, timeout_s=timeout_s, deadline_s=deadline_s)
+        response = self.open(method, path, body=body, headers=headers, timeout_s=timeout_s, deadline_s=deadline_s,
+                             secrets=secrets)
         entry = _watch_of(response)
         try:
             try:
@@ -380,14 +404,14 @@ class Transport:
         """Turn a fully read response into an HTTPResult or a typed error."""
         node_id = self.node.id
         headers = response.headers
-        request_id = self.redactor.header(headers.get("x-request-id") or headers.get("request-id"))
+        redact = self.redactor_of(response)
+        request_id = redact.header(headers.get("x-request-id") or headers.get("request-id"))
         status = response.status_code
         if status < 200:  # a 1xx is never the final answer to our requests
             raise APIResponseValidationError(f"unexpected informational status {status}", node_id=node_id,
                                              status_code=status, request_id=request_id)
         if status >= 300:
             # a server echoing our Authorization header must not put the key in errors
-            redact = self.redactor
             raise status_error(
                 status,
                 redact.body(raw),
@@ -442,7 +466,7 @@ class Transport:
         except APIError:
             raise
         except Exception as exc:  # noqa: BLE001 - translated, never swallowed
-            error = self._failure(exc, _watch_of(response))
+            error = self._failure(exc, _watch_of(response), self.redactor_of(response))
         else:
             return b"".join(parts)
         raise error  # outside the except block (see translate_error)
@@ -456,7 +480,7 @@ class Transport:
             raw = response.raw.read(body_cap_bytes, decode_content=True) or b""
         except Exception as exc:  # noqa: BLE001 - the status is the news; the read error is chained
             raw = b""
-            read_error = translate_error(exc, self.node.id, self.redactor)
+            read_error = translate_error(exc, self.node.id, self.redactor_of(response))
         finally:
             response.close()
         try:
@@ -483,7 +507,7 @@ class Transport:
                         break
                     yield data
         except Exception as exc:  # noqa: BLE001 - translated, never swallowed
-            error = self._failure(exc, entry)
+            error = self._failure(exc, entry, self.redactor_of(response))
         else:
             if entry is not None and entry.cut:  # the cut read as the end of the body
                 raise self._past_deadline(entry)
@@ -505,7 +529,7 @@ class Transport:
             yield from response.iter_lines(chunk_size=1024)
             return
         except Exception as exc:  # noqa: BLE001 - translated, never swallowed
-            error = translate_error(exc, self.node.id, self.redactor)
+            error = translate_error(exc, self.node.id, self.redactor_of(response))
         raise error  # outside the except block (see translate_error)
 
 

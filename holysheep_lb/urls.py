@@ -1,12 +1,14 @@
 """What a node URL (or a proxy's) says about safety: on this machine, in cleartext, and
-whether a proxy would read the API key. The one place these rules live; ``config`` and
-``transport`` call them (``holysheep_lb.config`` re-exports the public names), and so does
-``contrib.redis`` for the Redis password (:func:`is_loopback_host`)."""
+whether a proxy would read the API key; and how any URL is shown in a message
+(:func:`redact_url`). The one place these rules live; ``config`` and ``transport`` call
+them (``holysheep_lb.config`` re-exports the public names), and so does ``contrib.redis``
+for the Redis password (:func:`is_loopback_host`) and the URLs it refuses."""
 
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING, Any, Optional
+import re
+from typing import TYPE_CHECKING, Optional
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
@@ -14,7 +16,7 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from .config import Node
 
-__all__ = ["is_loopback_host", "is_loopback_url", "is_cleartext_url", "check_proxy"]
+__all__ = ["is_loopback_host", "is_loopback_url", "is_cleartext_url", "check_proxy", "redact_url"]
 
 
 def is_loopback_host(host: str) -> bool:
@@ -39,16 +41,41 @@ def is_cleartext_url(url: str) -> bool:
     return urlsplit(url).scheme == "http"  # urlsplit lower-cases the scheme
 
 
-def _without_userinfo(url: str) -> str:
-    """``url`` with any ``user:password@`` replaced, for error messages."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    authority_end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    authority = rest[:authority_end]
-    if "@" not in authority:
-        return url
-    return f"{scheme}://<credentials>@{authority.rpartition('@')[2]}{rest[authority_end:]}"
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]{0,15}://")
+NOT_A_URL = "<not a URL>"
+
+
+def redact_url(url: str, *, scheme_only: bool = False) -> str:
+    """``url`` as an error message, a log line or a repr may quote it: without its user
+    information, query and fragment (``https://<credentials>@gw.example/v1?<query removed>``).
+
+    The one rule for every URL this package quotes (node, proxy and Redis URLs). Never
+    raises, whatever the text. Everything up to the *last* ``@`` counts as user
+    information, so a password with an unencoded ``/``, ``?``, ``#`` or ``@`` in it is
+    still hidden. Text that does not start like a URL (``scheme://``) may be anything, a
+    key passed in the wrong place included: it is shown as ``"<not a URL>"``. A path
+    (``/models?key=...``) is shown without its query and fragment.
+    ``scheme_only``: only ``scheme://...`` (for a URL its parser could not read, whose
+    parts cannot be told apart).
+    """
+    if not isinstance(url, str):
+        return NOT_A_URL
+    match = _SCHEME.match(url)
+    if match is not None:
+        prefix, rest = match.group(), url[match.end():]
+        if scheme_only:
+            return prefix + "..."
+        at = rest.rfind("@")
+        if at >= 0:
+            prefix, rest = prefix + "<credentials>@", rest[at + 1:]
+    elif url[:1] == "/" and url[:2] != "//" and not scheme_only:
+        prefix, rest = "", url  # a path (a call's path=): no user information to hide
+    else:
+        return NOT_A_URL
+    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=-1)
+    if cut >= 0:
+        rest = rest[:cut] + ("?<query removed>" if rest[cut] == "?" else "#<fragment removed>")
+    return prefix + rest
 
 
 def check_proxy(node: "Node", proxy_url: Optional[str], *, sends_key: bool, allow_insecure_http: bool) -> None:
@@ -61,23 +88,22 @@ def check_proxy(node: "Node", proxy_url: Optional[str], *, sends_key: bool, allo
     """
     if proxy_url is not None and "://" not in proxy_url:
         proxy_url = "http://" + proxy_url  # as requests reads a proxy given without a scheme
-    if (proxy_url is None or not sends_key or allow_insecure_http or not is_cleartext_url(node.base_url)
-            or urlsplit(proxy_url).scheme == "https" or is_loopback_url(proxy_url)):
+    if proxy_url is None or not sends_key or allow_insecure_http or not is_cleartext_url(node.base_url):
         return
-    parts = urlsplit(proxy_url)
-    host = parts.hostname or "?"
-    shown = f"{parts.scheme}://{'[' + host + ']' if ':' in host else host}" + (
-        f":{parts.port}" if _port_or_none(parts) is not None else "")
+    try:
+        scheme: Optional[str] = urlsplit(proxy_url).scheme
+        loopback = is_loopback_url(proxy_url)
+    except ValueError:  # "http://[::1": requests would fail on every request, quoting it
+        scheme, loopback = None, False
+    if scheme is None:  # raised out here: the ValueError must not be kept as its __context__
+        raise ConfigError(f"node[{node.id}].base_url", node.base_url,
+                          f"the proxy {redact_url(proxy_url)} (from the environment) for this node cannot be "
+                          "read: fix it, or set NO_PROXY for this host")
+    if scheme == "https" or loopback:
+        return
     raise ConfigError(
         f"node[{node.id}].base_url", node.base_url,
-        f"requests to this http:// node would go through the proxy {shown} (from the environment) in "
-        "cleartext: the proxy would see the API key; use https://, a loopback proxy, NO_PROXY, "
+        f"requests to this http:// node would go through the proxy {redact_url(proxy_url)} (from the environment) "
+        "in cleartext: the proxy would see the API key; use https://, a loopback proxy, NO_PROXY, "
         "or pass allow_insecure_http=True",
     )
-
-
-def _port_or_none(parts: Any) -> Optional[int]:
-    try:
-        return parts.port
-    except ValueError:
-        return None

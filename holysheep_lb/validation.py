@@ -11,17 +11,20 @@ from deep inside the client:
   call should;
 - token counts (``max_tokens``, ``n``...) are at most :data:`MAX_COUNT`;
 - JSON values nest at most :data:`MAX_JSON_DEPTH` levels and their text is valid
-  Unicode (no lone surrogate, which UTF-8 cannot encode).
+  Unicode (no lone surrogate, which UTF-8 cannot encode);
+- a header value (a node's, a call's ``extra_headers``, the API key) is latin-1 text
+  (:func:`latin1_size`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, List, Mapping, Tuple
+from typing import Any, List, Mapping, Optional, Tuple
 
 from .errors import InvalidRequestError
 
-__all__ = ["MAX_WAIT_S", "MAX_COUNT", "MAX_JSON_DEPTH", "check_deadline_s", "check_count", "check_json_value"]
+__all__ = ["MAX_WAIT_S", "MAX_COUNT", "MAX_JSON_DEPTH", "check_deadline_s", "check_count", "check_json_value",
+           "latin1_size"]
 
 #: The longest deadline or timeout accepted, in seconds (24 hours).
 MAX_WAIT_S = 86_400.0
@@ -94,3 +97,13 @@ def _check_text(name: str, text: str) -> None:
             f"must be valid Unicode text: U+{ord(text[exc.start]):04X} at position {exc.start} is a lone "
             "surrogate, which UTF-8 cannot encode (was the text decoded with errors='surrogateescape'?)",
         ) from None
+
+
+def latin1_size(text: str) -> Optional[int]:
+    """The size in bytes of ``text`` as an HTTP header value, or None when latin-1 cannot
+    encode it. Returns rather than raises: an error raised while the UnicodeEncodeError is
+    being handled would keep it as its ``__context__``, and it quotes the whole text (a key)."""
+    try:
+        return len(text.encode("latin-1"))
+    except UnicodeEncodeError:
+        return None

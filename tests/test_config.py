@@ -164,6 +164,20 @@ def test_credentials_in_a_node_url_are_refused_without_echoing_them(url):
     assert "base_url" in str(info.value)
 
 
+@pytest.mark.parametrize("url, shown, problem", [
+    ("https://gw.example/v1?api_key=sk-live-123", "https://gw.example/v1?<query removed>", "query or fragment"),
+    ("https://gw.example/v1#sk-live-123", "https://gw.example/v1#<fragment removed>", "query or fragment"),
+    ("https://gw.example/v1?api_key=sk-live-123\n", "https://gw.example/v1?<query removed>", "whitespace"),
+    ("ftp://gw.example/v1?api_key=sk-live-123", "ftp://gw.example/v1?<query removed>", "http:// or https://"),
+    ("sk-live-123", "<not a URL>", "http:// or https://"),
+])
+def test_a_refused_base_url_is_quoted_without_its_query_or_fragment(url, shown, problem):
+    with pytest.raises(ConfigError, match=problem) as info:
+        Node(id="a", base_url=url)
+    assert info.value.value == shown and shown in str(info.value)
+    assert "sk-live-123" not in str(info.value) and info.value.__context__ is None
+
+
 @pytest.mark.parametrize("field, node", [
     ("node.id", {**GOOD, "id": "a\nINFO forged log line"}),
     ("node.id", {**GOOD, "id": "a\rb"}),

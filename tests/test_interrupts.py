@@ -164,7 +164,7 @@ def _sweep(client, trip: Tripwire, call: Callable[[], Any], after: Callable[[], 
 def _install_send(client, trip: Tripwire, answer: Callable[[str, Any], Any]) -> None:
     """Each node's ``transport.send`` returns ``answer(node_id, payload)`` (or raises), watched."""
     for node in client.selector.nodes:
-        def send(method, path, *, body=None, headers=None, timeout_s, deadline_s=None, _id=node.id):
+        def send(method, path, *, body=None, headers=None, timeout_s, deadline_s=None, secrets=(), _id=node.id):
             return HTTPResult(200, answer(_id, json.loads(body)), None)
         node.transport.send = _watched(trip, f"{node.id}.send", send)
 

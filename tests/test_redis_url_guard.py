@@ -9,6 +9,7 @@ server is needed: nothing here connects, and a test fails if anything even resol
 from __future__ import annotations
 
 import socket
+import ssl
 
 import pytest
 
@@ -123,6 +124,64 @@ def test_a_url_of_another_scheme_is_not_quoted():
         RedisSharedState(f"http://cache.example.com/?password={SECRET}")
     assert refused.value.value == "http://..."
     assert_secret_never_shown(refused.value, SECRET)
+
+
+# -- TLS that verifies no certificate: a man in the middle reads the password ----------------
+
+UNVERIFIED_URLS = [
+    pytest.param(f"rediss://:{SECRET}@cache.example.com:6380/0?ssl_cert_reqs=none", "cache.example.com:6380",
+                 id=":pass@"),
+    pytest.param(f"rediss://cache.example.com/0?ssl_cert_reqs=none&password={SECRET}", "cache.example.com:6379",
+                 id="?password="),
+    pytest.param(f"rediss://app:{SECRET}@[2001:db8::1]:6380/0?ssl_cert_reqs=none", "[2001:db8::1]:6380", id="IPv6"),
+]
+
+
+@pytest.mark.parametrize("url, where", UNVERIFIED_URLS)
+def test_a_password_over_tls_without_certificate_verification_is_refused(url, where):
+    with pytest.raises(ConfigError) as refused:
+        RedisSharedState(url)
+    exc = refused.value
+    assert exc.field == "redis_client_or_url"
+    assert exc.value == f"rediss://<credentials>@{where} (ssl_cert_reqs=none)"
+    message = str(exc)
+    assert "verifies no certificate" in message and "ssl_ca_certs" in message
+    assert "allow_insecure_redis=True" in message
+    assert_secret_never_shown(exc, SECRET)
+
+
+@pytest.mark.parametrize("cert_reqs", ["none", None, ssl.CERT_NONE, False])
+def test_a_client_with_certificate_verification_off_is_refused(cert_reqs):
+    client = redis.Redis(host="cache.example.com", port=6380, password=SECRET, ssl=True, ssl_cert_reqs=cert_reqs)
+    with pytest.raises(ConfigError) as refused:
+        RedisSharedState(client)
+    exc = refused.value
+    assert exc.value.startswith("redis.Redis client of cache.example.com:6380 with credentials and ssl_cert_reqs=")
+    assert "verifies no certificate" in str(exc) and "allow_insecure_redis=True" in str(exc)
+    assert_secret_never_shown(exc, SECRET)
+    assert RedisSharedState(client, allow_insecure_redis=True).redis is client
+    client.close()
+
+
+@pytest.mark.parametrize("url", [
+    f"rediss://:{SECRET}@cache.example.com:6380/0?ssl_cert_reqs=required",
+    f"rediss://:{SECRET}@cache.example.com:6380/0?ssl_cert_reqs=optional",  # a client checks it all the same
+    f"rediss://:{SECRET}@cache.example.com:6380/0?ssl_check_hostname=False",  # weaker, not refused (docstring)
+    f"rediss://:{SECRET}@127.0.0.1:6380/0?ssl_cert_reqs=none",  # this machine
+    f"rediss://:{SECRET}@localhost:6380/0?ssl_cert_reqs=none",
+    "rediss://cache.example.com:6380/0?ssl_cert_reqs=none",  # no password to read
+])
+def test_verified_tls_loopback_or_no_password_pass_whatever_the_verification(url):
+    RedisSharedState(url).close()
+
+
+def test_the_opt_in_lets_a_password_over_unverified_tls_through():
+    url = f"rediss://:{SECRET}@cache.example.com:6380/0?ssl_cert_reqs=none"
+    state = RedisSharedState(url, allow_insecure_redis=True)
+    kwargs = state.redis.connection_pool.connection_kwargs
+    assert (kwargs["host"], kwargs["password"], kwargs["ssl_cert_reqs"]) == ("cache.example.com", SECRET, "none")
+    assert SECRET not in repr(state)
+    state.close()
 
 
 def test_the_opt_in_is_true_or_false():

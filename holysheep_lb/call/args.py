@@ -6,6 +6,7 @@ import re
 from typing import Any, Mapping, Sequence
 
 from ..errors import InvalidRequestError
+from ..urls import redact_url
 from ..validation import check_count, check_deadline_s, check_json_value
 
 __all__ = ["validate_call_options", "validate_first_token_timeout", "validate_messages", "validate_params",
@@ -32,7 +33,8 @@ def validate_request(method: Any, path: Any) -> None:
     if not isinstance(method, str) or method.upper() not in ("GET", "POST", "PUT", "PATCH", "DELETE"):
         raise InvalidRequestError("method", method, "must be GET, POST, PUT, PATCH or DELETE")
     if not isinstance(path, str) or not path.startswith("/") or any(c in path for c in "\r\n \t"):
-        raise InvalidRequestError("path", path, "must start with '/' and contain no whitespace")
+        shown = redact_url(path) if isinstance(path, str) else f"<{type(path).__name__}>"
+        raise InvalidRequestError("path", shown, "must start with '/' and contain no whitespace")
 
 
 def validate_call_options(*, region: Any, deadline_s: Any, idempotency_key: Any) -> None:

@@ -77,7 +77,8 @@ class JsonSender:
 
     def send(self, ctx: CallContext, node: NodeState, timeout: Timeout) -> Any:
         return node.transport.send(ctx.method, ctx.path, body=ctx.body, headers=ctx.headers, timeout_s=timeout,
-                                   deadline_s=max(0.001, ctx.deadline - ctx.clock()))
+                                   deadline_s=max(0.001, ctx.deadline - ctx.clock()),
+                                   secrets=ctx.extra_headers.values())
 
     def wait_s(self, ctx: CallContext, model: Optional[str], read_s: float) -> float:
         return read_s

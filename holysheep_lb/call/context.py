@@ -46,7 +46,7 @@ class CallContext:
     model: Optional[str] = None                      # the model being sent to (None: not a model call)
     payload: Optional[Mapping[str, Any]] = None      # the JSON body as a dict
     body: Optional[bytes] = None
-    headers: Dict[str, str] = field(default_factory=dict)
+    headers: Dict[str, str] = field(default_factory=dict, repr=False)  # the call's extra_headers are in it
     messages: Optional[Sequence[Mapping[str, Any]]] = None
     params: Mapping[str, Any] = field(default_factory=dict)
     region: Optional[str] = None

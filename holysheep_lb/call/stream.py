@@ -75,7 +75,7 @@ class StreamSender:
         first_chunk_s = max(0.001, min(timeout[1], ctx.deadline - ctx.clock()))
         return open_stream(node.transport, ctx.method, ctx.path, body=ctx.body, headers=ctx.headers,
                            connect_timeout_s=timeout[0], first_chunk_timeout_s=first_chunk_s,
-                           clock=ctx.clock, max_bytes=self.max_response_bytes)
+                           clock=ctx.clock, max_bytes=self.max_response_bytes, secrets=ctx.extra_headers.values())
 
     def finish(self, ctx: CallContext, node: NodeState, opened: OpenedStream, latency_ms: float,
                permit: Any) -> ChatStream:

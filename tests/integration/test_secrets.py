@@ -7,8 +7,11 @@ searches all of it for the key.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import socket
+import threading
 
 import pytest
 
@@ -50,15 +53,22 @@ def _describe(*objects):
 
 
 def _exception_texts(exc):
-    """str/repr of an error, its chain, its attempts and every attribute it carries."""
+    """str/repr of an error, its args, every attribute it carries, its attempts and their
+    errors, and the same of every exception chained to any of them (cause and context)."""
     out = []
     seen = set()
-    while exc is not None and id(exc) not in seen:
+    pending = [exc]
+    while pending:
+        exc = pending.pop()
+        if not isinstance(exc, BaseException) or id(exc) in seen:
+            continue
         seen.add(id(exc))
         out += _describe(exc)
-        out += [repr(v) for v in vars(exc).values()]
-        out += [str(a) for a in getattr(exc, "attempts", ())]
-        exc = exc.__cause__ or exc.__context__
+        out += [repr(exc.args)] + [repr(v) for v in vars(exc).values()]
+        attempts = getattr(exc, "attempts", ())
+        out += [str(a) for a in attempts]
+        pending += [exc.__cause__, exc.__context__, *exc.args, *(getattr(a, "error", None) for a in attempts),
+                    *(v for v in vars(exc).values() if isinstance(v, BaseException))]
     return out
 
 
@@ -323,3 +333,199 @@ def test_a_node_echoing_the_key_in_its_http_framing_does_not_leak_it(everything)
                 everything.extend(_exception_texts(info.value))
                 kinds.extend(a.kind for a in info.value.attempts)
     assert kinds == ["connect"] * 4
+
+
+# -- every place a credential can be put ---------------------------------------------------------
+
+# One distinctive secret per place; the middle part (without a recognisable prefix) is searched too.
+PLACED = {
+    "api_key": "sk-CLIENT-4d1f0b7e9a2c-LEAK",
+    "node api_key": "sk-NODE-8e2a6c0f1b3d-LEAK",
+    "node header": "hdr-NODE-5b9d3f7a1c0e-LEAK",
+    "extra_headers": "xh-CALL-2c6e0a4f8b1d-LEAK",
+    "extra_query": "xq-CALL-9f3b7d1e5a2c-LEAK",
+    "path query": "pq-CALL-3e7a1c5f9b0d-LEAK",
+    "base_url query": "sk-URL-1a5c9e3b7d0f-LEAK",
+    "proxy password": "px-PROXY-6d0b4f8a2e1c-LEAK",
+}
+
+
+def _assert_no_placed_secret(texts):
+    for place, secret in PLACED.items():
+        core = secret.split("-")[2]
+        for text in texts:
+            for fragment in (secret, core):
+                assert fragment not in text, (
+                    f"the {place} secret leaked: ...{text[max(0, text.find(fragment) - 120):][:240]}")
+
+
+@pytest.fixture
+def every_record(caplog):
+    """Every log record (root, holysheep_lb and urllib3 at DEBUG), formatted with its args and traceback."""
+    caplog.set_level(logging.DEBUG)
+    for name in ("holysheep_lb", "urllib3"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    texts = []
+    yield texts
+    records = caplog.get_records("call")
+    formatter = logging.Formatter("%(levelname)s %(name)s %(message)s %(args)s")
+    texts.extend(formatter.format(record) for record in records)
+    assert any(r.name.startswith("urllib3") for r in records), "urllib3 logged nothing: the search would prove little"
+    _assert_no_placed_secret(texts)
+
+
+def test_a_url_with_a_key_in_its_query_or_in_place_of_the_url_is_never_echoed():
+    key = PLACED["base_url query"]
+    bad = {
+        f"https://gw.example/v1?api_key={key}": "https://gw.example/v1?<query removed>",
+        f"https://gw.example/v1#{key}": "https://gw.example/v1#<fragment removed>",
+        f"https://gw.example/v1?api_key={key} ": "https://gw.example/v1?<query removed>",  # and a space
+        f"https://u:{key}/x@gw.example/v1": "https://<credentials>@gw.example/v1",  # an unencoded "/"
+        f"https://u:{key}@[::1/v1": "https://<credentials>@[::1/v1",
+        f"https://gw.example:{key[:5]}/v1?k={key}": "https://gw.example:sk-UR/v1?<query removed>",  # a bad port
+        key: "<not a URL>",  # the key passed where the URL goes
+        f"u:{key}@gw.example/v1": "<not a URL>",
+    }
+    texts = []
+    for url, shown in bad.items():
+        with pytest.raises(ConfigError) as info:
+            Client(api_key="sk-other", nodes=[{"id": "a", "base_url": url}], health_check_interval_s=None)
+        assert (info.value.field, info.value.value) == ("node[a].base_url", shown), str(info.value)
+        # urllib.parse's errors quote the URL: none is kept as the ConfigError's context
+        assert info.value.__context__ is None and info.value.__cause__ is None, repr(info.value.__context__)
+        texts.extend(_exception_texts(info.value))
+    with pytest.raises(ConfigError) as info:
+        Client.from_env({"HOLYSHEEP_API_KEY": "sk-other", "HOLYSHEEP_BASE_URL": f"https://gw.example/v1?key={key}"})
+    assert "https://gw.example/v1?<query removed>" in str(info.value)
+    texts.extend(_exception_texts(info.value))
+    _assert_no_placed_secret(texts)
+
+
+def test_a_header_value_latin1_cannot_encode_is_refused_without_keeping_it_in_a_chained_error():
+    euro = PLACED["node header"] + "\u20ac"
+    attempts = [
+        lambda: Client(api_key=euro, nodes=[{"id": "a", "base_url": "https://a.example/v1"}]),
+        lambda: Client(api_key="sk-other", nodes=[{"id": "a", "base_url": "https://a.example/v1",
+                                                   "headers": {"X-Key": euro}}]),
+        lambda: Client(api_key="sk-other", nodes=[{"id": "a", "base_url": "https://a.example/v1",
+                                                   "api_key": euro}]),
+        lambda: Client.from_env({"HOLYSHEEP_NODES": '[{"id": "a", "api_key": "%s"' % PLACED["node api_key"]}),
+    ]
+    texts = []
+    for make in attempts:
+        with pytest.raises(ConfigError) as info:
+            make()
+        assert info.value.__context__ is None, repr(info.value.__context__)  # a UnicodeEncodeError quotes the value
+        texts.extend(_exception_texts(info.value))
+    with Client(api_key="sk-other", nodes=[{"id": "a", "base_url": "http://127.0.0.1:9/v1"}],
+                health_check_interval_s=None) as client:
+        for kwargs in ({"extra_headers": {"X-Key": PLACED["extra_headers"] + "\u20ac"}},
+                       {"extra_query": {"key": PLACED["extra_query"] + "\ud800"}}):
+            with pytest.raises(HolySheepError) as info:
+                client.chat_completion(MSGS, model="m", **kwargs)
+            assert info.value.__context__ is None, repr(info.value.__context__)
+            texts.extend(_exception_texts(info.value))
+    _assert_no_placed_secret(texts)
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_no_credential_from_any_place_shows_in_errors_logs_stats_or_reprs(every_record):
+    """The key, a node's key and headers, a call's extra_headers and extra_query and a
+    path's query, against a refused port, a node echoing the whole request with 401 and
+    500 (plain and streamed), a node that never answers (timeout) and the health probe."""
+    release = threading.Event()
+
+    def echo(request):
+        said = json.dumps({"error": {"message": "rejected", "path": request.path, "headers": request.headers}})
+        scenario = json.loads(request.body or b"{}").get("messages", [{}])[0].get("content")
+        if scenario == "hang":
+            release.wait(5.0)  # the client's read timeout (0.3 s) ends the exchange first
+            return b""
+        status = 401 if scenario == "401" or request.path.startswith("/v1/models") else 500
+        return http_response(status, said.encode(), headers={"x-request-id": request.headers.get("x-key", "")})
+
+    node_extras = {"api_key": PLACED["node api_key"], "headers": {"X-Key": PLACED["node header"]}}
+    per_call = {"extra_headers": {"X-Call-Key": PLACED["extra_headers"]},
+                "extra_query": {"key": PLACED["extra_query"]}}
+    caught = []
+
+    def attempt(fn):
+        try:
+            result = fn()
+        except HolySheepError as exc:
+            caught.append(exc)
+            return
+        if hasattr(result, "read_text"):  # a stream whose error comes with its first chunk... or later
+            try:
+                result.read_text()
+            except HolySheepError as exc:
+                caught.append(exc)
+
+    with ScriptedServer(echo) as server:
+        refused = f"http://127.0.0.1:{_free_port()}/v1"
+        everything = []
+        try:
+            for base_url in (refused, server.base_url):
+                client = Client(api_key=PLACED["api_key"], nodes=[{"id": "n", "base_url": base_url, **node_extras}],
+                                health_check_interval_s=None, max_retries=0, read_timeout_s=0.3,
+                                stream_first_chunk_timeout_s=0.3, breaker=None, eject_after_failures=1000)
+                with client:
+                    for content in ("401", "500", "hang"):
+                        for stream in (False, True):
+                            attempt(lambda: client.chat_completion([{"role": "user", "content": content}], model="m",
+                                                                   stream=stream, **per_call))
+                    attempt(lambda: client.request("GET", f"/models?key={PLACED['path query']}"))
+                    attempt(lambda: client.embeddings("x", model="e", **per_call))
+                    checker = HealthChecker(client.selector, interval_s=1.0, timeout_s=1.0, unhealthy_threshold=1,
+                                            healthy_threshold=1)
+                    assert checker.probe(client.selector.nodes[0]) is False
+                    everything.extend([repr(client), str(client), repr(client.config), json.dumps(client.stats()),
+                                       repr(client.nodes()), repr(client.breakers()),
+                                       json.dumps(client.cost_report(), default=repr)])
+                    everything.extend(f"{n!r} {n.node!r} {n.transport!r} {n.transport.redactor!r}"
+                                      for n in client.selector.nodes)
+        finally:
+            release.set()
+        received = server.requests
+    for exc in caught:
+        everything.extend(_exception_texts(exc))
+    every_record.extend(everything)
+
+    # the test reached what it meant to: every secret was sent, every kind of failure happened
+    sent = " ".join(f"{r.path} {json.dumps(r.headers)}" for r in received)
+    for place in ("node api_key", "node header", "extra_headers", "extra_query", "path query"):
+        assert PLACED[place] in sent, place
+    kinds = {a.kind for e in caught for a in getattr(e, "attempts", ())} | {type(e).__name__ for e in caught}
+    assert {"connect", "timeout", "status_5xx"} <= kinds and "AuthenticationError" in kinds, kinds
+    assert any("?[redacted]" in text for text in everything)  # urllib3's "Max retries exceeded with url: ..."
+    assert any('"X-Key": "[redacted]"' in text or "'x-key': '[redacted]'" in text for text in everything)
+
+
+def test_a_proxys_credentials_never_show(every_record, monkeypatch):
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    password = PLACED["proxy password"]
+    basic = base64.b64encode(f"bob:{password}".encode()).decode()
+
+    def proxy_echo(request):  # a proxy quoting what it was sent, Proxy-Authorization included
+        return http_response(407, json.dumps({"error": {"message": "who?", "headers": request.headers}}).encode())
+
+    texts = []
+    with ScriptedServer(proxy_echo) as proxy:
+        for port in (_free_port(), proxy.port):
+            monkeypatch.setenv("HTTP_PROXY", f"http://bob:{password}@127.0.0.1:{port}")
+            with Client(api_key=PLACED["api_key"], nodes=[{"id": "n", "base_url": "http://localhost:9/v1"}],
+                        health_check_interval_s=None, max_retries=0) as client:
+                with pytest.raises(HolySheepError) as info:
+                    client.chat_completion(MSGS, model="m")
+                texts.extend(_exception_texts(info.value) + [repr(client), json.dumps(client.stats())])
+        assert proxy.requests and proxy.requests[0].headers["proxy-authorization"] == f"Basic {basic}"
+    every_record.extend(texts)
+    for text in texts:
+        assert basic not in text
+    assert any("Basic [redacted]" in text for text in texts)

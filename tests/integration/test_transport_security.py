@@ -286,6 +286,20 @@ def test_the_refusal_never_shows_the_proxys_credentials(proxy_env):
     assert "proxy.example:3128" in str(info.value)
 
 
+@pytest.mark.parametrize("proxy, shown", [
+    ("http://bob:hunter2@[::1", "http://<credentials>@[::1"),  # unreadable: requests would quote it per call
+    ("http://bob:hunt/er2@proxy.example:3128/?token=hunter2", "http://<credentials>@proxy.example:3128/?<query "
+                                                                "removed>"),
+])
+def test_an_odd_proxy_url_is_shown_without_its_credentials_or_query(proxy_env, proxy, shown):
+    proxy_env(HTTP_PROXY=proxy)
+    with pytest.raises(ConfigError) as info:
+        _client([LOOPBACK_NODE])
+    assert shown in str(info.value)
+    for text in (str(info.value), repr(info.value.value), repr(info.value.args), repr(info.value.__context__)):
+        assert "hunter2" not in text and "hunt/er2" not in text and "bob" not in text
+
+
 @pytest.mark.parametrize("env, node", [
     ({"HTTPS_PROXY": "http://proxy.example:3128"}, REMOTE_HTTPS_NODE),  # CONNECT: the key stays inside TLS
     ({"ALL_PROXY": "http://proxy.example:3128"}, REMOTE_HTTPS_NODE),

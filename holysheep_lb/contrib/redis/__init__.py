@@ -41,9 +41,11 @@ Redis is away: rate limits and budgets raise
 raises, and no redis exception ever reaches a caller.
 
 A password (or a redis-py ``credential_provider``) that would go in cleartext to a host
-other than this machine (``redis://user:pw@cache``, or a client without ``ssl=True``) is
-refused with a ConfigError, as the Client refuses to send the API key over ``http://``:
-use ``rediss://``, or pass ``allow_insecure_redis=True`` on a network you trust.
+other than this machine (``redis://user:pw@cache``, or a client without ``ssl=True``), or
+over TLS that verifies no certificate (``rediss://...?ssl_cert_reqs=none``), is refused
+with a ConfigError, as the Client refuses to send the API key over ``http://``: use
+``rediss://`` with certificate verification on, or pass ``allow_insecure_redis=True`` on
+a network you trust.
 
 Thread-safe and fork-safe: redis-py's pool opens new connections in a child process
 (it checks the pid), and the locks here are renewed in the child.

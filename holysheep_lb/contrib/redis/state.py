@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import time
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 from urllib.parse import urlsplit
@@ -13,7 +14,7 @@ from redis.retry import Retry
 
 from ...config import _check_number
 from ...errors import ConfigError
-from ...urls import is_loopback_host
+from ...urls import is_loopback_host, redact_url
 from .breakers import SharedBreakerStorage, breaker_namespace
 from .buckets import BUCKET_LUA, RedisTokenBucket
 from .link import CONNECTION_CLASSES, RedisLink
@@ -25,35 +26,35 @@ __all__ = ["RedisSharedState"]
 _FIELD = "redis_client_or_url"
 
 
-def _scheme_only(url: str) -> str:
-    """What an error may show of a URL it could not read: a password may be anywhere in it."""
-    scheme, sep, _ = url.partition("://")
-    return f"{scheme}://..." if sep and len(scheme) <= 10 else "<not a URL>"
-
-
 def _make_client(value: Any, socket_timeout_s: float, allow_insecure_redis: bool) -> Tuple[Any, bool]:
     """(redis client, whether we made it) from a URL or a client."""
     if isinstance(value, str):
-        scheme = urlsplit(value).scheme
-        if scheme not in CONNECTION_CLASSES:
-            raise ConfigError(_FIELD, _scheme_only(value),
+        scheme: Optional[str]
+        try:
+            scheme = urlsplit(value).scheme
+        except ValueError:  # an unbalanced "[": redis-py could not read it either
+            scheme = None
+        if scheme is not None and scheme not in CONNECTION_CLASSES:
+            raise ConfigError(_FIELD, redact_url(value, scheme_only=True),
                               "must be a redis://, rediss:// or unix:// URL, or a redis.Redis client")
         # Short timeouts and a single retry (for a pooled connection the server closed):
         # redis-py's default retries with backoff would stall calls while Redis is away.
         # The connections also give up when an operation's budget is spent (op_timeout_s).
-        try:
-            client = redis.Redis.from_url(
-                value, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
-                connection_class=CONNECTION_CLASSES[scheme],
-                retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)))
-        except ValueError:
-            client = None
+        client: Any = None
+        if scheme is not None:
+            try:
+                client = redis.Redis.from_url(
+                    value, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
+                    connection_class=CONNECTION_CLASSES[scheme],
+                    retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)))
+            except ValueError:
+                pass
         if client is None:  # raised out here: redis-py's error, even as __context__, may quote the password
-            raise ConfigError(_FIELD, _scheme_only(value),
+            raise ConfigError(_FIELD, redact_url(value, scheme_only=True),
                               "redis-py cannot read this URL: check the scheme (lower case), host, port, "
                               "database and options, and percent-encode a password with / ? # @ or : in it")
         try:
-            _refuse_cleartext_password(client, made_from_url=True, allowed=allow_insecure_redis)
+            _refuse_exposed_password(client, made_from_url=True, allowed=allow_insecure_redis)
         except ConfigError:
             client.close()  # nothing was connected: redis-py connects on the first command
             raise
@@ -63,20 +64,34 @@ def _make_client(value: Any, socket_timeout_s: float, allow_insecure_redis: bool
     if value.connection_pool.connection_kwargs.get("decode_responses"):
         raise ConfigError(_FIELD, "decode_responses=True",
                           "the client must return bytes: create it without decode_responses")
-    _refuse_cleartext_password(value, made_from_url=False, allowed=allow_insecure_redis)
+    _refuse_exposed_password(value, made_from_url=False, allowed=allow_insecure_redis)
     return value, False
 
 
-def _refuse_cleartext_password(client: Any, *, made_from_url: bool, allowed: bool) -> None:
-    """Refuse a client that would send a password (or a credential provider's) over plain
-    TCP to a host that is not this machine, unless ``allowed``; the HTTP side's rule for
-    the API key (:func:`holysheep_lb.urls.is_loopback_host` decides what is this machine).
+def _refuse_exposed_password(client: Any, *, made_from_url: bool, allowed: bool) -> None:
+    """Refuse a client that would hand a password (or a credential provider's) to whoever
+    sits between it and a host that is not this machine, unless ``allowed``; the HTTP
+    side's rule for the API key (:func:`holysheep_lb.urls.is_loopback_host` decides what
+    is this machine). Two ways to hand it over:
 
-    Read from the connection pool redis-py will use, so a URL's ``?password=`` and
-    ``?host=`` count as they will be used. TLS (an ``SSLConnection``) and unix sockets
-    pass. What cannot be read is accepted: no ``connection_kwargs``, a connection class
-    that is none of redis-py's three, or no host (a Sentinel pool finds its host later;
-    a plain pool then uses localhost).
+    - plain TCP (``redis://``, a client without ``ssl=True``): anyone on the path reads it;
+    - TLS that verifies no certificate (``ssl_cert_reqs=none`` in a ``rediss://`` URL,
+      ``ssl_cert_reqs="none"``, None, False or ``ssl.CERT_NONE`` given to a client):
+      whoever answers in the server's place completes the handshake with a certificate
+      of their own and is sent the password (``AUTH``) inside it. Encryption without
+      verification only defeats listeners, not a man in the middle, and a password is
+      worth one.
+
+    A certificate checked without its host name (``ssl_check_hostname=False``) is not
+    refused: redis-py before 6.0 does not check it unless asked, so refusing it would
+    refuse every plain ``rediss://`` URL there; it is weaker than a full check all the
+    same (a certificate some trusted CA issued for any other name passes).
+
+    Read from the connection pool redis-py will use, so a URL's ``?password=``,
+    ``?host=`` and ``?ssl_cert_reqs=`` count as they will be used. Verified TLS and unix
+    sockets pass. What cannot be read is accepted: no ``connection_kwargs``, a connection
+    class that is none of redis-py's three, or no host (a Sentinel pool finds its host
+    later; a plain pool then uses localhost).
     """
     if allowed:
         return
@@ -85,8 +100,11 @@ def _refuse_cleartext_password(client: Any, *, made_from_url: bool, allowed: boo
     connection_class = getattr(pool, "connection_class", None)
     if not isinstance(kwargs, dict) or not isinstance(connection_class, type):
         return
-    if (issubclass(connection_class, (redis.connection.SSLConnection, redis.connection.UnixDomainSocketConnection))
+    if (issubclass(connection_class, redis.connection.UnixDomainSocketConnection)
             or not issubclass(connection_class, redis.connection.Connection)):
+        return
+    tls = issubclass(connection_class, redis.connection.SSLConnection)
+    if tls and not _verification_off(kwargs):
         return
     host = kwargs.get("host")
     if not isinstance(host, str) or is_loopback_host(host):
@@ -94,6 +112,15 @@ def _refuse_cleartext_password(client: Any, *, made_from_url: bool, allowed: boo
     if not kwargs.get("password") and kwargs.get("credential_provider") is None:
         return
     where = f"{'[' + host + ']' if ':' in host else host}:{kwargs.get('port', 6379)}"
+    if tls:
+        shown = f"rediss://<credentials>@{where} (ssl_cert_reqs=none)" if made_from_url else (
+            f"redis.Redis client of {where} with credentials and ssl_cert_reqs={kwargs['ssl_cert_reqs']!r}")
+        raise ConfigError(_FIELD, shown,
+                          "would send the Redis password over TLS that verifies no certificate to a host that is "
+                          "not this machine: whoever answers in its place reads the password; verify the "
+                          "certificate (leave ssl_cert_reqs at 'required', with ssl_ca_certs=<CA file> for a "
+                          "private CA), use a Redis on this machine (127.0.0.1, ::1, localhost), "
+                          "or pass allow_insecure_redis=True")
     if made_from_url:
         shown, fix = f"redis://<credentials>@{where}", "use rediss:// (TLS)"
     else:
@@ -102,6 +129,16 @@ def _refuse_cleartext_password(client: Any, *, made_from_url: bool, allowed: boo
                       "would send the Redis password in cleartext to a host that is not this machine; "
                       f"{fix}, use a Redis on this machine (127.0.0.1, ::1, localhost), "
                       "or pass allow_insecure_redis=True")
+
+
+def _verification_off(kwargs: Dict[str, Any]) -> bool:
+    """Whether an SSLConnection made with ``kwargs`` checks no certificate, as redis-py
+    reads ``ssl_cert_reqs``: None, "none", or a value equal to ``ssl.CERT_NONE`` (0,
+    False); absent, it is "required"."""
+    if "ssl_cert_reqs" not in kwargs:
+        return False
+    value = kwargs["ssl_cert_reqs"]
+    return value is None or value == "none" or (isinstance(value, int) and value == ssl.CERT_NONE)
 
 
 class RedisSharedState:
@@ -113,9 +150,11 @@ class RedisSharedState:
     or a ``redis.Redis`` client made without ``decode_responses`` (its own timeouts
     apply). ``allow_insecure_redis`` (default False): like the Client's
     ``allow_insecure_http`` for the API key, a password (or a ``credential_provider``)
-    that would go in cleartext (``redis://``, or a client without ``ssl=True``) to a host
-    other than 127.0.0.0/8, ::1 or localhost is refused with a ConfigError unless this
-    is True; ``rediss://``, ``unix://`` and no password pass. A client passed in is
+    that would go in cleartext (``redis://``, or a client without ``ssl=True``), or over
+    TLS that verifies no certificate (``ssl_cert_reqs=none``: a man in the middle reads
+    it just the same), to a host other than 127.0.0.0/8, ::1 or localhost is refused with
+    a ConfigError unless this is True; verified ``rediss://``, ``unix://`` and no
+    password pass. A client passed in is
     judged by its pool's ``connection_kwargs`` and ``connection_class``; one that cannot
     be read (no host there, as with Sentinel, or a connection class of its own) is
     accepted. The opt-in has its own name rather than reusing ``allow_insecure_http``:
