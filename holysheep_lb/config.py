@@ -26,7 +26,7 @@ from .models import CapabilityTable, ModelRouter
 from .pricing import Budget, PriceTable, SpendStore
 from .rescue import RESCUE_MODES
 from .suggest import unknown_option
-from .urls import check_proxy, is_cleartext_url, is_loopback_url, redact_url
+from .urls import check_proxy, check_unverified_tls, is_cleartext_url, is_loopback_url, redact_url, sends_credentials
 from .validation import MAX_WAIT_S, latin1_size
 
 __all__ = ["Node", "ClientConfig", "BreakerSettings", "DEFAULT_BASE_URL", "is_loopback_url", "is_cleartext_url",
@@ -421,6 +421,8 @@ class ClientConfig:
                     "would send the API key over plain http:// to a non-loopback host; "
                     "use https:// or pass allow_insecure_http=True",
                 )
+            check_unverified_tls(node, self.verify, sends_key=sends_credentials(node, self.api_key),
+                                 allow_insecure_http=self.allow_insecure_http)
 
 
 def _check_verify(verify: Any) -> Union[bool, str]:

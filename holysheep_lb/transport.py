@@ -39,6 +39,7 @@ from .config import Node, check_proxy
 from .deadline import Watch, WatchedAdapter, set_current, watch
 from .hangs import Exchanges
 from .node_adapter import NodeAdapter
+from .urls import sends_credentials
 from .errors import (
     APIConnectionError,
     APIError,
@@ -145,7 +146,7 @@ class Transport:
 
     def _check_proxy(self) -> None:
         # node headers may carry credentials too (a gateway's own key header)
-        check_proxy(self.node, self.proxy_url, sends_key=bool(self._api_key or self.node.headers),
+        check_proxy(self.node, self.proxy_url, sends_key=sends_credentials(self.node, self._api_key),
                     allow_insecure_http=self._allow_insecure_http)
 
     @property

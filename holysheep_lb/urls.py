@@ -1,5 +1,5 @@
 """What a node URL (or a proxy's) says about safety: on this machine, in cleartext, and
-whether a proxy would read the API key; and how any URL is shown in a message
+whether a proxy or an unverified TLS peer would read the API key; and how any URL is shown in a message
 (:func:`redact_url`). The one place these rules live; ``config`` and ``transport`` call
 them (``holysheep_lb.config`` re-exports the public names), and so does ``contrib.redis``
 for the Redis password (:func:`is_loopback_host`) and the URLs it refuses."""
@@ -16,7 +16,8 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from .config import Node
 
-__all__ = ["is_loopback_host", "is_loopback_url", "is_cleartext_url", "check_proxy", "redact_url"]
+__all__ = ["is_loopback_host", "is_loopback_url", "is_cleartext_url", "sends_credentials", "check_proxy",
+           "check_unverified_tls", "redact_url"]
 
 
 def is_loopback_host(host: str) -> bool:
@@ -76,6 +77,33 @@ def redact_url(url: str, *, scheme_only: bool = False) -> str:
     if cut >= 0:
         rest = rest[:cut] + ("?<query removed>" if rest[cut] == "?" else "#<fragment removed>")
     return prefix + rest
+
+
+def sends_credentials(node: "Node", api_key: Optional[str]) -> bool:
+    """Whether requests to ``node`` carry credentials: an API key (the node's own or the
+    client's ``api_key``) or node headers (which may hold a gateway's own key)."""
+    return bool(node.api_key or api_key or node.headers)
+
+
+def check_unverified_tls(node: "Node", verify: object, *, sends_key: bool, allow_insecure_http: bool) -> None:
+    """Refuse TLS without certificate verification (``verify=False``) to an ``https://``
+    node that is not this machine and would receive credentials.
+
+    Without verification whoever answers in the node's place (a man in the middle)
+    completes the handshake and reads the Authorization header and node headers, as over
+    http://. Allowed on loopback, without credentials, or with ``allow_insecure_http``
+    (the one switch for "this network is trusted"). The key is never shown.
+    """
+    if (verify is not False or not sends_key or allow_insecure_http or is_cleartext_url(node.base_url)
+            or is_loopback_url(node.base_url)):
+        return  # an http:// node is the cleartext rule's (config.ClientConfig)
+    raise ConfigError(
+        "verify", False,
+        f"node {node.id} ({redact_url(node.base_url)}) is not this machine and would receive the API key "
+        "(or its headers) over TLS that verifies no certificate: whoever answers in its place reads them; "
+        "leave verify=True, pass verify=<path of a CA bundle file or directory> for a private CA, "
+        "or pass allow_insecure_http=True to accept this on a trusted network",
+    )
 
 
 def check_proxy(node: "Node", proxy_url: Optional[str], *, sends_key: bool, allow_insecure_http: bool) -> None:
