@@ -227,9 +227,58 @@ def test_verify_takes_a_bundle_file_or_directory_as_str_or_pathlike(make_client,
     bundle = tmp_path / "ca.pem"
     bundle.write_text("not checked here")
     for verify in (True, False, str(bundle), bundle, tmp_path):
-        client = make_client([GOOD], verify=verify)
+        client = make_client([LOOPBACK_TLS], verify=verify)  # verify=False is refused for GOOD (below)
         expected = verify if isinstance(verify, bool) else str(verify)
         assert client.config.verify == expected and type(client.config.verify) is type(expected)
+
+
+LOOPBACK_TLS = {"id": "local", "base_url": "https://127.0.0.1:8443/v1"}
+NODE_KEY = "sk-node-only-key-0123456789"
+HEADER_SECRET = "gw-header-secret-0123456789"
+
+
+@pytest.mark.parametrize("client_key, node", [
+    (API_KEY, GOOD),  # the client's key
+    ("", {**GOOD, "api_key": NODE_KEY}),  # the node's own key only
+    ("", {**GOOD, "headers": {"X-Gateway-Key": HEADER_SECRET}}),  # node headers only
+])
+def test_verify_false_to_a_remote_node_with_credentials_is_refused_without_showing_them(client_key, node):
+    # a man in the middle completes an unverified handshake and reads the Authorization header
+    with pytest.raises(ConfigError) as info:
+        Client(api_key=client_key, nodes=[node], health_check_interval_s=None, verify=False)
+    error = info.value
+    assert isinstance(error, ValueError) and error.field == "verify" and error.value is False
+    text = str(error)
+    assert text.startswith("verify:") and "node a (https://a.example/v1)" in text
+    assert "verifies no certificate" in text and "CA bundle" in text and "allow_insecure_http=True" in text
+    shown = text + repr(error.args) + repr(error.value) + repr(error.allowed)
+    for secret in (API_KEY, NODE_KEY, HEADER_SECRET):
+        assert secret not in shown
+
+
+def test_verify_false_names_the_remote_node_among_loopback_ones():
+    with pytest.raises(ConfigError, match=r"node a \(https://a\.example/v1\)") as info:
+        Client(api_key=API_KEY, nodes=[LOOPBACK_TLS, GOOD], health_check_interval_s=None, verify=False)
+    assert info.value.field == "verify"
+
+
+@pytest.mark.parametrize("nodes, kw", [
+    ([GOOD], {"allow_insecure_http": True}),  # accepted on a trusted network
+    ([LOOPBACK_TLS], {}),
+    ([{"id": "v6", "base_url": "https://[::1]:8443/v1"}, {"id": "name", "base_url": "https://localhost/v1"}], {}),
+    ([GOOD], {"api_key": ""}),  # nothing secret is sent
+])
+def test_verify_false_is_allowed_on_loopback_without_credentials_or_with_allow_insecure_http(make_client, nodes, kw):
+    client = make_client(nodes, verify=False, **kw)
+    assert client.config.verify is False
+    assert all(node.transport.session.verify is False for node in client.selector.nodes)
+
+
+def test_a_ca_bundle_path_to_a_remote_node_with_the_key_is_allowed(make_client, tmp_path):
+    bundle = tmp_path / "private-ca.pem"
+    bundle.write_text("not checked here")
+    client = make_client([GOOD], verify=str(bundle))
+    assert client.selector.nodes[0].transport.session.verify == str(bundle)
 
 
 # -- unknown options: the closest name, never the value --------------------------------------------

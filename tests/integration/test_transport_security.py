@@ -117,6 +117,23 @@ def test_the_environments_ca_bundle_is_used_when_verify_is_left_on(tls_server, s
         assert client.chat_completion(MSGS, model="m").text == "hi"
 
 
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")  # expected here
+def test_verify_false_stays_allowed_for_a_loopback_tls_node(tls_server):
+    # the refusal of verify=False is for nodes that are not this machine (tests/test_config.py)
+    with _client([{"id": "tls", "base_url": tls_server.base_url}], verify=False) as client:
+        assert client.selector.nodes[0].transport.session.verify is False
+        assert client.chat_completion(MSGS, model="m").text == "hi"
+
+
+def test_the_environment_cannot_turn_verification_off(monkeypatch):
+    # requests reads REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE only when verify is True, and an
+    # empty value falls back to True: verify=False comes from code only, so it is checked once
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "")
+    monkeypatch.setenv("CURL_CA_BUNDLE", "")
+    with _client([{"id": "remote", "base_url": "https://gw.example/v1"}]) as client:
+        assert client.selector.nodes[0].transport.session.verify is True
+
+
 @pytest.mark.parametrize("verify", ["", 0, None, "/no/such/bundle.pem"])
 def test_a_verify_value_that_is_not_true_false_or_a_path_is_refused_before_anything_is_sent(tls_server, verify):
     # verify="" used to switch verification off: the key went to the self-signed node
