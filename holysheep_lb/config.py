@@ -26,7 +26,8 @@ from .models import CapabilityTable, ModelRouter
 from .pricing import Budget, PriceTable, SpendStore
 from .rescue import RESCUE_MODES
 from .suggest import unknown_option
-from .urls import check_proxy, check_unverified_tls, is_cleartext_url, is_loopback_url, redact_url, sends_credentials
+from .urls import (check_cleartext, check_proxy, check_unverified_tls, is_cleartext_url, is_loopback_url, redact_url,
+                   sends_credentials)
 from .validation import MAX_WAIT_S, latin1_size
 
 __all__ = ["Node", "ClientConfig", "BreakerSettings", "DEFAULT_BASE_URL", "is_loopback_url", "is_cleartext_url",
@@ -414,15 +415,9 @@ class ClientConfig:
                     f"node {node.id} ({node.base_url}) needs an API key: pass api_key=... "
                     f"or set the {API_KEY_ENV} environment variable",
                 )
-            if (key is not None and is_cleartext_url(node.base_url) and not loopback
-                    and not self.allow_insecure_http):
-                raise ConfigError(
-                    f"node[{node.id}].base_url", node.base_url,
-                    "would send the API key over plain http:// to a non-loopback host; "
-                    "use https:// or pass allow_insecure_http=True",
-                )
-            check_unverified_tls(node, self.verify, sends_key=sends_credentials(node, self.api_key),
-                                 allow_insecure_http=self.allow_insecure_http)
+            sends_key = sends_credentials(node, self.api_key)
+            check_cleartext(node, sends_key=sends_key, allow_insecure_http=self.allow_insecure_http)
+            check_unverified_tls(node, self.verify, sends_key=sends_key, allow_insecure_http=self.allow_insecure_http)
 
 
 def _check_verify(verify: Any) -> Union[bool, str]:

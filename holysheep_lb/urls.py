@@ -16,8 +16,8 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from .config import Node
 
-__all__ = ["is_loopback_host", "is_loopback_url", "is_cleartext_url", "sends_credentials", "check_proxy",
-           "check_unverified_tls", "redact_url"]
+__all__ = ["is_loopback_host", "is_loopback_url", "is_cleartext_url", "sends_credentials", "check_cleartext",
+           "check_proxy", "check_unverified_tls", "redact_url"]
 
 
 def is_loopback_host(host: str) -> bool:
@@ -85,6 +85,20 @@ def sends_credentials(node: "Node", api_key: Optional[str]) -> bool:
     return bool(node.api_key or api_key or node.headers)
 
 
+def check_cleartext(node: "Node", *, sends_key: bool, allow_insecure_http: bool) -> None:
+    """Refuse an ``http://`` node that is not this machine and would receive credentials
+    (the API key, or node headers, which may hold a gateway's own key): anyone on the
+    path reads them. Allowed on loopback, without credentials, or with
+    ``allow_insecure_http``. The key is never shown."""
+    if not sends_key or allow_insecure_http or not is_cleartext_url(node.base_url) or is_loopback_url(node.base_url):
+        return
+    raise ConfigError(
+        f"node[{node.id}].base_url", node.base_url,
+        "would send the API key over plain http:// to a non-loopback host; "
+        "use https:// or pass allow_insecure_http=True",
+    )
+
+
 def check_unverified_tls(node: "Node", verify: object, *, sends_key: bool, allow_insecure_http: bool) -> None:
     """Refuse TLS without certificate verification (``verify=False``) to an ``https://``
     node that is not this machine and would receive credentials.
@@ -96,7 +110,7 @@ def check_unverified_tls(node: "Node", verify: object, *, sends_key: bool, allow
     """
     if (verify is not False or not sends_key or allow_insecure_http or is_cleartext_url(node.base_url)
             or is_loopback_url(node.base_url)):
-        return  # an http:// node is the cleartext rule's (config.ClientConfig)
+        return  # an http:// node is check_cleartext's
     raise ConfigError(
         "verify", False,
         f"node {node.id} ({redact_url(node.base_url)}) is not this machine and would receive the API key "
