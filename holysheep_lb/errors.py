@@ -44,7 +44,7 @@ Messages never contain the API key: nothing here is given one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 __all__ = [
     "HolySheepError",
@@ -76,7 +76,6 @@ __all__ = [
     "ConfigError",
     "InvalidRequestError",
     "Attempt",
-    "status_error",
 ]
 
 
@@ -513,59 +512,6 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-_STATUS_CLASSES = {
-    400: BadRequestError,
-    401: AuthenticationError,
-    403: PermissionDeniedError,
-    404: NotFoundError,
-    422: UnprocessableEntityError,
-    429: RateLimitError,
-}
-
-# 4xx the body names more precisely (policy/classify.py recognises them)
-_KIND_CLASSES: Dict[str, Type[APIStatusError]] = {
-    "context_window": ContextWindowExceededError,
-    "content_filter": ContentFilterError,
-}
-
-# Kept for importers; what a status means is decided in policy/classify.py.
-RETRYABLE_STATUSES = frozenset({408, 409, 429})
-
-
-def status_error(
-    status_code: int,
-    body: Any,
-    *,
-    node_id: Optional[str],
-    request_id: Optional[str],
-    headers: Mapping[str, str],
-    retry_after_s: Optional[float] = None,
-    should_retry: Optional[bool] = None,
-) -> APIStatusError:
-    """Build the typed error for an HTTP error status (the one place that maps statuses to
-    classes; whether it is retryable is :func:`~holysheep_lb.policy.classify.classify_status`'s answer)."""
-    message = _error_message(body, status_code)
-    from .policy.classify import classify_status  # it imports this module: resolved at call time
-
-    outcome = classify_status(status_code, body, should_retry=should_retry)
-    retryable = outcome.retryable
-    if status_code >= 500:
-        cls: Type[APIStatusError] = InternalServerError
-    else:
-        cls = _KIND_CLASSES.get(outcome.kind) or _STATUS_CLASSES.get(status_code, APIStatusError)
-    kw: Dict[str, Any] = dict(
-        status_code=status_code,
-        body=body,
-        request_id=request_id,
-        node_id=node_id,
-        headers=headers,
-        retryable=retryable,
-    )
-    if cls is RateLimitError:
-        kw["retry_after_s"] = retry_after_s
-    return cls(message, **kw)
-
-
 def _error_object(body: Any) -> Optional[Mapping[str, Any]]:
     """The JSON object describing an error: ``body["error"]``, or the body in the flat form."""
     if not isinstance(body, Mapping):
@@ -590,7 +536,8 @@ def _error_fields(body: Any) -> Tuple[Union[str, int, None], Optional[str], Opti
     return code, kind if isinstance(kind, str) else None, param if isinstance(param, str) else None
 
 
-def _error_message(body: Any, status_code: int) -> str:
+def error_message(body: Any, status_code: int) -> str:
+    """The human text of an error body (OpenAI's, flat, or FastAPI's form), else the status."""
     if isinstance(body, Mapping):
         err = body.get("error")
         # OpenAI's form, {"error": "..."}, the flat form, FastAPI-style {"detail": "..."}
@@ -601,3 +548,13 @@ def _error_message(body: Any, status_code: int) -> str:
     if isinstance(body, str) and body.strip():
         return body.strip()[:200]
     return f"status {status_code}"
+
+
+def __getattr__(name: str) -> Any:
+    """``status_error`` and ``RETRYABLE_STATUSES`` belong to the outcome classifier
+    (:mod:`holysheep_lb.policy.classify`, which imports this module); still importable here."""
+    if name in ("status_error", "RETRYABLE_STATUSES"):
+        from .policy import classify
+
+        return getattr(classify, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

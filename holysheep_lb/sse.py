@@ -23,8 +23,8 @@ from .errors import (
     FirstTokenTimeoutError,
     ResponseTooLargeError,
     StreamStallError,
-    status_error,
 )
+from .policy.classify import status_error
 from .redaction import NO_REDACTION, Redactor
 from .transport import Transport
 from .types import ChatCompletionChunk

@@ -47,9 +47,8 @@ from .errors import (
     APITimeoutError,
     ConfigError,
     ResponseTooLargeError,
-    status_error,
 )
-from .policy.classify import local_failure
+from .policy.classify import local_failure, status_error
 from . import redaction
 from .redaction import NO_REDACTION, Redactor, proxy_secrets
 from .retry import parse_retry_after, parse_should_retry

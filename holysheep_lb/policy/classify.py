@@ -15,10 +15,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, Type
 
 from ..errors import (
     AllAttemptsFailedError,
+    AuthenticationError,
+    ContentFilterError,
+    ContextWindowExceededError,
+    InternalServerError,
+    PermissionDeniedError,
+    error_message,
     APIConnectionError,
     APIError,
     APIResponseValidationError,
@@ -54,6 +60,7 @@ __all__ = [
     "OK",
     "classify",
     "classify_status",
+    "status_error",
     "failure_kind",
     "breaker_verdict",
     "stream_interrupt_reason",
@@ -303,6 +310,46 @@ def classify_status(status_code: int, body: Any = None, *, should_retry: Optiona
     if should_retry is not None:
         retryable = should_retry
     return _outcome(status_kind(status_code), retryable=retryable, status_code=status_code)
+
+
+_STATUS_CLASSES: Dict[int, Type[APIStatusError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    422: UnprocessableEntityError,
+    429: RateLimitError,
+}
+
+# 4xx the body names more precisely (see _body_kind)
+_KIND_CLASSES: Dict[str, Type[APIStatusError]] = {
+    "context_window": ContextWindowExceededError,
+    "content_filter": ContentFilterError,
+}
+
+
+def status_error(
+    status_code: int,
+    body: Any,
+    *,
+    node_id: Optional[str],
+    request_id: Optional[str],
+    headers: Mapping[str, str],
+    retry_after_s: Optional[float] = None,
+    should_retry: Optional[bool] = None,
+) -> APIStatusError:
+    """Build the typed error for an HTTP error status: its class from the status and the
+    body's kind, its ``retryable`` from :func:`classify_status` (the one place for both)."""
+    outcome = classify_status(status_code, body, should_retry=should_retry)
+    if status_code >= 500:
+        cls: Type[APIStatusError] = InternalServerError
+    else:
+        cls = _KIND_CLASSES.get(outcome.kind) or _STATUS_CLASSES.get(status_code, APIStatusError)
+    kw: Dict[str, Any] = dict(status_code=status_code, body=body, request_id=request_id, node_id=node_id,
+                              headers=headers, retryable=outcome.retryable)
+    if cls is RateLimitError:
+        kw["retry_after_s"] = retry_after_s
+    return cls(error_message(body, status_code), **kw)
 
 
 def classify(error: Optional[BaseException]) -> Outcome:
