@@ -80,6 +80,7 @@ class _Handler(ChatAnswers, BaseHTTPRequestHandler):
         self._outcome: Optional[str] = None
         self._extra_headers: Tuple[Tuple[str, str], ...] = ()
         self._entry: Optional[_Entry] = None
+        self._slot_held = False
         rt.begin(path)
         final = "aborted"
         try:
@@ -114,13 +115,16 @@ class _Handler(ChatAnswers, BaseHTTPRequestHandler):
         self._entry = gateway._requests.begin(rt.cfg.id, path, info.model, info.stream, info.prefill)
         decision = gateway._faults.decide(rt.cfg.models, rt.cfg.id, info.model) if body is not None else None
         hang_generation = rt.count_for_hang()
-        if gateway._stop_event.is_set() or not rt.acquire_slot():
+        # capacity is the node's concurrent model work: listing models takes no slot
+        slot = path in _MODEL_PATHS
+        if gateway._stop_event.is_set() or (slot and not rt.acquire_slot()):
             self._drop()
             return "dropped"
+        self._slot_held = slot
         try:
             outcome = self._serve(rt, method, path, raw, body, decision, hang_generation)
         finally:
-            rt.release_slot()
+            self._free_slot(rt)
         rt.outcome(path, outcome)  # only once the answer was written without an OSError
         return outcome
 
@@ -347,6 +351,11 @@ class _Handler(ChatAnswers, BaseHTTPRequestHandler):
         lines.append("\r\n")
         return "".join(lines).encode("latin-1", "replace")
 
+    def _free_slot(self, rt: _NodeRuntime) -> None:
+        if self._slot_held:
+            self._slot_held = False
+            rt.release_slot()
+
     def _send(
         self,
         status: int,
@@ -354,7 +363,11 @@ class _Handler(ChatAnswers, BaseHTTPRequestHandler):
         content_type: str = "application/json",
         headers: Sequence[Tuple[str, str]] = (),
     ) -> None:
+        """A whole answer in one write. The capacity slot is given back first: the work
+        is done, and a client that reads the answer and sends its next request at once
+        must not find the slot still taken (a real server frees it as it answers)."""
         head = self._head(status, content_type, tuple(headers) + (("Content-Length", str(len(body))),))
+        self._free_slot(self.server.rt)
         self.wfile.write(head + body)  # one write: no Nagle/delayed-ACK stalls
 
     def _drop(self) -> None:

@@ -503,11 +503,22 @@ def test_uncapped_concurrency_is_seen(gw):
 
     def one(_):
         barrier.wait(timeout=5)
-        return requests.get(gw.base_url("b") + "/models", timeout=TIMEOUT).status_code
+        return requests.post(chat_url(gw, "b"), json=CHAT_BODY, timeout=TIMEOUT).status_code
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         assert list(pool.map(one, range(4), timeout=10)) == [200] * 4
     assert gw.max_concurrency_seen("b") >= 3
+
+
+def test_listing_models_takes_no_capacity_slot(gw):
+    """Capacity is concurrent model work: a health probe's GET /models neither waits for
+    a slot nor holds one (it would otherwise cost a full answer's worth of capacity)."""
+    gw.configure("a", capacity=0)  # no model request is ever served
+    assert requests.get(gw.base_url("a") + "/models", timeout=(2.0, 5.0)).status_code == 200
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(chat_url(gw, "a"), json=CHAT_BODY, timeout=(2.0, 0.3))  # queued for a slot
+    assert gw.max_concurrency_seen("a") == 0
+    assert gw.request_count("a", "/v1/models") == 1
 
 
 def test_counts_per_node_and_path(gw):
