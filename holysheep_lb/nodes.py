@@ -80,6 +80,8 @@ class NodeState:
         self.awaiting = 0                 # attempts sent and not yet answered
         self.awaiting_started_sum = 0.0   # sum of their start times (for their mean age)
         self._awaiting_starts: List[float] = []  # their start times, sorted: [0] is the oldest
+        # start time -> in flight when sent (that one included), one per attempt sent then
+        self._sent_load: Dict[float, List[int]] = {}
         self.last_answer_at: Optional[float] = None  # last success, HTTP answer, first chunk or good probe
         self.hung_since: Optional[float] = None
         self.hung_cut_at: Optional[float] = None  # when its stuck calls were last cut
@@ -195,6 +197,7 @@ class NodeState:
     def forget_waiting(self) -> None:
         """After a fork: the parent's requests do not exist in this process."""
         self._awaiting_starts.clear()
+        self._sent_load.clear()
         self.hung_since = self.hung_cut_at = None
 
     def mark_answered(self, now: float) -> None:
@@ -264,6 +267,12 @@ class NodeState:
         return estimate
 
     def start_waiting(self, started: float) -> None:
+        """An attempt was sent at ``started`` (after ``in_flight`` counted it)."""
+        loads = self._sent_load.get(started)
+        if loads is None:
+            self._sent_load[started] = [self.in_flight]
+        else:  # attempts sent at the same clock reading (a coarse clock): one each
+            loads.append(self.in_flight)
         self.awaiting += 1
         self.awaiting_started_sum += started
         starts = self._awaiting_starts
@@ -282,7 +291,17 @@ class NodeState:
         if self.quota.readings:
             self._update_quota_until(now)
 
-    def stop_waiting(self, started: float) -> None:
+    def stop_waiting(self, started: float) -> Optional[int]:
+        """The attempt sent at ``started`` was answered or ended; returns how many requests
+        the node had in flight when it was sent (that one included), if known: the load
+        a request meets is the one it queues behind, not the one found when it returns
+        (a slow answer collects requests while it runs, which would read as queueing)."""
+        loads = self._sent_load.get(started)
+        sent_load = None
+        if loads:
+            sent_load = loads.pop(0)  # the first sent then: the first a FIFO server answers
+            if not loads:
+                del self._sent_load[started]
         starts = self._awaiting_starts
         i = bisect.bisect_left(starts, started)
         if i < len(starts) and starts[i] == started:
@@ -292,8 +311,10 @@ class NodeState:
             self.awaiting = 0
             self.awaiting_started_sum = 0.0  # exact reset: no float drift accumulates
             starts.clear()
+            self._sent_load.clear()
         else:
             self.awaiting_started_sum -= started
+        return sent_load
 
     def observe_latency(self, latency_ms: float, now: float) -> None:
         """Peak-EWMA update: a slower sample replaces the estimate at once; faster ones decay in.

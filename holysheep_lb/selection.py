@@ -213,16 +213,17 @@ class Selector:
     def _is_trial(node: NodeState, started: Optional[float]) -> bool:
         return started is not None and node.trial_in_flight and node.trial_started == started
 
-    def _free(self, node: NodeState, started: Optional[float]) -> bool:
+    def _free(self, node: NodeState, started: Optional[float]) -> Tuple[bool, int]:
         """Give back an attempt's slot, awaiting mark and trial (under the lock, calling
-        nothing); returns whether it was the node's half-open trial."""
+        nothing); returns whether it was the node's half-open trial, and the node's
+        in-flight count when the attempt was sent (when unknown, as after ``answered``:
+        the count now, this attempt included)."""
         node.in_flight -= 1
         is_trial = self._is_trial(node, started)
         if is_trial:
             node.end_trial()  # record_* below ends it too; done first in case they raise
-        if started is not None:
-            node.stop_waiting(started)
-        return is_trial
+        sent_load = node.stop_waiting(started) if started is not None else None
+        return is_trial, (sent_load if sent_load is not None else node.in_flight + 1)
 
     def answered(self, node: NodeState, started: float) -> None:
         """The attempt got its first byte (a stream): it stays in flight but no longer waits.
@@ -244,9 +245,9 @@ class Selector:
                         started: Optional[float], quota_headers: Optional[Mapping[str, str]] = None) -> None:
         """``quota_headers``: the answer's ``x-ratelimit-*`` headers, if any (``quota.py``)."""
         with self._state_lock:
-            is_trial = self._free(node, started)
+            is_trial, sent_load = self._free(node, started)
             now = self.clock()
-            readmitted = node.record_success(latency_ms, now, is_trial, in_flight=node.in_flight + 1)
+            readmitted = node.record_success(latency_ms, now, is_trial, in_flight=sent_load)
             if quota_headers:
                 node.observe_quota(quota_headers, now)
         if readmitted:
@@ -255,7 +256,7 @@ class Selector:
     def release_failure(self, node: NodeState, kind: str, latency_ms: float, *,
                         started: Optional[float], retry_after_s: Optional[float] = None) -> None:
         with self._state_lock:
-            is_trial = self._free(node, started)
+            is_trial, _ = self._free(node, started)
             ejected_for = node.record_failure(kind, latency_ms, self.clock(), self.ejection,
                                               self.rand(), retry_after_s, is_trial)
             streak = node.times_ejected

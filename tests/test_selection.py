@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 
 from holysheep_lb import ConfigError, Node, RoutingStrategy, Strategy
+from holysheep_lb.concurrency import ConcurrencyLimit
 from holysheep_lb.nodes import EjectionPolicy, NodeState
 from holysheep_lb.selection import Adaptive, Selector, make_strategy
 
@@ -334,3 +335,59 @@ def test_only_the_trial_decides_an_ejected_node(clock):
     sel.release_success(trial, 10.0, started=trial_started)
     assert a.ejected_until is None and not a.trial_in_flight
     assert a.in_flight == 0 and a.awaiting == 0
+
+
+class _RecordingLimit(ConcurrencyLimit):
+    __slots__ = ("seen",)
+
+    def observe(self, in_flight, latency_ms, now):
+        self.seen.append((in_flight, latency_ms))
+        super().observe(in_flight, latency_ms, now)
+
+
+def _recording_selector(clock):
+    """One node whose concurrency learner records the samples it is taught: (selector, node, samples)."""
+    sel = _selector([("a", "x", 1)], "least_connections", clock)
+    node = sel.by_id["a"]
+    node.concurrency = _RecordingLimit()
+    node.concurrency.seen = []
+    return sel, node, node.concurrency.seen
+
+
+def test_an_answer_teaches_the_load_it_was_sent_into_not_the_one_it_returns_to(clock):
+    # A slow answer collects requests while it runs; judged at the load it returns to,
+    # slow answers would look like queueing and teach a false concurrency limit.
+    sel, node, seen = _recording_selector(clock)
+    first = clock()
+    sel.pick(started=first)
+    later = []
+    for _ in range(5):
+        clock.advance(0.01)
+        later.append(clock())
+        sel.pick(started=later[-1])
+    sel.release_success(node, 500.0, started=first)  # returns to 5 others in flight
+    for started in later:
+        sel.release_success(node, 20.0, started=started)
+    assert seen == [(1, 500.0), (2, 20.0), (3, 20.0), (4, 20.0), (5, 20.0), (6, 20.0)]
+    assert node.in_flight == 0 and not node._sent_load
+
+
+def test_attempts_sent_at_one_clock_reading_each_keep_their_load(clock):
+    # a coarse clock gives several attempts the same start time: first sent, first answered
+    sel, node, seen = _recording_selector(clock)
+    started = clock()
+    for _ in range(3):
+        sel.pick(started=started)
+    for _ in range(3):
+        sel.release_success(node, 10.0, started=started)
+    assert [load for load, _ in seen] == [1, 2, 3]
+    assert not node._sent_load
+
+
+def test_a_stream_answered_first_teaches_the_load_when_it_ends(clock):
+    sel, node, seen = _recording_selector(clock)
+    started = clock()
+    sel.pick(started=started)
+    sel.answered(node, started)  # first chunk: no longer waiting; the send load is gone with it
+    sel.release_success(node, 10.0, started=None)
+    assert seen == [(1, 10.0)] and not node._sent_load

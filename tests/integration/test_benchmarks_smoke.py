@@ -64,7 +64,10 @@ def test_capacity_scenario_compares_with_and_without_weights_at_two_latencies(tm
         "no weights, 50 ms": [ORACLE, "round_robin", "least_connections", "adaptive"],
         "no weights, 200 ms": [ORACLE, "round_robin", "least_connections", "adaptive"],
     }
-    assert len(target_lines(run["stdout"])) == 4
+    targets = target_lines(run["stdout"])
+    assert len(targets) == 7 and sum("of the oracle" in t for t in targets) == 3, targets
+    for row in run["json"]["capacity"]["rows"]:  # both windows measured, against the ideal and the oracle
+        assert row["learning_rps"] > 0 and row["of_oracle"] > 0 and len(row["per_second"]) == 2
     assert "ideal 160 req/s" in run["stdout"] and "ideal 640 req/s" in run["stdout"]
 
 
