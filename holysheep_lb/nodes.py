@@ -241,13 +241,17 @@ class NodeState:
         """
         return self._with_waiting(self._decayed(self.ewma_ms, now), now)
 
-    def typical_latency_ms(self, now: float) -> float:
+    def typical_latency_ms(self, now: float, decayed: bool = True) -> float:
         """Plain EWMA of real latency (decayed the same way): robust to single outliers.
 
         The peak-EWMA jumps on every slow sample, which is right for weighing load but
         too twitchy to decide which nodes are "about as fast as the best": client-side
         jitter alone would push nodes of equal speed in and out of that set.
+        ``decayed=False``: what the samples said, before time without samples lowered it
+        (the same as decayed for a node with no sample yet).
         """
+        if not decayed and self.mean_ms is not None:
+            return self._with_waiting(self.mean_ms, now)
         return self._with_waiting(self._decayed(self.mean_ms, now), now)
 
     def _decayed(self, value: Optional[float], now: float) -> float:

@@ -196,9 +196,10 @@ class Adaptive(Strategy):
 
     1. the *band*: candidates whose typical latency (a plain EWMA, robust to jitter)
        is within ``latency_band`` × the best one;
-       a node whose estimate is stale (no sample for ``explore_after_s``) takes one
-       request at a time until a fresh sample arrives, so a slow node whose estimate
-       merely decayed into the band gets a trial, not a burst;
+       a node that is in it only because its estimate decayed (time without samples
+       lowers it), or whose estimate is stale (no sample for ``explore_after_s``),
+       takes one request at a time until a fresh sample arrives, so a slow node whose
+       estimate merely decayed into the band gets a trial, not a burst;
     2. within it, the lowest cost = estimate × ((in-flight + 1) / weight) ** load_bias
        (Finagle's and Linkerd's peak-EWMA × load, with Envoy's ``active_request_bias``),
        × (2 − quota headroom) for a node whose quota headers say it is being spent,
@@ -249,7 +250,7 @@ class Adaptive(Strategy):
         best: Optional[NodeState] = None
         best_cost = 0.0
         for node in band:
-            if node.in_flight and self._stale(node, ctx.now):
+            if node.in_flight and (self._stale(node, ctx.now) or self._decayed_into(node, limit, ctx.now)):
                 # Its estimate only decayed into the band: that earns one trial request
                 # at a time until a fresh sample says how fast it really is now.
                 continue
@@ -261,6 +262,13 @@ class Adaptive(Strategy):
         if best is None:  # every node in the band is hot, or stale and busy: least loaded per capacity
             best = min(band, key=lambda n: self.cost(n, ctx))
         return best
+
+    @staticmethod
+    def _decayed_into(node: NodeState, limit_ms: float, now: float) -> bool:
+        """In the band only because time without samples lowered its estimate: a slower
+        region drifts in this way well before it counts as stale, and a burst sent to it
+        then carries its slower tail."""
+        return _with_room_ms(node, node.typical_latency_ms(now, decayed=False)) > limit_ms
 
     def _stale(self, node: NodeState, now: float) -> bool:
         return node.last_sample_at is not None and now - node.last_sample_at >= self.explore_after_s

@@ -391,3 +391,26 @@ def test_a_stream_answered_first_teaches_the_load_when_it_ends(clock):
     sel.answered(node, started)  # first chunk: no longer waiting; the send load is gone with it
     sel.release_success(node, 10.0, started=None)
     assert seen == [(1, 10.0)] and not node._sent_load
+
+
+def test_adaptive_gives_a_slower_node_that_decayed_into_the_band_one_request_at_a_time(clock):
+    # A 52 ms region beside a 40 ms one: out of the band (1.25 x 40 = 50). After a second
+    # and a half without samples its estimate has decayed into the band, before it counts
+    # as stale (2 s): it gets one trial at a time, not a burst carrying its slower tail.
+    sel = _selector([("fast", "x", 1), ("slow", "x", 1)], Adaptive(explore_rate=0.0), clock)
+    fast, slow = sel.by_id["fast"], sel.by_id["slow"]
+    for node, latency in ((fast, 40.0), (slow, 52.0)):
+        for _ in range(30):
+            started = clock()
+            sel.pick(started=started, exclude={"slow" if node is fast else "fast"})
+            sel.release_success(node, latency, started=started)
+    assert slow.typical_latency_ms(clock()) > 1.25 * fast.typical_latency_ms(clock())
+    for _ in range(15):  # 1.5 s of traffic answered by the fast node only
+        clock.advance(0.1)
+        for _ in range(5):
+            started = clock()
+            node = sel.pick(started=started, exclude={"slow"})
+            sel.release_success(node, 40.0, started=started)
+    assert slow.typical_latency_ms(clock()) < 1.25 * fast.typical_latency_ms(clock())  # decayed in
+    picks = [sel.pick(started=clock()) for _ in range(32)]  # 32 callers at once
+    assert sum(n is slow for n in picks) == 1

@@ -16,7 +16,9 @@ continued elsewhere adds up to exactly :func:`reply_text`.
 Node settings (:class:`SimNode`, per node, at start or at runtime):
 
 * latency (constant or lognormal median/p99), ``capacity`` (max concurrent
-  requests; see ``max_concurrency_seen``), ``chunk_delay_ms`` between SSE chunks;
+  model requests, chat and embeddings; ``GET /models`` takes no slot, and a slot is
+  given back before the answer is written; see ``max_concurrency_seen``),
+  ``chunk_delay_ms`` between SSE chunks;
 * seeded dice: ``error_rate`` (500/502/503), ``rate_limit_rate`` (429 with
   ``Retry-After``), ``reset_rate`` and ``malformed_rate`` (their own random
   stream: setting them leaves the seeded latency/5xx/429 sequence unchanged);
