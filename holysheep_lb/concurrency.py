@@ -150,8 +150,12 @@ class ConcurrencyLimit:
             serves = max(serves, k * self._base_ms / (avg + margin))
         if first_queued == n:
             self.queued_samples += 1
-        if not first_queued:
-            self._limit = None  # no queueing seen within horizon_s: unbounded until it queues again
+        if not first_queued or serves >= (first_queued - 1) * (1.0 + self.queue_margin) + 1.0:
+            # No queueing seen within horizon_s, or latency that rose with load while the
+            # node kept serving more at once than the first slower load allows: not this
+            # node's queue (a busy client's own CPU slows every answer as its load grows).
+            # Unbounded until it queues again.
+            self._limit = None
             return
         # Little's law at each load (k at once, each taking avg instead of the base: it
         # serves k x base / avg at a time) is k below capacity and the capacity above it,

@@ -325,13 +325,18 @@ class NodeState:
 
         The plain EWMA moves by the same time-based weight, but by at least 2% per
         sample, so that at high request rates it still averages about 50 samples.
+
+        Both start from what the samples said, not from the estimate decayed for time
+        without samples: that decay is read-time optimism (a node that was slow gets
+        tried again), and folding it into the average would bias a sparsely sampled
+        node low (by nearly half at one sample per 2 s), pulling a slower region into
+        the band of the fastest nodes.
         """
         self.last_sample_at = now
         if self.ewma_ms is None or self.mean_ms is None:
             self.ewma_ms = self.mean_ms = latency_ms
         else:
-            peak = self._decayed(self.ewma_ms, now)
-            mean = self._decayed(self.mean_ms, now)
+            peak, mean = self.ewma_ms, self.mean_ms
             w = math.exp(-max(0.0, now - self.ewma_at) / self.tau_s)
             self.ewma_ms = latency_ms if latency_ms > peak else peak * w + latency_ms * (1.0 - w)
             alpha = max(0.02, 1.0 - w)

@@ -49,6 +49,17 @@ def test_jitter_alone_is_not_queueing(seed):
     assert limit.limit() is None
 
 
+def test_latency_that_grows_with_a_busy_client_is_not_a_limit():
+    # A client's own CPU slows every answer a little more at each extra request in
+    # flight (here 1% each, 30% at 31), yet the node serves more at once the more it is
+    # sent: 31 x base / 1.3 base = 24 at once. That is no queue of this node's.
+    limit = ConcurrencyLimit()
+    for _ in range(60):
+        for n in range(1, 32):
+            limit.observe(n, 35.0 * (1.0 + 0.01 * (n - 1)), now=0.0)
+    assert limit.limit() is None
+
+
 def test_a_lucky_handful_of_fast_answers_does_not_set_the_base():
     # Five fast answers at one load, then ordinary jittery ones at another: the fast
     # average is known only to within its few answers' noise, so it cannot make the

@@ -414,3 +414,16 @@ def test_adaptive_gives_a_slower_node_that_decayed_into_the_band_one_request_at_
     assert slow.typical_latency_ms(clock()) < 1.25 * fast.typical_latency_ms(clock())  # decayed in
     picks = [sel.pick(started=clock()) for _ in range(32)]  # 32 callers at once
     assert sum(n is slow for n in picks) == 1
+
+
+@pytest.mark.parametrize("gap_s", [0.001, 0.5, 2.0])
+def test_latency_averages_are_not_biased_by_time_between_samples(clock, gap_s):
+    # Time without samples lowers an estimate when it is read (a slow node gets tried
+    # again); it must not leak into the averages themselves, or a sparsely sampled
+    # node reads faster than it is (about half at one sample per 2 s).
+    node = _states([("a", "x", 1)])[0]
+    for _ in range(200):
+        clock.advance(gap_s)
+        node.observe_latency(60.0, clock())
+    assert node.typical_latency_ms(clock(), decayed=False) == pytest.approx(60.0, rel=0.01)
+    assert node.latency_estimate_ms(clock()) == pytest.approx(60.0, rel=0.01)
