@@ -225,27 +225,32 @@ class Selector:
         sent_load = node.stop_waiting(started) if started is not None else None
         return is_trial, (sent_load if sent_load is not None else node.in_flight + 1)
 
-    def answered(self, node: NodeState, started: float) -> None:
+    def answered(self, node: NodeState, started: float) -> Optional[int]:
         """The attempt got its first byte (a stream): it stays in flight but no longer waits.
 
         A half-open trial that answers re-admits its node here. Pass ``started=None``
-        to the later ``release_*`` of that attempt.
+        to the later ``release_*`` of that attempt, and the load this returns (how many
+        requests the node had in flight when the attempt was sent) as its ``sent_load``.
         """
         with self._state_lock:
             now = self.clock()
-            node.stop_waiting(started)
+            sent_load = node.stop_waiting(started)
             node.mark_answered(now)
             readmitted = self._is_trial(node, started) and node.ejected_until is not None
             if readmitted:
                 node.readmit(now)
         if readmitted:
             log.info("node %s re-admitted after a successful trial request", node.id)
+        return sent_load
 
     def release_success(self, node: NodeState, latency_ms: float, *,
-                        started: Optional[float], quota_headers: Optional[Mapping[str, str]] = None) -> None:
-        """``quota_headers``: the answer's ``x-ratelimit-*`` headers, if any (``quota.py``)."""
+                        started: Optional[float], quota_headers: Optional[Mapping[str, str]] = None,
+                        sent_load: Optional[int] = None) -> None:
+        """``quota_headers``: the answer's ``x-ratelimit-*`` headers, if any (``quota.py``).
+        ``sent_load``: what ``answered`` returned, for an attempt released with ``started=None``."""
         with self._state_lock:
-            is_trial, sent_load = self._free(node, started)
+            is_trial, load = self._free(node, started)
+            sent_load = sent_load if sent_load is not None else load
             now = self.clock()
             readmitted = node.record_success(latency_ms, now, is_trial, in_flight=sent_load)
             if quota_headers:

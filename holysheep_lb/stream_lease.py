@@ -87,7 +87,7 @@ class StreamLease:
     ) -> None:
         # The first chunk is here: the node answered. It stays in flight until the
         # stream ends, but no longer counts as a request waiting for its answer.
-        selector.answered(node, picked_at)
+        self._sent_load = selector.answered(node, picked_at)
         self.response = opened.response
         self.reader = opened.reader
         self.node = node
@@ -161,7 +161,7 @@ class StreamLease:
 
     def _release_node(self, status: str, error: Optional[APIError], ended: float) -> None:
         if status == "completed":
-            self._selector.release_success(self.node, self.node_ttft_ms, started=None)
+            self._selector.release_success(self.node, self.node_ttft_ms, started=None, sent_load=self._sent_load)
         elif status == "interrupted" and error is not None:
             self._selector.release_failure(self.node, self._classify(error),
                                            (ended - self.attempt_started) * 1000.0, started=None)

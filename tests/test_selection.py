@@ -384,13 +384,14 @@ def test_attempts_sent_at_one_clock_reading_each_keep_their_load(clock):
     assert not node._sent_load
 
 
-def test_a_stream_answered_first_teaches_the_load_when_it_ends(clock):
+def test_a_stream_teaches_the_load_it_was_sent_into_when_it_ends(clock):
     sel, node, seen = _recording_selector(clock)
     started = clock()
     sel.pick(started=started)
-    sel.answered(node, started)  # first chunk: no longer waiting; the send load is gone with it
-    sel.release_success(node, 10.0, started=None)
-    assert seen == [(1, 10.0)] and not node._sent_load
+    sel.pick(started=clock() + 1.0)  # a second request sent after it, before it ends
+    load = sel.answered(node, started)  # first chunk: no longer waiting; its send load comes back
+    sel.release_success(node, 10.0, started=None, sent_load=load)
+    assert seen == [(1, 10.0)] and list(node._sent_load) == [clock() + 1.0]
 
 
 def test_adaptive_gives_a_slower_node_that_decayed_into_the_band_one_request_at_a_time(clock):
