@@ -354,10 +354,14 @@ def test_a_stream_cut_without_a_rescue_ends_in_error_with_the_estimate_it_was_ch
     rsps.post(A + "/chat/completions", body=cut, content_type="text/event-stream")
     client = make_client(NODES[:1], observers=[rec], prices=RATES, stream_rescue="off")
     estimate = client.ledger.estimate("m", MSGS, {"max_tokens": 10})
-    with pytest.raises(StreamInterruptedError):
+    with pytest.raises(StreamInterruptedError) as raised:
         client.chat_completion(MSGS, model="m", stream=True, max_tokens=10).read_text()
     [end] = rec.ends
-    assert end.error is not None  # never a success (the cause of the StreamInterruptedError)
+    # never a success, and the same kind of error the caller got, with its cause
+    assert isinstance(end.error, StreamInterruptedError)
+    assert end.error.reason == raised.value.reason == "truncated" and end.error.chunks == raised.value.chunks == 1
+    assert type(end.error.__cause__) is type(raised.value.__cause__)
+    assert end.error.partial_text == ""  # end events never carry the answer
     assert spent(end) == (estimate.input_tokens, 10, 0, True)
     assert end.cost_usd == pytest.approx(float(estimate.amount_usd))
     assert end.cost_usd == pytest.approx(client.cost_report()["totals"]["cost_usd"])

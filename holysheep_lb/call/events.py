@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
+from ..errors import StreamInterruptedError
 from ..nodes import NodeState
 from ..observe import CallEnd
 
@@ -80,7 +81,23 @@ def stream_end(outcome: Any, now: float, nodes: Mapping[str, NodeState],
     """``call_ended`` for a stream that ended (a :class:`~holysheep_lb.streaming.StreamOutcome`):
     its response id and finish reasons as its chunks gave them; ``costs`` what the ledger
     settled for each stream of the call (the ones it rescued first), as ``costs.cost_info``."""
-    return CallEnd(error=outcome.error, node_id=outcome.node_id, base_url=node_url(nodes, outcome.node_id),
+    return CallEnd(error=_caller_error(outcome), node_id=outcome.node_id, base_url=node_url(nodes, outcome.node_id),
                    response_model=outcome.model, response_id=outcome.response_id,
                    finish_reasons=outcome.finish_reasons, chunks=outcome.chunks, ended_at=now,
                    **_spent(costs, outcome.usage))
+
+
+def _caller_error(outcome: Any) -> Optional[BaseException]:
+    """The error its caller saw: a stream that broke after its first chunk raised
+    StreamInterruptedError (reason and chunk count; the cause chained, as the caller's
+    is), not the cause itself. It carries no partial text: end events never hold the
+    answer."""
+    error = outcome.error
+    if error is None or outcome.status != "interrupted" or isinstance(error, StreamInterruptedError):
+        return error
+    reason = outcome.reason or "interrupted"
+    wrapped = StreamInterruptedError(
+        f"stream interrupted after {outcome.chunks} chunks ({reason}): {getattr(error, 'message', error)}",
+        reason=reason, partial_text="", chunks=outcome.chunks, node_id=outcome.node_id)
+    wrapped.__cause__ = error
+    return wrapped
