@@ -43,7 +43,7 @@ comparable node is hot too.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = ["ConcurrencyLimit"]
 
@@ -54,13 +54,15 @@ MAX_TRACKED = 64  # in-flight counts above this share the last average
 class ConcurrencyLimit:
     """One node's learned concurrency limit. O(MAX_TRACKED) per sample and in memory."""
 
-    __slots__ = ("queue_margin", "smoothing", "min_samples", "z", "horizon_s", "_limit", "_avg_ms", "_count",
-                 "_seen_at", "_top", "_base_ms", "_base_n", "_rel_var", "_jitter_samples", "samples",
-                 "queued_samples")
+    __slots__ = ("queue_margin", "smoothing", "min_samples", "z", "horizon_s", "decide_every", "_decided_at",
+                 "_limit", "_avg_ms", "_count", "_seen_at", "_top", "_base_ms", "_base_n", "_rel_var",
+                 "_jitter_samples", "samples", "queued_samples")
 
     def __init__(self, *, queue_margin: float = 0.1, smoothing: float = 0.03, min_samples: int = 10,
-                 z: float = 2.0, horizon_s: float = 30.0) -> None:
+                 z: float = 2.0, horizon_s: float = 30.0, decide_every: int = 4) -> None:
         self.queue_margin = queue_margin
+        self.decide_every = decide_every
+        self._decided_at = float("-inf")
         self.smoothing = smoothing
         self.min_samples = min_samples
         self.z = z
@@ -98,10 +100,6 @@ class ConcurrencyLimit:
         alpha = self.smoothing
         return max(1.0 / self._count[n], alpha / (2.0 - alpha))
 
-    def _margin_ms(self, n: int) -> float:
-        """``z`` standard errors of the average at ``n``."""
-        return self.z * self._avg_ms[n] * (self._rel_var * self._weight(n)) ** 0.5
-
     def observe(self, in_flight: int, latency_ms: float, now: float) -> None:
         """A successful answer that took ``latency_ms``, sent when the node had ``in_flight``
         requests (this one included), at ``now`` (monotonic seconds: averages older than
@@ -134,20 +132,26 @@ class ConcurrencyLimit:
         self._count[n] = count + 1
         if self._jitter_samples < self.min_samples:
             return
-        base_n = self._base_n = self._base_bucket(now)
-        self._base_ms = self._avg_ms[base_n]
-        threshold = (1.0 + self.queue_margin) * (self._avg_ms[base_n] + self._margin_ms(base_n))
+        # Deciding reads every load's average: at most every ``decide_every`` answers (or
+        # after a quarter second), since it runs under the selector's lock.
+        if self.samples % self.decide_every and now - self._decided_at < 0.25:
+            return
+        self._decided_at = now
+        rows = self._fresh_rows(now)
+        # the base: the load whose average has the lowest upper bound
+        base_n, base, base_upper = min(((k, avg, avg + margin) for k, avg, margin in rows), key=lambda r: r[2])
+        self._base_n, self._base_ms = base_n, base
+        threshold = (1.0 + self.queue_margin) * base_upper
         first_queued = 0  # the lowest load at which it surely queued
         serves = 0.0  # how many it serves at once, by Little's law, the cautious way
-        for k in range(1, self._top + 1):
-            if not self._count[k] or now - self._seen_at[k] > self.horizon_s:
-                continue
-            avg, margin = self._avg_ms[k], self._margin_ms(k)
+        for k, avg, margin in rows:
             # only a load above the base's can queue more than it: slower answers at a
             # lower load are something else (other requests, other times)
             if not first_queued and k > base_n and avg - margin > threshold:
                 first_queued = k
-            serves = max(serves, k * self._base_ms / (avg + margin))
+            served = k * base / (avg + margin)
+            if served > serves:
+                serves = served
         if first_queued == n:
             self.queued_samples += 1
         if not first_queued or serves >= (first_queued - 1) * (1.0 + self.queue_margin) + 1.0:
@@ -164,16 +168,21 @@ class ConcurrencyLimit:
         # surely queued.
         self._limit = float(max(1, min(first_queued - 1, int(serves + 0.5))))
 
-    def _base_bucket(self, now: float) -> int:
-        """The load whose average has the lowest upper bound, among those seen within
-        ``horizon_s``."""
-        best, best_upper = 0, float("inf")
+    def _fresh_rows(self, now: float) -> List[Tuple[int, float, float]]:
+        """(load, average, margin) of every load seen within ``horizon_s``: one pass, as
+        this runs under the selector's lock at every answer."""
+        counts, avgs, seen = self._count, self._avg_ms, self._seen_at
+        spread = self.z * self._rel_var ** 0.5
+        alpha = self.smoothing
+        floor = alpha / (2.0 - alpha)
+        oldest = now - self.horizon_s
+        rows = []
         for k in range(1, self._top + 1):
-            if self._count[k] and now - self._seen_at[k] <= self.horizon_s:
-                upper = self._avg_ms[k] + self._margin_ms(k)
-                if upper < best_upper:
-                    best, best_upper = k, upper
-        return best
+            count = counts[k]
+            if count and seen[k] >= oldest:
+                avg = avgs[k]
+                rows.append((k, avg, spread * avg * max(1.0 / count, floor) ** 0.5))
+        return rows
 
     def forget(self) -> None:
         """Drop what was learned (a node re-admitted after an ejection may have changed)."""

@@ -16,11 +16,14 @@ def test_unweighted_nodes_get_load_by_their_learned_capacity(strategy, service_m
     # 32 callers for 32 slots: every request sent past a node's capacity queues there
     # while a slot elsewhere idles. Equal shares reach 0.5 of the ideal (round robin).
     # Each answer is judged at the load it was sent into; the small nodes' limits come
-    # out exact, the big one's within a request or so.
+    # out exact with steady latency (within one at 10% jitter), the big one's within a
+    # request or so.
     run = run_closed_loop(CAPACITIES, service_ms=service_ms, threads=32, seconds=15, strategy=strategy,
                           jitter_sigma=jitter)
     assert run.ratio >= 0.95, (run.ratio, run.limits)
-    assert run.limits["n0"] == run.limits["n1"] == 4.0, run.limits
+    slack = 0.0 if jitter < 0.05 else 1.0
+    for small in ("n0", "n1"):
+        assert run.limits[small] is not None and abs(run.limits[small] - 4.0) <= slack, run.limits
     assert run.limits["n2"] is not None and 7.0 <= run.limits["n2"] <= 9.0, run.limits
 
 
