@@ -12,6 +12,7 @@ timed out after its request was sent keeps its model's estimate as unconfirmed s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -147,9 +148,19 @@ class StreamCosts(CallCosts):
         super().close()
 
     def _settle(self, held: Reservation, settle_tokens: SettleTokens, usage: Any, outcome: Any) -> None:
+        failed: Optional[Exception] = None
         try:
-            settled = self._ledger.settle(held, usage)
+            settled: Optional[Settled] = self._ledger.settle(held, usage)
+        except Exception as exc:  # the spend store failed: raised below, once the call has ended
+            failed, settled = exc, None
         finally:
             settle_tokens(total_tokens(usage))
         if self._on_settled is not None and outcome is not None:
+            if failed is not None:
+                # The call still ends for its observers (a span must not stay open), with
+                # the error its caller gets and the reservation's estimate as its cost.
+                outcome = dataclasses.replace(outcome, error=outcome.error or failed)
+                settled = Settled(held.input_tokens, held.output_tokens, held.amount_usd, False)
             self._on_settled(outcome, cost_info(held, settled))
+        if failed is not None:
+            raise failed

@@ -399,3 +399,31 @@ def test_a_rescued_streams_call_ends_with_what_both_of_its_streams_were_charged(
     assert spent(end) == (estimate.input_tokens + 1000, 10 + 10, 800, True)
     assert end.cost_usd == pytest.approx(float(estimate.amount_usd) + CACHED_COST_USD)
     assert end.cost_usd == pytest.approx(client.cost_report()["totals"]["cost_usd"])
+
+
+class _StoreDown(Exception):
+    pass
+
+
+def test_a_stream_whose_spend_store_fails_still_ends_with_that_error_and_its_estimate(rsps, make_client):
+    # The caller gets the store's error; the observers hear the call end with it (an
+    # OpenTelemetry span must not stay open), priced at the estimate it reserved.
+    from holysheep_lb.spend_store import InMemorySpendStore
+
+    class FailingStore(InMemorySpendStore):
+        def settle(self, reservation, **kw):
+            raise _StoreDown("spend store unreachable")
+
+    rec = Recording()
+    usage_chunk = {"id": "chatcmpl-u", "object": "chat.completion.chunk", "model": "m", "choices": [],
+                   "usage": CACHED_USAGE}
+    rsps.post(A + "/chat/completions", body=sse(text_chunk("Hi", "stop"), usage_chunk),
+              content_type="text/event-stream")
+    client = make_client(NODES[:1], observers=[rec], prices=RATES, spend_store=FailingStore())
+    estimate = client.ledger.estimate("m", MSGS, {})
+    with pytest.raises(_StoreDown):
+        with client.chat_completion(MSGS, model="m", stream=True) as stream:
+            stream.read_text()
+    [end] = rec.ends
+    assert isinstance(end.error, _StoreDown)
+    assert end.cost_usd == pytest.approx(float(estimate.amount_usd)) and end.usage_estimated is True
