@@ -61,12 +61,12 @@ class ConcurrencyLimit:
     def __init__(self, *, queue_margin: float = 0.1, smoothing: float = 0.03, min_samples: int = 10,
                  z: float = 2.0, horizon_s: float = 30.0, decide_every: int = 4) -> None:
         self.queue_margin = queue_margin
-        self.decide_every = decide_every
-        self._decided_at = float("-inf")
         self.smoothing = smoothing
         self.min_samples = min_samples
         self.z = z
         self.horizon_s = horizon_s
+        self.decide_every = decide_every
+        self._decided_at = float("-inf")
         self._limit: Optional[float] = None
         self._base_ms: Optional[float] = None
         self._base_n = 0
@@ -86,19 +86,19 @@ class ConcurrencyLimit:
         return self._base_ms
 
     def limit(self) -> Optional[float]:
-        """The learned limit, or None while the node has not been seen queueing within
-        ``horizon_s``."""
+        """The learned limit (a whole number of requests, at least 1), or None while the
+        node has not been seen queueing within ``horizon_s``."""
         return self._limit
 
     def is_hot(self, in_flight: int) -> bool:
-        """True when one more request would exceed the learned limit (rounded: an estimate
-        of 3.9 is a node of 4)."""
-        return self._limit is not None and in_flight + 1 > max(1, int(self._limit + 0.5))
+        """True when one more request would exceed the learned limit."""
+        return self._limit is not None and in_flight + 1 > self._limit
 
-    def _weight(self, n: int) -> float:
-        """The variance of the average at ``n`` over one answer's: a plain mean's, then an EWMA's."""
+    def _weight(self, count: int) -> float:
+        """The variance of an average of ``count`` answers over one answer's: a plain
+        mean's, then an EWMA's."""
         alpha = self.smoothing
-        return max(1.0 / self._count[n], alpha / (2.0 - alpha))
+        return max(1.0 / count, alpha / (2.0 - alpha))
 
     def observe(self, in_flight: int, latency_ms: float, now: float) -> None:
         """A successful answer that took ``latency_ms``, sent when the node had ``in_flight``
@@ -126,7 +126,7 @@ class ConcurrencyLimit:
                 rel = (latency_ms - avg) / avg
                 self._jitter_samples += 1
                 beta = max(self.smoothing, 1.0 / self._jitter_samples)
-                self._rel_var += beta * (rel * rel / (1.0 + self._weight(n)) - self._rel_var)
+                self._rel_var += beta * (rel * rel / (1.0 + self._weight(count)) - self._rel_var)
             # a plain mean for the first answers, then an EWMA
             self._avg_ms[n] = avg + max(self.smoothing, 1.0 / (count + 1)) * (latency_ms - avg)
         self._count[n] = count + 1
@@ -173,15 +173,13 @@ class ConcurrencyLimit:
         this runs under the selector's lock at every answer."""
         counts, avgs, seen = self._count, self._avg_ms, self._seen_at
         spread = self.z * self._rel_var ** 0.5
-        alpha = self.smoothing
-        floor = alpha / (2.0 - alpha)
         oldest = now - self.horizon_s
         rows = []
         for k in range(1, self._top + 1):
             count = counts[k]
             if count and seen[k] >= oldest:
                 avg = avgs[k]
-                rows.append((k, avg, spread * avg * max(1.0 / count, floor) ** 0.5))
+                rows.append((k, avg, spread * avg * self._weight(count) ** 0.5))
         return rows
 
     def forget(self) -> None:
