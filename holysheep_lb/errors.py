@@ -341,6 +341,18 @@ class StreamInterruptedError(APIError):
         self.partial_text = partial_text
         self.chunks = chunks
 
+    @classmethod
+    def from_cause(cls, cause: BaseException, *, reason: str, partial_text: str, chunks: int,
+                   node_id: Optional[str] = None) -> "StreamInterruptedError":
+        """The error for a stream that ``cause`` broke after ``chunks`` chunks, with
+        ``cause`` as its ``__cause__``: what its caller gets, and what its call's end
+        event reports."""
+        detail = getattr(cause, "message", None) or str(cause)
+        error = cls(f"stream interrupted after {chunks} chunks ({reason}): {detail}", reason=reason,
+                    partial_text=partial_text, chunks=chunks, node_id=node_id)
+        error.__cause__ = cause
+        return error
+
 
 class StreamRestartedError(StreamInterruptedError):
     """A broken stream was rescued by a fresh answer that starts from the beginning.

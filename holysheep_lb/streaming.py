@@ -413,10 +413,8 @@ class ChatStream:
         log.debug("stream from node %s interrupted after %d chunks (%s): %s", self.node_id, chunks,
                   reason, exc.message)
         cause = exc.__cause__ if isinstance(exc, StreamInterruptedError) and exc.__cause__ is not None else exc
-        raise StreamInterruptedError(
-            f"stream interrupted after {chunks} chunks ({reason}): {exc.message}",
-            reason=reason, partial_text=partial, chunks=chunks, node_id=self.node_id,
-        ) from cause
+        raise StreamInterruptedError.from_cause(cause, reason=reason, partial_text=partial, chunks=chunks,
+                                                node_id=self.node_id)
 
 
 class CannedStream:

@@ -95,9 +95,5 @@ def _caller_error(outcome: Any) -> Optional[BaseException]:
     error = outcome.error
     if error is None or outcome.status != "interrupted" or isinstance(error, StreamInterruptedError):
         return error
-    reason = outcome.reason or "interrupted"
-    wrapped = StreamInterruptedError(
-        f"stream interrupted after {outcome.chunks} chunks ({reason}): {getattr(error, 'message', error)}",
-        reason=reason, partial_text="", chunks=outcome.chunks, node_id=outcome.node_id)
-    wrapped.__cause__ = error
-    return wrapped
+    return StreamInterruptedError.from_cause(error, reason=outcome.reason or "interrupted", partial_text="",
+                                             chunks=outcome.chunks, node_id=outcome.node_id)
