@@ -46,6 +46,17 @@ def assert_secret_never_shown(exc: ConfigError, *secrets: str) -> None:
     assert exc.__cause__ is None and exc.__context__ is None
 
 
+def refused(target: object, *secrets: str) -> ConfigError:
+    """The ConfigError ``RedisSharedState(target)`` raises, about the Redis URL or
+    client, never showing the ``secrets`` (the password by default)."""
+    with pytest.raises(ConfigError) as raised:
+        RedisSharedState(target)
+    exc = raised.value
+    assert exc.field == "redis_client_or_url"
+    assert_secret_never_shown(exc, *(secrets or (SECRET,)))
+    return exc
+
+
 # -- refused -----------------------------------------------------------------------------------
 
 REFUSED_URLS = [
@@ -68,20 +79,14 @@ REFUSED_URLS = [
 
 @pytest.mark.parametrize("url, where", REFUSED_URLS)
 def test_a_cleartext_password_to_another_host_is_refused(url, where):
-    with pytest.raises(ConfigError) as refused:
-        RedisSharedState(url)
-    exc = refused.value
-    assert exc.field == "redis_client_or_url"
+    exc = refused(url)
     assert exc.value == f"redis://<credentials>@{where}"
     message = str(exc)
     assert "cleartext" in message and "rediss://" in message and "allow_insecure_redis=True" in message
-    assert_secret_never_shown(exc, SECRET)
 
 
 def test_a_percent_encoded_password_is_not_shown_either_way():
-    with pytest.raises(ConfigError) as refused:
-        RedisSharedState("redis://:p%40ss%3Aw0rd@cache.example.com/0")
-    assert_secret_never_shown(refused.value, "p%40ss%3Aw0rd", "p@ss:w0rd", "ss%3Aw0rd", "w0rd")
+    refused("redis://:p%40ss%3Aw0rd@cache.example.com/0", "p%40ss%3Aw0rd", "p@ss:w0rd", "ss%3Aw0rd", "w0rd")
 
 
 @pytest.mark.parametrize("make", [
@@ -95,13 +100,9 @@ def test_a_percent_encoded_password_is_not_shown_either_way():
 ])
 def test_a_client_that_would_send_its_password_in_cleartext_is_refused(make):
     client = make()
-    with pytest.raises(ConfigError) as refused:
-        RedisSharedState(client)
-    exc = refused.value
-    assert exc.field == "redis_client_or_url"
+    exc = refused(client)
     assert exc.value.startswith("redis.Redis client of ") and "with credentials" in exc.value
     assert "ssl=True" in str(exc) and "allow_insecure_redis=True" in str(exc)
-    assert_secret_never_shown(exc, SECRET)
     client.close()
 
 
@@ -112,18 +113,11 @@ def test_a_client_that_would_send_its_password_in_cleartext_is_refused(make):
     f"redis://:{SECRET}@cache.example.com/0?db=zero",
 ])
 def test_a_url_redis_py_cannot_read_is_a_config_error_that_does_not_quote_it(url):
-    with pytest.raises(ConfigError) as refused:
-        RedisSharedState(url)
-    assert refused.value.field == "redis_client_or_url"
-    assert "cannot read this URL" in str(refused.value)
-    assert_secret_never_shown(refused.value, SECRET)
+    assert "cannot read this URL" in str(refused(url))
 
 
 def test_a_url_of_another_scheme_is_not_quoted():
-    with pytest.raises(ConfigError) as refused:
-        RedisSharedState(f"http://cache.example.com/?password={SECRET}")
-    assert refused.value.value == "http://..."
-    assert_secret_never_shown(refused.value, SECRET)
+    assert refused(f"http://cache.example.com/?password={SECRET}").value == "http://..."
 
 
 # -- TLS that verifies no certificate: a man in the middle reads the password ----------------
@@ -139,26 +133,19 @@ UNVERIFIED_URLS = [
 
 @pytest.mark.parametrize("url, where", UNVERIFIED_URLS)
 def test_a_password_over_tls_without_certificate_verification_is_refused(url, where):
-    with pytest.raises(ConfigError) as refused:
-        RedisSharedState(url)
-    exc = refused.value
-    assert exc.field == "redis_client_or_url"
+    exc = refused(url)
     assert exc.value == f"rediss://<credentials>@{where} (ssl_cert_reqs=none)"
     message = str(exc)
     assert "verifies no certificate" in message and "ssl_ca_certs" in message
     assert "allow_insecure_redis=True" in message
-    assert_secret_never_shown(exc, SECRET)
 
 
 @pytest.mark.parametrize("cert_reqs", ["none", None, ssl.CERT_NONE, False])
 def test_a_client_with_certificate_verification_off_is_refused(cert_reqs):
     client = redis.Redis(host="cache.example.com", port=6380, password=SECRET, ssl=True, ssl_cert_reqs=cert_reqs)
-    with pytest.raises(ConfigError) as refused:
-        RedisSharedState(client)
-    exc = refused.value
+    exc = refused(client)
     assert exc.value.startswith("redis.Redis client of cache.example.com:6380 with credentials and ssl_cert_reqs=")
     assert "verifies no certificate" in str(exc) and "allow_insecure_redis=True" in str(exc)
-    assert_secret_never_shown(exc, SECRET)
     assert RedisSharedState(client, allow_insecure_redis=True).redis is client
     client.close()
 
